@@ -1,0 +1,35 @@
+"""lohan_compile: a torch.compile backend for fine-tuning models larger than their GPU.
+
+    cm = torch.compile(model, backend="lohan", options={...})
+
+See README.md and DESIGN.md. Public names: ``Options``, ``BudgetError``,
+``last_report``, ``Report``.
+"""
+
+from __future__ import annotations
+
+from .errors import BudgetError, ExtensionBuildError, LohanError, PassError
+from .options import Options, parse_bytes
+from .report import Report
+
+__version__ = "0.1.0"
+
+
+def last_report() -> Report | None:
+    """Report of the most recent completed training step (None before the first)."""
+    from .runtime.step import TRACKER
+
+    return TRACKER.last_report()
+
+
+__all__ = [
+    "BudgetError",
+    "ExtensionBuildError",
+    "LohanError",
+    "Options",
+    "PassError",
+    "Report",
+    "last_report",
+    "parse_bytes",
+    "__version__",
+]

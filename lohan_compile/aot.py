@@ -1,0 +1,99 @@
+"""Reading AOTAutograd's metadata: input and output descriptors.
+
+Roles come from these descriptors (``meta["desc"]``) and the partitioner's
+tags, never from node names. Every access to AOTAutograd's descriptor types
+goes through this module, so a torch upgrade that moves them is one edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch._functorch._aot_autograd import descriptors as d
+
+from .meta import Kind, Role
+
+
+def output_descs(gm: fx.GraphModule) -> list[Any]:
+    """Descriptors of the graph's outputs, one per output (None where absent)."""
+    out = gm.graph.output_node()
+    n = len(out.args[0])
+    descs = out.meta.get("desc")
+    if not isinstance(descs, (list, tuple)) or len(descs) != n:
+        return [None] * n
+    return list(descs)
+
+
+def input_index(desc: Any) -> int | None:
+    """Index into the backend's example inputs that a placeholder descriptor names."""
+    while isinstance(desc, (d.ViewBaseAOTInput, d.SyntheticBaseAOTInput)):
+        desc = desc.base_of
+    if isinstance(desc, d.PlainAOTInput):
+        return desc.idx
+    return None
+
+
+def placeholder_role(desc: Any, input_kind: str | None) -> Role:
+    """Role of a placeholder from its descriptor and what the backend's input is."""
+    if isinstance(desc, d.TangentAOTInput) or (isinstance(desc, d.AOTInput) and desc.is_tangent()):
+        return Role.TANGENT
+    if isinstance(
+        desc,
+        (d.PhiloxForwardSeedAOTInput, d.PhiloxForwardBaseOffsetAOTInput,
+         d.PhiloxBackwardSeedAOTInput, d.PhiloxBackwardBaseOffsetAOTInput),
+    ):
+        return Role.RNG_STATE
+    if isinstance(desc, (d.ForwardTokenAOTInput, d.BackwardTokenAOTInput)):
+        return Role.TOKEN
+    if isinstance(desc, d.AOTInput) and desc.is_param():
+        return Role.PARAM
+    if isinstance(desc, d.AOTInput) and desc.is_buffer():
+        return Role.BUFFER
+    if input_kind in (Role.PARAM.value, Role.BUFFER.value):
+        return Role(input_kind)
+    return Role.INPUT
+
+
+def is_tangent_desc(desc: Any) -> bool:
+    return isinstance(desc, d.AOTInput) and desc.is_tangent()
+
+
+def is_backward_only_input(desc: Any) -> bool:
+    """Backward inputs that are not saved values: tangents, backward RNG state and tokens."""
+    return is_tangent_desc(desc) or isinstance(
+        desc, (d.PhiloxBackwardSeedAOTInput, d.PhiloxBackwardBaseOffsetAOTInput, d.BackwardTokenAOTInput)
+    )
+
+
+def output_kind(desc: Any) -> Kind:
+    if isinstance(desc, d.GradAOTOutput):
+        return Kind.GRAD
+    if isinstance(desc, d.InputMutationAOTOutput):
+        return Kind.MUTATION
+    if isinstance(desc, (d.SavedForBackwardsAOTOutput, d.SavedForBackwardsNoVcCheckAOTOutput)):
+        return Kind.SAVED
+    if isinstance(desc, (d.PhiloxUpdatedForwardOffsetAOTOutput, d.PhiloxUpdatedBackwardOffsetAOTOutput)):
+        return Kind.RNG
+    if isinstance(desc, (d.ForwardTokenAOTOutput, d.BackwardTokenAOTOutput)):
+        return Kind.TOKEN
+    if isinstance(desc, (d.PlainAOTOutput, d.IntermediateBaseAOTOutput, d.MetadataMutationAOTOutput)):
+        return Kind.USER_OUTPUT
+    return Kind.OTHER
+
+
+def grad_input_index(desc: Any) -> int | None:
+    """For a gradient output, the example-input index of what it is the gradient of."""
+    if isinstance(desc, d.GradAOTOutput):
+        return input_index(desc.grad_of)
+    return None
+
+
+def is_backward_node(node: fx.Node) -> bool | None:
+    """The partitioner's own tag; None when the node carries none."""
+    tag = node.meta.get("partitioner_tag")
+    if tag == "is_backward":
+        return True
+    if tag == "is_forward":
+        return False
+    return None

@@ -1,0 +1,27 @@
+"""Exceptions users can catch by type."""
+
+from __future__ import annotations
+
+
+class LohanError(RuntimeError):
+    """Base class of lohan_compile's own errors."""
+
+
+class BudgetError(LohanError):
+    """No plan fits the memory budget.
+
+    ``smallest_feasible_bytes`` is the smallest budget some plan reaches (or
+    ``None`` when even that could not be determined).
+    """
+
+    def __init__(self, message: str, *, smallest_feasible_bytes: int | None = None):
+        super().__init__(message)
+        self.smallest_feasible_bytes = smallest_feasible_bytes
+
+
+class PassError(LohanError):
+    """A pass failed or left a broken graph; the message names pass and node."""
+
+
+class ExtensionBuildError(LohanError):
+    """The C++ extension could not be built or loaded."""

@@ -1,0 +1,104 @@
+"""The C++ extension: built on first use, cached, loaded once.
+
+The sources in ``csrc/`` ship with the package (``lohan_compile/csrc`` once
+installed) and are compiled by ``torch.utils.cpp_extension.load`` the first
+time an op is needed, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
+by default ``~/.cache/torch_extensions``). A change to any source, flag or
+torch version triggers a rebuild; otherwise loading takes milliseconds. The
+library registers ops only (``TORCH_LIBRARY_FRAGMENT(lohan, ...)``); it is not
+a Python module, so the ops are reached as ``torch.ops.lohan.*``.
+
+Set ``LOHAN_EXT_VERBOSE=1`` to see the compiler's output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import settings
+from .errors import ExtensionBuildError
+
+NAME = "lohan_compile_ext"
+CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing"]
+
+_lock = threading.RLock()
+_loaded = False
+
+
+def source_dir() -> Path:
+    """Where the C++ sources are: the installed package data, or csrc/ in a checkout."""
+    try:
+        found = resources.files("lohan_compile.csrc")
+        path = Path(str(found))
+        if path.is_dir() and any(path.glob("*.cpp")):
+            return path
+    except ModuleNotFoundError:
+        pass
+    checkout = Path(__file__).resolve().parent.parent / "csrc"
+    if checkout.is_dir():
+        return checkout
+    raise ExtensionBuildError("lohan_compile's C++ sources are missing; reinstall the package")
+
+
+def sources() -> list[str]:
+    return sorted(str(p) for p in source_dir().glob("*.cpp"))
+
+
+def compiler() -> str:
+    """The C++ compiler torch's builder will use, or a clear error if there is none."""
+    cxx = os.environ.get("CXX", "c++")
+    found = shutil.which(cxx)
+    if found is None:
+        raise ExtensionBuildError(
+            f"no C++ compiler found (looked for {cxx!r}, from $CXX or the default 'c++'). "
+            "lohan_compile builds its C++ extension on first use: install one "
+            "(Debian/Ubuntu: apt install g++; Fedora: dnf install gcc-c++) or point $CXX at it."
+        )
+    return found
+
+
+def load() -> None:
+    """Build (if needed) and load the extension; registers ``torch.ops.lohan.*``."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        compiler()
+        from torch.utils import cpp_extension
+
+        if not cpp_extension.is_ninja_available():
+            raise ExtensionBuildError(
+                "building lohan_compile's C++ extension needs ninja: pip install ninja"
+            )
+        try:
+            cpp_extension.load(
+                name=NAME,
+                sources=sources(),
+                extra_cflags=CFLAGS,
+                is_python_module=False,
+                verbose=settings.EXT_VERBOSE.get(),
+            )
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+            raise ExtensionBuildError(
+                f"building lohan_compile's C++ extension failed: {e}\n"
+                "Run again with LOHAN_EXT_VERBOSE=1 to see the compiler output; "
+                "a stale build can be removed from "
+                f"{cpp_extension._get_build_directory(NAME, verbose=False)}."
+            ) from e
+        _loaded = True
+    from . import ops  # noqa: F401  (registers the fake kernels of the ops just loaded)
+
+
+def cpp_ops():
+    """``torch.ops.lohan``, loading the extension first."""
+    load()
+    return torch.ops.lohan

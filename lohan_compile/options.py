@@ -1,0 +1,222 @@
+"""``lohan_compile.Options``: every ``options=`` key, parsed and validated once.
+
+``Options(**options)`` raises ``ValueError`` at once for an unknown key or a
+malformed value, so a script can check its configuration before torch wraps
+compile errors into ``BackendCompilerFailed`` at the first call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+TORCH_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+EXECUTORS = ("fx", "inductor")
+POLICIES = (
+    "auto",
+    "keep-all",
+    "swap-all",
+    "recompute-all",
+    "torch-min-cut",
+    "zero-infinity",
+    "zero-offload",
+)
+OFFLOAD_PARAMS = ("auto", True, False)
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+_SIZE_HELP = (
+    "a number of bytes (int) or a string such as '6GiB', '512MB', '1.5 GB' or '4096' "
+    "(units: B, KB, MB, GB, TB in powers of 1000; KiB, MiB, GiB, TiB in powers of 1024)"
+)
+
+
+def parse_bytes(value: Any, *, name: str = "size") -> int:
+    """Parse a byte count: an int, or a string with a decimal or binary unit."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name}={value!r}: expected {_SIZE_HELP}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            hint = ""
+            if m is not None and unit in ("k", "m", "g", "t"):
+                hint = f" ('{m.group(2)}' is ambiguous: write '{m.group(2)}iB' or '{m.group(2)}B')"
+            raise ValueError(f"{name}={value!r}: expected {_SIZE_HELP}{hint}")
+        n = math.floor(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"{name}={value!r}: must be a positive number of bytes")
+    return n
+
+
+def format_bytes(n: int | float | None) -> str:
+    """Human-readable binary size, for messages and tables."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _one_of(name: str, value: Any, choices) -> Any:
+    # type-exact so that 1 is not taken for True
+    if not any(type(value) is type(c) and value == c for c in choices):
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(
+            f"{name}={value!r} is not valid; choose one of {listed}."
+            + (_did_you_mean(value, choices) if isinstance(value, str) else "")
+        )
+    return value
+
+
+def _folder(name: str, value: Any, *, must_exist: bool) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name}={value!r}: expected a folder path (str or os.PathLike) or None")
+    path = os.fspath(value)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}={path!r} exists and is not a folder; give a folder path")
+    if must_exist and not os.path.isdir(path):
+        raise ValueError(f"{name}={path!r} does not exist; create the folder first (mkdir -p {path})")
+    return path
+
+
+@dataclass(frozen=True, init=False)
+class Options:
+    """Validated ``options=`` of ``torch.compile(..., backend="lohan")``.
+
+    Keys (DESIGN.md): ``memory_budget``, ``optimizer``, ``hardware``,
+    ``offload_params``, ``ssd_dir``, ``host_memory_budget``, ``policy``,
+    ``dump_dir``; and ``executor`` (``"fx"`` runs the rewritten graphs as
+    plain fx, ``"inductor"`` compiles them with Inductor), ``mode`` (torch's
+    compile mode, passed to Inductor), ``disable_passes`` (names of passes
+    to skip, to bisect), ``debug`` (check graphs after every pass).
+    """
+
+    memory_budget: int | None = None
+    optimizer: Any = None
+    hardware: Any = "auto"
+    offload_params: Any = "auto"
+    ssd_dir: str | None = None
+    host_memory_budget: int | None = None
+    policy: str = "auto"
+    dump_dir: str | None = None
+    executor: str = "fx"
+    mode: str = "default"
+    disable_passes: tuple[str, ...] = ()
+    debug: bool | None = None
+
+    def __init__(self, **options: Any) -> None:
+        valid = [f.name for f in fields(self)]
+        for key in options:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown lohan option {key!r}.{_did_you_mean(key, valid)} "
+                    f"Valid options: {', '.join(valid)}."
+                )
+        values = {f.name: f.default for f in fields(self)}
+        values.update(options)
+        parsed = {
+            "memory_budget": None
+            if values["memory_budget"] is None
+            else parse_bytes(values["memory_budget"], name="memory_budget"),
+            "optimizer": _check_optimizer(values["optimizer"]),
+            "hardware": _check_hardware(values["hardware"]),
+            "offload_params": _one_of("offload_params", values["offload_params"], OFFLOAD_PARAMS),
+            "ssd_dir": _folder("ssd_dir", values["ssd_dir"], must_exist=True),
+            "host_memory_budget": None
+            if values["host_memory_budget"] is None
+            else parse_bytes(values["host_memory_budget"], name="host_memory_budget"),
+            "policy": _one_of("policy", values["policy"], POLICIES),
+            "dump_dir": _folder("dump_dir", values["dump_dir"], must_exist=False),
+            "executor": _one_of("executor", values["executor"], EXECUTORS),
+            "mode": _one_of("mode", "default" if values["mode"] is None else values["mode"], TORCH_MODES),
+            "disable_passes": _check_names("disable_passes", values["disable_passes"]),
+            "debug": _check_optional_bool("debug", values["debug"]),
+        }
+        for key, value in parsed.items():
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def coerce(cls, options: "Options | Mapping[str, Any] | None", *, mode: str | None = None) -> "Options":
+        """Options from what torch.compile hands a backend (dict, Options or None) and its ``mode=``."""
+        if options is None:
+            opts = cls()
+        elif isinstance(options, Options):
+            opts = options
+        elif isinstance(options, Mapping):
+            opts = cls(**options)
+        else:
+            raise ValueError(
+                f"options={options!r}: expected a dict of lohan options or a lohan_compile.Options"
+            )
+        if mode is not None and mode != "default":
+            if opts.mode not in ("default", mode):
+                raise ValueError(f"mode={mode!r} conflicts with options['mode']={opts.mode!r}")
+            opts = opts.replace(mode=mode)
+        return opts
+
+    def replace(self, **changes: Any) -> "Options":
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return Options(**current)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_optimizer(value: Any) -> Any:
+    if value is None:
+        return None
+    raise ValueError(
+        f"optimizer={type(value).__name__}: expected a lohan_compile.CPUAdamW or None. "
+        "A torch optimizer needs no option: keep calling its step() as usual."
+    )
+
+
+def _check_hardware(value: Any) -> Any:
+    if value == "auto":
+        return value
+    raise ValueError(
+        f"hardware={value!r}: only 'auto' (measure this machine) is available in this version"
+    )
+
+
+def _check_names(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name}={value!r}: expected a list of pass names or a comma-separated string")
+    return tuple(value)
+
+
+def _check_optional_bool(name: str, value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{name}={value!r}: expected True, False or None")

@@ -1,0 +1,234 @@
+"""The pass pipeline: a list of named passes over the graphs of one compile.
+
+A pass is ``fn(graphs, facts) -> (graphs, report)``: it reads the graphs and
+the read-only compile facts (never global configuration), returns the new
+graphs and a small dict for the report. The pipeline times each pass, checks
+every graph after it in debug mode, skips passes the user disabled to bisect,
+and turns any failure into a ``PassError`` that names the pass, the node and
+the user's source line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import BudgetError, PassError
+from .aot import is_backward_only_input, output_descs, output_kind
+from .meta import Kind, get_info
+from .options import Options
+
+
+@dataclass
+class Graphs:
+    """The graphs one compile works on: the joint graph, then forward and backward.
+
+    For a forward-only compile (``torch.no_grad()``, or nothing requires
+    grad), ``fw`` holds the inference graph from the start and there is no
+    joint graph and no backward.
+    """
+
+    joint: fx.GraphModule | None = None
+    fw: fx.GraphModule | None = None
+    bw: fx.GraphModule | None = None
+
+    @property
+    def inference(self) -> bool:
+        return self.joint is None and self.bw is None
+
+    def items(self) -> list[tuple[str, fx.GraphModule]]:
+        return [(k, g) for k, g in (("joint", self.joint), ("fw", self.fw), ("bw", self.bw)) if g is not None]
+
+
+@dataclass(frozen=True)
+class InputFact:
+    """What one example input of the backend is."""
+
+    index: int
+    kind: str  # "param", "buffer", "input" (a Role value) or "symint"
+    source: str | None
+    requires_grad: bool
+    is_tensor: bool
+
+
+@dataclass(frozen=True)
+class CompileFacts:
+    """Read-only inputs every pass may use."""
+
+    graph_id: int
+    inputs: tuple[InputFact, ...]
+    options: Options
+    # what AOTAutograd hands the partition function (training compiles only)
+    num_fwd_outputs: int | None = None
+    joint_inputs: Any = None
+    partition_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: PassFn
+    training: bool = True  # runs on joint/forward/backward graphs of a training compile
+    inference: bool = False  # runs on the forward graph of a forward-only compile
+    required: bool = False  # cannot be disabled (the graphs would be incomplete)
+    requires: tuple[str, ...] = ()  # passes that must have run before this one
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    report: dict[str, Any]
+    skipped: bool = False
+
+
+@dataclass
+class Pipeline:
+    passes: Sequence[Pass]
+    records: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def validate_disabled(self, disabled: Iterable[str]) -> frozenset[str]:
+        disabled = frozenset(disabled)
+        unknown = sorted(disabled - set(self.names))
+        if unknown:
+            raise ValueError(
+                f"cannot disable unknown pass(es) {unknown}; passes are: {', '.join(self.names)}"
+            )
+        required = sorted(p.name for p in self.passes if p.required and p.name in disabled)
+        if required:
+            raise ValueError(f"pass(es) {required} are required and cannot be disabled")
+        for p in self.passes:
+            missing = [r for r in p.requires if r in disabled]
+            if missing and p.name not in disabled:
+                raise ValueError(
+                    f"pass {p.name!r} requires {missing}; disable {p.name!r} too, or keep {missing}"
+                )
+        return disabled
+
+    def run(
+        self,
+        graphs: Graphs,
+        facts: CompileFacts,
+        *,
+        debug: bool = False,
+        disabled: Iterable[str] = (),
+    ) -> Graphs:
+        disabled = self.validate_disabled(disabled)
+        inference = graphs.inference
+        ran: list[str] = []
+        if debug:
+            check_graphs(graphs, after="(input)", ran=ran, known_passes=self.names)
+        for p in self.passes:
+            if not (p.inference if inference else p.training):
+                continue
+            if p.name in disabled:
+                self.records.append(PassRecord(p.name, 0.0, {}, skipped=True))
+                continue
+            start = time.perf_counter()
+            try:
+                graphs, report = p.fn(graphs, facts)
+            except (BudgetError, PassError):
+                raise
+            except Exception as e:
+                raise PassError(_failure_message(p, e, ran)) from e
+            self.records.append(PassRecord(p.name, time.perf_counter() - start, report))
+            ran.append(p.name)
+            if debug:
+                check_graphs(graphs, after=p.name, ran=ran, known_passes=self.names)
+        return graphs
+
+
+class NodeError(Exception):
+    """Raised inside a pass to say which node it could not handle."""
+
+    def __init__(self, node: fx.Node, message: str):
+        super().__init__(message)
+        self.node = node
+
+
+def describe_node(node: fx.Node) -> str:
+    text = node.format_node() or f"%{node.name}"
+    line = user_source_line(node)
+    return f"{text}\n    from {line}" if line else text
+
+
+def user_source_line(node: fx.Node) -> str | None:
+    """The innermost 'File ..., line N' of the node's stack trace, with its code."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            return f"{lines[i]}: {code}" if code else lines[i]
+    return None
+
+
+def _failure_message(p: Pass, e: Exception, ran: list[str]) -> str:
+    where = f" at node {describe_node(e.node)}" if isinstance(e, NodeError) else ""
+    bisect = "" if p.required else f" To bisect, disable it: LOHAN_DISABLE_PASSES={p.name}."
+    return (
+        f"lohan pass {p.name!r} failed{where}: {type(e).__name__}: {e}\n"
+        f"  passes run before it: {', '.join(ran) or '(none)'}.{bisect}"
+    )
+
+
+def check_graphs(graphs: Graphs, *, after: str, ran: Sequence[str], known_passes: Sequence[str]) -> None:
+    """Debug checks after a pass: lint, fake values present, lohan metadata well-formed."""
+    for gname, gm in graphs.items():
+        try:
+            gm.graph.lint()
+        except Exception as e:
+            raise PassError(
+                f"after pass {after!r}, the {gname} graph fails torch.fx lint: {e}\n"
+                f"  passes run: {', '.join(ran) or '(none)'}"
+            ) from e
+        for node in gm.graph.nodes:
+            problem = _node_problem(node, known_passes)
+            if problem:
+                raise PassError(
+                    f"after pass {after!r}, {gname} graph node {describe_node(node)}\n"
+                    f"  {problem}\n  passes run: {', '.join(ran) or '(none)'}"
+                )
+    if graphs.fw is not None and graphs.bw is not None:
+        _check_partition(graphs, after, ran)
+
+
+def _node_problem(node: fx.Node, known_passes: Sequence[str]) -> str | None:
+    if node.op in ("placeholder", "call_function") and "val" not in node.meta:
+        return "has no meta['val'] (every value must keep a correct fake tensor)"
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and not isinstance(val, torch._subclasses.FakeTensor):
+        if val.device.type != "meta":
+            return f"meta['val'] is a real {type(val).__name__}, not a fake tensor"
+    info = node.meta.get("lohan")
+    if info is not None and get_info(node) is None:
+        return f"meta['lohan'] holds {type(info).__name__}, expected lohan_compile.meta.NodeInfo"
+    if info is not None and info.made_by not in known_passes:
+        return f"meta['lohan'].made_by={info.made_by!r} is not a pass of this pipeline"
+    return None
+
+
+def _check_partition(graphs: Graphs, after: str, ran: Sequence[str]) -> None:
+    saved_out = [k for k in map(output_kind, output_descs(graphs.fw)) if k is Kind.SAVED]
+    bw_saved = [
+        n for n in graphs.bw.graph.nodes
+        if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
+    ]
+    if len(saved_out) != len(bw_saved):
+        raise PassError(
+            f"after pass {after!r}: the forward graph returns {len(saved_out)} values saved for "
+            f"backward but the backward graph takes {len(bw_saved)}\n  passes run: {', '.join(ran)}"
+        )

@@ -1,0 +1,140 @@
+"""What the compiler decided and what a training step measured.
+
+``GraphRecord`` is one compiled graph (its pass reports, what it keeps for
+backward); ``Report`` is one training step: the graphs it ran, in order, and
+the totals DESIGN.md promises in ``summary()``. ``last_report()`` returns the
+report of the most recent completed step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import sympy
+from tabulate import tabulate
+
+from .options import format_bytes
+from .pipeline import PassRecord
+from .shapes import evaluate
+
+SUMMARY_KEYS = (
+    "budget_bytes",
+    "predicted_peak_bytes",
+    "measured_peak_bytes",
+    "kept_bytes",
+    "swapped_bytes",
+    "recomputed_bytes",
+    "predicted_step_s",
+    "host_peak_bytes",
+    "d2h_bytes",
+    "h2d_bytes",
+)
+
+
+@dataclass
+class GraphRecord:
+    """One compiled graph: a training graph (forward + backward) or a forward-only one."""
+
+    graph_id: int
+    training: bool
+    executor: str
+    budget_bytes: int | None
+    passes: list[PassRecord] = field(default_factory=list)
+    # bytes of activation storage kept from forward to backward, possibly symbolic
+    kept_bytes_expr: sympy.Expr | None = None
+    swapped_bytes_expr: sympy.Expr | None = None
+    recomputed_bytes_expr: sympy.Expr | None = None
+    # forward placeholders' fake values, to bind symbolic sizes at run time
+    fw_placeholder_vals: Sequence[Any] = ()
+    symbolic: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"graph {self.graph_id}"
+
+    def pass_report(self, name: str) -> dict[str, Any] | None:
+        for rec in self.passes:
+            if rec.name == name and not rec.skipped:
+                return rec.report
+        return None
+
+
+@dataclass
+class GraphRun:
+    graph: GraphRecord
+    phase: str  # "forward" or "backward"
+    seconds: float
+    bindings: dict = field(default_factory=dict)  # symbol -> size this run used
+
+    def bytes_of(self, expr: sympy.Expr | None) -> int | None:
+        return None if expr is None else evaluate(expr, self.bindings)
+
+
+@dataclass
+class Report:
+    """One training step, across all of its graphs, in the order they ran."""
+
+    runs: list[GraphRun]
+    step_seconds: float
+    d2h_bytes: int = 0
+    h2d_bytes: int = 0
+    measured_peak_bytes: int | None = None
+
+    @property
+    def graphs(self) -> list[GraphRecord]:
+        seen: dict[int, GraphRecord] = {}
+        for r in self.runs:
+            seen.setdefault(r.graph.graph_id, r.graph)
+        return list(seen.values())
+
+    def _forward_total(self, attr: str) -> int | None:
+        total = 0
+        for run in self.runs:
+            if run.phase != "forward":
+                continue
+            value = run.bytes_of(getattr(run.graph, attr))
+            if value is None:
+                return None
+            total += value
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        budgets = {g.budget_bytes for g in self.graphs}
+        return {
+            "budget_bytes": budgets.pop() if len(budgets) == 1 else None,
+            # Not planned yet: no prediction is made, so none is reported.
+            "predicted_peak_bytes": None,
+            "measured_peak_bytes": self.measured_peak_bytes,
+            "kept_bytes": self._forward_total("kept_bytes_expr"),
+            "swapped_bytes": self._forward_total("swapped_bytes_expr"),
+            "recomputed_bytes": self._forward_total("recomputed_bytes_expr"),
+            "predicted_step_s": None,
+            "host_peak_bytes": None,
+            "d2h_bytes": self.d2h_bytes,
+            "h2d_bytes": self.h2d_bytes,
+            "measured_step_s": self.step_seconds,
+            "graphs": len(self.graphs),
+        }
+
+    def to_table(self) -> str:
+        rows = []
+        for run in self.runs:
+            g = run.graph
+            rows.append([
+                g.name,
+                run.phase,
+                f"{run.seconds * 1e3:.2f} ms",
+                format_bytes(run.bytes_of(g.kept_bytes_expr)) if run.phase == "forward" else "",
+                str(g.kept_bytes_expr) if g.symbolic and run.phase == "forward" else "",
+            ])
+        table = tabulate(rows, headers=["graph", "phase", "time", "kept for backward", "symbolic size"])
+        summary = self.summary()
+        facts = [
+            [k, format_bytes(v) if k.endswith("_bytes") and v is not None else ("-" if v is None else v)]
+            for k, v in summary.items()
+        ]
+        return table + "\n\n" + tabulate(facts, headers=["step", "value"])
+
+    def __str__(self) -> str:
+        return self.to_table()

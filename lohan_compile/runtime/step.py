@@ -1,0 +1,81 @@
+"""Step tracking: which graphs a training step runs, in what order, and for how long.
+
+A step runs from the first forward graph of a training step to the end of its
+last backward graph: every forward of a training graph opens a pending
+backward, and when no backward is pending any more the step is complete and
+its ``Report`` becomes ``last_report()``. Forward-only graphs (``no_grad``)
+are not steps and are not recorded.
+
+One tracker serves the process, so a step that interleaves two compiled
+models is reported as one step. A forward whose backward never runs (a loss
+computed with grad enabled and dropped) keeps its step open until the next
+backward completes; the report then covers both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+from ..report import GraphRecord, GraphRun, Report
+from ..shapes import bind_symbols
+
+
+class StepTracker:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: Report | None = None
+        self._open_step()
+
+    def _open_step(self) -> None:
+        self._runs: list[GraphRun] = []
+        self._pending = 0
+        self._step_start: float | None = None
+        # bytes the copy engine moved during the open step (counted where copies happen)
+        self.d2h_bytes = 0
+        self.h2d_bytes = 0
+
+    def last_report(self) -> Report | None:
+        return self._last
+
+    def forward_begin(self, graph: GraphRecord, args: Sequence[object]) -> GraphRun:
+        bindings = bind_symbols(graph.fw_placeholder_vals, args) if graph.symbolic else {}
+        run = GraphRun(graph, "forward", 0.0, bindings)
+        with self._lock:
+            if self._step_start is None:
+                self._step_start = time.perf_counter()
+            self._pending += 1
+            self._runs.append(run)
+        return run
+
+    def backward_begin(self, graph: GraphRecord) -> GraphRun:
+        run = GraphRun(graph, "backward", 0.0)
+        with self._lock:
+            self._runs.append(run)
+        return run
+
+    def end(self, run: GraphRun, start: float) -> None:
+        run.seconds = time.perf_counter() - start
+        if run.phase != "backward":
+            return
+        with self._lock:
+            self._pending -= 1
+            if self._pending > 0:
+                return
+            assert self._step_start is not None
+            self._last = Report(
+                runs=self._runs,
+                step_seconds=time.perf_counter() - self._step_start,
+                d2h_bytes=self.d2h_bytes,
+                h2d_bytes=self.h2d_bytes,
+            )
+            self._open_step()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._last = None
+            self._open_step()
+
+
+TRACKER = StepTracker()

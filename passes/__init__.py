@@ -1,0 +1,36 @@
+"""Graph passes of lohan_compile, one per file (see README.md for the invariants).
+
+Installed as ``lohan_compile.passes``. ``default_pipeline()`` lists the
+passes in the order the backend runs them.
+"""
+
+from __future__ import annotations
+
+from ..pipeline import Pass, Pipeline
+from .classify_roles import classify_roles
+from .classify_saved import classify_saved
+from .partition_graph import partition_graph
+
+
+def default_passes() -> list[Pass]:
+    return [
+        Pass("classify_roles", classify_roles, inference=True),
+        Pass("partition_graph", partition_graph, required=True),
+        Pass("classify_saved", classify_saved, requires=("classify_roles",)),
+    ]
+
+
+def default_pipeline() -> Pipeline:
+    return Pipeline(default_passes())
+
+
+PASS_NAMES = tuple(p.name for p in default_passes())
+
+__all__ = [
+    "PASS_NAMES",
+    "classify_roles",
+    "classify_saved",
+    "default_passes",
+    "default_pipeline",
+    "partition_graph",
+]

@@ -1,0 +1,115 @@
+"""classify_saved: which forward values backward keeps, and what storage they hold.
+
+Requires: forward and backward graphs from the partitioner, roles from
+``classify_roles``.
+Ensures: each forward node whose value is saved for backward, and the
+matching backward placeholder, has role ``SAVED`` with ``storage_of`` (the
+node whose storage the value shares: itself, or the base it is a view of) and
+``saved_input_view`` (that base is a graph input, a parameter say, so saving it
+costs no activation memory). Saved graph inputs keep their input role. The
+report adds up the bytes of distinct activation storages kept for backward,
+and of the forward values the backward graph recomputes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..aot import is_backward_only_input, output_descs, output_kind
+from ..meta import Kind, NodeInfo, Role, get_info, set_info
+from ..pipeline import CompileFacts, Graphs, NodeError
+from ..shapes import nbytes_expr, nbytes_hint, sum_exprs
+
+NAME = "classify_saved"
+
+
+def classify_saved(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
+    fw, bw = graphs.fw, graphs.bw
+    out = fw.graph.output_node()
+    kinds = tuple(output_kind(desc) for desc in output_descs(fw))
+    set_info(out, NodeInfo(role=Role.OUTPUT, made_by=NAME, outputs=kinds))
+    saved = [v for v, k in zip(out.args[0], kinds) if k is Kind.SAVED]
+    bw_saved = [
+        n for n in bw.graph.nodes
+        if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
+    ]
+    if len(saved) != len(bw_saved):
+        raise NodeError(out, f"forward saves {len(saved)} values, backward takes {len(bw_saved)}")
+
+    storages: dict[fx.Node, None] = {}  # ordered set of activation storages
+    input_views = 0
+    for value, placeholder in zip(saved, bw_saved):
+        if not isinstance(value, fx.Node) or value.op == "placeholder":
+            continue  # a graph input saved as is keeps its role
+        base = storage_base(value)
+        info = get_info(value)
+        if info is None:
+            raise NodeError(value, "saved value has no role (classify_roles did not run?)")
+        new = info.with_(
+            role=Role.SAVED, made_by=NAME, storage_of=base.name, saved_input_view=base.op == "placeholder"
+        )
+        set_info(value, new)
+        set_info(placeholder, new)
+        if base.op == "placeholder":
+            input_views += 1
+        elif isinstance(base.meta.get("val"), torch.Tensor):
+            storages[base] = None
+
+    kept = sum_exprs(nbytes_expr(b.meta["val"]) for b in storages)
+    # The partitioner copies forward ops it chose to recompute (around the
+    # model's own checkpointed regions) into backward with their forward role.
+    recomputed = [
+        n for n in bw.graph.nodes
+        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+        and getattr(get_info(n), "role", None) is Role.FORWARD
+    ]
+    report = {
+        "saved_values": len(saved),
+        "saved_activation_storages": len(storages),
+        "saved_input_views": input_views,
+        "kept_bytes_expr": kept,
+        "kept_bytes_hint": sum(nbytes_hint(b.meta["val"]) for b in storages),
+        "recomputed_values": len(recomputed),
+        "recomputed_bytes_expr": sum_exprs(nbytes_expr(n.meta["val"]) for n in recomputed),
+    }
+    return graphs, report
+
+
+def storage_base(node: fx.Node) -> fx.Node:
+    """Follow view ops back to the node that owns the storage."""
+    while True:
+        src = aliased_input(node)
+        if src is None:
+            return node
+        node = src
+
+
+def aliased_input(node: fx.Node) -> fx.Node | None:
+    """The input a view op's output aliases, from the op's schema alias annotations."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target is operator.getitem:
+        parent = node.args[0]
+        if isinstance(parent, fx.Node) and _returns_alias(parent) is not None:
+            return _returns_alias(parent)
+        return None
+    return _returns_alias(node)
+
+
+def _returns_alias(node: fx.Node) -> fx.Node | None:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return None
+    ret = schema.returns[0].alias_info
+    if ret is None or ret.is_write:
+        return None
+    for arg, value in zip(schema.arguments, node.args):
+        info = arg.alias_info
+        if info is not None and not info.is_write and info.before_set & ret.before_set:
+            return value if isinstance(value, fx.Node) else None
+    return None
