@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import threading
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -33,18 +32,17 @@ _loaded = False
 
 
 def source_dir() -> Path:
-    """Where the C++ sources are: the installed package data, or csrc/ in a checkout."""
-    try:
-        found = resources.files("lohan_compile.csrc")
-        path = Path(str(found))
-        if path.is_dir() and any(path.glob("*.cpp")):
-            return path
-    except ModuleNotFoundError:
-        pass
+    """Where the C++ sources are: csrc/ beside this package in a checkout, else the package data."""
     checkout = Path(__file__).resolve().parent.parent / "csrc"
-    if checkout.is_dir():
+    if checkout.is_dir() and any(checkout.glob("*.cpp")):
         return checkout
-    raise ExtensionBuildError("lohan_compile's C++ sources are missing; reinstall the package")
+    installed = Path(__file__).resolve().parent / "csrc"
+    if installed.is_dir() and any(installed.glob("*.cpp")):
+        return installed
+    raise ExtensionBuildError(
+        f"lohan_compile's C++ sources are missing (looked in {checkout} and {installed}); "
+        "reinstall the package"
+    )
 
 
 def sources() -> list[str]:
