@@ -130,11 +130,18 @@ class Report:
             ])
         table = tabulate(rows, headers=["graph", "phase", "time", "kept for backward", "symbolic size"])
         summary = self.summary()
-        facts = [
-            [k, format_bytes(v) if k.endswith("_bytes") and v is not None else ("-" if v is None else v)]
-            for k, v in summary.items()
-        ]
+        facts = [[k, _format_fact(k, v)] for k, v in summary.items()]
         return table + "\n\n" + tabulate(facts, headers=["step", "value"])
 
     def __str__(self) -> str:
         return self.to_table()
+
+
+def _format_fact(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_bytes"):
+        return format_bytes(value)
+    if key.endswith("_s"):
+        return f"{value:.4f} s"
+    return str(value)
