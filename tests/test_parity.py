@@ -112,23 +112,13 @@ def test_recompile_on_new_shape_is_dynamic_and_exact():
     report = lohan.last_report()
     graph = report.graphs[0]
     assert graph.symbolic, "the second shape should have recompiled with dynamic sizes"
-    # the bytes kept for backward are evaluated at the sizes the step really ran with
-    kept_last = report.summary()["kept_bytes"]
-    assert isinstance(kept_last, int) and kept_last > 0
+    # the bytes kept for backward are evaluated at the sizes the step really ran with:
+    # the same as a static compile of the last shape reports
     assert graph.kept_bytes_expr.free_symbols
+    kept_dynamic = report.summary()["kept_bytes"]
+    torch._dynamo.reset()
+    static = torch.compile(tiny_llama(), backend="lohan")
+    lm_loss(static, batches[-1].clone()).backward()  # a clone: dynamo marked the original dynamic
+    assert not lohan.last_report().graphs[0].symbolic
+    assert kept_dynamic == lohan.last_report().summary()["kept_bytes"] > 0
 
-
-def test_symbolic_kept_bytes_match_a_static_compile_of_the_same_shape():
-    def kept_for(shapes):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        cm = torch.compile(tiny_llama(), backend="lohan")
-        for s in shapes:
-            ids = torch.randint(0, 128, s)
-            lm_loss(cm, ids).backward()
-        return lohan.last_report()
-
-    dynamic = kept_for([(2, 16), (2, 24), (3, 8)])
-    static = kept_for([(3, 8)])
-    assert dynamic.graphs[0].symbolic and not static.graphs[0].symbolic
-    assert dynamic.summary()["kept_bytes"] == static.summary()["kept_bytes"]
