@@ -18,7 +18,7 @@ def test_presets_are_plausible():
 
 
 def test_unknown_preset_suggests():
-    with pytest.raises(ValueError, match="did you mean 'rtx4090'"):
+    with pytest.raises(ValueError, match="Did you mean 'rtx4090'"):
         hardware.preset("rtx4900")
 
 
