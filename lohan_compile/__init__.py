@@ -9,6 +9,7 @@ See README.md and DESIGN.md. Public names: ``Options``, ``BudgetError``,
 from __future__ import annotations
 
 from .errors import BudgetError, ExtensionBuildError, LohanError, PassError
+from .hardware import HardwareProfile
 from .options import Options, parse_bytes
 from .report import Report
 
@@ -25,6 +26,7 @@ def last_report() -> Report | None:
 __all__ = [
     "BudgetError",
     "ExtensionBuildError",
+    "HardwareProfile",
     "LohanError",
     "Options",
     "PassError",
