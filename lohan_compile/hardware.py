@@ -209,6 +209,15 @@ def _median_time(fn, repeat: int = 7, min_time: float = 0.02) -> float:
 
 
 def measure(*, quick: bool = False) -> HardwareProfile:
+    """Measure this machine (see ``_measure``), outside any fake or tracing mode of a compile."""
+    import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        return _measure(quick=quick)
+
+
+def _measure(*, quick: bool) -> HardwareProfile:
     """Measure this machine as the CPU stand-in for a GPU (DESIGN.md).
 
     Compute: fp32 matmul FLOP/s and memory-bound bytes/s on the device tier

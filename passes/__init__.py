@@ -10,6 +10,7 @@ from ..pipeline import Pass, Pipeline
 from .classify_roles import classify_roles
 from .classify_saved import classify_saved
 from .partition_graph import partition_graph
+from .plan_memory import plan_memory
 
 
 def default_passes() -> list[Pass]:
@@ -17,6 +18,7 @@ def default_passes() -> list[Pass]:
         Pass("classify_roles", classify_roles, inference=True),
         Pass("partition_graph", partition_graph, required=True),
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
+        Pass("plan_memory", plan_memory, requires=("classify_saved",)),
     ]
 
 
@@ -33,4 +35,5 @@ __all__ = [
     "default_passes",
     "default_pipeline",
     "partition_graph",
+    "plan_memory",
 ]

@@ -13,13 +13,13 @@ and of the forward values the backward graph recomputes.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from ..aot import is_backward_only_input, output_descs, output_kind
+from ..fxutil import storage_base
 from ..meta import Kind, NodeInfo, Role, get_info, set_info
 from ..pipeline import CompileFacts, Graphs, NodeError
 from ..shapes import nbytes_expr, nbytes_hint, sum_exprs
@@ -78,38 +78,3 @@ def classify_saved(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[st
     }
     return graphs, report
 
-
-def storage_base(node: fx.Node) -> fx.Node:
-    """Follow view ops back to the node that owns the storage."""
-    while True:
-        src = aliased_input(node)
-        if src is None:
-            return node
-        node = src
-
-
-def aliased_input(node: fx.Node) -> fx.Node | None:
-    """The input a view op's output aliases, from the op's schema alias annotations."""
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if target is operator.getitem:
-        parent = node.args[0]
-        if isinstance(parent, fx.Node) and _returns_alias(parent) is not None:
-            return _returns_alias(parent)
-        return None
-    return _returns_alias(node)
-
-
-def _returns_alias(node: fx.Node) -> fx.Node | None:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.returns:
-        return None
-    ret = schema.returns[0].alias_info
-    if ret is None or ret.is_write:
-        return None
-    for arg, value in zip(schema.arguments, node.args):
-        info = arg.alias_info
-        if info is not None and not info.is_write and info.before_set & ret.before_set:
-            return value if isinstance(value, fx.Node) else None
-    return None
