@@ -15,7 +15,6 @@ from . import __version__
 
 
 def _demo_model(name: str, layers: int):
-    import torch
 
     if name == "llama":
         try:

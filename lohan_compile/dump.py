@@ -7,7 +7,6 @@ role, shape, dtype and bytes beside it.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import torch.fx as fx

@@ -18,8 +18,7 @@ import torch
 import torch.fx as fx
 
 from .errors import BudgetError, PassError
-from .aot import is_backward_only_input, output_descs, output_kind
-from .meta import Kind, get_info
+from .meta import get_info
 from .options import Options
 
 
@@ -222,13 +221,9 @@ def _node_problem(node: fx.Node, known_passes: Sequence[str]) -> str | None:
 
 
 def _check_partition(graphs: Graphs, after: str, ran: Sequence[str]) -> None:
-    saved_out = [k for k in map(output_kind, output_descs(graphs.fw)) if k is Kind.SAVED]
-    bw_saved = [
-        n for n in graphs.bw.graph.nodes
-        if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
-    ]
-    if len(saved_out) != len(bw_saved):
-        raise PassError(
-            f"after pass {after!r}: the forward graph returns {len(saved_out)} values saved for "
-            f"backward but the backward graph takes {len(bw_saved)}\n  passes run: {', '.join(ran)}"
-        )
+    from .saved import SavedValues
+
+    try:
+        SavedValues(graphs.fw, graphs.bw)
+    except ValueError as e:
+        raise PassError(f"after pass {after!r}: {e}\n  passes run: {', '.join(ran)}") from None

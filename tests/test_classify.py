@@ -142,3 +142,18 @@ def test_inference_graph_roles():
     assert graphs.inference
     rs = set(roles(graphs.fw).values())
     assert Role.PARAM in rs and Role.INPUT in rs and Role.TANGENT not in rs and Role.BACKWARD not in rs
+
+
+def test_saved_tensors_pair_with_backward_placeholders_under_dynamic_shapes():
+    """Backward takes saved sizes before saved tensors: pairing must go by kind, not position."""
+    from lohan_compile.saved import SavedValues
+
+    x = torch.randn(6, 32)
+    torch._dynamo.mark_dynamic(x, 0)
+    [(graphs, _)] = capture_graphs(MLP(), lambda cm: cm(x).sum().backward())
+    saved = SavedValues(graphs.fw, graphs.bw)
+    assert saved.bw_syms, "a dynamic batch size is saved for backward"
+    for fw_value, placeholder in saved.tensor_pairs():
+        assert fw_value.meta["val"].shape == placeholder.meta["val"].shape
+        if get_info(fw_value).role is Role.SAVED:
+            assert get_info(placeholder).storage_of == get_info(fw_value).storage_of

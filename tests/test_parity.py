@@ -1,6 +1,5 @@
 """With no budget and no optimizer, lohan computes exactly what eager PyTorch computes."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-import torch.fx as fx
 
 import lohan_compile as lohan
 from lohan_compile import settings
-from lohan_compile.errors import PassError
-from lohan_compile.pipeline import Graphs, NodeError, Pass, Pipeline
+from lohan_compile.pipeline import NodeError, Pass, Pipeline
 from lohan_compile.passes import PASS_NAMES, default_passes
 from models import MLP
 
@@ -26,24 +24,24 @@ def compile_with_passes(model, passes, x, **options):
 
 
 def test_default_pipeline_order():
-    assert list(PASS_NAMES) == ["classify_roles", "partition_graph", "classify_saved"]
+    assert list(PASS_NAMES) == ["classify_roles", "partition_graph", "classify_saved", "plan_memory"]
 
 
 def test_disable_pass_by_name_to_bisect():
     model = MLP()
-    cm = torch.compile(model, backend="lohan", options={"disable_passes": ["classify_saved"]})
+    cm = torch.compile(model, backend="lohan", options={"disable_passes": ["classify_saved", "plan_memory"]})
     cm(torch.randn(4, 32)).sum().backward()
     graph = lohan.last_report().graphs[0]
     names = {r.name: r.skipped for r in graph.passes}
-    assert names == {"classify_roles": False, "partition_graph": False, "classify_saved": True}
+    assert names == {"classify_roles": False, "partition_graph": False, "classify_saved": True, "plan_memory": True}
     assert lohan.last_report().summary()["kept_bytes"] is None  # not computed, not invented
 
 
 def test_disable_pass_from_environment(monkeypatch):
-    monkeypatch.setenv("LOHAN_DISABLE_PASSES", "classify_saved")
+    monkeypatch.setenv("LOHAN_DISABLE_PASSES", "plan_memory")
     cm = torch.compile(MLP(), backend="lohan")
     cm(torch.randn(4, 32)).sum().backward()
-    assert [r.name for r in lohan.last_report().graphs[0].passes if r.skipped] == ["classify_saved"]
+    assert [r.name for r in lohan.last_report().graphs[0].passes if r.skipped] == ["plan_memory"]
 
 
 @pytest.mark.parametrize(
@@ -51,6 +49,7 @@ def test_disable_pass_from_environment(monkeypatch):
     [
         (["partition_graph"], "required"),
         (["classify_roles"], "requires"),
+        (["classify_saved"], "requires"),
         (["clasify_saved"], "unknown pass"),
     ],
 )
