@@ -58,19 +58,22 @@ def check_supported(opts: Options) -> None:
     Accepting them would silently run something other than what was asked.
     """
     unsupported = []
-    if opts.memory_budget is not None:
-        unsupported.append("memory_budget (activation planning)")
     if opts.offload_params is True:
         unsupported.append("offload_params=True (parameter streaming)")
     if opts.ssd_dir is not None or opts.host_memory_budget is not None:
         unsupported.append("ssd_dir / host_memory_budget (host and SSD tiers)")
-    if opts.policy not in ("auto", "keep-all"):
+    if opts.policy in ("torch-min-cut", "zero-infinity", "zero-offload"):
         unsupported.append(f"policy={opts.policy!r}")
+    if opts.policy == "swap-all":
+        from .passes.plan_memory import swap_ops_available
+
+        if not swap_ops_available():
+            unsupported.append("policy='swap-all' (the host tier's swap ops are not built)")
     if unsupported:
         raise LohanError(
             "lohan_compile 0.1 cannot honour these options yet: "
             + "; ".join(unsupported)
-            + ". Remove them to compile with everything kept on the device (policy 'keep-all')."
+            + ". Remove them, or use policy 'auto', 'keep-all' or 'recompute-all'."
         )
 
 
@@ -162,7 +165,10 @@ class GraphCompiler:
         if saved is not None:
             self.record.kept_bytes_expr = saved["kept_bytes_expr"]
             self.record.recomputed_bytes_expr = saved["recomputed_bytes_expr"]
-            self.record.swapped_bytes_expr = expr_of(0)  # no pass swaps anything in this version
+            self.record.swapped_bytes_expr = expr_of(0)
+        planned = self.record.pass_report("plan_memory")
+        if planned is not None and self.record.pass_report("apply_plan") is not None:
+            self.record.apply_plan_totals(planned["plan"], planned["problem"])
         if graphs.fw is not None:
             vals = [n.meta.get("val") for n in graphs.fw.graph.nodes if n.op == "placeholder"]
             self.record.fw_placeholder_vals = vals

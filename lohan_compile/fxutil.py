@@ -27,9 +27,24 @@ def _returns_alias(node: fx.Node) -> fx.Node | None:
         return None
     for arg, value in zip(schema.arguments, node.args):
         info = arg.alias_info
-        if info is not None and not info.is_write and info.before_set & ret.before_set:
+        if info is None or info.is_write:
+            continue
+        # Tensor(a) -> Tensor(a); or Tensor(a -> *) -> Tensor(a)[], whose elements alias the input
+        if info.before_set & ret.before_set or (not ret.before_set and "*" in info.after_set):
             return value if isinstance(value, fx.Node) else None
     return None
+
+
+def view_parent(node: fx.Node) -> fx.Node | None:
+    """The node a view is taken of, step by step: ``getitem`` of a split goes to the split."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        parent = node.args[0]
+        if isinstance(parent, fx.Node) and _returns_alias(parent) is not None:
+            return parent
+        return None
+    if node.op == "call_function" and isinstance(node.meta.get("val"), (list, tuple)):
+        return _returns_alias(node)  # a multi-output view op (split, unbind, ...)
+    return aliased_input(node)
 
 
 def storage_base(node: fx.Node) -> fx.Node:

@@ -11,8 +11,8 @@ the user's source line.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -65,6 +65,8 @@ class CompileFacts:
     num_fwd_outputs: int | None = None
     joint_inputs: Any = None
     partition_kwargs: dict[str, Any] = field(default_factory=dict)
+    # reports of the passes that ran before, by name (a later pass may read an earlier one's)
+    pass_reports: Mapping[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]
@@ -135,6 +137,7 @@ class Pipeline:
                 self.records.append(PassRecord(p.name, 0.0, {}, skipped=True))
                 continue
             start = time.perf_counter()
+            facts = replace(facts, pass_reports={r.name: r.report for r in self.records if not r.skipped})
             try:
                 graphs, report = p.fn(graphs, facts)
             except (BudgetError, PassError):

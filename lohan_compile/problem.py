@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 
 from .costmodel import CostModel
 from .fxutil import is_dense, storage_base, tensor_val
 from .meta import Role, get_info
-from .shapes import nbytes_hint
+from .shapes import nbytes_expr, nbytes_hint
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Candidate:
     recompute_seconds: float | None  # None: cannot be recomputed (random op, mutation, ...)
     recompute_needs: tuple[str, ...] = ()  # candidate keys its recomputation reads
     swappable: bool = True
+    bytes_expr: sympy.Expr | None = None  # ``bytes`` as a possibly symbolic expression
 
 
 @dataclass
@@ -151,6 +153,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
                 last_use[k] = max(last_use.get(k, -1), index[n])
 
     saved_keys: dict[str, fx.Node] = {}
+    saved_nodes: set[fx.Node] = set()
     fw_out = fw.graph.output_node()
     out_info = get_info(fw_out)
     kinds = out_info.outputs if out_info is not None else ()
@@ -162,6 +165,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
             continue
         if kind.value == "saved":
             saved_keys.setdefault(k, storage_base(value))
+            saved_nodes.add(value)
         else:
             survives.add(k)  # the user holds forward outputs (logits, the loss) through the step
     for value in bw.graph.output_node().args[0]:
@@ -190,14 +194,15 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
         needs: list[str] = []
         recompute: float | None = cost.node_seconds(base) if _recomputable(base) else None
         if recompute is not None:
+            # recomputed in backward from what backward already has: graph inputs and
+            # values forward saves as they are (not views of them, not temporaries)
             for a in base.all_input_nodes:
-                k = key_of.get(a)
-                if k is None:
-                    continue  # a parameter or input: always there
-                if k in saved_keys and k != key:
-                    needs.append(k)
+                if key_of.get(a) is None:
+                    continue  # a graph input or a view of one: backward can always have it
+                if a in saved_nodes and key_of[a] != key:
+                    needs.append(key_of[a])
                 else:
-                    recompute = None  # needs a forward temporary backward does not keep
+                    recompute = None
                     break
         candidates.append(
             Candidate(
@@ -211,6 +216,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
                 recompute_seconds=recompute,
                 recompute_needs=tuple(needs) if recompute is not None else (),
                 swappable=is_dense(tensor_val(base)),
+                bytes_expr=nbytes_expr(tensor_val(base)),
             )
         )
     fw_seconds = sum(o.seconds for o in ops[:n_fw])

@@ -7,6 +7,7 @@ passes in the order the backend runs them.
 from __future__ import annotations
 
 from ..pipeline import Pass, Pipeline
+from .apply_plan import apply_plan
 from .classify_roles import classify_roles
 from .classify_saved import classify_saved
 from .partition_graph import partition_graph
@@ -19,6 +20,7 @@ def default_passes() -> list[Pass]:
         Pass("partition_graph", partition_graph, required=True),
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
         Pass("plan_memory", plan_memory, requires=("classify_saved",)),
+        Pass("apply_plan", apply_plan, requires=("plan_memory",)),
     ]
 
 
@@ -30,6 +32,7 @@ PASS_NAMES = tuple(p.name for p in default_passes())
 
 __all__ = [
     "PASS_NAMES",
+    "apply_plan",
     "classify_roles",
     "classify_saved",
     "default_passes",

@@ -14,7 +14,10 @@ held outside the graph when it runs.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
+
+import torch
 
 import torch.fx as fx
 
@@ -29,6 +32,13 @@ from ..shapes import nbytes_hint
 NAME = "plan_memory"
 
 
+def swap_ops_available() -> bool:
+    from ..ext import load
+
+    load()
+    return hasattr(torch.ops.lohan, "swap_out")
+
+
 def resident_input_bytes(fw: fx.GraphModule) -> int:
     return sum(nbytes_hint(tensor_val(n)) for n in fw.graph.nodes if n.op == "placeholder" and tensor_val(n) is not None)
 
@@ -38,6 +48,8 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
     cost = CostModel(hw)
     problem = build_problem(graphs.fw, graphs.bw, cost)
     problem.resident_bytes = resident_input_bytes(graphs.fw)
+    if not swap_ops_available():
+        problem.candidates = [replace(c, swappable=False) for c in problem.candidates]
     rates = Rates(
         d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),
         h2d_seconds_per_byte=cost.transfer_seconds(1, "h2d"),

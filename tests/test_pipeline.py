@@ -24,24 +24,27 @@ def compile_with_passes(model, passes, x, **options):
 
 
 def test_default_pipeline_order():
-    assert list(PASS_NAMES) == ["classify_roles", "partition_graph", "classify_saved", "plan_memory"]
+    assert list(PASS_NAMES) == ["classify_roles", "partition_graph", "classify_saved", "plan_memory", "apply_plan"]
 
 
 def test_disable_pass_by_name_to_bisect():
     model = MLP()
-    cm = torch.compile(model, backend="lohan", options={"disable_passes": ["classify_saved", "plan_memory"]})
+    cm = torch.compile(model, backend="lohan", options={"disable_passes": ["classify_saved", "plan_memory", "apply_plan"]})
     cm(torch.randn(4, 32)).sum().backward()
     graph = lohan.last_report().graphs[0]
     names = {r.name: r.skipped for r in graph.passes}
-    assert names == {"classify_roles": False, "partition_graph": False, "classify_saved": True, "plan_memory": True}
+    assert names == {
+        "classify_roles": False, "partition_graph": False, "classify_saved": True, "plan_memory": True,
+        "apply_plan": True,
+    }
     assert lohan.last_report().summary()["kept_bytes"] is None  # not computed, not invented
 
 
 def test_disable_pass_from_environment(monkeypatch):
-    monkeypatch.setenv("LOHAN_DISABLE_PASSES", "plan_memory")
+    monkeypatch.setenv("LOHAN_DISABLE_PASSES", "apply_plan")
     cm = torch.compile(MLP(), backend="lohan")
     cm(torch.randn(4, 32)).sum().backward()
-    assert [r.name for r in lohan.last_report().graphs[0].passes if r.skipped] == ["plan_memory"]
+    assert [r.name for r in lohan.last_report().graphs[0].passes if r.skipped] == ["apply_plan"]
 
 
 @pytest.mark.parametrize(
