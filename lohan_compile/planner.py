@@ -125,7 +125,8 @@ def program_for(problem: Problem, plan_decisions: dict[str, Decision], rates: Ra
         decision = plan_decisions.get(key)
         if (decision is None or decision.action is Action.KEEP) and buf.free is not None:
             at("free", buf.free, Free(key))
-    for c in problem.candidates:
+    # the h2d link serves swap-ins in issue order: issue them in order of first use
+    for c in sorted(problem.candidates, key=lambda c: (first_use[c.key], c.produced_at)):
         d = plan_decisions[c.key]
         if d.action is Action.SWAP:
             out, inn = f"swap_out:{c.key}", f"swap_in:{c.key}"
