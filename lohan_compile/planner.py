@@ -314,13 +314,7 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
             if c.swappable:
                 over = max(0.0, swapped_bytes + c.bytes - hidden_capacity)
                 swap_cost = over * (rates.d2h_seconds_per_byte + rates.h2d_seconds_per_byte)
-            re_cost = math.inf
-            if c.recompute_seconds is not None and all(
-                decisions[n].action is not Action.RECOMPUTE for n in c.recompute_needs
-            ) and not any(
-                decisions[k].action is Action.RECOMPUTE and c.key in cands[k].recompute_needs for k in decisions
-            ):
-                re_cost = c.recompute_seconds
+            re_cost = c.recompute_seconds if _can_recompute(c, decisions, cands) else math.inf
             if swap_cost == math.inf and re_cost == math.inf:
                 continue
             # free swaps rank by how costly recomputing would be (swap what is expensive to redo)
@@ -334,6 +328,8 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
         options.sort(key=lambda o: o[0])
         freed = 0
         for _, c, action in options:
+            if action is Action.RECOMPUTE and not _can_recompute(c, decisions, cands):
+                continue  # an option taken earlier in this round conflicts with it
             decisions[c.key] = Decision(action, reason=_reason(action, c))
             if action is Action.SWAP:
                 swapped_bytes += c.bytes
@@ -355,6 +351,17 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
         )
     best_plan = min(feasible, key=lambda p: p.prediction.step_seconds)
     return replace(best_plan, policy="auto")
+
+
+def _can_recompute(c: Candidate, decisions: dict[str, Decision], cands: dict[str, Candidate]) -> bool:
+    """Recomputable, and no chain: it reads nothing recomputed, and nothing recomputed reads it."""
+    if c.recompute_seconds is None:
+        return False
+    if any(decisions[n].action is Action.RECOMPUTE for n in c.recompute_needs):
+        return False
+    return not any(
+        d.action is Action.RECOMPUTE and c.key in cands[k].recompute_needs for k, d in decisions.items()
+    )
 
 
 def _reason(action: Action, c: Candidate) -> str:
