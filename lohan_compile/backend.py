@@ -29,6 +29,7 @@ from .dump import dump_graphs
 from .errors import LohanError
 from .meta import Kind
 from .options import Options
+from .planner import Action
 from .pipeline import CompileFacts, Graphs, InputFact, Pipeline
 from .report import GraphRecord
 from .runtime.step import TRACKER
@@ -175,6 +176,12 @@ class GraphCompiler:
             self.record.symbolic = any(_is_symbolic(v) for v in vals)
         if self.dump_dir:
             dump_graphs(self.dump_dir, self.record, graphs)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", describe_compile(self.record, graphs))
+        if planned is not None and log.isEnabledFor(logging.DEBUG):
+            from .dump import plan_table
+
+            log.debug("%s plan:\n%s", self.record.name, plan_table(planned["plan"], planned["problem"]))
         return graphs
 
     def _executable(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, phase: str):
@@ -213,6 +220,25 @@ class GraphCompiler:
                 is_inference=phase == "inference",
                 graph_id=self.graph_id,
             )
+
+
+def describe_compile(record: GraphRecord, graphs: Graphs) -> str:
+    """One paragraph per compiled graph, for TORCH_LOGS="+lohan_compile"."""
+    from .options import format_bytes
+
+    sizes = ", ".join(f"{name} {len(gm.graph.nodes)} nodes" for name, gm in graphs.items())
+    text = f"lohan {record.name} ({'training' if not graphs.inference else 'forward only'}, {record.executor}): {sizes}"
+    planned = record.pass_report("plan_memory")
+    if planned is not None:
+        plan = planned["plan"]
+        text += (
+            f"; policy {plan.policy}: {len(plan.decisions)} saved activations "
+            f"(keep {plan.count(Action.KEEP)}, swap {plan.count(Action.SWAP)}, "
+            f"recompute {plan.count(Action.RECOMPUTE)}); predicted step "
+            f"{plan.prediction.step_seconds * 1e3:.3f} ms, device peak {format_bytes(plan.prediction.peak_device_bytes)}"
+        )
+    timings = ", ".join(f"{r.name} {r.seconds * 1e3:.1f} ms" for r in record.passes if not r.skipped)
+    return text + f"; passes: {timings}"
 
 
 def _is_symbolic(val: Any) -> bool:

@@ -65,8 +65,8 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     return graphs, {"recomputed": recomputed, "swapped": swapped}
 
 
-def _mark(node: fx.Node, role: Role, action: str) -> None:
-    set_info(node, NodeInfo(role=role, made_by=NAME, storage_of=action))
+def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) -> None:
+    set_info(node, NodeInfo(role=role, made_by=NAME, action=action, storage_of=storage))
 
 
 def _saved_with_storage(saved: SavedValues, base: fx.Node) -> list[tuple[int, fx.Node, fx.Node]]:
@@ -142,7 +142,7 @@ def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
         args, kwargs = fx.node.map_arg((base.args, base.kwargs), lambda a: in_bw[a])
         value = bw.graph.call_function(base.target, args, kwargs)
         _copy_meta(value, base)
-        _mark(value, Role.FORWARD, "recompute")
+        _mark(value, Role.FORWARD, "recompute", base.name)
         replacements = [(p, value if v is base else _replay_view(bw, value, v, base)) for _, v, p in slots]
     for p, new in replacements:
         p.replace_all_uses_with(new)
@@ -162,11 +162,11 @@ def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Nod
     with fw.graph.inserting_after(base):
         out = fw.graph.call_function(ops.swap_out.default, (base,))
         out.meta["val"] = _host_like(base.meta["val"])
-        _mark(out, Role.FORWARD, "swap_out")
+        _mark(out, Role.FORWARD, "swap_out", base.name)
     with fw.graph.inserting_after(out if release is base else release):
         host = fw.graph.call_function(ops.wait_tensor.default, (out,))
         host.meta["val"] = out.meta["val"]
-        _mark(host, Role.FORWARD, "swap_out_wait")
+        _mark(host, Role.FORWARD, "swap_out_wait", base.name)
     # forward saves the host copy; backward rebuilds saved views of the storage
     base_slot = next((k for k, v, _ in slots if v is base), None)
     if base_slot is not None:
@@ -181,11 +181,11 @@ def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Nod
     with bw.graph.inserting_before(prefetch):
         dev = bw.graph.call_function(ops.swap_in.default, (host_in_bw,))
         _copy_meta(dev, base)
-        _mark(dev, Role.BACKWARD, "swap_in")
+        _mark(dev, Role.BACKWARD, "swap_in", base.name)
     with bw.graph.inserting_before(first):
         ready = bw.graph.call_function(ops.wait_tensor.default, (dev,))
         _copy_meta(ready, base)
-        _mark(ready, Role.BACKWARD, "swap_in_wait")
+        _mark(ready, Role.BACKWARD, "swap_in_wait", base.name)
         views = [(p, _replay_view(bw, ready, v, base)) for _, v, p in slots if v is not base]
     for u in old_users:
         u.replace_input_with(host_in_bw, ready)

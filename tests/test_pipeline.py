@@ -124,6 +124,7 @@ def test_pipeline_runs_inference_passes_only_for_forward_only_graphs(tmp_path):
     with torch.no_grad():
         cm(torch.randn(4, 32))
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 1 and files[0].endswith("_inference.txt")
+    assert len(files) == 1 and files[0].endswith("_inference.py")
     text = (tmp_path / files[0]).read_text()
     assert text.count("# param") == 6 and "tangent" not in text
+    compile(text, "dump", "exec")  # the dump is Python
