@@ -15,6 +15,7 @@ optimizer; with the fx executor it has no effect (a log message says so).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -32,6 +33,7 @@ from .options import Options
 from .planner import Action
 from .pipeline import CompileFacts, Graphs, InputFact, Pipeline
 from .report import GraphRecord
+from .runtime import device as device_memory
 from .runtime.step import TRACKER
 from .shapes import expr_of
 
@@ -50,7 +52,58 @@ def lohan_backend(
     """torch.compile backend entry point (see the module docstring)."""
     opts = Options.coerce(options, mode=mode)
     check_supported(opts)
-    return GraphCompiler(gm, example_inputs, opts).compile()
+    return Replanning(gm, example_inputs, opts)
+
+
+class Replanning:
+    """The callable dynamo runs: the compiled graph, planned again when the device holds more
+    than the plan assumed.
+
+    A plan is made when the graph is compiled, from what is resident then. Later steps can
+    hold more: a torch optimizer creates its state after the first step, another model may
+    be loaded. Before each forward, one counter read compares the device level with the
+    level the plan was made at; when the growth would push the predicted peak past the
+    budget, the graph is compiled and planned again (with the arguments of this call) and
+    the new plan runs from this step on. Graphs with symbolic sizes are not re-planned yet
+    (a warning says so).
+    """
+
+    MAX_REPLANS = 4
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
+        self.gm = gm
+        self.opts = opts
+        self.replans = 0
+        self._compile(example_inputs)
+
+    def _compile(self, example_inputs: Sequence[Any]) -> None:
+        compiler = GraphCompiler(self.gm, example_inputs, self.opts)
+        self.fn = compiler.compile()
+        self.record = compiler.record
+        self.planned_level = device_memory.allocated(self.record.device)
+
+    def _stale(self) -> bool:
+        budget, predicted = self.opts.memory_budget, self.record.predicted_peak_bytes
+        if budget is None or predicted is None or not self.record.training:
+            return False
+        growth = device_memory.allocated(self.record.device) - self.planned_level
+        return growth > 0.01 * budget and predicted + growth > budget
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.is_grad_enabled() and self._stale():
+            if self.record.symbolic or self.replans >= self.MAX_REPLANS:
+                log.warning(
+                    "lohan %s: the device holds more than its plan assumed, and the graph %s; "
+                    "the step may pass memory_budget", self.record.name,
+                    "has symbolic sizes (not re-planned yet)" if self.record.symbolic else "was re-planned too often",
+                )
+                self.planned_level = device_memory.allocated(self.record.device)  # warn once per growth
+            else:
+                self.replans += 1
+                old = self.record.name
+                self._compile(args)
+                log.info("lohan %s re-planned as %s: the device holds more than when it was planned", old, self.record.name)
+        return self.fn(*args)
 
 
 def check_supported(opts: Options) -> None:
@@ -76,6 +129,23 @@ def check_supported(opts: Options) -> None:
             + "; ".join(unsupported)
             + ". Remove them, or use policy 'auto', 'keep-all' or 'recompute-all'."
         )
+
+
+def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
+    """Device bytes held now by anything but this graph's inputs: tensors other graphs of
+    the step keep for backward, optimizer state, the user's own tensors. The budget covers
+    them too (DESIGN.md)."""
+    gc.collect()  # unreachable cycles (an earlier compiled model, say) hold no lasting memory
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
+    device_memory.install()
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type in ("cpu", "cuda") and not isinstance(t, torch._subclasses.FakeTensor):
+            storage = t.untyped_storage()
+            if device_memory.counted(t):
+                seen[storage.data_ptr()] = storage.nbytes()
+    return max(0, device_memory.allocated(dev) - sum(seen.values()))
 
 
 def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[InputFact, ...]:
@@ -118,6 +188,10 @@ class GraphCompiler:
         self.record = GraphRecord(
             graph_id=self.graph_id, training=False, executor=opts.executor, budget_bytes=opts.memory_budget
         )
+        self.resident_outside = resident_outside_bytes(example_inputs)
+        self.record.device = next(
+            (t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None
+        )
 
     def compile(self) -> Callable[..., Any]:
         kwargs: dict[str, Any] = {}
@@ -139,7 +213,13 @@ class GraphCompiler:
     # -- AOTAutograd callbacks ------------------------------------------------
 
     def _facts(self, **extra: Any) -> CompileFacts:
-        return CompileFacts(graph_id=self.graph_id, inputs=self.inputs, options=self.opts, **extra)
+        return CompileFacts(
+            graph_id=self.graph_id,
+            inputs=self.inputs,
+            options=self.opts,
+            resident_outside_bytes=self.resident_outside,
+            **extra,
+        )
 
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
         facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)

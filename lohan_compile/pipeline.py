@@ -61,6 +61,9 @@ class CompileFacts:
     graph_id: int
     inputs: tuple[InputFact, ...]
     options: Options
+    # device bytes held outside this graph's inputs when it was compiled (other graphs'
+    # saved values, optimizer state, ...)
+    resident_outside_bytes: int = 0
     # what AOTAutograd hands the partition function (training compiles only)
     num_fwd_outputs: int | None = None
     joint_inputs: Any = None

@@ -47,6 +47,11 @@ class Decision:
     release_at: int | None = None  # SWAP: forward op after which the swap-out is waited for
     prefetch_at: int | None = None  # SWAP: backward op before which the swap-in is issued
     reason: str = ""
+    # SWAP: wait for the copy right after the last forward use, even if that stalls compute
+    # (the storage is needed off the device there); otherwise wait when the copy should be done
+    early_release: bool = False
+    # SWAP: issue the copy back only at the first backward use (no prefetch: least memory)
+    late_prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ def schedule_swaps(
         done = max(ends[c.produced_at], link_free) + t
         link_free = done
         release = c.last_fw_use
-        while release < problem.n_fw - 1 and ends[release] < done:
+        while not out[c.key].early_release and release < problem.n_fw - 1 and ends[release] < done:
             release += 1
         out[c.key] = replace(out[c.key], release_at=release)
     by_use = sorted(swapped, key=lambda c: first_use[c.key])
@@ -234,6 +239,10 @@ def schedule_swaps(
         start = end - t
         next_start = start
         at = first_use[c.key]
+        if out[c.key].late_prefetch:
+            out[c.key] = replace(out[c.key], prefetch_at=at)
+            next_start = starts[at]
+            continue
         while at > problem.n_fw and starts[at - 1] >= start:
             at -= 1
         # issue one op earlier than the estimate when possible: estimates are not exact
@@ -305,7 +314,8 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
             break
         peak_time = pred.timeline.peak_at["device"]
         live = _live_kept_at(problem, decisions, pred.timeline, peak_time)
-        if not live:
+        held = _held_swaps_at(problem, decisions, pred.timeline, peak_time)
+        if not live and not held:
             break
         need = pred.peak_device_bytes - budget
         options = []
@@ -320,26 +330,36 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
             # free swaps rank by how costly recomputing would be (swap what is expensive to redo)
             if swap_cost <= re_cost:
                 rank = (swap_cost / c.bytes, -(c.recompute_seconds or math.inf) / c.bytes)
-                options.append((rank, c, Action.SWAP))
+                options.append((rank, c, Decision(Action.SWAP, reason=_reason(Action.SWAP, c))))
             else:
-                options.append(((re_cost / c.bytes, 0.0), c, Action.RECOMPUTE))
+                options.append(((re_cost / c.bytes, 0.0), c, Decision(Action.RECOMPUTE, reason=_reason(Action.RECOMPUTE, c))))
+        for c, where in held:
+            # a swapped storage on the device at the peak: wait for its copy out earlier, or
+            # bring it back later
+            stall = c.bytes * (rates.d2h_seconds_per_byte if where == "fw" else rates.h2d_seconds_per_byte)
+            old = decisions[c.key]
+            if where == "fw":
+                new = replace(old, early_release=True, reason="swapped; waited for right after its last forward use, at the peak")
+            else:
+                new = replace(old, late_prefetch=True, reason="swapped; brought back only when backward needs it, at the peak")
+            options.append(((stall / c.bytes, 0.0), c, new))
         if not options:
             break
         options.sort(key=lambda o: o[0])
         freed = 0
-        for _, c, action in options:
-            if action is Action.RECOMPUTE and not _can_recompute(c, decisions, cands):
+        for _, c, decision in options:
+            if decision.action is Action.RECOMPUTE and not _can_recompute(c, decisions, cands):
                 continue  # an option taken earlier in this round conflicts with it
-            decisions[c.key] = Decision(action, reason=_reason(action, c))
-            if action is Action.SWAP:
+            if decision.action is Action.SWAP and decisions[c.key].action is not Action.SWAP:
                 swapped_bytes += c.bytes
+            decisions[c.key] = decision
             freed += c.bytes
             if freed >= need:
                 break
         decisions = schedule_swaps(problem, decisions, rates)
         pred = predict(problem, decisions, rates)
     plans = [Plan("auto", decisions, pred)]
-    for fixed in (swap_all, recompute_all):
+    for fixed in (swap_all, recompute_all, lambda p, r, b: minimal_memory_plan(p, r)):
         plans.append(fixed(problem, rates, budget))
     feasible = [p for p in plans if p.prediction.peak_device_bytes <= budget]
     if not feasible:
@@ -370,13 +390,45 @@ def _reason(action: Action, c: Candidate) -> str:
     return f"alive at the peak; recomputing costs {c.recompute_seconds * 1e3:.3f} ms, less than moving it"
 
 
-def _live_kept_at(problem: Problem, decisions: dict[str, Decision], timeline: Timeline, t: float) -> list[Candidate]:
-    """Kept candidates whose device storage is allocated at time ``t``."""
+def _spans(timeline: Timeline) -> dict[int, tuple[float, float]]:
     span: dict[int, tuple[float, float]] = {}
     for iv in timeline.intervals:
         i = op_index_of(iv.name) if iv.resource == "compute" else None
         if i is not None:
             span[i] = (iv.start, iv.end)
+    return span
+
+
+def _held_swaps_at(
+    problem: Problem, decisions: dict[str, Decision], timeline: Timeline, t: float
+) -> list[tuple[Candidate, str]]:
+    """Swapped candidates on the device at ``t`` only because of when their copies are waited
+    for: ("fw", a copy out waited for after its last use) or ("bw", a copy in issued before
+    its first use)."""
+    span = _spans(timeline)
+    first_use = _effective_first_use(problem, decisions)
+    result = []
+    for c in problem.candidates:
+        d = decisions[c.key]
+        if d.action is not Action.SWAP:
+            continue
+        if not d.early_release and d.release_at is not None and d.release_at > c.last_fw_use:
+            last_use_end = span.get(c.last_fw_use, (math.inf, math.inf))[1]
+            held_until = span.get(d.release_at, (math.inf, math.inf))[1]
+            if last_use_end <= t <= held_until:
+                result.append((c, "fw"))
+                continue
+        if not d.late_prefetch and d.prefetch_at is not None and d.prefetch_at < first_use[c.key]:
+            issued = span.get(d.prefetch_at, (math.inf, math.inf))[0]
+            needed = span.get(first_use[c.key], (0.0, 0.0))[0]
+            if issued <= t < needed:
+                result.append((c, "bw"))
+    return result
+
+
+def _live_kept_at(problem: Problem, decisions: dict[str, Decision], timeline: Timeline, t: float) -> list[Candidate]:
+    """Kept candidates whose device storage is allocated at time ``t``."""
+    span = _spans(timeline)
     result = []
     for c in problem.candidates:
         if decisions[c.key].action is not Action.KEEP:
@@ -395,6 +447,8 @@ def minimal_memory_plan(problem: Problem, rates: Rates) -> Plan:
         c.key: Decision(
             Action.SWAP if c.swappable else (Action.RECOMPUTE if c.key in recomputable else Action.KEEP),
             reason="smallest peak",
+            early_release=True,
+            late_prefetch=True,
         )
         for c in problem.candidates
     }

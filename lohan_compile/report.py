@@ -50,6 +50,9 @@ class GraphRecord:
     symbolic: bool = False
     predicted_step_s: float | None = None
     predicted_peak_bytes: int | None = None
+    device: Any = None  # the device its tensors live on (None: the CPU stand-in)
+    # input storages the device counter does not see, found at the first run: ptr -> bytes
+    uncounted_inputs: dict[int, int] | None = None
     predicted_host_peak_bytes: int | None = None
 
     def apply_plan_totals(self, plan: Any, problem: Any) -> None:

@@ -7,9 +7,10 @@ estimated times from the cost model), the chosen ``Plan`` and its simulated
 ``Prediction`` (step time, device peak, traffic). The graphs are unchanged:
 applying the plan is the rewrite passes' job.
 
-The device peak is predicted from the graph's own inputs being resident when
-it starts (parameters, buffers, the batch); the runtime adds what it finds
-held outside the graph when it runs.
+The device peak is predicted from what is resident when the graph starts: its
+own inputs (parameters, buffers, the batch) and what the backend found held
+outside them when it compiled the graph (other graphs' saved values, optimizer
+state).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw)
     problem = build_problem(graphs.fw, graphs.bw, cost)
-    problem.resident_bytes = resident_input_bytes(graphs.fw)
+    problem.resident_bytes = resident_input_bytes(graphs.fw) + facts.resident_outside_bytes
     if not swap_ops_available():
         problem.candidates = [replace(c, swappable=False) for c in problem.candidates]
     rates = Rates(

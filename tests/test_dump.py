@@ -4,6 +4,7 @@ import json
 
 import torch
 
+import lohan_compile as lohan
 from lohan_compile.dump import TRACKS
 from models import tiny_llama
 
@@ -13,17 +14,18 @@ def test_dump_of_a_planned_graph(tmp_path):
     cm = torch.compile(tiny_llama(), backend="lohan", options={"dump_dir": str(tmp_path), "policy": "recompute-all"})
     ids = torch.randint(0, 128, (2, 16))
     cm(input_ids=ids, labels=ids).loss.backward()
+    gid = lohan.last_report().graphs[0].graph_id
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["graph0_bw.py", "graph0_fw.py", "graph0_joint.py", "graph0_plan.md", "graph0_trace.json"]
-    bw = (tmp_path / "graph0_bw.py").read_text()
-    compile(bw, "graph0_bw.py", "exec")
+    assert names == [f"graph{gid}_{k}" for k in ("bw.py", "fw.py", "joint.py", "plan.md", "trace.json")]
+    bw = (tmp_path / f"graph{gid}_bw.py").read_text()
+    compile(bw, "bw.py", "exec")
     recomputed = [line for line in bw.splitlines() if "# recompute" in line]
-    plan = (tmp_path / "graph0_plan.md").read_text()
+    plan = (tmp_path / f"graph{gid}_plan.md").read_text()
     assert len(recomputed) == plan.count("| recompute |") > 0
     assert all("by apply_plan" in line for line in recomputed)
-    fw = (tmp_path / "graph0_fw.py").read_text()
+    fw = (tmp_path / f"graph{gid}_fw.py").read_text()
     assert "plan: keep" in fw and "predicted" in fw
-    trace = json.loads((tmp_path / "graph0_trace.json").read_text())
+    trace = json.loads((tmp_path / f"graph{gid}_trace.json").read_text())
     tracks = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
     assert tracks == set(TRACKS.values())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]

@@ -18,6 +18,9 @@ def test_summary_has_every_promised_key():
     assert summary["d2h_bytes"] == 0 and summary["h2d_bytes"] == 0
     assert summary["swapped_bytes"] == 0
     assert summary["budget_bytes"] is None
+    # measured by the device counter: at least the parameters, at most the prediction plus a little
+    params = sum(p.numel() * 4 for p in MLP().parameters())
+    assert params < summary["measured_peak_bytes"] <= 1.10 * summary["predicted_peak_bytes"]
 
 
 def test_each_step_is_reported_on_its_own():

@@ -3,7 +3,8 @@
 A step runs from the first forward graph of a training step to the end of its
 last backward graph: every forward of a training graph opens a pending
 backward, and when no backward is pending any more the step is complete and
-its ``Report`` becomes ``last_report()``. Forward-only graphs (``no_grad``)
+its ``Report`` becomes ``last_report()``. The step's measured device peak comes
+from the device counters (``runtime/device.py``), reset when the step starts. Forward-only graphs (``no_grad``)
 are not steps and are not recorded.
 
 One tracker serves the process, so a step that interleaves two compiled
@@ -18,8 +19,22 @@ import threading
 import time
 from typing import Sequence
 
+import torch
+
 from ..report import GraphRecord, GraphRun, Report
 from ..shapes import bind_symbols
+from . import device as device_memory
+
+
+def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
+    """Input storages the device counter does not see (allocated before it was installed):
+    they are resident all the same, and the measured peak adds them."""
+    out: dict[int, int] = {}
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not device_memory.counted(a):
+            storage = a.untyped_storage()
+            out[storage.data_ptr()] = storage.nbytes()
+    return out
 
 
 class StepTracker:
@@ -32,6 +47,7 @@ class StepTracker:
         self._runs: list[GraphRun] = []
         self._pending = 0
         self._step_start: float | None = None
+        self._device = None
         # bytes the copy engine moved during the open step (counted where copies happen)
         self.d2h_bytes = 0
         self.h2d_bytes = 0
@@ -41,10 +57,14 @@ class StepTracker:
 
     def forward_begin(self, graph: GraphRecord, args: Sequence[object]) -> GraphRun:
         bindings = bind_symbols(graph.fw_placeholder_vals, args) if graph.symbolic else {}
+        if graph.uncounted_inputs is None:
+            graph.uncounted_inputs = uncounted_storages(args)
         run = GraphRun(graph, "forward", 0.0, bindings)
         with self._lock:
             if self._step_start is None:
                 self._step_start = time.perf_counter()
+                self._device = graph.device
+                device_memory.reset_peak(self._device)
             self._pending += 1
             self._runs.append(run)
         return run
@@ -64,11 +84,15 @@ class StepTracker:
             if self._pending > 0:
                 return
             assert self._step_start is not None
+            uncounted: dict[int, int] = {}
+            for r in self._runs:
+                uncounted.update(r.graph.uncounted_inputs or {})
             self._last = Report(
                 runs=self._runs,
                 step_seconds=time.perf_counter() - self._step_start,
                 d2h_bytes=self.d2h_bytes,
                 h2d_bytes=self.h2d_bytes,
+                measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
             )
             self._open_step()
 

@@ -1,0 +1,126 @@
+// A counting wrapper around c10's CPU allocator: on the CPU stand-in it is the
+// device tier's torch.cuda.memory_allocated()/max_memory_allocated().
+//
+// It counts the bytes of live allocations made through c10's CPU allocator
+// after it was installed, keeps the peak since the last reset, and knows
+// whether an address is one of its live blocks. Host-tier memory never comes
+// from this allocator (DESIGN.md), so on a machine without a GPU these counts
+// are the device tier's. Allocation and deallocation still go through the
+// default allocator, so the profiler's memory events are unchanged.
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace lohan {
+namespace {
+
+struct DeviceCounter final : at::Allocator {
+  explicit DeviceCounter(at::Allocator* inner) : inner_(inner), inner_delete_(inner->raw_deleter()) {
+    TORCH_CHECK(inner_delete_ != nullptr,
+                "lohan's device counter needs c10's CPU allocator to have a raw deleter");
+  }
+
+  at::DataPtr allocate(size_t n) override {
+    at::DataPtr d = inner_->allocate(n);
+    void* p = d.get();
+    // the default allocator's context is the data pointer itself, with a raw deleter
+    TORCH_CHECK(d.get_context() == p || p == nullptr, "unexpected context from c10's CPU allocator");
+    d.release_context();
+    if (p != nullptr) {
+      std::lock_guard<std::mutex> guard(mu_);
+      sizes_[p] = n;
+      live_ += static_cast<int64_t>(n);
+      if (live_ > peak_) peak_ = live_;
+      ++allocations_;
+    }
+    return {p, p, &DeviceCounter::release, at::Device(at::DeviceType::CPU)};
+  }
+
+  at::DeleterFnPtr raw_deleter() const override { return &DeviceCounter::release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  static void release(void* p) {
+    DeviceCounter* self = instance();
+    if (p != nullptr) {
+      std::lock_guard<std::mutex> guard(self->mu_);
+      auto it = self->sizes_.find(p);
+      if (it != self->sizes_.end()) {
+        self->live_ -= static_cast<int64_t>(it->second);
+        self->sizes_.erase(it);
+      }
+    }
+    self->inner_delete_(p);
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> guard(mu_);
+    return {live_, peak_, allocations_};
+  }
+
+  int64_t reset_peak() {
+    std::lock_guard<std::mutex> guard(mu_);
+    peak_ = live_;
+    return peak_;
+  }
+
+  bool contains(uintptr_t address) {
+    std::lock_guard<std::mutex> guard(mu_);
+    return sizes_.count(reinterpret_cast<void*>(address)) != 0;
+  }
+
+  static DeviceCounter*& slot() {
+    static DeviceCounter* counter = nullptr;
+    return counter;
+  }
+  static DeviceCounter* instance() { return slot(); }
+
+ private:
+  at::Allocator* inner_;
+  at::DeleterFnPtr inner_delete_;
+  std::mutex mu_;
+  std::unordered_map<void*, size_t> sizes_;
+  int64_t live_ = 0;
+  int64_t peak_ = 0;
+  int64_t allocations_ = 0;
+};
+
+std::mutex install_mu;
+
+bool install() {
+  std::lock_guard<std::mutex> guard(install_mu);
+  if (DeviceCounter::slot() != nullptr) return false;
+  // never freed: blocks allocated through it may outlive any owner
+  auto* counter = new DeviceCounter(c10::GetDefaultCPUAllocator());
+  DeviceCounter::slot() = counter;
+  c10::SetCPUAllocator(counter, /*priority=*/2);
+  return true;
+}
+
+DeviceCounter& counter() {
+  DeviceCounter* c = DeviceCounter::instance();
+  TORCH_CHECK(c != nullptr, "lohan's device counter is not installed; call lohan::device_counter_install first");
+  return *c;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lohan, m) {
+  m.def("device_counter_install() -> bool", &install);
+  m.def("device_counter_stats() -> int[]", []() { return counter().stats(); });
+  m.def("device_counter_reset_peak() -> int", []() { return counter().reset_peak(); });
+  m.def("device_counter_contains(int address) -> bool",
+        [](int64_t address) { return counter().contains(static_cast<uintptr_t>(address)); });
+}
+
+}  // namespace lohan

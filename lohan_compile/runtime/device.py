@@ -1,0 +1,63 @@
+"""Device-tier memory counters: ``allocated()``, ``peak()``, ``reset_peak()``.
+
+On CUDA these are ``torch.cuda.memory_allocated`` and friends. On the CPU
+stand-in, lohan installs a counting wrapper around c10's CPU allocator
+(``csrc/device_counter.cpp``) the first time it is needed; it counts the
+allocations made after it was installed, so ``allocated()`` misses tensors
+that existed before. ``counted(t)`` says whether a tensor's storage is among
+the counted blocks, so a caller can add what was allocated earlier itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_installed = False
+
+
+def _ops():
+    from ..ext import load
+
+    load()
+    return torch.ops.lohan
+
+
+def install() -> None:
+    """Start counting CPU allocations (idempotent)."""
+    global _installed
+    if not _installed:
+        _ops().device_counter_install()
+        _installed = True
+
+
+def _stats() -> list[int]:
+    install()
+    return list(_ops().device_counter_stats())
+
+
+def allocated(device: torch.device | None = None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _stats()[0]
+
+
+def peak(device: torch.device | None = None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _stats()[1]
+
+
+def reset_peak(device: torch.device | None = None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    install()
+    _ops().device_counter_reset_peak()
+
+
+def counted(t: torch.Tensor) -> bool:
+    """Whether the storage of ``t`` (on the CPU stand-in) is a block the counter sees."""
+    if t.device.type == "cuda":
+        return True
+    install()
+    return bool(_ops().device_counter_contains(t.untyped_storage().data_ptr()))
