@@ -25,7 +25,10 @@ from . import settings
 from .errors import ExtensionBuildError
 
 NAME = "lohan_compile_ext"
-CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing"]
+CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-pthread"]
+# dlopen (the CUDA runtime, found at run time for pinned memory) lives in libdl
+# on glibc < 2.34; the copy engine and SSD tier start threads.
+LDFLAGS = ["-ldl", "-pthread"]
 
 _lock = threading.RLock()
 _loaded = False
@@ -82,6 +85,7 @@ def load() -> None:
                 name=NAME,
                 sources=sources(),
                 extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
                 is_python_module=False,
                 verbose=settings.EXT_VERBOSE.get(),
             )
