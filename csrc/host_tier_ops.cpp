@@ -54,10 +54,14 @@ using host::SsdBlock;
 using host::SsdTier;
 
 [[noreturn]] void rethrow(const host::Error& e) {
-  if (e.kind() == ErrorKind::Budget) TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
-  if (e.kind() == ErrorKind::Usage) TORCH_CHECK_VALUE(false, e.what());
-  TORCH_CHECK(false, e.what());
-  throw std::runtime_error(e.what());  // unreachable: TORCH_CHECK(false) throws
+  std::string msg = e.what();
+  // Keep the OS error number readable (hosttier.py sets StorageError.errno from it).
+  std::string tag = "(errno " + std::to_string(e.err()) + ")";
+  if (e.err() != 0 && msg.find(tag) == std::string::npos) msg += " " + tag;
+  if (e.kind() == ErrorKind::Budget) TORCH_CHECK_WITH(OutOfMemoryError, false, msg);
+  if (e.kind() == ErrorKind::Usage) TORCH_CHECK_VALUE(false, msg);
+  TORCH_CHECK(false, msg);
+  throw std::runtime_error(msg);  // unreachable: TORCH_CHECK(false) throws
 }
 
 // Runs f, turning the core's errors into torch errors (RuntimeError and
@@ -571,6 +575,7 @@ class HostTier : public torch::CustomClassHolder {
 
   static void set_current(std::optional<c10::intrusive_ptr<HostTier>> tier);
   static c10::intrusive_ptr<HostTier> current();
+  static std::optional<c10::intrusive_ptr<HostTier>> current_if_set();
 
  private:
   void check_open() {
@@ -643,6 +648,12 @@ void HostTier::set_current(std::optional<c10::intrusive_ptr<HostTier>> tier) {
 c10::intrusive_ptr<HostTier> HostTier::current() {
   std::lock_guard<std::mutex> g(g_current_m);
   if (!g_current) g_current = make_default();
+  return g_current;
+}
+
+std::optional<c10::intrusive_ptr<HostTier>> HostTier::current_if_set() {
+  std::lock_guard<std::mutex> g(g_current_m);
+  if (!g_current) return std::nullopt;
   return g_current;
 }
 
@@ -727,7 +738,8 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
       .def("closed", &HostTier::closed)
       .def("close", &HostTier::close)
       .def_static("set_current", &HostTier::set_current)
-      .def_static("current", &HostTier::current);
+      .def_static("current", &HostTier::current)
+      .def_static("current_if_set", &HostTier::current_if_set);
 
   // The graph interface. Waits return the tensor they guard, so ordering is a
   // data edge; all three are marked side-effecting in Python (ops.py) so that

@@ -8,7 +8,14 @@ See README.md and DESIGN.md. Public names: ``Options``, ``BudgetError``,
 
 from __future__ import annotations
 
-from .errors import BudgetError, ExtensionBuildError, LohanError, PassError
+from .errors import (
+    BudgetError,
+    ExtensionBuildError,
+    HostMemoryError,
+    LohanError,
+    PassError,
+    StorageError,
+)
 from .options import Options, parse_bytes
 from .report import Report
 
@@ -25,10 +32,12 @@ def last_report() -> Report | None:
 __all__ = [
     "BudgetError",
     "ExtensionBuildError",
+    "HostMemoryError",
     "LohanError",
     "Options",
     "PassError",
     "Report",
+    "StorageError",
     "last_report",
     "parse_bytes",
     "__version__",

@@ -287,8 +287,6 @@ class HostTier:
             raw = self._obj.alloc_ssd(nbytes)
         else:
             raise ValueError(f"where={where!r}: expected 'host' or 'ssd'")
-        if nbytes == 0:
-            return torch.empty_strided(shape, probe.stride(), dtype=dtype, device="cpu")
         return raw.view(dtype).as_strided(shape, probe.stride())
 
     def empty_like(self, t: torch.Tensor, *, where: str = "host") -> torch.Tensor:
@@ -427,6 +425,13 @@ def current() -> HostTier:
     """The tier the graph ops use (a default one, unbounded and without SSD, if none was set)."""
     _ops()
     return HostTier._wrap(torch.classes.lohan.HostTier.current())
+
+
+def current_if_set() -> HostTier | None:
+    """The current tier, or None when none was set or created yet."""
+    _ops()
+    obj = torch.classes.lohan.HostTier.current_if_set()
+    return None if obj is None else HostTier._wrap(obj)
 
 
 def set_current(tier: HostTier | None) -> None:
