@@ -668,7 +668,9 @@ at::Tensor swap_in_op(const at::Tensor& host, std::optional<c10::Device> device)
 at::Tensor wait_tensor_op(const at::Tensor& t) {
   release_deferred(false);
   if (auto p = take_pending(t)) finish(*p);  // keepalives die here, on the calling thread
-  return t;
+  // Tensor(a) -> Tensor(a): a new tensor over the same storage (an operator
+  // below autograd may not return its input object itself).
+  return t.alias();
 }
 
 // Waits for every pending graph copy; returns how many there were.

@@ -76,7 +76,7 @@ def _swap_in_fake(host: torch.Tensor, device: torch.device | None = None) -> tor
 
 @torch.library.register_fake("lohan::wait_tensor")
 def _wait_tensor_fake(t: torch.Tensor) -> torch.Tensor:
-    return t
+    return torch.ops.aten.alias.default(t)
 
 
 SWAP_OPS = (
@@ -86,3 +86,4 @@ SWAP_OPS = (
 )
 for _op in SWAP_OPS:
     torch.fx.node.has_side_effect(_op)
+    torch.fx.node.has_side_effect(_op.overloadpacket)  # graphs traced with torch.ops.lohan.swap_out(...)
