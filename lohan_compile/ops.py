@@ -35,22 +35,9 @@ def fingerprint(t: torch.Tensor) -> int:
 def is_dense(t: torch.Tensor) -> bool:
     """c10's is_non_overlapping_and_dense, written out so fake tensors with
     symbolic sizes answer it the way the C++ kernel will (guarding as needed)."""
-    shape, stride = t.shape, t.stride()
-    dim = len(shape)
-    if dim == 1:
-        return bool(shape[0] < 2 or stride[0] == 1)
+    from .runtime.hosttier import _dense_layout
 
-    def key(i):  # dims of size < 2 last, the others by stride
-        return (1, 0) if shape[i] < 2 else (0, stride[i])
-
-    required = 1
-    for i in sorted(range(dim), key=key):
-        if shape[i] < 2:
-            return True
-        if stride[i] != required:
-            return False
-        required = required * shape[i]
-    return True
+    return bool(_dense_layout(t.shape, t.stride()))
 
 
 def _dense_strides(t: torch.Tensor) -> tuple:

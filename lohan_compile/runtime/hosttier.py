@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import math
 import os
 import re
 import threading
@@ -273,21 +274,19 @@ class HostTier:
         where: str = "host",
     ) -> torch.Tensor:
         """An uninitialised host-tier tensor (``where="ssd"``: an SSD block, no host memory)."""
-        shape = tuple(shape) if not isinstance(shape, int) else (shape,)
-        probe = torch.empty_strided(shape, stride, dtype=dtype, device="meta") if stride else torch.empty(
-            shape, dtype=dtype, device="meta"
-        )
-        itemsize = probe.element_size()
-        if probe.numel() and not _non_overlapping_dense(probe):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if stride is None:
+            stride = _contiguous_strides(shape)
+        elif not _dense_layout(shape, stride):
             raise ValueError(f"stride={stride}: host-tier tensors are dense (no gaps, no overlap)")
-        nbytes = probe.numel() * itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if where == "host":
             raw = self._obj.alloc(nbytes)
         elif where == "ssd":
             raw = self._obj.alloc_ssd(nbytes)
         else:
             raise ValueError(f"where={where!r}: expected 'host' or 'ssd'")
-        return raw.view(dtype).as_strided(shape, probe.stride())
+        return raw.view(dtype).as_strided(shape, stride)
 
     def empty_like(self, t: torch.Tensor, *, where: str = "host") -> torch.Tensor:
         """Host-tier tensor with ``t``'s shape and dtype, in ``t``'s layout when dense."""
@@ -411,9 +410,29 @@ class _PendingEvent(CopyEvent):
 
 
 def _non_overlapping_dense(t: torch.Tensor) -> bool:
-    from ..ops import is_dense
+    return _dense_layout(t.shape, t.stride())
 
-    return is_dense(t)
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _dense_layout(shape, stride) -> bool:
+    """c10's is_non_overlapping_and_dense, on plain sizes and strides."""
+    if len(shape) == 1:
+        return shape[0] < 2 or stride[0] == 1
+    required = 1
+    for i in sorted(range(len(shape)), key=lambda i: (1, 0) if shape[i] < 2 else (0, stride[i])):
+        if shape[i] < 2:
+            return True
+        if stride[i] != required:
+            return False
+        required *= shape[i]
+    return True
 
 
 # ---- the current tier (what the graph ops use) ------------------------------------
