@@ -15,6 +15,7 @@
 //     the waiting thread, so a device tensor is never freed by a copy thread.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/Event.h>
@@ -27,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <list>
 #include <map>
 #include <memory>
@@ -352,6 +354,25 @@ class HostTier : public torch::CustomClassHolder {
     });
   }
 
+  // A dense host-tier tensor of the given layout (an SSD block with ssd=true).
+  at::Tensor empty_strided(std::vector<int64_t> sizes, std::vector<int64_t> strides, at::ScalarType dtype,
+                           bool ssd) {
+    check_open();
+    TORCH_CHECK_VALUE(sizes.size() == strides.size(), "lohan host tier: sizes and strides differ in length");
+    uint64_t n = c10::elementSize(dtype);
+    for (int64_t s : sizes) {
+      TORCH_CHECK_VALUE(s >= 0, "lohan host tier: negative size");
+      n *= static_cast<uint64_t>(s);
+    }
+    if (ssd) {
+      TORCH_CHECK_VALUE(ssd_, "lohan host tier: this HostTier has no SSD tier (give ssd_dir)");
+      auto b = guarded([&] { return ssd_->allocate(n); });
+      return wrap_ssd_block(std::move(b), sizes, strides, dtype);
+    }
+    void* p = guarded([&] { return arena_->allocate(n); });
+    return wrap_host_block(arena_, p, sizes, strides, dtype);
+  }
+
   // Host memory for `src`'s bytes in the layout dense_strides(src); an SSD
   // block when the budget is full and there is an SSD tier.
   at::Tensor host_like(const at::Tensor& src, bool allow_ssd) {
@@ -549,6 +570,16 @@ class HostTier : public torch::CustomClassHolder {
             static_cast<int64_t>(c->block->padded_bytes())};
   }
 
+  // Seconds to create and drop `count` tensors of nbytes, in C++: host-tier
+  // blocks, or c10 tensors (at::empty) as the baseline. For bench/host_tier.py.
+  double bench_alloc(int64_t nbytes, int64_t count, bool c10) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < count; ++i) {
+      at::Tensor t = c10 ? at::empty({nbytes}, at::TensorOptions().dtype(at::kByte)) : alloc(nbytes);
+    }
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+
   void reset_peak() { arena_->reset_peak(); }
   int64_t trim() { return static_cast<int64_t>(arena_->trim()); }
   void set_budget(int64_t b) { arena_->set_budget(b < 0 ? UINT64_MAX : static_cast<uint64_t>(b)); }
@@ -723,6 +754,7 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
                        int64_t, int64_t, bool>())
       .def("alloc", &HostTier::alloc)
       .def("alloc_ssd", &HostTier::alloc_ssd)
+      .def("empty_strided", &HostTier::empty_strided)
       .def("copy", &HostTier::copy)
       .def("swap_out", &HostTier::swap_out)
       .def("swap_in", &HostTier::swap_in)
@@ -730,6 +762,7 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
       .def("stats", &HostTier::stats)
       .def("ssd_info", &HostTier::ssd_info)
       .def("ssd_extent", &HostTier::ssd_extent)
+      .def("bench_alloc", &HostTier::bench_alloc)
       .def("reset_peak", &HostTier::reset_peak)
       .def("trim", &HostTier::trim)
       .def("set_budget", &HostTier::set_budget)

@@ -79,7 +79,8 @@ class ArenaMachine(RuleBasedStateMachine):
         assert s.peak_in_use_bytes >= s.in_use_bytes
         assert s.largest_free_bytes <= s.free_bytes
         assert 0.0 <= s.fragmentation <= 1.0
-        ranges = sorted((t.data_ptr(), t.data_ptr() + round_up(n)) for t, n in sized)
+        addr = [t.untyped_storage().data_ptr() for t, _ in sized]  # data_ptr() is 0 when empty
+        ranges = sorted((a, a + round_up(n)) for a, (_, n) in zip(addr, sized))
         for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
             assert a1 <= b0, "two live blocks overlap"
         for start, _ in ranges:

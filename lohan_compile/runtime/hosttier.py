@@ -34,7 +34,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import math
 import os
 import re
 import threading
@@ -83,8 +82,13 @@ def translate_errors() -> Iterator[None]:
 def _translated(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with translate_errors():
+        try:
             return fn(*args, **kwargs)
+        except (RuntimeError, MemoryError) as e:
+            mapped = _translate(e)
+            if mapped is None:
+                raise
+            raise mapped from None
 
     return wrapper
 
@@ -279,14 +283,9 @@ class HostTier:
             stride = _contiguous_strides(shape)
         elif not _dense_layout(shape, stride):
             raise ValueError(f"stride={stride}: host-tier tensors are dense (no gaps, no overlap)")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if where == "host":
-            raw = self._obj.alloc(nbytes)
-        elif where == "ssd":
-            raw = self._obj.alloc_ssd(nbytes)
-        else:
+        if where not in ("host", "ssd"):
             raise ValueError(f"where={where!r}: expected 'host' or 'ssd'")
-        return raw.view(dtype).as_strided(shape, stride)
+        return self._obj.empty_strided(shape, stride, dtype, where == "ssd")
 
     def empty_like(self, t: torch.Tensor, *, where: str = "host") -> torch.Tensor:
         """Host-tier tensor with ``t``'s shape and dtype, in ``t``'s layout when dense."""
