@@ -385,6 +385,14 @@ class HostTier : public torch::CustomClassHolder {
       auto b = guarded([&] { return ssd_->allocate(n); });
       return wrap_ssd_block(std::move(b), src.sizes(), strides, src.scalar_type());
     }
+    if (ssd_) {
+      auto st = arena_->stats();
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "lohan host tier: host_memory_budget exceeded: a block of ",
+                       host::format_bytes(n), " does not fit (in use ", host::format_bytes(st.in_use_bytes),
+                       " of a budget of ", host::format_bytes(st.budget_bytes),
+                       "), and blocks of CUDA tensors do not spill to the SSD tier yet. "
+                       "Raise host_memory_budget or keep fewer tensors on the host at once.");
+    }
     guarded([&] { return arena_->allocate(n); });  // throws the budget error with its advice
     TORCH_INTERNAL_ASSERT(false, "unreachable");
   }
