@@ -308,6 +308,7 @@ void SsdTier::open_files(int ffd) {
     if (fd < 0 && direct_ && errno == EINVAL) {
       why = "the filesystem refused O_DIRECT when opening (EINVAL)";
       direct_ = false;
+      unlinkat(ffd, name.c_str(), 0);  // the refused open may have created it already
       fd = openat(ffd, name.c_str(), flags, 0600);
     }
     if (fd < 0) {

@@ -379,3 +379,30 @@ def test_ssd_dir_option_is_checked_up_front(tmp_path):
         assert t.stats().budget_bytes == 1 << 30 and t.ssd is not None
     finally:
         t.close()
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A filesystem that refuses O_DIRECT (ramfs), when this machine lets us mount one."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a ramfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_buffered_fallback_where_direct_io_is_refused(ramfs):
+    tier = HostTier(None, ssd_dir=ramfs)
+    try:
+        info = tier.ssd
+        assert not info.direct_io
+        assert info.io_mode.startswith("buffered fallback") and "refused O_DIRECT" in info.io_mode
+        x = torch.randn(12345)
+        assert torch.equal(ssd_round_trip(tier, x), x)
+    finally:
+        tier.close()
+    with pytest.raises(StorageError, match="direct I/O was required"):
+        HostTier(None, ssd_dir=ramfs, direct_io=True)
+    assert os.listdir(ramfs) == [".lohan-ssd.lock"]  # the refused tier left nothing behind
