@@ -552,7 +552,9 @@ void SsdTier::submit(std::vector<Task>& tasks, int file) {
 void SsdTier::run(int index) {
   char* staging = nullptr;
   if (direct_) {
-    void* p = mmap(nullptr, opts_.chunk_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    // Populated up front: the tier's resident footprint is fixed from its start.
+    void* p = mmap(nullptr, opts_.chunk_bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (p != MAP_FAILED) {
       staging = static_cast<char*>(p);
       std::lock_guard<std::mutex> g(m_);

@@ -51,14 +51,16 @@ def _dense_strides(t: torch.Tensor) -> tuple:
 
 @torch.library.register_fake("lohan::swap_out")
 def _swap_out_fake(src: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(src.shape, _dense_strides(src), dtype=src.dtype, device="cpu")
+    # Also the Meta kernel: a plan traced on the meta device keeps host tensors on meta too.
+    device = "meta" if src.device.type == "meta" else "cpu"
+    return torch.empty_strided(src.shape, _dense_strides(src), dtype=src.dtype, device=device)
 
 
 @torch.library.register_fake("lohan::swap_in")
 def _swap_in_fake(host: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    return torch.empty_strided(
-        host.shape, _dense_strides(host), dtype=host.dtype, device=device or torch.device("cpu")
-    )
+    if device is None:
+        device = torch.device("meta" if host.device.type == "meta" else "cpu")
+    return torch.empty_strided(host.shape, _dense_strides(host), dtype=host.dtype, device=device)
 
 
 @torch.library.register_fake("lohan::wait_tensor")

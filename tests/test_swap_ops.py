@@ -92,6 +92,18 @@ def test_fake_kernel_of_swap_in_takes_the_device():
         assert L.swap_in(h, torch.device("meta")).device.type == "meta"
 
 
+def test_meta_tensors_stay_on_meta():
+    x = torch.empty(1 << 40, device="meta")  # a terabyte: nothing may be allocated
+    h = L.wait_tensor(L.swap_out(x))
+    d = L.wait_tensor(L.swap_in(h))
+    assert h.device.type == d.device.type == "meta" and d.shape == x.shape
+
+
+# A swap's output is not valid until its wait, so the checks that compare
+# output values of eager and traced runs (test_aot_dispatch_*) would race the copy.
+ASYNC_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
 @pytest.mark.parametrize("op", ["swap_out", "swap_in"])
 def test_opcheck(op):
     x = torch.randn(8, 6)
@@ -99,7 +111,7 @@ def test_opcheck(op):
         args = (x,)
     else:
         args = (L.wait_tensor(L.swap_out(x)),)
-    torch.library.opcheck(getattr(L, op).default, args)
+    torch.library.opcheck(getattr(L, op).default, args, test_utils=ASYNC_CHECKS)
     hosttier.drain()  # opcheck ran the op without waits
 
 
@@ -238,16 +250,18 @@ def test_resident_memory_stays_flat(make_tier, ssd_dir, spill):
             assert d[-1] == a[-1]
 
     with hosttier.use(tier):
-        for _ in range(20):  # warm up: arenas mapped, caches filled
+        for _ in range(30):  # warm up: arenas mapped, staging and malloc caches filled
             step()
         gc.collect()
         before = rss_bytes()
-        for _ in range(200):
+        for _ in range(300):  # 3.6 GB through the tier
             step()
         gc.collect()
         grown = rss_bytes() - before
     s = tier.stats()
     assert s.in_use_bytes == 0 and s.ssd_in_use_bytes == 0
     if spill:
-        assert s.ssd_writes >= 200
-    assert grown < 4 * MiB, f"resident memory grew by {grown / MiB:.1f} MiB over 200 steps"
+        assert s.ssd_writes >= 300
+    # a leak of one 64 KiB buffer per step would add 19 MiB; malloc's own
+    # caching of the device tier's 1 MiB buffers moves RSS by a few MiB at most
+    assert grown < 12 * MiB, f"resident memory grew by {grown / MiB:.1f} MiB over 300 steps"
