@@ -135,7 +135,10 @@ class HostStats:
 
     @property
     def fragmentation(self) -> float:
-        """1 - largest free block / free bytes: 0 when free space is one block."""
+        """1 - largest free block / free bytes: 0 when the free space is one block.
+
+        Free space in different arenas counts as fragmented (a block cannot
+        span arenas); ``trim()`` returns empty arenas to the OS."""
         if self.free_bytes == 0:
             return 0.0
         return 1.0 - self.largest_free_bytes / self.free_bytes
