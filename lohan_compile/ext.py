@@ -5,8 +5,9 @@ installed) and are compiled by ``torch.utils.cpp_extension.load`` the first
 time an op is needed, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 by default ``~/.cache/torch_extensions``). A change to any source, flag or
 torch version triggers a rebuild; otherwise loading takes milliseconds. The
-library registers ops only (``TORCH_LIBRARY_FRAGMENT(lohan, ...)``); it is not
-a Python module, so the ops are reached as ``torch.ops.lohan.*``.
+library registers ops and torch classes only (``TORCH_LIBRARY_FRAGMENT(lohan,
+...)``); it is not a Python module, so they are reached as ``torch.ops.lohan.*``
+and ``torch.classes.lohan.*``.
 
 Set ``LOHAN_EXT_VERBOSE=1`` to see the compiler's output.
 """
