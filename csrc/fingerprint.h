@@ -51,4 +51,27 @@ inline uint64_t fingerprint_bytes(const unsigned char* p, uint64_t n) {
   return finalize(h);
 }
 
+// fingerprint_bytes(src, n), computed while copying src to dst in the same
+// pass (the SSD tier's staging copies: one read of the data instead of two).
+inline uint64_t fingerprint_copy(unsigned char* dst, const unsigned char* src, uint64_t n) {
+  using namespace fp_detail;
+  uint64_t lane[4] = {SEEDS[0], SEEDS[1], SEEDS[2], SEEDS[3]};
+  uint64_t full = n / 32;
+  for (uint64_t b = 0; b < full; ++b, src += 32, dst += 32) {
+    uint64_t w[4];
+    std::memcpy(w, src, 32);
+    std::memcpy(dst, w, 32);
+    for (int i = 0; i < 4; ++i) lane[i] = round_(lane[i], w[i]);
+  }
+  uint64_t rest = n % 32;
+  if (rest != 0) {
+    uint64_t w[4] = {0, 0, 0, 0};
+    std::memcpy(w, src, rest);
+    std::memcpy(dst, src, rest);
+    for (int i = 0; i < 4; ++i) lane[i] = round_(lane[i], w[i]);
+  }
+  uint64_t h = (n * K3) ^ lane[0] ^ rotl(lane[1], 16) ^ rotl(lane[2], 32) ^ rotl(lane[3], 48);
+  return finalize(h);
+}
+
 }  // namespace lohan

@@ -13,8 +13,6 @@ namespace lohan {
 namespace host {
 namespace {
 
-constexpr uint64_t kHuge = 2ull << 20;
-
 bool is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
 
 }  // namespace
@@ -32,7 +30,7 @@ HostArena::~HostArena() {
   std::lock_guard<std::mutex> g(m_);
   for (auto& [id, a] : arenas_) {
     if (a.pinned) cuda_host_unregister(a.base);
-    munmap(a.map_base, a.map_size);
+    munmap(a.base, a.size);
   }
 }
 
@@ -44,10 +42,12 @@ bool HostArena::map_arena(uint64_t need) {
     uint64_t room = (opts_.budget - reserved_) / opts_.alignment * opts_.alignment;
     if (size > room) size = room;
   }
-  bool huge = opts_.hugepages && size >= kHuge;
-  uint64_t map_size = huge ? size + kHuge : size;
-  void* m = mmap(nullptr, map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m == MAP_FAILED) {
+  char* base = static_cast<char*>(opts_.hugepages ? map_memory(size, false) : nullptr);
+  if (!opts_.hugepages) {
+    void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    base = m == MAP_FAILED ? nullptr : static_cast<char*>(m);
+  }
+  if (base == nullptr) {
     int err = errno;
     throw Error(ErrorKind::System,
                 "lohan host tier: the OS refused to map a host arena of " + format_bytes(size) +
@@ -55,33 +55,19 @@ bool HostArena::map_arena(uint64_t need) {
                     ". Lower host_memory_budget (or arena_bytes), or free host memory.",
                 err);
   }
-  char* map_base = static_cast<char*>(m);
-  char* base = map_base;
-  if (huge) {
-    // Trim the mapping to a 2 MiB-aligned range so the kernel can back it with huge pages.
-    auto addr = reinterpret_cast<uintptr_t>(map_base);
-    base = reinterpret_cast<char*>(round_up(addr, kHuge));
-    if (base > map_base) munmap(map_base, base - map_base);
-    char* end = base + size;
-    char* map_end = map_base + map_size;
-    if (map_end > end) munmap(end, map_end - end);
-    map_base = base;
-    map_size = size;
-    madvise(base, size, MADV_HUGEPAGE);  // advisory: failure only costs speed
-  }
   bool pinned = false;
   if (opts_.pin) {
     try {
       cuda_host_register(base, size);
     } catch (...) {
-      munmap(map_base, map_size);
+      munmap(base, size);
       throw;
     }
     pinned = true;
     pinned_ += size;
   }
   uint64_t id = next_arena_++;
-  arenas_[id] = Arena{base, size, map_size, map_base, pinned};
+  arenas_[id] = Arena{base, size, pinned};
   ext_.add_region(id, size);
   reserved_ += size;
   if (reserved_ > peak_reserved_) peak_reserved_ = reserved_;
@@ -96,7 +82,7 @@ void HostArena::unmap_arena(uint64_t id) {
     cuda_host_unregister(a.base);
     pinned_ -= a.size;
   }
-  munmap(a.map_base, a.map_size);
+  munmap(a.base, a.size);
   reserved_ -= a.size;
 }
 

@@ -84,8 +84,6 @@ class HostArena {
   struct Arena {
     char* base;
     uint64_t size;
-    uint64_t map_size;  // what munmap needs (base may be aligned inside the mapping)
-    char* map_base;
     bool pinned;
   };
   struct Live {
