@@ -87,19 +87,6 @@ class ExtentAllocator {
     return take(it, size);
   }
 
-  // Best fit inside one region only.
-  std::optional<Extent> allocate_in(uint64_t region, uint64_t size) {
-    std::optional<std::tuple<uint64_t, uint64_t, uint64_t>> best;
-    for (auto it = free_.lower_bound({size, 0, 0}); it != free_.end(); ++it) {
-      if (std::get<1>(*it) == region) {
-        best = *it;
-        break;
-      }
-    }
-    if (!best) return std::nullopt;
-    return take(free_.find(*best), size);
-  }
-
   // Returns the block at (region, offset); returns its size. Coalesces.
   uint64_t release(uint64_t region, uint64_t offset) {
     auto it = blocks_.find({region, offset});

@@ -145,16 +145,6 @@ void HostArena::free(void* p) {
   live_.erase(it);
 }
 
-bool HostArena::owns(const void* p) const {
-  std::lock_guard<std::mutex> g(m_);
-  auto addr = reinterpret_cast<uintptr_t>(p);
-  for (const auto& [id, a] : arenas_) {
-    auto base = reinterpret_cast<uintptr_t>(a.base);
-    if (addr >= base && addr < base + a.size) return true;
-  }
-  return false;
-}
-
 uint64_t HostArena::block_size(const void* p) const {
   std::lock_guard<std::mutex> g(m_);
   auto it = live_.find(reinterpret_cast<uintptr_t>(p));

@@ -69,7 +69,6 @@ class HostArena {
   // Returns a block. Throws Error(Usage) for a pointer it did not hand out.
   void free(void* p);
 
-  bool owns(const void* p) const;
   uint64_t block_size(const void* p) const;  // rounded size of a live block
   HostArenaStats stats() const;
   void reset_peak();

@@ -198,15 +198,27 @@ def test_device_memory_is_allocated_and_freed_on_the_calling_thread():
     assert {tid for _, tid in events} == step_tid
 
 
-def test_bytes_reach_the_step_report():
-    from lohan_compile.runtime import step
+def test_bytes_reach_the_step_report(make_tier):
+    """d2h/h2d in a step's report are the bytes the copy threads moved during it."""
+    from lohan_compile.report import GraphRecord
 
-    TRACKER.reset()
-    base = step._engine_bytes()
+    tier = make_tier(None, arena_bytes="4MiB")
+    graph = GraphRecord(graph_id=0, training=True, executor="fx", budget_bytes=None)
     x = torch.randn(250, 1000)  # 1,000,000 bytes
-    L.wait_tensor(L.swap_in(L.wait_tensor(L.swap_out(x))))
-    d2h, h2d = step._engine_bytes()
-    assert (d2h - base[0], h2d - base[1]) == (1_000_000, 1_000_000)
+    with hosttier.use(tier):
+        TRACKER.reset()
+        L.wait_tensor(L.swap_out(x))  # before the step: not counted
+        run = TRACKER.forward_begin(graph, [])
+        h = L.wait_tensor(L.swap_out(x))
+        TRACKER.end(run, 0.0)
+        run = TRACKER.backward_begin(graph)
+        d = L.wait_tensor(L.swap_in(h))
+        del h
+        TRACKER.end(run, 0.0)
+    summary = TRACKER.last_report().summary()
+    assert (summary["d2h_bytes"], summary["h2d_bytes"]) == (1_000_000, 1_000_000)
+    assert summary["host_peak_bytes"] == 1_003_520  # one block, rounded to 4096
+    assert torch.equal(d, x)
 
 
 def test_spilled_swap(make_tier, ssd_dir):

@@ -76,8 +76,7 @@ class StepTracker:
         # copies add here); the engine's own counts are added at the step's end
         self.d2h_bytes = 0
         self.h2d_bytes = 0
-        self._engine_base = _engine_bytes()
-        _host_step_begin()
+        self._engine_base = (0, 0)
 
     def last_report(self) -> Report | None:
         return self._last
@@ -88,6 +87,9 @@ class StepTracker:
         with self._lock:
             if self._step_start is None:
                 self._step_start = time.perf_counter()
+                # the copy engine's counters and the host tier's peak, from here on
+                self._engine_base = _engine_bytes()
+                _host_step_begin()
             self._pending += 1
             self._runs.append(run)
         return run
