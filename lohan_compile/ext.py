@@ -81,12 +81,19 @@ def load() -> None:
             raise ExtensionBuildError(
                 "building lohan_compile's C++ extension needs ninja: pip install ninja"
             )
+        cflags, ldflags, name = CFLAGS, LDFLAGS, NAME
+        sanitize = settings.EXT_SANITIZE.get()
+        if sanitize:
+            # a separate build: never mixed up with the normal one
+            cflags = [*CFLAGS, f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+            ldflags = [*LDFLAGS, f"-fsanitize={sanitize}"]
+            name = f"{NAME}_{sanitize.replace(',', '_')}"
         try:
             cpp_extension.load(
-                name=NAME,
+                name=name,
                 sources=sources(),
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
                 is_python_module=False,
                 verbose=settings.EXT_VERBOSE.get(),
             )
@@ -95,7 +102,7 @@ def load() -> None:
                 f"building lohan_compile's C++ extension failed: {e}\n"
                 "Run again with LOHAN_EXT_VERBOSE=1 to see the compiler output; "
                 "a stale build can be removed from "
-                f"{cpp_extension._get_build_directory(NAME, verbose=False)}."
+                f"{cpp_extension._get_build_directory(name, verbose=False)}."
             ) from e
         _loaded = True
     from . import ops  # noqa: F401  (registers the fake kernels of the ops just loaded)
