@@ -16,6 +16,7 @@ from .errors import (
     PassError,
     StorageError,
 )
+from .hardware import HardwareProfile
 from .options import Options, parse_bytes
 from .report import Report
 
@@ -32,6 +33,7 @@ def last_report() -> Report | None:
 __all__ = [
     "BudgetError",
     "ExtensionBuildError",
+    "HardwareProfile",
     "HostMemoryError",
     "LohanError",
     "Options",

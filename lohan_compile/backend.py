@@ -29,6 +29,7 @@ from .dump import dump_graphs
 from .errors import LohanError
 from .meta import Kind
 from .options import Options
+from .planner import Action
 from .pipeline import CompileFacts, Graphs, InputFact, Pipeline
 from .report import GraphRecord
 from .runtime.step import TRACKER
@@ -58,19 +59,22 @@ def check_supported(opts: Options) -> None:
     Accepting them would silently run something other than what was asked.
     """
     unsupported = []
-    if opts.memory_budget is not None:
-        unsupported.append("memory_budget (activation planning)")
     if opts.offload_params is True:
         unsupported.append("offload_params=True (parameter streaming)")
     if opts.ssd_dir is not None or opts.host_memory_budget is not None:
         unsupported.append("ssd_dir / host_memory_budget (host and SSD tiers)")
-    if opts.policy not in ("auto", "keep-all"):
+    if opts.policy in ("torch-min-cut", "zero-infinity", "zero-offload"):
         unsupported.append(f"policy={opts.policy!r}")
+    if opts.policy == "swap-all":
+        from .passes.plan_memory import swap_ops_available
+
+        if not swap_ops_available():
+            unsupported.append("policy='swap-all' (the host tier's swap ops are not built)")
     if unsupported:
         raise LohanError(
             "lohan_compile 0.1 cannot honour these options yet: "
             + "; ".join(unsupported)
-            + ". Remove them to compile with everything kept on the device (policy 'keep-all')."
+            + ". Remove them, or use policy 'auto', 'keep-all' or 'recompute-all'."
         )
 
 
@@ -162,13 +166,22 @@ class GraphCompiler:
         if saved is not None:
             self.record.kept_bytes_expr = saved["kept_bytes_expr"]
             self.record.recomputed_bytes_expr = saved["recomputed_bytes_expr"]
-            self.record.swapped_bytes_expr = expr_of(0)  # no pass swaps anything in this version
+            self.record.swapped_bytes_expr = expr_of(0)
+        planned = self.record.pass_report("plan_memory")
+        if planned is not None and self.record.pass_report("apply_plan") is not None:
+            self.record.apply_plan_totals(planned["plan"], planned["problem"])
         if graphs.fw is not None:
             vals = [n.meta.get("val") for n in graphs.fw.graph.nodes if n.op == "placeholder"]
             self.record.fw_placeholder_vals = vals
             self.record.symbolic = any(_is_symbolic(v) for v in vals)
         if self.dump_dir:
             dump_graphs(self.dump_dir, self.record, graphs)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", describe_compile(self.record, graphs))
+        if planned is not None and log.isEnabledFor(logging.DEBUG):
+            from .dump import plan_table
+
+            log.debug("%s plan:\n%s", self.record.name, plan_table(planned["plan"], planned["problem"]))
         return graphs
 
     def _executable(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, phase: str):
@@ -207,6 +220,25 @@ class GraphCompiler:
                 is_inference=phase == "inference",
                 graph_id=self.graph_id,
             )
+
+
+def describe_compile(record: GraphRecord, graphs: Graphs) -> str:
+    """One paragraph per compiled graph, for TORCH_LOGS="+lohan_compile"."""
+    from .options import format_bytes
+
+    sizes = ", ".join(f"{name} {len(gm.graph.nodes)} nodes" for name, gm in graphs.items())
+    text = f"lohan {record.name} ({'training' if not graphs.inference else 'forward only'}, {record.executor}): {sizes}"
+    planned = record.pass_report("plan_memory")
+    if planned is not None:
+        plan = planned["plan"]
+        text += (
+            f"; policy {plan.policy}: {len(plan.decisions)} saved activations "
+            f"(keep {plan.count(Action.KEEP)}, swap {plan.count(Action.SWAP)}, "
+            f"recompute {plan.count(Action.RECOMPUTE)}); predicted step "
+            f"{plan.prediction.step_seconds * 1e3:.3f} ms, device peak {format_bytes(plan.prediction.peak_device_bytes)}"
+        )
+    timings = ", ".join(f"{r.name} {r.seconds * 1e3:.1f} ms" for r in record.passes if not r.skipped)
+    return text + f"; passes: {timings}"
 
 
 def _is_symbolic(val: Any) -> bool:

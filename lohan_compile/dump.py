@@ -1,11 +1,22 @@
-"""Annotated dumps of the graphs of one compile (``dump_dir`` / ``LOHAN_DUMP_DIR``).
+"""Annotated dumps of what the compiler did (``dump_dir`` / ``LOHAN_DUMP_DIR``).
 
-One file per graph (joint, forward, backward): every node on a line, with its
-role, shape, dtype and bytes beside it.
+For each compiled graph, into the folder:
+- ``graph{N}_joint.py``, ``_fw.py``, ``_bw.py`` (``_inference.py`` for a
+  forward-only compile): the graph as readable Python, one line per node,
+  each with a comment: role, shape, dtype, bytes, the plan's decision for a
+  saved storage, what an inserted node does and which pass made it, and the
+  predicted start and end of the op in the simulated step;
+- ``graph{N}_plan.md``: the plan as a markdown table, one row per saved
+  activation: bytes, decision, why, where it is produced and used, release
+  and prefetch points;
+- ``graph{N}_trace.json``: the predicted timeline as a Chrome/Perfetto trace
+  (open it at https://ui.perfetto.dev or chrome://tracing), one track per
+  resource: compute, host->device, device->host, CPU optimizer, SSD.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -18,42 +29,185 @@ from .pipeline import Graphs
 from .report import GraphRecord
 from .shapes import nbytes_hint
 
-
-def annotate(node: fx.Node) -> str:
-    info = get_info(node)
-    parts = []
-    if info is not None:
-        parts.append(info.role.value)
-        if info.source:
-            parts.append(info.source)
-        if info.grad_of:
-            parts.append("grad of input " + ",".join(map(str, info.grad_of)))
-        if info.storage_of and info.storage_of != node.name:
-            parts.append(f"view of %{info.storage_of}")
-        parts.append(f"by {info.made_by}")
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        shape = "x".join(str(s) for s in val.shape) or "scalar"
-        parts.append(f"{shape} {str(val.dtype).removeprefix('torch.')} {format_bytes(nbytes_hint(val))}")
-    elif val is not None and not isinstance(val, (list, tuple)):
-        parts.append(f"{type(val).__name__} {val}")
-    return "  # " + ", ".join(parts) if parts else ""
+TRACKS = {
+    "compute": "compute",
+    "h2d": "host->device",
+    "d2h": "device->host",
+    "cpu": "CPU optimizer",
+    "ssd_read": "SSD read",
+    "ssd_write": "SSD write",
+}
 
 
-def render(gm: fx.GraphModule, title: str) -> str:
-    lines = [f"# {title}", "# one line per node: fx node  # role, source, shape dtype bytes, pass that set the role"]
+def _fmt(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_fmt(x) for x in a)
+        return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+    if isinstance(a, dict):
+        return "{" + ", ".join(f"{k!r}: {_fmt(v)}" for k, v in a.items()) + "}"
+    if isinstance(a, torch.dtype):
+        return str(a)
+    return repr(a)
+
+
+def _target(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"torch.ops.{t.namespace}.{t._opname}.{t._overloadname}"
+    return getattr(t, "__qualname__", None) or str(t)
+
+
+def python_line(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"{node.name} = next(inputs)"
+    if node.op == "output":
+        return f"return {_fmt(node.args[0])}"
+    args = [_fmt(a) for a in node.args] + [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()]
+    return f"{node.name} = {_target(node)}({', '.join(args)})"
+
+
+class Annotator:
+    """What to write beside each node: its facts, the plan's decision, predicted times."""
+
+    def __init__(self, record: GraphRecord, plan: Any = None, problem: Any = None):
+        self.record = record
+        self.plan = plan
+        self.problem = problem
+        self.times: dict[tuple[str, str], tuple[float, float]] = {}
+        self.transfer_times: dict[str, tuple[float, float]] = {}
+        if plan is not None and problem is not None and plan.prediction is not None:
+            from .planner import op_index_of
+
+            for iv in plan.prediction.timeline.intervals:
+                i = op_index_of(iv.name) if iv.resource == "compute" else None
+                if i is not None:
+                    op = problem.ops[i]
+                    self.times[(op.phase, op.name)] = (iv.start, iv.end)
+                else:
+                    self.transfer_times[iv.name] = (iv.start, iv.end)
+
+    def decision(self, storage: str | None) -> str | None:
+        if self.plan is None or storage is None:
+            return None
+        d = self.plan.decisions.get(f"fw:{storage}")
+        return d.action.value if d is not None else None
+
+    def __call__(self, node: fx.Node, phase: str) -> str:
+        info = get_info(node)
+        parts: list[str] = []
+        if info is not None:
+            parts.append(info.action or info.role.value)
+            if info.source:
+                parts.append(info.source)
+            if info.grad_of:
+                names = [self._input_name(i) for i in info.grad_of]
+                parts.append("grad of " + ", ".join(names))
+            if info.storage_of and info.storage_of != node.name and not info.action:
+                parts.append(f"view of {info.storage_of}")
+            decided = self.decision(info.storage_of) if info.role.value == "saved" else None
+            if decided:
+                parts.append(f"plan: {decided}")
+            if info.action in ("swap_in", "swap_out"):
+                parts.append(self._transfer(info.action, info.storage_of))
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape = "x".join(str(s) for s in val.shape) or "scalar"
+            parts.append(f"{shape} {str(val.dtype).removeprefix('torch.')} {format_bytes(nbytes_hint(val))}")
+        times = self.times.get((phase, node.name))
+        if times is not None:
+            parts.append(f"predicted {times[0] * 1e3:.3f}-{times[1] * 1e3:.3f} ms")
+        if info is not None:
+            parts.append(f"by {info.made_by}")
+        return "  # " + ", ".join(parts) if parts else ""
+
+    def _transfer(self, action: str, storage: str | None) -> str:
+        name = f"{action}:fw:{storage}"
+        queue = "device->host" if action == "swap_out" else "host->device"
+        t = self.transfer_times.get(name)
+        text = f"on the {queue} copy queue"
+        if t is not None:
+            text += f", predicted {t[0] * 1e3:.3f}-{t[1] * 1e3:.3f} ms"
+        if action == "swap_in" and self.plan is not None and self.problem is not None:
+            d = self.plan.decisions.get(f"fw:{storage}")
+            c = next((c for c in self.problem.candidates if c.key == f"fw:{storage}"), None)
+            if d is not None and c is not None and d.prefetch_at is not None:
+                text += f", prefetch {c.first_bw_use - d.prefetch_at} ops ahead"
+        return text
+
+    def _input_name(self, index: int) -> str:
+        return f"input {index}"
+
+
+def render(gm: fx.GraphModule, title: str, annotate: Annotator, phase: str) -> str:
+    lines = [
+        f"# {title}",
+        "# Each line: the node as Python  # role or action, where it comes from, the plan's decision,",
+        "# shape dtype bytes, the predicted start-end in the simulated step, and the pass that set it.",
+        "",
+        "def graph(inputs):",
+    ]
     for node in gm.graph.nodes:
-        lines.append((node.format_node() or f"%{node.name}") + annotate(node))
+        lines.append("    " + python_line(node) + annotate(node, phase))
     return "\n".join(lines) + "\n"
+
+
+def plan_table(plan: Any, problem: Any) -> str:
+    head = (
+        f"# Plan: policy {plan.policy}\n\n"
+        f"predicted step {plan.prediction.step_seconds * 1e3:.3f} ms, device peak "
+        f"{format_bytes(plan.prediction.peak_device_bytes)}, host peak "
+        f"{format_bytes(plan.prediction.peak_host_bytes)}, exposed transfers "
+        f"{plan.prediction.exposed_seconds * 1e3:.3f} ms, recomputation "
+        f"{plan.prediction.recompute_seconds * 1e3:.3f} ms\n\n"
+        "| saved activation | bytes | decision | why | produced at op | last forward use | first backward use "
+        "| swap-out waited after op | swap-in issued before op |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for c in problem.candidates:
+        d = plan.decisions[c.key]
+        rows.append(
+            f"| {c.name} | {format_bytes(c.bytes)} | {d.action.value} | {d.reason or '-'} | {c.produced_at} "
+            f"| {c.last_fw_use} | {c.first_bw_use} | {'' if d.release_at is None else d.release_at} "
+            f"| {'' if d.prefetch_at is None else d.prefetch_at} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def trace_events(plan: Any, *, pid: int = 1, label: str = "predicted", offset_s: float = 0.0) -> list[dict]:
+    """Chrome trace events for a plan's predicted timeline, one thread (track) per resource."""
+    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": label}}]
+    for tid, (resource, track) in enumerate(TRACKS.items(), start=1):
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": track}})
+    tids = {r: i for i, r in enumerate(TRACKS, start=1)}
+    for iv in plan.prediction.timeline.intervals:
+        events.append({
+            "ph": "X", "name": iv.name, "pid": pid, "tid": tids.get(iv.resource, len(tids) + 1),
+            "ts": (offset_s + iv.start) * 1e6, "dur": max(iv.end - iv.start, 0.0) * 1e6,
+        })
+    return events
 
 
 def dump_graphs(folder: str, record: GraphRecord, graphs: Graphs) -> list[str]:
     os.makedirs(folder, exist_ok=True)
+    planned = record.pass_report("plan_memory")
+    plan = planned["plan"] if planned else None
+    problem = planned["problem"] if planned else None
+    annotate = Annotator(record, plan, problem)
     written = []
+
+    def write(name: str, text: str) -> None:
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            f.write(text)
+        written.append(path)
+
     for name, gm in graphs.items():
         kind = "inference" if graphs.inference and name == "fw" else name
-        path = os.path.join(folder, f"graph{record.graph_id}_{kind}.txt")
-        with open(path, "w") as f:
-            f.write(render(gm, f"{record.name}, {kind} graph"))
-        written.append(path)
+        write(f"graph{record.graph_id}_{kind}.py", render(gm, f"{record.name}, {kind} graph", annotate, name))
+    if plan is not None:
+        write(f"graph{record.graph_id}_plan.md", plan_table(plan, problem))
+        write(f"graph{record.graph_id}_trace.json", json.dumps({"traceEvents": trace_events(plan)}, indent=1))
     return written

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -53,17 +52,20 @@ def sources() -> list[str]:
     return sorted(str(p) for p in source_dir().glob("*.cpp"))
 
 
-def compiler() -> str:
-    """The C++ compiler torch's builder will use, or a clear error if there is none."""
+def missing_tool() -> str | None:
+    """Why a build cannot run here (no C++ compiler, no ninja), or None."""
     cxx = os.environ.get("CXX", "c++")
-    found = shutil.which(cxx)
-    if found is None:
-        raise ExtensionBuildError(
+    if shutil.which(cxx) is None:
+        return (
             f"no C++ compiler found (looked for {cxx!r}, from $CXX or the default 'c++'). "
             "lohan_compile builds its C++ extension on first use: install one "
             "(Debian/Ubuntu: apt install g++; Fedora: dnf install gcc-c++) or point $CXX at it."
         )
-    return found
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "building lohan_compile's C++ extension needs ninja: pip install ninja"
+    return None
 
 
 def load() -> None:
@@ -74,13 +76,8 @@ def load() -> None:
     with _lock:
         if _loaded:
             return
-        compiler()
         from torch.utils import cpp_extension
 
-        if not cpp_extension.is_ninja_available():
-            raise ExtensionBuildError(
-                "building lohan_compile's C++ extension needs ninja: pip install ninja"
-            )
         cflags, ldflags, name = CFLAGS, LDFLAGS, NAME
         sanitize = settings.EXT_SANITIZE.get()
         if sanitize:
@@ -97,9 +94,13 @@ def load() -> None:
                 is_python_module=False,
                 verbose=settings.EXT_VERBOSE.get(),
             )
-        except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+        except Exception as e:
+            # A cached build loads without any tools; only a (re)build needs them.
+            reason = missing_tool()
+            if reason is not None:
+                raise ExtensionBuildError(reason) from e
             raise ExtensionBuildError(
-                f"building lohan_compile's C++ extension failed: {e}\n"
+                f"building lohan_compile's C++ extension failed: {type(e).__name__}: {e}\n"
                 "Run again with LOHAN_EXT_VERBOSE=1 to see the compiler output; "
                 "a stale build can be removed from "
                 f"{cpp_extension._get_build_directory(name, verbose=False)}."

@@ -56,6 +56,7 @@ class NodeInfo:
     storage_of: str | None = None
     saved_input_view: bool = False
     outputs: tuple[Kind, ...] = ()  # for the output node: what each output is
+    action: str | None = None  # for nodes a rewrite inserted: what they do (swap_out, recompute, ...)
 
     def with_(self, **changes: Any) -> "NodeInfo":
         return replace(self, **changes)

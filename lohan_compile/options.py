@@ -201,11 +201,17 @@ def _check_optimizer(value: Any) -> Any:
 
 
 def _check_hardware(value: Any) -> Any:
-    if value == "auto":
+    from .hardware import HardwareProfile, preset
+
+    if value == "auto" or isinstance(value, HardwareProfile):
         return value
-    raise ValueError(
-        f"hardware={value!r}: only 'auto' (measure this machine) is available in this version"
-    )
+    if not isinstance(value, str):
+        raise ValueError(f"hardware={value!r}: expected 'auto', a preset name or a lohan_compile.HardwareProfile")
+    try:
+        preset(value)
+    except ValueError as e:
+        raise ValueError(f"hardware={value!r}: {e}") from None
+    return value
 
 
 def _check_names(name: str, value: Any) -> tuple[str, ...]:

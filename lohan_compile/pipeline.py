@@ -11,15 +11,14 @@ the user's source line.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
 from .errors import BudgetError, PassError
-from .aot import is_backward_only_input, output_descs, output_kind
-from .meta import Kind, get_info
+from .meta import get_info
 from .options import Options
 
 
@@ -66,6 +65,8 @@ class CompileFacts:
     num_fwd_outputs: int | None = None
     joint_inputs: Any = None
     partition_kwargs: dict[str, Any] = field(default_factory=dict)
+    # reports of the passes that ran before, by name (a later pass may read an earlier one's)
+    pass_reports: Mapping[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]
@@ -136,6 +137,7 @@ class Pipeline:
                 self.records.append(PassRecord(p.name, 0.0, {}, skipped=True))
                 continue
             start = time.perf_counter()
+            facts = replace(facts, pass_reports={r.name: r.report for r in self.records if not r.skipped})
             try:
                 graphs, report = p.fn(graphs, facts)
             except (BudgetError, PassError):
@@ -222,13 +224,9 @@ def _node_problem(node: fx.Node, known_passes: Sequence[str]) -> str | None:
 
 
 def _check_partition(graphs: Graphs, after: str, ran: Sequence[str]) -> None:
-    saved_out = [k for k in map(output_kind, output_descs(graphs.fw)) if k is Kind.SAVED]
-    bw_saved = [
-        n for n in graphs.bw.graph.nodes
-        if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
-    ]
-    if len(saved_out) != len(bw_saved):
-        raise PassError(
-            f"after pass {after!r}: the forward graph returns {len(saved_out)} values saved for "
-            f"backward but the backward graph takes {len(bw_saved)}\n  passes run: {', '.join(ran)}"
-        )
+    from .saved import SavedValues
+
+    try:
+        SavedValues(graphs.fw, graphs.bw)
+    except ValueError as e:
+        raise PassError(f"after pass {after!r}: {e}\n  passes run: {', '.join(ran)}") from None

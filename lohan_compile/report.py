@@ -48,6 +48,25 @@ class GraphRecord:
     # forward placeholders' fake values, to bind symbolic sizes at run time
     fw_placeholder_vals: Sequence[Any] = ()
     symbolic: bool = False
+    predicted_step_s: float | None = None
+    predicted_peak_bytes: int | None = None
+    predicted_host_peak_bytes: int | None = None
+
+    def apply_plan_totals(self, plan: Any, problem: Any) -> None:
+        """Move the plan's swapped and recomputed storages out of the kept total."""
+        from .planner import Action
+        from .shapes import sum_exprs
+
+        def total(action: Action) -> sympy.Expr:
+            return sum_exprs(c.bytes_expr for c in problem.candidates if plan.decisions[c.key].action is action)
+
+        moved = total(Action.SWAP) + total(Action.RECOMPUTE)
+        self.kept_bytes_expr = sympy.expand(self.kept_bytes_expr - moved)
+        self.swapped_bytes_expr = total(Action.SWAP)
+        self.recomputed_bytes_expr = sympy.expand(self.recomputed_bytes_expr + total(Action.RECOMPUTE))
+        self.predicted_step_s = plan.prediction.step_seconds
+        self.predicted_peak_bytes = plan.prediction.peak_device_bytes
+        self.predicted_host_peak_bytes = plan.prediction.peak_host_bytes
 
     @property
     def name(self) -> str:
@@ -100,17 +119,31 @@ class Report:
             total += value
         return total
 
+    def _predicted_sum(self, attr: str) -> float | None:
+        values = [getattr(g, attr) for g in self.graphs]
+        return None if not values or any(v is None for v in values) else sum(values)
+
+    def _predicted_peak(self) -> int | None:
+        """One graph: its prediction. Several: each graph's peak with what the others keep
+        for backward added (an upper bound until steps are planned as a whole)."""
+        graphs = self.graphs
+        if not graphs or any(g.predicted_peak_bytes is None for g in graphs):
+            return None
+        if len(graphs) == 1:
+            return graphs[0].predicted_peak_bytes
+        kept = {g.graph_id: evaluate(g.kept_bytes_expr, {}) or 0 for g in graphs}
+        return max(g.predicted_peak_bytes + sum(v for k, v in kept.items() if k != g.graph_id) for g in graphs)
+
     def summary(self) -> dict[str, Any]:
         budgets = {g.budget_bytes for g in self.graphs}
         return {
             "budget_bytes": budgets.pop() if len(budgets) == 1 else None,
-            # Not planned yet: no prediction is made, so none is reported.
-            "predicted_peak_bytes": None,
+            "predicted_peak_bytes": self._predicted_peak(),
             "measured_peak_bytes": self.measured_peak_bytes,
             "kept_bytes": self._forward_total("kept_bytes_expr"),
             "swapped_bytes": self._forward_total("swapped_bytes_expr"),
             "recomputed_bytes": self._forward_total("recomputed_bytes_expr"),
-            "predicted_step_s": None,
+            "predicted_step_s": self._predicted_sum("predicted_step_s"),
             "host_peak_bytes": self.host_peak_bytes,
             "d2h_bytes": self.d2h_bytes,
             "h2d_bytes": self.h2d_bytes,
@@ -131,11 +164,18 @@ class Report:
             ])
         table = tabulate(rows, headers=["graph", "phase", "time", "kept for backward", "symbolic size"])
         summary = self.summary()
-        facts = [
-            [k, format_bytes(v) if k.endswith("_bytes") and v is not None else ("-" if v is None else v)]
-            for k, v in summary.items()
-        ]
+        facts = [[k, _format_fact(k, v)] for k, v in summary.items()]
         return table + "\n\n" + tabulate(facts, headers=["step", "value"])
 
     def __str__(self) -> str:
         return self.to_table()
+
+
+def _format_fact(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_bytes"):
+        return format_bytes(value)
+    if key.endswith("_s"):
+        return f"{value:.4f} s"
+    return str(value)

@@ -7,9 +7,11 @@ passes in the order the backend runs them.
 from __future__ import annotations
 
 from ..pipeline import Pass, Pipeline
+from .apply_plan import apply_plan
 from .classify_roles import classify_roles
 from .classify_saved import classify_saved
 from .partition_graph import partition_graph
+from .plan_memory import plan_memory
 
 
 def default_passes() -> list[Pass]:
@@ -17,6 +19,8 @@ def default_passes() -> list[Pass]:
         Pass("classify_roles", classify_roles, inference=True),
         Pass("partition_graph", partition_graph, required=True),
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
+        Pass("plan_memory", plan_memory, requires=("classify_saved",)),
+        Pass("apply_plan", apply_plan, requires=("plan_memory",)),
     ]
 
 
@@ -28,9 +32,11 @@ PASS_NAMES = tuple(p.name for p in default_passes())
 
 __all__ = [
     "PASS_NAMES",
+    "apply_plan",
     "classify_roles",
     "classify_saved",
     "default_passes",
     "default_pipeline",
     "partition_graph",
+    "plan_memory",
 ]

@@ -13,15 +13,16 @@ and of the forward values the backward graph recomputes.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..aot import is_backward_only_input, output_descs, output_kind
-from ..meta import Kind, NodeInfo, Role, get_info, set_info
+from ..aot import output_descs, output_kind
+from ..fxutil import storage_base
+from ..meta import NodeInfo, Role, get_info, set_info
 from ..pipeline import CompileFacts, Graphs, NodeError
+from ..saved import SavedValues
 from ..shapes import nbytes_expr, nbytes_hint, sum_exprs
 
 NAME = "classify_saved"
@@ -32,18 +33,17 @@ def classify_saved(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[st
     out = fw.graph.output_node()
     kinds = tuple(output_kind(desc) for desc in output_descs(fw))
     set_info(out, NodeInfo(role=Role.OUTPUT, made_by=NAME, outputs=kinds))
-    saved = [v for v, k in zip(out.args[0], kinds) if k is Kind.SAVED]
-    bw_saved = [
-        n for n in bw.graph.nodes
-        if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
-    ]
-    if len(saved) != len(bw_saved):
-        raise NodeError(out, f"forward saves {len(saved)} values, backward takes {len(bw_saved)}")
+    bw_out = bw.graph.output_node()
+    set_info(bw_out, NodeInfo(role=Role.OUTPUT, made_by=NAME, outputs=tuple(output_kind(d) for d in output_descs(bw))))
+    try:
+        pairs = SavedValues(fw, bw).tensor_pairs()
+    except ValueError as e:
+        raise NodeError(out, str(e)) from None
 
     storages: dict[fx.Node, None] = {}  # ordered set of activation storages
     input_views = 0
-    for value, placeholder in zip(saved, bw_saved):
-        if not isinstance(value, fx.Node) or value.op == "placeholder":
+    for value, placeholder in pairs:
+        if value.op == "placeholder":
             continue  # a graph input saved as is keeps its role
         base = storage_base(value)
         info = get_info(value)
@@ -68,7 +68,7 @@ def classify_saved(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[st
         and getattr(get_info(n), "role", None) is Role.FORWARD
     ]
     report = {
-        "saved_values": len(saved),
+        "saved_values": len(pairs),
         "saved_activation_storages": len(storages),
         "saved_input_views": input_views,
         "kept_bytes_expr": kept,
@@ -78,38 +78,3 @@ def classify_saved(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[st
     }
     return graphs, report
 
-
-def storage_base(node: fx.Node) -> fx.Node:
-    """Follow view ops back to the node that owns the storage."""
-    while True:
-        src = aliased_input(node)
-        if src is None:
-            return node
-        node = src
-
-
-def aliased_input(node: fx.Node) -> fx.Node | None:
-    """The input a view op's output aliases, from the op's schema alias annotations."""
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if target is operator.getitem:
-        parent = node.args[0]
-        if isinstance(parent, fx.Node) and _returns_alias(parent) is not None:
-            return _returns_alias(parent)
-        return None
-    return _returns_alias(node)
-
-
-def _returns_alias(node: fx.Node) -> fx.Node | None:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.returns:
-        return None
-    ret = schema.returns[0].alias_info
-    if ret is None or ret.is_write:
-        return None
-    for arg, value in zip(schema.arguments, node.args):
-        info = arg.alias_info
-        if info is not None and not info.is_write and info.before_set & ret.before_set:
-            return value if isinstance(value, fx.Node) else None
-    return None

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.fx as fx
 from torch._functorch.partitioners import default_partition
 
+from ..aot import placeholder_role
+from ..meta import NodeInfo, Role, get_info, set_info
 from ..pipeline import CompileFacts, Graphs
 
 NAME = "partition_graph"
@@ -31,9 +35,77 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         num_fwd_outputs=facts.num_fwd_outputs,
         **facts.partition_kwargs,
     )
+    filled = fill_missing_vals(fw) + fill_missing_vals(bw)
+    repaired = repair_output_descs(graphs.joint, fw, bw, facts.num_fwd_outputs)
+    given = give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
     report = {
         "partitioner": "default",
+        "filled_fake_values": filled,
+        "repaired_output_descs": repaired,
+        "roles_given": given,
         "fw_nodes": len(fw.graph.nodes),
         "bw_nodes": len(bw.graph.nodes),
     }
     return Graphs(joint=graphs.joint, fw=fw, bw=bw), report
+
+
+def fill_missing_vals(gm: fx.GraphModule) -> int:
+    """Give nodes the partitioner created without a fake value one (e.g. the RNG-state
+    nodes of a checkpointed region), by running them on the fake values of their inputs."""
+    missing = [n for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    if not missing:
+        return 0
+    vals = [n.meta["val"] for n in gm.graph.nodes if "val" in n.meta]
+    mode = torch._guards.detect_fake_mode(vals)
+    if mode is None:
+        return 0
+    for n in missing:
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
+        with mode:
+            n.meta["val"] = n.target(*args, **kwargs)
+    return len(missing)
+
+
+def repair_output_descs(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> bool:
+    """Restore the output descriptors when the partitioner rebuilt a graph without them
+    (it does when it functionalizes the RNG of a checkpointed region): the forward
+    returns the joint's forward outputs then the saved values; the backward returns the
+    joint's gradient outputs."""
+    from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
+
+    joint_descs = joint.graph.output_node().meta.get("desc")
+    if not isinstance(joint_descs, (list, tuple)):
+        return False
+    repaired = False
+    fw_out = fw.graph.output_node()
+    n = len(fw_out.args[0])
+    if not isinstance(fw_out.meta.get("desc"), (list, tuple)) or len(fw_out.meta["desc"]) != n:
+        fw_out.meta["desc"] = list(joint_descs[:num_fwd_outputs]) + [
+            SavedForBackwardsAOTOutput(idx=i) for i in range(n - num_fwd_outputs)
+        ]
+        repaired = True
+    bw_out = bw.graph.output_node()
+    grads = list(joint_descs[num_fwd_outputs:])
+    if not isinstance(bw_out.meta.get("desc"), (list, tuple)) and len(grads) == len(bw_out.args[0]):
+        bw_out.meta["desc"] = grads
+        repaired = True
+    return repaired
+
+
+def give_roles(gm: fx.GraphModule, role: Role) -> int:
+    """Roles for nodes the partitioner made itself (RNG state of checkpointed regions):
+    ``role`` for computations, except a replay of a forward op in backward, which is
+    a recomputation (role FORWARD, as the partitioner's own copies of forward ops)."""
+    given = 0
+    for n in gm.graph.nodes:
+        if get_info(n) is not None or n.op == "output":
+            continue
+        if n.op == "placeholder":
+            r = placeholder_role(n.meta.get("desc"), None)
+        elif n.target is getattr(torch.ops.higher_order, "run_with_rng_state", None):
+            r = Role.FORWARD
+        else:
+            r = role
+        set_info(n, NodeInfo(role=r, made_by=NAME))
+        given += 1
+    return given

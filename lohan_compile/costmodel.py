@@ -1,0 +1,129 @@
+"""``CostModel``: how long a node or a transfer takes on a ``HardwareProfile``.
+
+A node costs ``max(FLOPs / matmul rate, bytes / memory bandwidth)`` plus a
+fixed per-op overhead. FLOPs come from torch's own FLOP formulas
+(``torch.utils.flop_counter``: matmul, attention, convolution and their
+backward), with a formula added here for the CPU flash-attention kernel;
+bytes are what the op reads and writes. View ops move nothing and cost
+nothing. Sizes may be symbolic: they are evaluated with their hints.
+
+On the CPU stand-in the profile's rates are measured on this machine
+(``hardware.measure``), so the model is calibrated there; a node's measured
+time, when known, replaces the estimate (``measured``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
+
+from .fxutil import is_view, output_tensors
+from .hardware import HardwareProfile
+from .shapes import hint_int, nbytes_hint
+
+aten = torch.ops.aten
+
+_FREE_OPS = {
+    aten.detach.default,
+    aten.alias.default,
+    aten.lift_fresh.default,
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.sym_storage_offset.default,
+}
+
+
+def _attention_flops(q: torch.Size, k: torch.Size, v: torch.Size) -> int:
+    # Q K^T and P V: two batched matmuls of B*H x Sq x D by D x Sk (and Sk x Dv)
+    b, h, sq, d = q
+    sk, dv = k[-2], v[-1]
+    return 2 * b * h * sq * sk * d + 2 * b * h * sq * sk * dv
+
+
+def _extra_flops(target: Any, args: tuple) -> int | None:
+    """FLOPs of ops torch's table lacks (the CPU kernels of attention)."""
+    if target in (aten._scaled_dot_product_flash_attention_for_cpu.default,):
+        return _attention_flops(*args[:3])
+    if target in (aten._scaled_dot_product_flash_attention_for_cpu_backward.default,):
+        # grad_out, q, k, v, out, logsumexp...: recompute P, then dV, dP, dQ, dK: 2.5x forward
+        q, k, v = args[1], args[2], args[3]
+        return int(2.5 * _attention_flops(q, k, v))
+    return None
+
+
+def _to_shape(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.Size(hint_int(s) for s in x.shape)
+    if isinstance(x, torch.SymInt):
+        return hint_int(x)
+    return x
+
+
+def _arg_vals(node: fx.Node) -> tuple[tuple, dict]:
+    def val(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    args = tree_map(val, node.args)
+    kwargs = tree_map(val, node.kwargs)
+    return args, kwargs
+
+
+def node_flops(node: fx.Node) -> int:
+    if node.op != "call_function":
+        return 0
+    target = node.target
+    args, kwargs = _arg_vals(node)
+    shapes = tree_map(_to_shape, args)
+    extra = _extra_flops(target, shapes)
+    if extra is not None:
+        return extra
+    packet = getattr(target, "overloadpacket", None)
+    formula = flop_registry.get(packet)
+    if formula is None:
+        return 0
+    try:
+        out = tree_map(_to_shape, node.meta.get("val"))
+        return int(formula(*shapes, **tree_map(_to_shape, kwargs), out_val=out))
+    except Exception:  # a formula that does not understand these arguments counts nothing
+        return 0
+
+
+def node_bytes(node: fx.Node) -> int:
+    """Bytes an op reads and writes (inputs and outputs), views excluded."""
+    if node.op != "call_function" or node.target in _FREE_OPS or is_view(node):
+        return 0
+    total = sum(nbytes_hint(t) for t in output_tensors(node))
+    for a in node.all_input_nodes:
+        total += sum(nbytes_hint(t) for t in output_tensors(a))
+    return total
+
+
+class CostModel:
+    def __init__(self, hardware: HardwareProfile, measured: Mapping[str, float] | None = None):
+        self.hw = hardware
+        self.measured = dict(measured or {})
+
+    def node_seconds(self, node: fx.Node) -> float:
+        if node.name in self.measured:
+            return self.measured[node.name]
+        if node.op != "call_function" or node.target in _FREE_OPS or is_view(node):
+            return 0.0
+        flops = node_flops(node)
+        nbytes = node_bytes(node)
+        return max(flops / self.hw.matmul_flops, nbytes / self.hw.memory_bandwidth) + self.hw.op_overhead_s
+
+    def transfer_seconds(self, nbytes: int, queue: str) -> float:
+        rate = {
+            "d2h": self.hw.d2h_bandwidth,
+            "h2d": self.hw.h2d_bandwidth,
+            "ssd_read": self.hw.ssd_read_bandwidth * max(self.hw.ssd_count, 1),
+            "ssd_write": self.hw.ssd_write_bandwidth * max(self.hw.ssd_count, 1),
+        }[queue]
+        if rate <= 0:
+            raise ValueError(f"the hardware profile {self.hw.name!r} has no {queue} bandwidth")
+        return nbytes / rate

@@ -1,0 +1,90 @@
+"""Small facts about fx nodes that several passes need: aliasing and storage."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+
+def aliased_input(node: fx.Node) -> fx.Node | None:
+    """The input a view op's output aliases, from the op's schema alias annotations."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        parent = node.args[0]
+        return _returns_alias(parent) if isinstance(parent, fx.Node) else None
+    return _returns_alias(node)
+
+
+def _returns_alias(node: fx.Node) -> fx.Node | None:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return None
+    ret = schema.returns[0].alias_info
+    if ret is None or ret.is_write:
+        return None
+    for arg, value in zip(schema.arguments, node.args):
+        info = arg.alias_info
+        if info is None or info.is_write:
+            continue
+        # Tensor(a) -> Tensor(a); or Tensor(a -> *) -> Tensor(a)[], whose elements alias the input
+        if info.before_set & ret.before_set or (not ret.before_set and "*" in info.after_set):
+            return value if isinstance(value, fx.Node) else None
+    return None
+
+
+def view_parent(node: fx.Node) -> fx.Node | None:
+    """The node a view is taken of, step by step: ``getitem`` of a split goes to the split."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        parent = node.args[0]
+        if isinstance(parent, fx.Node) and _returns_alias(parent) is not None:
+            return parent
+        return None
+    if node.op == "call_function" and isinstance(node.meta.get("val"), (list, tuple)):
+        return _returns_alias(node)  # a multi-output view op (split, unbind, ...)
+    return aliased_input(node)
+
+
+def storage_base(node: fx.Node) -> fx.Node:
+    """Follow view ops back to the node that owns the storage."""
+    while True:
+        src = aliased_input(node)
+        if src is None:
+            return node
+        node = src
+
+
+def is_view(node: fx.Node) -> bool:
+    return aliased_input(node) is not None
+
+
+def tensor_val(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def output_tensors(node: fx.Node) -> list[torch.Tensor]:
+    """The tensors a node produces (a multi-output op returns a tuple)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v for v in val if isinstance(v, torch.Tensor)]
+    return []
+
+
+def is_dense(val: torch.Tensor | None) -> bool:
+    """Contiguous row-major, judged on size hints (no guards on symbolic sizes)."""
+    if val is None:
+        return False
+    from .shapes import hint_int
+
+    expected = 1
+    for size, stride in reversed(list(zip(val.shape, val.stride()))):
+        size = hint_int(size)
+        if size != 1 and hint_int(stride) != expected:
+            return False
+        expected *= size
+    return True

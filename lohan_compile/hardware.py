@@ -1,0 +1,306 @@
+"""``HardwareProfile``: the speeds and sizes the planner plans for.
+
+A profile is plain data. It comes from a preset (published specifications,
+below) or from measuring this machine (``measure()``, cached on disk); the
+planner never needs the hardware it plans for.
+
+Throughputs are *achievable* rates, not datasheet peaks: each preset states
+the datasheet figure and the fraction assumed reachable in training, so the
+assumption is visible and can be changed with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .simulate import Sharing
+
+GB = 1e9
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    matmul_flops: float  # FLOP/s for matmul-like work (matmul, attention, convolution)
+    memory_bandwidth: float  # device-memory bytes/s for memory-bound ops
+    d2h_bandwidth: float  # device -> host bytes/s
+    h2d_bandwidth: float  # host -> device bytes/s
+    device_memory: int  # bytes
+    host_memory_bandwidth: float = 50 * GB
+    cpu_adam_params_per_s: float = 1e9  # parameters per second through the CPU AdamW step
+    ssd_read_bandwidth: float = 0.0  # bytes/s per SSD
+    ssd_write_bandwidth: float = 0.0
+    ssd_count: int = 0
+    host_memory: int | None = None  # bytes of host memory available for the host tier
+    op_overhead_s: float = 5e-6  # fixed cost per op (kernel launch, dispatch)
+    full_duplex: bool = True  # d2h and h2d run at full speed at the same time
+    # compute/copy interference: zero on a GPU; measured on the CPU stand-in
+    compute_slowdown: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    queue_slowdown: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    source: str = ""  # where the figures come from
+
+    @property
+    def sharing(self) -> Sharing:
+        return Sharing(dict(self.compute_slowdown), dict(self.queue_slowdown))
+
+    def with_(self, **changes: Any) -> "HardwareProfile":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "HardwareProfile":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- presets --------------------------------------------------------------------
+# Datasheet figures (dense, no sparsity) and the fraction assumed achievable:
+# - matmul: 60% of peak tensor throughput in bf16/fp16 with fp32 accumulation,
+#   typical of large transformer GEMMs in training;
+# - device memory: 80% of peak bandwidth;
+# - PCIe: about 80% of the link rate per direction with pinned memory
+#   (PCIe 4.0 x16: 31.5 GB/s raw -> 25 GB/s; PCIe 5.0 x16: 63 GB/s -> 50 GB/s).
+
+_MATMUL_EFF = 0.60
+_MEM_EFF = 0.80
+
+RTX4090 = HardwareProfile(
+    name="rtx4090",
+    # Ada whitepaper: 165.2 TFLOPS FP16/BF16 tensor with FP32 accumulate; 1008 GB/s GDDR6X; 24 GB
+    matmul_flops=_MATMUL_EFF * 165.2e12,
+    memory_bandwidth=_MEM_EFF * 1008 * GB,
+    d2h_bandwidth=25 * GB,
+    h2d_bandwidth=25 * GB,
+    device_memory=24 * GiB,
+    op_overhead_s=5e-6,
+    source="NVIDIA Ada whitepaper (RTX 4090), PCIe 4.0 x16",
+)
+
+A100 = HardwareProfile(
+    name="a100",
+    # A100 80GB PCIe datasheet: 312 TFLOPS BF16 tensor; 1935 GB/s HBM2e; 80 GB; PCIe 4.0 x16
+    matmul_flops=_MATMUL_EFF * 312e12,
+    memory_bandwidth=_MEM_EFF * 1935 * GB,
+    d2h_bandwidth=25 * GB,
+    h2d_bandwidth=25 * GB,
+    device_memory=80 * GiB,
+    op_overhead_s=5e-6,
+    source="NVIDIA A100 80GB PCIe datasheet, PCIe 4.0 x16",
+)
+
+H100 = HardwareProfile(
+    name="h100",
+    # H100 SXM datasheet: 989 TFLOPS BF16 tensor (dense); 3.35 TB/s HBM3; 80 GB; PCIe 5.0 x16 host link
+    matmul_flops=_MATMUL_EFF * 989e12,
+    memory_bandwidth=_MEM_EFF * 3350 * GB,
+    d2h_bandwidth=50 * GB,
+    h2d_bandwidth=50 * GB,
+    device_memory=80 * GiB,
+    op_overhead_s=4e-6,
+    source="NVIDIA H100 SXM datasheet, PCIe 5.0 x16",
+)
+
+LOHAN_TESTBED = RTX4090.with_(
+    name="lohan-testbed",
+    # Two Xeon Gold 5320 (26 cores each, AVX-512), DDR4-3200 on 16 channels: 409.6 GB/s peak,
+    # taken as 70% achievable; 256 GB of host memory as in the paper's emulated setting;
+    # 12 Intel D7-P5510 3.84 TB NVMe (datasheet: 6.5 GB/s sequential read, 3.4 GB/s write each).
+    host_memory_bandwidth=0.70 * 409.6 * GB,
+    host_memory=256 * 10**9,
+    # CPU Adam moves ~36 B per parameter (fp32 master, m, v read and written; fp16 grad in,
+    # fp16 weight out): bandwidth-bound at the host memory rate.
+    cpu_adam_params_per_s=0.70 * 409.6 * GB / 36,
+    ssd_read_bandwidth=6.5 * GB,
+    ssd_write_bandwidth=3.4 * GB,
+    ssd_count=12,
+    source="LoHan paper testbed: RTX 4090, 2x Xeon Gold 5320, DDR4-3200 x16, 12x D7-P5510",
+)
+
+PRESETS: dict[str, HardwareProfile] = {p.name: p for p in (RTX4090, A100, H100, LOHAN_TESTBED)}
+
+
+def preset(name: str) -> HardwareProfile:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown hardware preset {name!r}.{hint} Presets: {', '.join(PRESETS)}, or 'auto'") from None
+
+
+# -- measuring this machine ---------------------------------------------------------
+
+CACHE_VERSION = 1
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lohan_compile"
+    import torch
+
+    key = f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return root / f"hardware-v{CACHE_VERSION}-{digest}.json"
+
+
+_measured: HardwareProfile | None = None
+_measure_lock = threading.Lock()
+
+
+def auto(*, refresh: bool = False) -> HardwareProfile:
+    """This machine's profile: measured once, then read from the cache file."""
+    global _measured
+    with _measure_lock:
+        if _measured is not None and not refresh:
+            return _measured
+        path = cache_path()
+        if path.exists() and not refresh:
+            try:
+                _measured = HardwareProfile.from_json(json.loads(path.read_text()))
+                return _measured
+            except (ValueError, TypeError, OSError):
+                pass  # a corrupt or old cache is measured again
+        _measured = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(_measured.to_json(), indent=2))
+            tmp.replace(path)
+        except OSError:
+            pass  # no writable cache: measure again next time
+        return _measured
+
+
+def resolve(hardware: Any) -> HardwareProfile:
+    """A profile from an option value: "auto", a preset name, or a HardwareProfile."""
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    if hardware == "auto":
+        return auto()
+    return preset(hardware)
+
+
+def _median_time(fn, repeat: int = 7, min_time: float = 0.02) -> float:
+    times = []
+    for _ in range(repeat):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        times.append(elapsed / n)
+    return statistics.median(times)
+
+
+def measure(*, quick: bool = False) -> HardwareProfile:
+    """Measure this machine (see ``_measure``), outside any fake or tracing mode of a compile."""
+    import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        return _measure(quick=quick)
+
+
+def _measure(*, quick: bool) -> HardwareProfile:
+    """Measure this machine as the CPU stand-in for a GPU (DESIGN.md).
+
+    Compute: fp32 matmul FLOP/s and memory-bound bytes/s on the device tier
+    (the c10 CPU allocator). Transfers: copy bandwidth between device-tier and
+    host-tier buffers. Sharing: how much a copy running on another thread
+    slows a matmul and the other way round (they share cores and memory).
+    """
+    import torch
+
+    n = 512 if quick else 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t_mm = _median_time(lambda: torch.mm(a, b))
+    matmul_flops = 2 * n**3 / t_mm
+
+    size = (16 if quick else 64) * 2**20
+    x = torch.empty(size // 4)
+    y = torch.empty(size // 4)
+    x.fill_(1.0)
+    y.fill_(2.0)
+    t_add = _median_time(lambda: torch.add(x, y, out=x))
+    memory_bandwidth = 3 * size / t_add  # read x, read y, write x
+
+    t_copy = _median_time(lambda: y.copy_(x))
+    copy_bandwidth = 2 * size / t_copy  # read + write
+
+    comp_slow, copy_slow = _measure_sharing(a, b, x, y, t_mm, t_copy)
+    return HardwareProfile(
+        name="auto",
+        matmul_flops=matmul_flops,
+        memory_bandwidth=memory_bandwidth,
+        d2h_bandwidth=copy_bandwidth / 2,
+        h2d_bandwidth=copy_bandwidth / 2,
+        device_memory=_physical_memory(),
+        host_memory_bandwidth=memory_bandwidth,
+        cpu_adam_params_per_s=memory_bandwidth / 28,  # fp32 AdamW: 16 B read + 12 B written per parameter
+        host_memory=_physical_memory(),
+        op_overhead_s=_measure_overhead(),
+        compute_slowdown={q: comp_slow for q in ("d2h", "h2d")},
+        queue_slowdown={q: copy_slow for q in ("d2h", "h2d")},
+        source=f"measured on {platform.node()} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})",
+    )
+
+
+def _measure_overhead() -> float:
+    import torch
+
+    s = torch.zeros(1)
+    return _median_time(lambda: torch.add(s, s))
+
+
+def _measure_sharing(a, b, x, y, t_mm_alone: float, t_copy_alone: float) -> tuple[float, float]:
+    """Slowdown of a matmul while copies run on a second thread, and of copies during matmuls."""
+    import torch
+
+    stop = threading.Event()
+    copies = [0]
+
+    def copier() -> None:
+        while not stop.is_set():
+            y.copy_(x)  # torch releases the GIL inside the op
+            copies[0] += 1
+
+    thread = threading.Thread(target=copier, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.005)
+        start_copies, start = copies[0], time.perf_counter()
+        t_mm_shared = _median_time(lambda: torch.mm(a, b))
+        elapsed = time.perf_counter() - start
+        done = copies[0] - start_copies
+    finally:
+        stop.set()
+        thread.join()
+    t_copy_shared = elapsed / max(done, 1)
+    comp_slow = max(0.0, t_mm_shared / t_mm_alone - 1.0)
+    copy_slow = max(0.0, t_copy_shared / t_copy_alone - 1.0)
+    return comp_slow, copy_slow
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+

@@ -1,0 +1,427 @@
+"""Keep, swap or recompute each saved activation: policies over a ``Problem``.
+
+Graph-free: a policy takes a ``Problem`` (problem.py), a ``CostModel``'s
+transfer rates and the hardware's sharing, and returns a ``Plan``: one
+``Decision`` per candidate. ``program_for`` turns a plan into the step
+program the simulator runs (simulate.py), and ``predict`` simulates it:
+the planner optimises against exactly the prediction the report shows.
+
+Policies (``POLICIES``): ``keep-all``; ``swap-all`` (every candidate swapped
+out after it is produced and prefetched one swap ahead in backward);
+``recompute-all`` (everything that can be recomputed is); ``auto`` (below).
+
+``auto`` minimises the simulated step time subject to predicted device
+peak <= budget. While the peak is over the budget it takes the candidates
+alive at the peak and frees the cheapest bytes first: swapping costs nothing
+while the transfers hide behind compute (a candidate is ranked by how long
+it would take to recompute, per byte: expensive ones are swapped), and
+beyond the link's capacity each candidate gets the cheaper of swapping or
+recomputing. Swap-ins are scheduled as late as the link allows (least
+memory), swap-out waits as early as the copy is expected to finish. The
+result is compared with every fixed policy and the fastest feasible plan is
+returned, so ``auto`` is never predicted slower than a fixed policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from .errors import BudgetError
+from .options import format_bytes
+from .problem import Candidate, Problem
+from .simulate import Alloc, Compute, Free, Issue, Op, Sharing, Timeline, Wait, simulate
+
+
+class Action(str, enum.Enum):
+    KEEP = "keep"
+    SWAP = "swap"
+    RECOMPUTE = "recompute"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    release_at: int | None = None  # SWAP: forward op after which the swap-out is waited for
+    prefetch_at: int | None = None  # SWAP: backward op before which the swap-in is issued
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the plan's transfers cost: seconds per byte on each link, and compute/copy sharing."""
+
+    d2h_seconds_per_byte: float
+    h2d_seconds_per_byte: float
+    sharing: Sharing = field(default_factory=Sharing)
+
+
+@dataclass
+class Prediction:
+    step_seconds: float
+    peak_device_bytes: int
+    peak_host_bytes: int
+    exposed_seconds: float
+    recompute_seconds: float
+    d2h_bytes: int
+    h2d_bytes: int
+    timeline: Timeline
+
+
+@dataclass
+class Plan:
+    policy: str
+    decisions: dict[str, Decision]
+    prediction: Prediction | None = None
+
+    def count(self, action: Action) -> int:
+        return sum(1 for d in self.decisions.values() if d.action is action)
+
+    def bytes(self, problem: Problem, action: Action) -> int:
+        return sum(c.bytes for c in problem.candidates if self.decisions[c.key].action is action)
+
+
+# -- from a plan to a program ---------------------------------------------------------
+
+
+def _effective_first_use(problem: Problem, decisions: dict[str, Decision]) -> dict[str, int]:
+    """First backward use of each candidate, counting recomputations that read it."""
+    first = {c.key: c.first_bw_use for c in problem.candidates}
+    for c in problem.candidates:
+        if decisions[c.key].action is Action.RECOMPUTE:
+            for need in c.recompute_needs:
+                first[need] = min(first[need], first[c.key])
+    return first
+
+
+# Slots around op i, in the order they run. Before: prefetches start the link early,
+# then waits for data op i needs, then recomputations, then op i's own outputs.
+# After: frees of what died, then new swap-outs, then swap-out waits with their frees.
+_BEFORE = ("prefetch", "wait", "recompute", "alloc")
+_AFTER = ("free", "swap_out", "release")
+
+
+def op_label(i: int, name: str) -> str:
+    """The simulator's name for op ``i`` (op names repeat between forward and backward)."""
+    return f"{i}:{name}"
+
+
+def op_index_of(label: str) -> int | None:
+    head, sep, _ = label.partition(":")
+    return int(head) if sep and head.isdigit() else None
+
+
+def program_for(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates) -> list[Op]:
+    slots: dict[tuple[str, int], list[Op]] = {}
+    first_use = _effective_first_use(problem, plan_decisions)
+
+    def at(slot: str, i: int, *ops: Op) -> None:
+        slots.setdefault((slot, i), []).extend(ops)
+
+    for key, buf in problem.buffers.items():
+        at("alloc", buf.alloc, Alloc(key, buf.bytes))
+        decision = plan_decisions.get(key)
+        if (decision is None or decision.action is Action.KEEP) and buf.free is not None:
+            at("free", buf.free, Free(key))
+    # the h2d link serves swap-ins in issue order: issue them in order of first use
+    for c in sorted(problem.candidates, key=lambda c: (first_use[c.key], c.produced_at)):
+        d = plan_decisions[c.key]
+        if d.action is Action.SWAP:
+            out, inn = f"swap_out:{c.key}", f"swap_in:{c.key}"
+            at("swap_out", c.produced_at, Issue(out, "d2h", c.bytes * rates.d2h_seconds_per_byte),
+               Alloc(f"host:{c.key}", c.bytes, "host"))
+            release = max(d.release_at if d.release_at is not None else c.last_fw_use, c.last_fw_use)
+            at("release", release, Wait(out), Free(c.key))
+            prefetch = min(d.prefetch_at if d.prefetch_at is not None else first_use[c.key], first_use[c.key])
+            at("prefetch", prefetch, Alloc(f"dev:{c.key}", c.bytes),
+               Issue(inn, "h2d", c.bytes * rates.h2d_seconds_per_byte))
+            at("wait", first_use[c.key], Wait(inn), Free(f"host:{c.key}"))
+            at("free", c.last_bw_use, Free(f"dev:{c.key}"))
+        elif d.action is Action.RECOMPUTE:
+            at("free", c.last_fw_use, Free(c.key))
+            at("recompute", first_use[c.key], Alloc(f"re:{c.key}", c.bytes),
+               Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0))
+            at("free", c.last_bw_use, Free(f"re:{c.key}"))
+
+    program: list[Op] = []
+    for i, op in enumerate(problem.ops):
+        for slot in _BEFORE:
+            program.extend(slots.get((slot, i), ()))
+        program.append(Compute(op_label(i, op.name), op.seconds))
+        for slot in _AFTER:
+            program.extend(slots.get((slot, i), ()))
+    return program
+
+
+def predict(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates) -> Prediction:
+    program = program_for(problem, plan_decisions, rates)
+    t = simulate(program, sharing=rates.sharing, initial={"device": problem.resident_bytes})
+    swapped = [c for c in problem.candidates if plan_decisions[c.key].action is Action.SWAP]
+    recompute = sum(
+        c.recompute_seconds or 0.0 for c in problem.candidates if plan_decisions[c.key].action is Action.RECOMPUTE
+    )
+    return Prediction(
+        step_seconds=t.step_seconds,
+        peak_device_bytes=t.peaks["device"],
+        peak_host_bytes=t.peaks["host"],
+        exposed_seconds=t.exposed_seconds,
+        recompute_seconds=recompute,
+        d2h_bytes=sum(c.bytes for c in swapped),
+        h2d_bytes=sum(c.bytes for c in swapped),
+        timeline=t,
+    )
+
+
+# -- scheduling swaps: when to wait for swap-outs, when to issue swap-ins ---------------
+
+
+def _op_times(problem: Problem, decisions: dict[str, Decision]) -> tuple[list[float], list[float]]:
+    """Estimated start and end of every op, counting recomputations (no transfer stalls)."""
+    extra = [0.0] * len(problem.ops)
+    first_use = _effective_first_use(problem, decisions)
+    for c in problem.candidates:
+        if decisions[c.key].action is Action.RECOMPUTE:
+            extra[first_use[c.key]] += c.recompute_seconds or 0.0
+    starts, ends, now = [], [], 0.0
+    for i, op in enumerate(problem.ops):
+        now += extra[i]
+        starts.append(now)
+        now += op.seconds
+        ends.append(now)
+    return starts, ends
+
+
+def schedule_swaps(
+    problem: Problem, decisions: dict[str, Decision], rates: Rates, *, prefetch: str = "just-in-time"
+) -> dict[str, Decision]:
+    """Fill in release and prefetch points of the swapped candidates.
+
+    ``just-in-time``: each swap-in is issued as late as the link (one transfer
+    at a time, in issue order) lets it finish before its first use.
+    ``one-ahead``: each swap-in is issued at the first use of the swapped
+    candidate used just before it (a one-deep prefetch queue).
+    """
+    starts, ends = _op_times(problem, decisions)
+    first_use = _effective_first_use(problem, decisions)
+    swapped = sorted(
+        (c for c in problem.candidates if decisions[c.key].action is Action.SWAP), key=lambda c: c.produced_at
+    )
+    out = dict(decisions)
+    # swap-outs leave in production order; wait for each once it is expected done
+    link_free = 0.0
+    for c in swapped:
+        t = c.bytes * rates.d2h_seconds_per_byte
+        done = max(ends[c.produced_at], link_free) + t
+        link_free = done
+        release = c.last_fw_use
+        while release < problem.n_fw - 1 and ends[release] < done:
+            release += 1
+        out[c.key] = replace(out[c.key], release_at=release)
+    by_use = sorted(swapped, key=lambda c: first_use[c.key])
+    if prefetch == "one-ahead":
+        for prev, c in zip([None] + by_use[:-1], by_use):
+            at = problem.n_fw if prev is None else min(first_use[prev.key], first_use[c.key])
+            out[c.key] = replace(out[c.key], prefetch_at=at)
+        return out
+    # just in time, walking backward from the last use: each transfer must end before
+    # its own first use and before the next transfer (issued later) starts
+    next_start = math.inf
+    for c in reversed(by_use):
+        t = c.bytes * rates.h2d_seconds_per_byte
+        end = min(starts[first_use[c.key]], next_start)
+        start = end - t
+        next_start = start
+        at = first_use[c.key]
+        while at > problem.n_fw and starts[at - 1] >= start:
+            at -= 1
+        # issue one op earlier than the estimate when possible: estimates are not exact
+        if at > problem.n_fw and starts[at] > start:
+            at -= 1
+        out[c.key] = replace(out[c.key], prefetch_at=at)
+    return out
+
+
+# -- policies ----------------------------------------------------------------------------
+
+
+def _all(problem: Problem, action: Callable[[Candidate], Action], reason: str) -> dict[str, Decision]:
+    return {c.key: Decision(action(c), reason=reason) for c in problem.candidates}
+
+
+def keep_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
+    return _finish("keep-all", problem, _all(problem, lambda c: Action.KEEP, "keep-all policy"), rates)
+
+
+def swap_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
+    d = _all(problem, lambda c: Action.SWAP if c.swappable else Action.KEEP, "swap-all policy")
+    return _finish("swap-all", problem, schedule_swaps(problem, d, rates, prefetch="one-ahead"), rates)
+
+
+def recompute_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
+    recomputable = _recomputable_set(problem)
+    d = _all(problem, lambda c: Action.RECOMPUTE if c.key in recomputable else Action.KEEP, "recompute-all policy")
+    return _finish("recompute-all", problem, d, rates)
+
+
+def _recomputable_set(problem: Problem) -> set[str]:
+    """Candidates that can be recomputed together: none reads another recomputed one."""
+    chosen: set[str] = set()
+    cands = {c.key: c for c in problem.candidates}
+    # cheapest per byte first, so a chain keeps its expensive root saved
+    order = sorted(
+        (c for c in problem.candidates if c.recompute_seconds is not None),
+        key=lambda c: c.recompute_seconds / max(c.bytes, 1),
+    )
+    for c in order:
+        if any(n in chosen for n in c.recompute_needs):
+            continue
+        if any(c.key in cands[k].recompute_needs for k in chosen):
+            continue
+        chosen.add(c.key)
+    return chosen
+
+
+def _finish(policy: str, problem: Problem, decisions: dict[str, Decision], rates: Rates) -> Plan:
+    return Plan(policy, decisions, predict(problem, decisions, rates))
+
+
+def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
+    best = keep_all(problem, rates, budget)
+    if budget is None or best.prediction.peak_device_bytes <= budget:
+        return replace(best, policy="auto")
+    decisions = dict(best.decisions)
+    cands = {c.key: c for c in problem.candidates}
+    pred = best.prediction
+    # how many bytes the links can move while compute runs, in each pass
+    hidden_capacity = min(
+        problem.fw_seconds / max(rates.d2h_seconds_per_byte, 1e-30),
+        problem.bw_seconds / max(rates.h2d_seconds_per_byte, 1e-30),
+    )
+    swapped_bytes = 0
+    for _ in range(2 * len(problem.candidates) + 2):
+        if pred.peak_device_bytes <= budget:
+            break
+        peak_time = pred.timeline.peak_at["device"]
+        live = _live_kept_at(problem, decisions, pred.timeline, peak_time)
+        if not live:
+            break
+        need = pred.peak_device_bytes - budget
+        options = []
+        for c in live:
+            swap_cost = math.inf
+            if c.swappable:
+                over = max(0.0, swapped_bytes + c.bytes - hidden_capacity)
+                swap_cost = over * (rates.d2h_seconds_per_byte + rates.h2d_seconds_per_byte)
+            re_cost = c.recompute_seconds if _can_recompute(c, decisions, cands) else math.inf
+            if swap_cost == math.inf and re_cost == math.inf:
+                continue
+            # free swaps rank by how costly recomputing would be (swap what is expensive to redo)
+            if swap_cost <= re_cost:
+                rank = (swap_cost / c.bytes, -(c.recompute_seconds or math.inf) / c.bytes)
+                options.append((rank, c, Action.SWAP))
+            else:
+                options.append(((re_cost / c.bytes, 0.0), c, Action.RECOMPUTE))
+        if not options:
+            break
+        options.sort(key=lambda o: o[0])
+        freed = 0
+        for _, c, action in options:
+            if action is Action.RECOMPUTE and not _can_recompute(c, decisions, cands):
+                continue  # an option taken earlier in this round conflicts with it
+            decisions[c.key] = Decision(action, reason=_reason(action, c))
+            if action is Action.SWAP:
+                swapped_bytes += c.bytes
+            freed += c.bytes
+            if freed >= need:
+                break
+        decisions = schedule_swaps(problem, decisions, rates)
+        pred = predict(problem, decisions, rates)
+    plans = [Plan("auto", decisions, pred)]
+    for fixed in (swap_all, recompute_all):
+        plans.append(fixed(problem, rates, budget))
+    feasible = [p for p in plans if p.prediction.peak_device_bytes <= budget]
+    if not feasible:
+        smallest = min(p.prediction.peak_device_bytes for p in plans + [minimal_memory_plan(problem, rates)])
+        raise BudgetError(
+            f"no plan fits memory_budget={format_bytes(budget)}: the smallest predicted device peak "
+            f"is {format_bytes(smallest)} ({smallest} bytes); raise the budget to at least that",
+            smallest_feasible_bytes=smallest,
+        )
+    best_plan = min(feasible, key=lambda p: p.prediction.step_seconds)
+    return replace(best_plan, policy="auto")
+
+
+def _can_recompute(c: Candidate, decisions: dict[str, Decision], cands: dict[str, Candidate]) -> bool:
+    """Recomputable, and no chain: it reads nothing recomputed, and nothing recomputed reads it."""
+    if c.recompute_seconds is None:
+        return False
+    if any(decisions[n].action is Action.RECOMPUTE for n in c.recompute_needs):
+        return False
+    return not any(
+        d.action is Action.RECOMPUTE and c.key in cands[k].recompute_needs for k, d in decisions.items()
+    )
+
+
+def _reason(action: Action, c: Candidate) -> str:
+    if action is Action.SWAP:
+        return "alive at the peak; the transfer can hide behind compute" if c.recompute_seconds is None or c.recompute_seconds > 0 else "alive at the peak"
+    return f"alive at the peak; recomputing costs {c.recompute_seconds * 1e3:.3f} ms, less than moving it"
+
+
+def _live_kept_at(problem: Problem, decisions: dict[str, Decision], timeline: Timeline, t: float) -> list[Candidate]:
+    """Kept candidates whose device storage is allocated at time ``t``."""
+    span: dict[int, tuple[float, float]] = {}
+    for iv in timeline.intervals:
+        i = op_index_of(iv.name) if iv.resource == "compute" else None
+        if i is not None:
+            span[i] = (iv.start, iv.end)
+    result = []
+    for c in problem.candidates:
+        if decisions[c.key].action is not Action.KEEP:
+            continue
+        start = span.get(c.produced_at, (0.0, 0.0))[0]
+        end = span.get(c.last_bw_use, (math.inf, math.inf))[1]
+        if start <= t <= end:
+            result.append(c)
+    return result
+
+
+def minimal_memory_plan(problem: Problem, rates: Rates) -> Plan:
+    """Every candidate out of device memory (swap, else recompute, else keep), prefetched just in time."""
+    recomputable = _recomputable_set(problem)
+    d = {
+        c.key: Decision(
+            Action.SWAP if c.swappable else (Action.RECOMPUTE if c.key in recomputable else Action.KEEP),
+            reason="smallest peak",
+        )
+        for c in problem.candidates
+    }
+    return _finish("minimal-memory", problem, schedule_swaps(problem, d, rates), rates)
+
+
+POLICIES: dict[str, Callable[[Problem, Rates, int | None], Plan]] = {
+    "auto": auto,
+    "keep-all": keep_all,
+    "swap-all": swap_all,
+    "recompute-all": recompute_all,
+}
+
+
+def solve(policy: str, problem: Problem, rates: Rates, budget: int | None) -> Plan:
+    """The plan of ``policy``; a fixed policy that misses the budget raises ``BudgetError``."""
+    try:
+        fn = POLICIES[policy]
+    except KeyError:
+        raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}") from None
+    plan = fn(problem, rates, budget)
+    if budget is not None and plan.prediction.peak_device_bytes > budget:
+        smallest = min(plan.prediction.peak_device_bytes, minimal_memory_plan(problem, rates).prediction.peak_device_bytes)
+        raise BudgetError(
+            f"policy {policy!r} predicts a device peak of {format_bytes(plan.prediction.peak_device_bytes)}, "
+            f"over memory_budget={format_bytes(budget)}; the smallest predicted peak of any plan is "
+            f"{format_bytes(smallest)} ({smallest} bytes): raise the budget or use policy='auto'",
+            smallest_feasible_bytes=smallest,
+        )
+    return plan

@@ -1,0 +1,230 @@
+"""The planning problem of one training graph, as plain data.
+
+``build_problem`` reads the forward and backward graphs once and produces a
+``Problem``: the ops in execution order with their estimated times, every
+storage the step allocates with when it is allocated and freed, and the
+*candidates*: activation storages the forward keeps for backward, with
+where they are produced and used and what recomputing them would cost.
+Everything after this (solver, simulator, report) works on the ``Problem``
+alone and never looks at a graph.
+
+Indices: ops are numbered in execution order, forward first (``0 ..
+n_fw-1``), then backward (``n_fw ..``). A storage is allocated just before
+its ``alloc`` op and freed just after its ``free`` op (``None``: it outlives
+the step: gradients, the user's outputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .costmodel import CostModel
+from .fxutil import is_dense, storage_base, tensor_val
+from .meta import Role, get_info
+from .shapes import nbytes_expr, nbytes_hint
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    seconds: float
+    phase: str  # "fw" or "bw"
+
+
+@dataclass
+class Buffer:
+    key: str
+    bytes: int
+    alloc: int
+    free: int | None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str  # the storage (its Buffer key)
+    name: str  # the forward node that owns it
+    bytes: int
+    produced_at: int
+    last_fw_use: int
+    first_bw_use: int
+    last_bw_use: int
+    recompute_seconds: float | None  # None: cannot be recomputed (random op, mutation, ...)
+    recompute_needs: tuple[str, ...] = ()  # candidate keys its recomputation reads
+    swappable: bool = True
+    bytes_expr: sympy.Expr | None = None  # ``bytes`` as a possibly symbolic expression
+
+
+@dataclass
+class Problem:
+    ops: list[OpInfo]
+    n_fw: int
+    buffers: dict[str, Buffer]
+    candidates: list[Candidate]
+    resident_bytes: int = 0  # device bytes held outside this graph when it starts (params, ...)
+    fw_seconds: float = 0.0
+    bw_seconds: float = 0.0
+
+    def candidate(self, key: str) -> Candidate:
+        for c in self.candidates:
+            if c.key == key:
+                return c
+        raise KeyError(key)
+
+
+def _recomputable(node: fx.Node) -> bool:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return False  # a random op recomputed would draw new numbers
+    return not target._schema.is_mutable
+
+
+def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Problem:
+    ops: list[OpInfo] = []
+    index: dict[fx.Node, int] = {}
+    for phase, gm in (("fw", fw), ("bw", bw)):
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                index[n] = len(ops)
+                ops.append(OpInfo(n.name, cost.node_seconds(n), phase))
+    n_fw = sum(1 for o in ops if o.phase == "fw")
+
+    key_of: dict[fx.Node, str | None] = {}
+    buffers: dict[str, Buffer] = {}
+    last_use: dict[str, int] = {}
+    survives: set[str] = set()
+
+    def add_buffer(key: str, nbytes: int, alloc: int) -> None:
+        if key not in buffers:
+            buffers[key] = Buffer(key, nbytes, alloc, None)
+
+    # forward: each storage belongs to the node that created it; views share it,
+    # and views of inputs (parameters, ...) own nothing
+    for n in fw.graph.nodes:
+        if n.op == "placeholder":
+            key_of[n] = None
+        elif n.op == "call_function":
+            base = storage_base(n)
+            if base.op == "placeholder":
+                key_of[n] = None
+                continue
+            key = f"fw:{base.name}"
+            key_of[n] = key
+            val = tensor_val(base)
+            if val is not None:
+                add_buffer(key, nbytes_hint(val), index[base])
+    # backward: saved activations continue their forward storage; tangents arrive at its start
+    for n in bw.graph.nodes:
+        info = get_info(n)
+        if n.op == "placeholder":
+            if info is not None and info.role is Role.SAVED and not info.saved_input_view:
+                key_of[n] = f"fw:{info.storage_of}"
+            elif info is not None and info.role is Role.TANGENT and tensor_val(n) is not None:
+                key_of[n] = f"bw:{n.name}"
+                add_buffer(key_of[n], nbytes_hint(tensor_val(n)), n_fw)
+            else:
+                key_of[n] = None
+        elif n.op == "call_function":
+            base = storage_base(n)
+            if base.op == "placeholder":
+                key_of[n] = key_of.get(base)
+                continue
+            key = f"bw:{base.name}"
+            key_of[n] = key
+            val = tensor_val(base)
+            if val is not None:
+                add_buffer(key, nbytes_hint(val), index[base])
+
+    for gm in (fw, bw):
+        for n in gm.graph.nodes:
+            if n.op != "call_function":
+                continue
+            for a in n.all_input_nodes:
+                k = key_of.get(a)
+                if k is not None:
+                    last_use[k] = max(last_use.get(k, -1), index[n])
+            k = key_of.get(n)
+            if k is not None:
+                last_use[k] = max(last_use.get(k, -1), index[n])
+
+    saved_keys: dict[str, fx.Node] = {}
+    saved_nodes: set[fx.Node] = set()
+    fw_out = fw.graph.output_node()
+    out_info = get_info(fw_out)
+    kinds = out_info.outputs if out_info is not None else ()
+    for value, kind in zip(fw_out.args[0], kinds):
+        if not isinstance(value, fx.Node):
+            continue
+        k = key_of.get(value)
+        if k is None:
+            continue
+        if kind.value == "saved":
+            saved_keys.setdefault(k, storage_base(value))
+            saved_nodes.add(value)
+        else:
+            survives.add(k)  # the user holds forward outputs (logits, the loss) through the step
+    for value in bw.graph.output_node().args[0]:
+        if isinstance(value, fx.Node) and key_of.get(value) is not None:
+            survives.add(key_of[value])  # gradients outlive the backward graph
+
+    for key, buf in buffers.items():
+        buf.free = None if key in survives else last_use.get(key, buf.alloc)
+
+    fw_nodes = {n for n in fw.graph.nodes if n.op == "call_function"}
+    candidates = []
+    for key, base in saved_keys.items():
+        if key in survives or key not in buffers:
+            continue
+        uses_fw = [index[u] for n in fw_nodes if key_of.get(n) == key for u in n.users if u in index]
+        uses_bw = [
+            index[u]
+            for n in bw.graph.nodes
+            if key_of.get(n) == key and n.op in ("placeholder", "call_function")
+            for u in n.users
+            if u in index and key_of.get(u) != key  # a view of it is not a use of its data
+        ]
+        if not uses_bw:
+            continue
+        produced = buffers[key].alloc
+        needs: list[str] = []
+        recompute: float | None = cost.node_seconds(base) if _recomputable(base) else None
+        if recompute is not None:
+            # recomputed in backward from what backward already has: graph inputs and
+            # values forward saves as they are (not views of them, not temporaries)
+            for a in base.all_input_nodes:
+                if key_of.get(a) is None:
+                    continue  # a graph input or a view of one: backward can always have it
+                if a in saved_nodes and key_of[a] != key:
+                    needs.append(key_of[a])
+                else:
+                    recompute = None
+                    break
+        candidates.append(
+            Candidate(
+                key=key,
+                name=base.name,
+                bytes=buffers[key].bytes,
+                produced_at=produced,
+                last_fw_use=max(uses_fw, default=produced),
+                first_bw_use=min(uses_bw),
+                last_bw_use=max(uses_bw),
+                recompute_seconds=recompute,
+                recompute_needs=tuple(needs) if recompute is not None else (),
+                swappable=is_dense(tensor_val(base)),
+                bytes_expr=nbytes_expr(tensor_val(base)),
+            )
+        )
+    fw_seconds = sum(o.seconds for o in ops[:n_fw])
+    return Problem(
+        ops=ops,
+        n_fw=n_fw,
+        buffers=buffers,
+        candidates=candidates,
+        fw_seconds=fw_seconds,
+        bw_seconds=sum(o.seconds for o in ops[n_fw:]),
+    )

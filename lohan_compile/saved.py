@@ -1,0 +1,111 @@
+"""The values forward saves for backward, paired with backward's placeholders.
+
+AOTAutograd's layout after partitioning: the forward graph returns the user
+outputs, then the saved tensors, then saved opaque objects, then saved
+symbolic sizes; the backward graph takes the saved symbolic sizes first, then
+the opaque objects, then the saved tensors, then the tangents (and backward
+RNG state or tokens). Tensors pair with tensors in order, sizes with sizes.
+
+``SavedValues`` reads that layout and edits both sides together (replace
+the forward value of a slot, remove a slot, add a slot), keeping the output
+descriptors consistent, so a rewrite never has to count positions itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
+
+from .aot import is_backward_only_input, output_descs, output_kind
+from .meta import Kind
+
+
+def _is_sym(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _position(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: order[n]
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+class SavedValues:
+    def __init__(self, fw: fx.GraphModule, bw: fx.GraphModule):
+        self.fw, self.bw = fw, bw
+        self._read()
+
+    def _read(self) -> None:
+        out = self.fw.graph.output_node()
+        values = list(out.args[0])
+        kinds = [output_kind(d) for d in output_descs(self.fw)]
+        self.first_saved = next((i for i, k in enumerate(kinds) if k is Kind.SAVED), len(values))
+        saved = [(i, v) for i, (v, k) in enumerate(zip(values, kinds)) if k is Kind.SAVED]
+        self.fw_tensor_slots = [i for i, v in saved if isinstance(v, fx.Node) and _is_tensor(v)]
+        fw_syms = [i for i, v in saved if isinstance(v, fx.Node) and _is_sym(v)]
+        placeholders = [
+            n for n in self.bw.graph.nodes if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
+        ]
+        self.bw_tensors = [n for n in placeholders if _is_tensor(n)]
+        self.bw_syms = [n for n in placeholders if _is_sym(n)]
+        if len(self.fw_tensor_slots) != len(self.bw_tensors) or len(fw_syms) != len(self.bw_syms):
+            raise ValueError(
+                f"forward saves {len(self.fw_tensor_slots)} tensors and {len(fw_syms)} sizes, backward takes "
+                f"{len(self.bw_tensors)} tensors and {len(self.bw_syms)} sizes"
+            )
+
+    def tensor_pairs(self) -> list[tuple[fx.Node, fx.Node]]:
+        """(forward value, backward placeholder) for every saved tensor, in order."""
+        values = self.fw.graph.output_node().args[0]
+        return [(values[i], p) for i, p in zip(self.fw_tensor_slots, self.bw_tensors)]
+
+    def _set_outputs(self, values: list) -> None:
+        out = self.fw.graph.output_node()
+        descs = output_descs(self.fw)
+        # saved slots are numbered 0.. in order, after the user outputs
+        new_descs = descs[: self.first_saved] + [
+            SavedForBackwardsAOTOutput(idx=j) for j in range(len(values) - self.first_saved)
+        ]
+        out.args = (tuple(values),)
+        out.meta["desc"] = new_descs
+
+    def replace_forward_value(self, k: int, node: fx.Node) -> None:
+        """The k-th saved tensor now comes from ``node`` (a swap-out's waited host tensor, say)."""
+        values = list(self.fw.graph.output_node().args[0])
+        values[self.fw_tensor_slots[k]] = node
+        self._set_outputs(values)
+
+    def remove(self, k: int) -> None:
+        """Stop saving the k-th tensor; its backward placeholder must have no users left."""
+        p = self.bw_tensors[k]
+        if p.users:
+            raise ValueError(f"backward placeholder {p.name} is still used by {list(p.users)}")
+        values = list(self.fw.graph.output_node().args[0])
+        del values[self.fw_tensor_slots[k]]
+        self._set_outputs(values)
+        self.bw.graph.erase_node(p)
+        self._read()
+
+    def add(self, fw_value: fx.Node, name: str) -> fx.Node:
+        """Save ``fw_value`` too; returns its new backward placeholder (after the other saved tensors)."""
+        values = list(self.fw.graph.output_node().args[0])
+        at = (self.fw_tensor_slots[-1] + 1) if self.fw_tensor_slots else self.first_saved
+        values.insert(at, fw_value)
+        self._set_outputs(values)
+        # backward takes saved sizes, then saved tensors: the new one goes after both
+        anchors = self.bw_syms + self.bw_tensors
+        anchor = max(anchors, key=_position(self.bw)) if anchors else None
+        if anchor is not None:
+            with self.bw.graph.inserting_after(anchor):
+                p = self.bw.graph.placeholder(name)
+        else:
+            first = next(n for n in self.bw.graph.nodes if n.op == "placeholder")
+            with self.bw.graph.inserting_before(first):
+                p = self.bw.graph.placeholder(name)
+        p.meta.update({k: v for k, v in fw_value.meta.items() if k in ("val", "tensor_meta", "lohan")})
+        self._read()
+        return p

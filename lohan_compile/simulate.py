@@ -1,0 +1,269 @@
+"""A discrete-event simulator of one training step. Graph-free.
+
+A step is a *program*: the operations the step thread runs, in order.
+
+- ``Compute(name, seconds)``: work on the compute stream (``seconds`` is the
+  time it takes with nothing running beside it).
+- ``Issue(name, queue, seconds)``: hand work to an asynchronous queue
+  (``"d2h"``, ``"h2d"``, ``"cpu"`` for the CPU optimizer, ``"ssd_read"``,
+  ``"ssd_write"``) and go on at once; the queue runs its work in issue order,
+  one item at a time.
+- ``Wait(name)``: block until the issued item ``name`` has completed.
+- ``Alloc(buffer, bytes, tier)`` and ``Free(buffer)``: memory on a tier
+  (``"device"``, ``"host"``, ``"ssd"``), at that moment of the step thread.
+
+The simulator returns the timeline (when each item ran), the step time, the
+time the step thread spent blocked in each wait (exposed transfer time), and
+the memory curve and peak of each tier.
+
+Sharing. On a GPU the compute stream and the copy engines are independent.
+On the CPU stand-in, copies run on the same cores and memory bandwidth as
+compute, and slow each other down: ``Sharing`` gives, per queue, how much
+slower compute gets while that queue is busy and how much slower the queue
+gets while compute runs. The simulation follows the changing rates exactly
+(work is tracked in seconds-alone and drained at the current rate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence, Union
+
+QUEUES = ("d2h", "h2d", "cpu", "ssd_read", "ssd_write")
+TIERS = ("device", "host", "ssd")
+
+
+@dataclass(frozen=True)
+class Compute:
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Issue:
+    name: str
+    queue: str
+    seconds: float  # time the item takes on its queue with nothing beside it
+
+    def __post_init__(self) -> None:
+        if self.queue not in QUEUES:
+            raise ValueError(f"unknown queue {self.queue!r}; queues are {QUEUES}")
+
+
+@dataclass(frozen=True)
+class Wait:
+    name: str
+
+
+@dataclass(frozen=True)
+class Alloc:
+    buffer: str
+    bytes: int
+    tier: str = "device"
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise ValueError(f"unknown tier {self.tier!r}; tiers are {TIERS}")
+
+
+@dataclass(frozen=True)
+class Free:
+    buffer: str
+
+
+Op = Union[Compute, Issue, Wait, Alloc, Free]
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Mutual slowdown of compute and each queue when they run at the same time.
+
+    ``compute_slowdown[q]``: compute takes (1 + s) times as long while queue q
+    is busy. ``queue_slowdown[q]``: queue q takes (1 + s) times as long while
+    compute runs. Zero everywhere (the default) means independent engines, as
+    on a GPU.
+    """
+
+    compute_slowdown: Mapping[str, float] = field(default_factory=dict)
+    queue_slowdown: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interval:
+    name: str
+    resource: str  # "compute" or a queue name
+    start: float
+    end: float
+
+
+@dataclass
+class Timeline:
+    intervals: list[Interval]
+    step_seconds: float
+    exposed: dict[str, float]  # wait name -> seconds the step thread was blocked
+    peaks: dict[str, int]  # tier -> highest bytes in use
+    curves: dict[str, list[tuple[float, int]]]  # tier -> (time, bytes in use) after each change
+    peak_at: dict[str, float]  # tier -> first time the peak was reached
+
+    @property
+    def exposed_seconds(self) -> float:
+        return sum(self.exposed.values())
+
+    def busy(self, resource: str) -> float:
+        return sum(i.end - i.start for i in self.intervals if i.resource == resource)
+
+    def interval(self, name: str) -> Interval:
+        for i in self.intervals:
+            if i.name == name:
+                return i
+        raise KeyError(name)
+
+
+class SimulationError(ValueError):
+    pass
+
+
+@dataclass
+class _Item:
+    name: str
+    queue: str
+    remaining: float
+    issued_at: float
+    start: float | None = None
+    end: float | None = None
+
+
+def simulate(
+    program: Sequence[Op],
+    *,
+    sharing: Sharing | None = None,
+    initial: Mapping[str, int] | None = None,
+) -> Timeline:
+    """Run ``program`` and return its timeline. ``initial`` is bytes resident per tier at the start."""
+    sharing = sharing or Sharing()
+    _validate(program)
+    now = 0.0
+    pc = 0  # next op of the step thread
+    compute_left: float | None = None  # seconds-alone left of the running Compute
+    compute_start = 0.0
+    compute_name = ""
+    waiting: str | None = None
+    wait_start = 0.0
+    queues: dict[str, list[_Item]] = {q: [] for q in QUEUES}
+    items: dict[str, _Item] = {}
+    intervals: list[Interval] = []
+    exposed: dict[str, float] = {}
+    sizes: dict[str, tuple[int, str]] = {}
+    in_use = {t: int((initial or {}).get(t, 0)) for t in TIERS}
+    peaks = dict(in_use)
+    peak_at = {t: 0.0 for t in TIERS}
+    curves: dict[str, list[tuple[float, int]]] = {t: [(0.0, in_use[t])] for t in TIERS}
+
+    def change(tier: str, delta: int) -> None:
+        in_use[tier] += delta
+        curves[tier].append((now, in_use[tier]))
+        if in_use[tier] > peaks[tier]:
+            peaks[tier] = in_use[tier]
+            peak_at[tier] = now
+
+    def advance_step_thread() -> None:
+        """Run zero-time ops until the step thread computes, blocks, or ends."""
+        nonlocal pc, compute_left, compute_start, compute_name, waiting, wait_start
+        while compute_left is None and waiting is None and pc < len(program):
+            op = program[pc]
+            pc += 1
+            if isinstance(op, Compute):
+                if op.seconds > 0:
+                    compute_left = op.seconds
+                    compute_start = now
+                    compute_name = op.name
+                else:
+                    intervals.append(Interval(op.name, "compute", now, now))
+            elif isinstance(op, Issue):
+                item = _Item(op.name, op.queue, op.seconds, now)
+                items[op.name] = item
+                queues[op.queue].append(item)
+            elif isinstance(op, Wait):
+                item = items[op.name]
+                if item.end is None:
+                    waiting = op.name
+                    wait_start = now
+                else:
+                    exposed[op.name] = 0.0
+            elif isinstance(op, Alloc):
+                sizes[op.buffer] = (op.bytes, op.tier)
+                change(op.tier, op.bytes)
+            elif isinstance(op, Free):
+                nbytes, tier = sizes.pop(op.buffer)
+                change(tier, -nbytes)
+
+    advance_step_thread()
+    while True:
+        heads = {q: items_[0] for q, items_ in queues.items() if items_}
+        for item in heads.values():
+            if item.start is None:
+                item.start = now
+        busy_queues = [q for q in heads]
+        computing = compute_left is not None
+        if not computing and not heads:
+            if waiting is not None:
+                raise SimulationError(f"wait for {waiting!r} can never finish")
+            break
+        c_rate = 1.0 / (1.0 + sum(sharing.compute_slowdown.get(q, 0.0) for q in busy_queues))
+        q_rate = {q: 1.0 / (1.0 + (sharing.queue_slowdown.get(q, 0.0) if computing else 0.0)) for q in heads}
+        dt = math.inf
+        if computing:
+            dt = compute_left / c_rate
+        for q, item in heads.items():
+            dt = min(dt, item.remaining / q_rate[q])
+        now += dt
+        if computing:
+            compute_left -= dt * c_rate
+        for q, item in heads.items():
+            item.remaining -= dt * q_rate[q]
+        eps = 1e-12 * max(1.0, now)
+        for q, item in heads.items():
+            if item.remaining <= eps:
+                item.end = now
+                queues[q].pop(0)
+                intervals.append(Interval(item.name, q, item.start, now))
+                if waiting == item.name:
+                    exposed[waiting] = now - wait_start
+                    waiting = None
+        if computing and compute_left <= eps:
+            intervals.append(Interval(compute_name, "compute", compute_start, now))
+            compute_left = None
+        advance_step_thread()
+
+    return Timeline(
+        intervals=intervals,
+        step_seconds=now,
+        exposed=exposed,
+        peaks=peaks,
+        curves=curves,
+        peak_at=peak_at,
+    )
+
+
+def _validate(program: Iterable[Op]) -> None:
+    issued: set[str] = set()
+    live: set[str] = set()
+    for op in program:
+        if isinstance(op, Issue):
+            if op.name in issued:
+                raise SimulationError(f"{op.name!r} issued twice")
+            issued.add(op.name)
+        elif isinstance(op, Wait):
+            if op.name not in issued:
+                raise SimulationError(f"wait for {op.name!r} before it was issued")
+        elif isinstance(op, Alloc):
+            if op.buffer in live:
+                raise SimulationError(f"buffer {op.buffer!r} allocated twice")
+            live.add(op.buffer)
+        elif isinstance(op, Free):
+            if op.buffer not in live:
+                raise SimulationError(f"buffer {op.buffer!r} freed but not allocated")
+            live.discard(op.buffer)
+        elif not isinstance(op, Compute):
+            raise SimulationError(f"not an op: {op!r}")

@@ -1,0 +1,207 @@
+"""apply_plan: rewrite the forward and backward graphs as the plan says.
+
+Requires: the plan of ``plan_memory`` (its report), forward and backward
+graphs with roles and saved storages.
+Ensures:
+- RECOMPUTE: forward no longer saves the storage; backward recomputes its
+  producer from what backward already has (graph inputs and other saved
+  values), just before the first backward use, and rebuilds any saved views
+  of it from the recomputed value.
+- SWAP: forward copies the storage to the host tier right after it is
+  produced (``lohan::swap_out``) and waits for the copy after the planned
+  release point, saving the host tensor instead; backward issues
+  ``lohan::swap_in`` before the planned prefetch point and waits
+  (``lohan::wait_tensor``, which returns the tensor, so order is a data edge)
+  just before the first use. Saved views are rebuilt from the swapped-in
+  storage.
+- every inserted node records ``made_by="apply_plan"`` and the action.
+Forward and backward still agree on the saved values (``SavedValues``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..fxutil import storage_base, view_parent
+from ..meta import NodeInfo, Role, set_info
+from ..pipeline import CompileFacts, Graphs, NodeError
+from ..planner import Action, Plan
+from ..problem import Problem
+from ..saved import SavedValues
+
+NAME = "apply_plan"
+
+
+def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
+    report = facts.pass_reports.get("plan_memory") if facts.pass_reports else None
+    if report is None:
+        raise RuntimeError("apply_plan needs the plan of plan_memory")
+    plan: Plan = report["plan"]
+    problem: Problem = report["problem"]
+    fw, bw = graphs.fw, graphs.bw
+    # resolve the plan's op indices to nodes before the graphs change
+    fw_nodes = {n.name: n for n in fw.graph.nodes}
+    bw_nodes = {n.name: n for n in bw.graph.nodes}
+    node_at = [
+        (fw_nodes if op.phase == "fw" else bw_nodes)[op.name] for op in problem.ops
+    ]
+    recomputed = swapped = 0
+    for c in problem.candidates:
+        decision = plan.decisions[c.key]
+        if decision.action is Action.RECOMPUTE:
+            _recompute(fw, bw, fw_nodes[c.name])
+            recomputed += 1
+        elif decision.action is Action.SWAP:
+            release = node_at[max(decision.release_at or c.last_fw_use, c.last_fw_use)]
+            prefetch = node_at[decision.prefetch_at] if decision.prefetch_at is not None else None
+            _swap(fw, bw, fw_nodes[c.name], release, prefetch)
+            swapped += 1
+    fw.graph.eliminate_dead_code()
+    fw.recompile()
+    bw.recompile()
+    return graphs, {"recomputed": recomputed, "swapped": swapped}
+
+
+def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) -> None:
+    set_info(node, NodeInfo(role=role, made_by=NAME, action=action, storage_of=storage))
+
+
+def _saved_with_storage(saved: SavedValues, base: fx.Node) -> list[tuple[int, fx.Node, fx.Node]]:
+    """(slot, forward value, backward placeholder) of every saved tensor sharing ``base``'s storage."""
+    return [
+        (k, v, p) for k, (v, p) in enumerate(saved.tensor_pairs()) if v.op != "placeholder" and storage_base(v) is base
+    ]
+
+
+def _first_user(bw: fx.GraphModule, placeholders: list[fx.Node]) -> fx.Node:
+    users = {u for p in placeholders for u in p.users}
+    for n in bw.graph.nodes:
+        if n in users:
+            return n
+    return bw.graph.output_node()
+
+
+def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: fx.Node) -> fx.Node:
+    """Rebuild the forward view chain base -> ... -> view on top of ``base_value`` in backward."""
+    chain = []
+    node = view
+    while node is not base:
+        chain.append(node)
+        node = view_parent(node)
+        if node is None:
+            raise NodeError(view, "saved view does not lead back to its storage")
+    current = base_value
+    for v in reversed(chain):
+        src = view_parent(v)
+        new = bw.graph.call_function(
+            v.target, *fx.node.map_arg((v.args, v.kwargs), lambda a, src=src, cur=current: cur if a is src else a)
+        )
+        _copy_meta(new, v)
+        _mark(new, Role.BACKWARD, "view")
+        current = new
+    return current
+
+
+def _remove_slots(fw: fx.GraphModule, bw: fx.GraphModule, placeholders: list[fx.Node]) -> None:
+    """Stop saving the values whose backward placeholders are given (now unused)."""
+    doomed = set(placeholders)
+    while True:
+        saved = SavedValues(fw, bw)
+        ks = [k for k, p in enumerate(saved.bw_tensors) if p in doomed]
+        if not ks:
+            return
+        saved.remove(ks[-1])
+
+
+def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
+    saved = SavedValues(fw, bw)
+    slots = _saved_with_storage(saved, base)
+    if not slots:
+        raise NodeError(base, "planned for recomputation but not saved for backward")
+    # what backward has of the producer's inputs
+    anchor = _first_user(bw, [p for _, _, p in slots])
+    in_bw: dict[fx.Node, fx.Node] = {}
+    for a in base.all_input_nodes:
+        p = next((p for v, p in saved.tensor_pairs() if v is a), None)
+        if p is None:
+            root = storage_base(a)
+            if root.op != "placeholder":
+                raise NodeError(base, f"recomputation needs {a.name}, which backward does not have")
+            # a graph input (or a view of one): save the input itself and replay the view
+            root_in_bw = next((p for v, p in saved.tensor_pairs() if v is root), None)
+            if root_in_bw is None:
+                root_in_bw = saved.add(root, f"{root.name}_for_recompute")
+                saved = SavedValues(fw, bw)
+            with bw.graph.inserting_before(anchor):
+                p = root_in_bw if a is root else _replay_view(bw, root_in_bw, a, root)
+        in_bw[a] = p
+    with bw.graph.inserting_before(anchor):
+        args, kwargs = fx.node.map_arg((base.args, base.kwargs), lambda a: in_bw[a])
+        value = bw.graph.call_function(base.target, args, kwargs)
+        _copy_meta(value, base)
+        _mark(value, Role.FORWARD, "recompute", base.name)
+        replacements = [(p, value if v is base else _replay_view(bw, value, v, base)) for _, v, p in slots]
+    for p, new in replacements:
+        p.replace_all_uses_with(new)
+    _remove_slots(fw, bw, [p for p, _ in replacements])
+
+
+def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Node, prefetch: fx.Node | None) -> None:
+    ops = torch.ops.lohan
+    saved = SavedValues(fw, bw)
+    slots = _saved_with_storage(saved, base)
+    if not slots:
+        raise NodeError(base, "planned for swapping but not saved for backward")
+    first = _first_user(bw, [p for _, _, p in slots])
+    if prefetch is None or _order(bw)[prefetch] > _order(bw)[first]:
+        prefetch = first
+    # forward: copy out right after the producer; wait for the copy after the release point
+    with fw.graph.inserting_after(base):
+        out = fw.graph.call_function(ops.swap_out.default, (base,))
+        out.meta["val"] = _host_like(base.meta["val"])
+        _mark(out, Role.FORWARD, "swap_out", base.name)
+    with fw.graph.inserting_after(out if release is base else release):
+        host = fw.graph.call_function(ops.wait_tensor.default, (out,))
+        host.meta["val"] = out.meta["val"]
+        _mark(host, Role.FORWARD, "swap_out_wait", base.name)
+    # forward saves the host copy; backward rebuilds saved views of the storage
+    base_slot = next((k for k, v, _ in slots if v is base), None)
+    if base_slot is not None:
+        saved.replace_forward_value(base_slot, host)
+        host_in_bw = saved.bw_tensors[base_slot]
+    else:
+        host_in_bw = saved.add(host, f"{base.name}_host")
+    host_in_bw.meta["val"] = host.meta["val"]
+    set_info(host_in_bw, NodeInfo(role=Role.SAVED, made_by=NAME, storage_of=base.name))
+    old_users = list(host_in_bw.users)
+    # backward: issue the copy in at the prefetch point, wait just before the first use
+    with bw.graph.inserting_before(prefetch):
+        dev = bw.graph.call_function(ops.swap_in.default, (host_in_bw,))
+        _copy_meta(dev, base)
+        _mark(dev, Role.BACKWARD, "swap_in", base.name)
+    with bw.graph.inserting_before(first):
+        ready = bw.graph.call_function(ops.wait_tensor.default, (dev,))
+        _copy_meta(ready, base)
+        _mark(ready, Role.BACKWARD, "swap_in_wait", base.name)
+        views = [(p, _replay_view(bw, ready, v, base)) for _, v, p in slots if v is not base]
+    for u in old_users:
+        u.replace_input_with(host_in_bw, ready)
+    for p, new in views:
+        p.replace_all_uses_with(new)
+    _remove_slots(fw, bw, [p for p, _ in views])
+
+
+def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
+    dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+
+
+def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _host_like(val: torch.Tensor) -> torch.Tensor:
+    """Fake value of a host-tier copy: same shape and dtype, contiguous, on the CPU."""
+    return val.new_empty(val.shape, device="cpu")

@@ -1,0 +1,187 @@
+"""Planner policies on synthetic problems (no graphs, no torch)."""
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from lohan_compile.errors import BudgetError
+from lohan_compile.planner import (
+    Action, Rates, auto, keep_all, minimal_memory_plan, program_for, recompute_all, schedule_swaps, solve, swap_all,
+)
+from lohan_compile.problem import Buffer, Candidate, OpInfo, Problem
+from lohan_compile.simulate import Issue, Sharing, Wait
+
+
+def layered_problem(layers=4, act_bytes=100, op_s=1.0, recompute_s=0.5, temp_bytes=10):
+    """A chain of layers: each forward op saves one activation that the mirrored backward op reads."""
+    ops = [OpInfo(f"f{i}", op_s, "fw") for i in range(layers)] + [OpInfo(f"b{i}", op_s, "bw") for i in range(layers)]
+    n_fw = layers
+    buffers, candidates = {}, []
+    for i in range(layers):
+        key = f"fw:a{i}"
+        use = 2 * layers - 1 - i
+        buffers[key] = Buffer(key, act_bytes, i, use)
+        candidates.append(Candidate(key, f"a{i}", act_bytes, i, min(i + 1, layers - 1), use, use,
+                                    recompute_s, (f"fw:a{i-1}",) if i else ()))
+        t = f"fw:t{i}"
+        buffers[t] = Buffer(t, temp_bytes, i, i)
+    for j in range(layers):
+        g = f"bw:g{j}"
+        buffers[g] = Buffer(g, 1, layers + j, None)  # gradients outlive the step
+    return Problem(ops, n_fw, buffers, candidates, resident_bytes=50, fw_seconds=layers * op_s, bw_seconds=layers * op_s)
+
+
+FAST = Rates(d2h_seconds_per_byte=1e-6, h2d_seconds_per_byte=1e-6)
+SLOW = Rates(d2h_seconds_per_byte=1e-1, h2d_seconds_per_byte=1e-1)
+
+
+def test_keep_all_peak_is_everything_saved_at_the_turn():
+    p = layered_problem()
+    plan = keep_all(p, FAST, None)
+    # resident + 4 activations + the last forward temporary, at the end of forward
+    assert plan.prediction.peak_device_bytes == 50 + 4 * 100 + 10
+    assert plan.prediction.step_seconds == pytest.approx(8.0)
+    assert plan.prediction.d2h_bytes == 0
+
+
+def test_swap_all_hides_transfers_on_a_fast_link_and_lowers_the_peak():
+    p = layered_problem()
+    plan = swap_all(p, FAST, None)
+    assert plan.count(Action.SWAP) == 4
+    # only the activation produced last is exposed: forward must wait for its copy before returning
+    assert plan.prediction.exposed_seconds <= 2 * 100 * 1e-6 + 1e-9
+    assert plan.prediction.peak_device_bytes < keep_all(p, FAST, None).prediction.peak_device_bytes
+    assert plan.prediction.d2h_bytes == plan.prediction.h2d_bytes == 400
+    assert plan.prediction.peak_host_bytes > 0
+
+
+def test_swap_all_on_a_slow_link_is_exposed():
+    plan = swap_all(layered_problem(), SLOW, None)
+    assert plan.prediction.exposed_seconds > 1.0
+
+
+def test_recompute_all_never_chains_recomputations():
+    p = layered_problem()
+    plan = recompute_all(p, FAST, None)
+    chosen = {k for k, d in plan.decisions.items() if d.action is Action.RECOMPUTE}
+    assert chosen
+    for c in p.candidates:
+        if c.key in chosen:
+            assert not set(c.recompute_needs) & chosen
+    assert plan.prediction.recompute_seconds == pytest.approx(0.5 * len(chosen))
+
+
+def test_auto_meets_the_budget_with_free_swaps_on_a_fast_link():
+    p = layered_problem()
+    full = keep_all(p, FAST, None).prediction.peak_device_bytes
+    plan = auto(p, FAST, budget=full - 150)
+    assert plan.prediction.peak_device_bytes <= full - 150
+    assert plan.prediction.step_seconds == pytest.approx(8.0, rel=1e-3)  # nothing exposed, nothing recomputed
+
+
+def test_auto_prefers_recomputation_when_the_link_is_slow():
+    p = layered_problem()
+    full = keep_all(p, SLOW, None).prediction.peak_device_bytes
+    plan = auto(p, SLOW, budget=full - 150)
+    assert plan.prediction.peak_device_bytes <= full - 150
+    assert plan.count(Action.RECOMPUTE) >= 1
+    for fixed in (swap_all, recompute_all):
+        other = fixed(p, SLOW, None)
+        if other.prediction.peak_device_bytes <= full - 150:
+            assert plan.prediction.step_seconds <= other.prediction.step_seconds + 1e-9
+
+
+def test_infeasible_budget_raises_with_the_smallest_feasible_budget():
+    p = layered_problem()
+    smallest = minimal_memory_plan(p, FAST).prediction.peak_device_bytes
+    with pytest.raises(BudgetError) as e:
+        auto(p, FAST, budget=60)
+    assert e.value.smallest_feasible_bytes is not None and e.value.smallest_feasible_bytes <= smallest
+    assert str(e.value.smallest_feasible_bytes) in str(e.value)
+    # that budget is then feasible
+    assert auto(p, FAST, budget=e.value.smallest_feasible_bytes).prediction.peak_device_bytes <= e.value.smallest_feasible_bytes
+
+
+def test_fixed_policy_over_budget_raises():
+    p = layered_problem()
+    with pytest.raises(BudgetError, match="keep-all"):
+        solve("keep-all", p, FAST, budget=100)
+
+
+@st.composite
+def problems(draw):
+    layers = draw(st.integers(1, 12))
+    ops = [OpInfo(f"f{i}", draw(st.floats(0.01, 2.0)), "fw") for i in range(layers)]
+    ops += [OpInfo(f"b{i}", draw(st.floats(0.01, 2.0)), "bw") for i in range(layers)]
+    buffers, cands = {}, []
+    for i in range(layers):
+        key = f"fw:a{i}"
+        first = draw(st.integers(layers, 2 * layers - 1))
+        last = draw(st.integers(first, 2 * layers - 1))
+        nbytes = draw(st.integers(1, 1000))
+        buffers[key] = Buffer(key, nbytes, i, last)
+        re = draw(st.one_of(st.none(), st.floats(0.0, 2.0)))
+        needs = (f"fw:a{draw(st.integers(0, i - 1))}",) if i and re is not None and draw(st.booleans()) else ()
+        cands.append(Candidate(key, f"a{i}", nbytes, i, draw(st.integers(i, layers - 1)), first, last, re, needs,
+                               swappable=draw(st.booleans())))
+    return Problem(ops, layers, buffers, cands, resident_bytes=draw(st.integers(0, 100)),
+                   fw_seconds=sum(o.seconds for o in ops[:layers]), bw_seconds=sum(o.seconds for o in ops[layers:]))
+
+
+rates = st.builds(
+    Rates,
+    d2h_seconds_per_byte=st.floats(1e-6, 1e-2),
+    h2d_seconds_per_byte=st.floats(1e-6, 1e-2),
+    sharing=st.sampled_from([Sharing(), Sharing({"d2h": 0.5, "h2d": 0.5}, {"d2h": 0.5, "h2d": 0.5})]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), rates, st.floats(0.0, 1.0))
+def test_auto_meets_any_budget_it_accepts(problem, r, fraction):
+    full = keep_all(problem, r, None).prediction.peak_device_bytes
+    floor = minimal_memory_plan(problem, r).prediction.peak_device_bytes
+    budget = int(floor + fraction * (full - floor))
+    try:
+        plan = auto(problem, r, budget)
+    except BudgetError as e:
+        assert e.smallest_feasible_bytes > budget
+        return
+    assert plan.prediction.peak_device_bytes <= budget
+    for fixed in (keep_all, swap_all, recompute_all):
+        other = fixed(problem, r, None)
+        if other.prediction.peak_device_bytes <= budget:
+            assert plan.prediction.step_seconds <= other.prediction.step_seconds * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), rates)
+def test_swap_in_is_issued_after_its_swap_out_completes(problem, r):
+    d = {c.key: (swap_all(problem, r, None).decisions[c.key]) for c in problem.candidates}
+    d = schedule_swaps(problem, d, r)
+    program = program_for(problem, d, r)
+    position = {}
+    for i, op in enumerate(program):
+        if isinstance(op, (Issue, Wait)):
+            position.setdefault((type(op).__name__, op.name), i)
+    for c in problem.candidates:
+        if d[c.key].action is Action.SWAP:
+            out_wait = position[("Wait", f"swap_out:{c.key}")]
+            in_issue = position[("Issue", f"swap_in:{c.key}")]
+            in_wait = position[("Wait", f"swap_in:{c.key}")]
+            assert out_wait < in_issue < in_wait
+
+
+def test_just_in_time_prefetch_is_never_late_without_contention():
+    p = layered_problem(layers=6)
+    d = schedule_swaps(p, {c.key: swap_all(p, FAST, None).decisions[c.key] for c in p.candidates}, FAST)
+    plan_pred = program_for(p, d, FAST)
+    from lohan_compile.simulate import simulate
+
+    t = simulate(plan_pred)
+    # late only where it could not start earlier: the first thing backward needs
+    for c in p.candidates:
+        if d[c.key].prefetch_at > p.n_fw:
+            assert math.isclose(t.exposed[f"swap_in:{c.key}"], 0.0, abs_tol=1e-9)
+    assert sum(1 for c in p.candidates if d[c.key].prefetch_at > p.n_fw) >= len(p.candidates) - 2
