@@ -8,7 +8,14 @@ See README.md and DESIGN.md. Public names: ``Options``, ``BudgetError``,
 
 from __future__ import annotations
 
-from .errors import BudgetError, ExtensionBuildError, LohanError, PassError
+from .errors import (
+    BudgetError,
+    ExtensionBuildError,
+    HostMemoryError,
+    LohanError,
+    PassError,
+    StorageError,
+)
 from .hardware import HardwareProfile
 from .options import Options, parse_bytes
 from .report import Report
@@ -27,10 +34,12 @@ __all__ = [
     "BudgetError",
     "ExtensionBuildError",
     "HardwareProfile",
+    "HostMemoryError",
     "LohanError",
     "Options",
     "PassError",
     "Report",
+    "StorageError",
     "last_report",
     "parse_bytes",
     "__version__",

@@ -25,3 +25,14 @@ class PassError(LohanError):
 
 class ExtensionBuildError(LohanError):
     """The C++ extension could not be built or loaded."""
+
+
+class HostMemoryError(LohanError, MemoryError):
+    """The host tier cannot hold a block: ``host_memory_budget`` would be exceeded
+    and there is no SSD tier to spill to (or the OS refused the memory)."""
+
+
+class StorageError(LohanError, OSError):
+    """The SSD tier failed: no space, a file-size limit, an I/O error, a short
+    read, a checksum mismatch, or an ``ssd_dir`` that is missing, not a folder
+    or not writable. ``errno`` is set when the OS gave one."""

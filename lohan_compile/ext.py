@@ -5,8 +5,9 @@ installed) and are compiled by ``torch.utils.cpp_extension.load`` the first
 time an op is needed, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 by default ``~/.cache/torch_extensions``). A change to any source, flag or
 torch version triggers a rebuild; otherwise loading takes milliseconds. The
-library registers ops only (``TORCH_LIBRARY_FRAGMENT(lohan, ...)``); it is not
-a Python module, so the ops are reached as ``torch.ops.lohan.*``.
+library registers ops and torch classes only (``TORCH_LIBRARY_FRAGMENT(lohan,
+...)``); it is not a Python module, so they are reached as ``torch.ops.lohan.*``
+and ``torch.classes.lohan.*``.
 
 Set ``LOHAN_EXT_VERBOSE=1`` to see the compiler's output.
 """
@@ -24,7 +25,10 @@ from . import settings
 from .errors import ExtensionBuildError
 
 NAME = "lohan_compile_ext"
-CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing"]
+CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-pthread"]
+# dlopen (the CUDA runtime, found at run time for pinned memory) lives in libdl
+# on glibc < 2.34; the copy engine and SSD tier start threads.
+LDFLAGS = ["-ldl", "-pthread"]
 
 _lock = threading.RLock()
 _loaded = False
@@ -74,11 +78,19 @@ def load() -> None:
             return
         from torch.utils import cpp_extension
 
+        cflags, ldflags, name = CFLAGS, LDFLAGS, NAME
+        sanitize = settings.EXT_SANITIZE.get()
+        if sanitize:
+            # a separate build: never mixed up with the normal one
+            cflags = [*CFLAGS, f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+            ldflags = [*LDFLAGS, f"-fsanitize={sanitize}"]
+            name = f"{NAME}_{sanitize.replace(',', '_')}"
         try:
             cpp_extension.load(
-                name=NAME,
+                name=name,
                 sources=sources(),
-                extra_cflags=CFLAGS,
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
                 is_python_module=False,
                 verbose=settings.EXT_VERBOSE.get(),
             )
@@ -91,7 +103,7 @@ def load() -> None:
                 f"building lohan_compile's C++ extension failed: {type(e).__name__}: {e}\n"
                 "Run again with LOHAN_EXT_VERBOSE=1 to see the compiler output; "
                 "a stale build can be removed from "
-                f"{cpp_extension._get_build_directory(NAME, verbose=False)}."
+                f"{cpp_extension._get_build_directory(name, verbose=False)}."
             ) from e
         _loaded = True
     from . import ops  # noqa: F401  (registers the fake kernels of the ops just loaded)

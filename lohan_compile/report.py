@@ -102,6 +102,7 @@ class Report:
     d2h_bytes: int = 0
     h2d_bytes: int = 0
     measured_peak_bytes: int | None = None
+    host_peak_bytes: int | None = None
 
     @property
     def graphs(self) -> list[GraphRecord]:
@@ -146,7 +147,7 @@ class Report:
             "swapped_bytes": self._forward_total("swapped_bytes_expr"),
             "recomputed_bytes": self._forward_total("recomputed_bytes_expr"),
             "predicted_step_s": self._predicted_sum("predicted_step_s"),
-            "host_peak_bytes": None,
+            "host_peak_bytes": self.host_peak_bytes,
             "d2h_bytes": self.d2h_bytes,
             "h2d_bytes": self.h2d_bytes,
             "measured_step_s": self.step_seconds,

@@ -79,4 +79,10 @@ EXT_VERBOSE: Setting[bool] = Setting(
     "Show the compiler's output while the C++ extension builds.",
 )
 
-ALL: tuple[Setting, ...] = (DEBUG, DISABLE_PASSES, DUMP_DIR, EXT_VERBOSE)
+EXT_SANITIZE: Setting[str | None] = Setting(
+    "LOHAN_EXT_SANITIZE", None, _parse_path,
+    "Build the C++ extension with -fsanitize=<value> (e.g. 'address'), for scripts/sanitize.sh; "
+    "the process must preload the sanitizer's runtime.",
+)
+
+ALL: tuple[Setting, ...] = (DEBUG, DISABLE_PASSES, DUMP_DIR, EXT_VERBOSE, EXT_SANITIZE)

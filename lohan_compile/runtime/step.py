@@ -37,6 +37,46 @@ def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
     return out
 
 
+def _hosttier():
+    """The host-tier module if its extension is already loaded (a step never builds it)."""
+    from .. import ext
+
+    if not ext._loaded:
+        return None
+    from . import hosttier
+
+    return hosttier
+
+
+def _engine_bytes() -> tuple[int, int]:
+    """Device->host and host->device bytes the copy engine has moved, process-wide.
+
+    Counted by the C++ copy and I/O threads as each chunk lands, so they are
+    the bytes really moved, not the plan's."""
+    ht = _hosttier()
+    if ht is None:
+        return (0, 0)
+    moved = ht.bytes_moved()
+    return moved["d2h_bytes"], moved["h2d_bytes"]
+
+
+def _current_tier():
+    ht = _hosttier()
+    return None if ht is None else ht.current_if_set()
+
+
+def _host_step_begin() -> None:
+    tier = _current_tier()
+    if tier is not None:
+        tier.reset_peak()
+
+
+def _host_peak() -> int | None:
+    """Peak host-tier bytes in use during the step (None when no tier was used)."""
+    tier = _current_tier()
+    return None if tier is None else tier.stats().peak_in_use_bytes
+
+
 class StepTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -48,9 +88,11 @@ class StepTracker:
         self._pending = 0
         self._step_start: float | None = None
         self._device = None
-        # bytes the copy engine moved during the open step (counted where copies happen)
+        # bytes moved during the open step outside the C++ copy engine (Python-side
+        # copies add here); the engine's own counts are added at the step's end
         self.d2h_bytes = 0
         self.h2d_bytes = 0
+        self._engine_base = (0, 0)
 
     def last_report(self) -> Report | None:
         return self._last
@@ -65,6 +107,9 @@ class StepTracker:
                 self._step_start = time.perf_counter()
                 self._device = graph.device
                 device_memory.reset_peak(self._device)
+                # the copy engine's counters and the host tier's peak, from here on
+                self._engine_base = _engine_bytes()
+                _host_step_begin()
             self._pending += 1
             self._runs.append(run)
         return run
@@ -87,11 +132,13 @@ class StepTracker:
             uncounted: dict[int, int] = {}
             for r in self._runs:
                 uncounted.update(r.graph.uncounted_inputs or {})
+            d2h, h2d = _engine_bytes()
             self._last = Report(
                 runs=self._runs,
                 step_seconds=time.perf_counter() - self._step_start,
-                d2h_bytes=self.d2h_bytes,
-                h2d_bytes=self.h2d_bytes,
+                d2h_bytes=self.d2h_bytes + d2h - self._engine_base[0],
+                h2d_bytes=self.h2d_bytes + h2d - self._engine_base[1],
+                host_peak_bytes=_host_peak(),
                 measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
             )
             self._open_step()
