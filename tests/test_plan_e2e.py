@@ -85,7 +85,10 @@ def test_budget_is_met_and_predicted(unplanned, fraction):
     summary = report.summary()
     assert peak <= 1.05 * budget
     assert abs(summary["predicted_peak_bytes"] - peak) <= 0.10 * peak
-    assert summary["recomputed_bytes"] > 0 and summary["budget_bytes"] == budget
+    assert summary["budget_bytes"] == budget
+    assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
+    # the copy engine moved exactly what the plan swaps, each way
+    assert summary["d2h_bytes"] == summary["h2d_bytes"] == summary["swapped_bytes"]
 
 
 def test_planned_training_equals_eager_bitwise():
@@ -99,7 +102,8 @@ def test_planned_training_equals_eager_bitwise():
         assert torch.equal(a, b)
     assert_same_state(eager, compiled)
     report = lohan.last_report()
-    assert report.graphs[0].pass_report("plan_memory")["plan"].count(Action.RECOMPUTE) > 0
+    plan = report.graphs[-1].pass_report("plan_memory")["plan"]
+    assert plan.count(Action.RECOMPUTE) + plan.count(Action.SWAP) > 0
     assert report.summary()["measured_peak_bytes"] <= 1.05 * budget
 
 
