@@ -28,7 +28,7 @@ import torch.fx as fx
 from ..fxutil import storage_base, view_parent
 from ..meta import NodeInfo, Role, set_info
 from ..pipeline import CompileFacts, Graphs, NodeError
-from ..planner import Action, Plan
+from ..planner import Action, Plan, program_for
 from ..problem import Problem
 from ..saved import SavedValues
 
@@ -49,6 +49,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
         (fw_nodes if op.phase == "fw" else bw_nodes)[op.name] for op in problem.ops
     ]
     recomputed = swapped = 0
+    transfers: dict[tuple[str, str], fx.Node] = {}
     for c in problem.candidates:
         decision = plan.decisions[c.key]
         if decision.action is Action.RECOMPUTE:
@@ -57,12 +58,56 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
         elif decision.action is Action.SWAP:
             release = node_at[max(decision.release_at or c.last_fw_use, c.last_fw_use)]
             prefetch = node_at[decision.prefetch_at] if decision.prefetch_at is not None else None
-            _swap(fw, bw, fw_nodes[c.name], release, prefetch)
+            out, host, dev, ready = _swap(fw, bw, fw_nodes[c.name], release, prefetch)
+            transfers[("Issue", f"swap_out:{c.key}")] = out
+            transfers[("Wait", f"swap_out:{c.key}")] = host
+            transfers[("Issue", f"swap_in:{c.key}")] = dev
+            transfers[("Wait", f"swap_in:{c.key}")] = ready
             swapped += 1
+    if transfers:
+        _order_as_planned(program_for(problem, plan.decisions, report["rates"]), node_at, transfers, bw)
     fw.graph.eliminate_dead_code()
     fw.recompile()
     bw.recompile()
     return graphs, {"recomputed": recomputed, "swapped": swapped}
+
+
+def _order_as_planned(
+    program: list, node_at: list[fx.Node], transfers: dict[tuple[str, str], fx.Node], bw: fx.GraphModule
+) -> None:
+    """Put the transfer nodes in exactly the plan's order: between two consecutive ops of
+    the program, its issues and waits go right after the first op, in program order.
+    (Prefetches into backward before its first op go right after backward's placeholders.)
+    Nodes apply_plan built on a waited value (replayed views, recomputations) sit before
+    the op that needs them, so they stay after the wait they read."""
+    from ..planner import op_index_of
+
+    last_placeholder = [n for n in bw.graph.nodes if n.op == "placeholder"][-1]
+    cursor: fx.Node | None = None
+    pending: list[fx.Node] = []
+
+    def flush(next_op: fx.Node | None) -> None:
+        nonlocal cursor
+        for n in pending:
+            if cursor is None or cursor.graph is not n.graph:
+                cursor = last_placeholder if n.graph is bw.graph else None
+            if cursor is None:
+                raise RuntimeError(f"no place for {n.name} before the first forward op")
+            cursor.append(n)
+            cursor = n
+        pending.clear()
+
+    for op in program:
+        kind = type(op).__name__
+        if kind == "Compute":
+            i = op_index_of(op.name)
+            if i is None:
+                continue  # a recomputation: not a node of its own in this order
+            flush(node_at[i])
+            cursor = node_at[i]
+        elif (kind, getattr(op, "name", None)) in transfers:
+            pending.append(transfers[(kind, op.name)])
+    flush(None)
 
 
 def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) -> None:
@@ -192,6 +237,7 @@ def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Nod
     for p, new in views:
         p.replace_all_uses_with(new)
     _remove_slots(fw, bw, [p for p, _ in views])
+    return out, host, dev, ready
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> None:

@@ -1,0 +1,64 @@
+"""The executed order of transfers and waits is the order the plan chose."""
+
+import torch
+
+import lohan_compile as lohan
+from lohan_compile.planner import Action, Rates, program_for
+from lohan_compile.simulate import Issue, Wait
+from models import tiny_llama
+
+
+NAMES = {"swap_out": "lohan::swap_out", "swap_in": "lohan::swap_in", "wait_out": "lohan::wait_tensor",
+         "wait_in": "lohan::wait_tensor"}
+
+
+def executed_events(step):
+    """Run ``step`` under the profiler; the lohan transfer ops in the order they ran, with numel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    events = []
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if e.name in NAMES.values():
+            numel = 1
+            for d in e.input_shapes[0]:
+                numel *= d
+            events.append((e.name, numel))
+    return events
+
+
+def planned_events(plan, problem, rates):
+    sizes = {c.key: c.bytes for c in problem.candidates}
+    events = []
+    for op in program_for(problem, plan.decisions, rates):
+        if isinstance(op, (Issue, Wait)) and op.name.startswith(("swap_out:", "swap_in:")):
+            kind, key = op.name.split(":", 1)
+            direction = kind.split("_")[1]
+            events.append((kind if isinstance(op, Issue) else f"wait_{direction}", sizes[key]))
+    return events
+
+
+def test_executed_transfer_order_equals_the_plan():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=3)
+    ids = torch.randint(0, 128, (4, 96))
+    cm = torch.compile(model, backend="lohan")
+    cm(input_ids=ids, labels=ids).loss.backward()
+    budget = int(lohan.last_report().summary()["measured_peak_bytes"] * 0.6)
+
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="lohan", options={"memory_budget": budget})
+    cm(input_ids=ids, labels=ids).loss.backward()  # compile outside the recording
+    planned = lohan.last_report().graphs[-1].pass_report("plan_memory")
+    plan, problem = planned["plan"], planned["problem"]
+    assert plan.count(Action.SWAP) > 0
+
+    model.zero_grad(set_to_none=True)
+    events = executed_events(lambda: cm(input_ids=ids, labels=ids).loss.backward())
+    hw = lohan.hardware.resolve("auto")
+    rates = Rates(1 / hw.d2h_bandwidth, 1 / hw.h2d_bandwidth, hw.sharing)
+    planned = planned_events(plan, problem, rates)
+    assert [name for name, _ in events] == [NAMES[kind] for kind, _ in planned]
+    for (_, numel), (_, nbytes) in zip(events, planned):
+        assert nbytes % numel == 0 and nbytes // numel in (1, 2, 4, 8)  # the same tensor, in plan order
