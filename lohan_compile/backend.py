@@ -21,13 +21,14 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 
 from . import settings
 from .dump import dump_graphs
-from .errors import LohanError
+from .errors import BudgetError, LohanError
 from .meta import Kind
 from .options import Options
 from .planner import Action
@@ -35,7 +36,7 @@ from .pipeline import CompileFacts, Graphs, InputFact, Pipeline
 from .report import GraphRecord
 from .runtime import device as device_memory
 from .runtime.step import TRACKER
-from .shapes import expr_of
+from .shapes import expr_of, hint_int, planning_sizes
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +57,60 @@ def lohan_backend(
 
 
 class Replanning:
-    """The callable dynamo runs: the compiled graph, planned again when the device holds more
-    than the plan assumed.
+    """The callable dynamo runs: the compiled graph, planned again when the plan no longer fits.
 
-    A plan is made when the graph is compiled, from what is resident then. Later steps can
-    hold more: a torch optimizer creates its state after the first step, another model may
-    be loaded. Before each forward, one counter read compares the device level with the
-    level the plan was made at; when the growth would push the predicted peak past the
-    budget, the graph is compiled and planned again (with the arguments of this call) and
-    the new plan runs from this step on. Graphs with symbolic sizes are not re-planned yet
-    (a warning says so).
+    A plan is made when the graph is compiled, for what is resident then and for the sizes
+    seen then. Later steps can differ:
+    - the device holds more (a torch optimizer creates its state after the first step,
+      another model is loaded): before each forward, one counter read compares the device
+      level with the level the plan was made at; when the growth would push the predicted
+      peak past the budget, the graph is planned again;
+    - a graph with symbolic sizes (dynamo recompiled it for a second shape) runs with a
+      size larger than the plan was made for: it is planned again for 1.5x the new size,
+      so that a slowly growing size does not re-plan at every step.
+    Re-planning runs AOTAutograd and the passes again on the same dynamo graph (its fake
+    inputs, under the tracing context of the first compile, so symbolic sizes stay
+    symbolic); the new plan runs from this call on.
     """
 
-    MAX_REPLANS = 4
+    MAX_REPLANS = 8
+    HEADROOM = 1.5
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
         self.gm = gm
         self.opts = opts
         self.replans = 0
-        self._compile(example_inputs)
+        self.tracing = torch._guards.TracingContext.try_get()
+        self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        self.size_slots = _size_slots(self.fakes)
+        self.planned_sizes = {sym: hint_int(value) for sym, value in _symbol_values(self.fakes).items()}
+        self._compile(example_inputs, example_inputs, None)
 
-    def _compile(self, example_inputs: Sequence[Any]) -> None:
-        compiler = GraphCompiler(self.gm, example_inputs, self.opts)
+    def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None) -> None:
+        compiler = GraphCompiler(self.gm, aot_inputs, self.opts, real_inputs=real_inputs, planning_sizes=sizes)
         self.fn = compiler.compile()
         self.record = compiler.record
         self.planned_level = device_memory.allocated(self.record.device)
+
+    def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
+        grown = False
+        now = dict(self.planned_sizes)
+        for i, dim, sym in self.size_slots:
+            a = args[i]
+            value = a if dim is None else a.shape[dim]
+            if isinstance(value, int) and value > now[sym]:
+                now[sym] = value
+                grown = True
+        if not grown:
+            return None
+        return {s: (int(v * self.HEADROOM) if v > self.planned_sizes[s] else v) for s, v in now.items()}
+
+    def _size_now(self, args: Sequence[Any], sym: Any) -> int:
+        for i, dim, s in self.size_slots:
+            if s == sym:
+                value = args[i] if dim is None else args[i].shape[dim]
+                return int(value)
+        return 0
 
     def _stale(self) -> bool:
         budget, predicted = self.opts.memory_budget, self.record.predicted_peak_bytes
@@ -90,20 +120,63 @@ class Replanning:
         return growth > 0.01 * budget and predicted + growth > budget
 
     def __call__(self, *args: Any) -> Any:
-        if torch.is_grad_enabled() and self._stale():
-            if self.record.symbolic or self.replans >= self.MAX_REPLANS:
-                log.warning(
-                    "lohan %s: the device holds more than its plan assumed, and the graph %s; "
-                    "the step may pass memory_budget", self.record.name,
-                    "has symbolic sizes (not re-planned yet)" if self.record.symbolic else "was re-planned too often",
-                )
-                self.planned_level = device_memory.allocated(self.record.device)  # warn once per growth
-            else:
-                self.replans += 1
-                old = self.record.name
-                self._compile(args)
-                log.info("lohan %s re-planned as %s: the device holds more than when it was planned", old, self.record.name)
+        if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
+            sizes = self._grown_sizes(args) if self.size_slots else None
+            if sizes is not None or self._stale():
+                self._replan(args, sizes, "a size grew past the plan" if sizes else "the device holds more")
         return self.fn(*args)
+
+    def _replan(self, args: Sequence[Any], sizes: dict | None, why: str) -> None:
+        if self.replans >= self.MAX_REPLANS:
+            log.warning("lohan %s: %s, but it was re-planned %d times already; the step may pass "
+                        "memory_budget", self.record.name, why, self.replans)
+            self.planned_level = device_memory.allocated(self.record.device)  # warn once per growth
+            if sizes:
+                self.planned_sizes = sizes
+            return
+        self.replans += 1
+        old = self.record.name
+        if self.size_slots:
+            # keep the graph symbolic: its fake inputs, under the first compile's tracing context;
+            # plan with headroom if that fits the budget, else for exactly the sizes of this call
+            exact = {s: max(v, self._size_now(args, s)) for s, v in self.planned_sizes.items()}
+            for candidate in ([sizes, exact] if sizes else [self.planned_sizes]):
+                try:
+                    with torch._guards.tracing(self.tracing):
+                        self._compile(self.fakes, args, candidate)
+                    self.planned_sizes = candidate
+                    break
+                except BudgetError:
+                    if candidate is not sizes or sizes == exact:
+                        raise
+        else:
+            self._compile(args, args, None)
+        log.info("lohan %s re-planned as %s: %s", old, self.record.name, why)
+
+
+def _symbol_values(fakes: Sequence[Any]) -> dict:
+    out = {}
+    for f in fakes:
+        values = [f] if isinstance(f, torch.SymInt) else (list(f.shape) if isinstance(f, torch.Tensor) else [])
+        for v in values:
+            if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+                out[v.node.expr] = v
+    return out
+
+
+def _size_slots(fakes: Sequence[Any]) -> list[tuple[int, int | None, Any]]:
+    """Where each free size symbol can be read from the call's arguments: (arg, dim or None, symbol)."""
+    slots, seen = [], set()
+    for i, f in enumerate(fakes):
+        if isinstance(f, torch.SymInt) and isinstance(f.node.expr, sympy.Symbol) and f.node.expr not in seen:
+            slots.append((i, None, f.node.expr))
+            seen.add(f.node.expr)
+        elif isinstance(f, torch.Tensor):
+            for d, s in enumerate(f.shape):
+                if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol) and s.node.expr not in seen:
+                    slots.append((i, d, s.node.expr))
+                    seen.add(s.node.expr)
+    return slots
 
 
 def check_supported(opts: Options) -> None:
@@ -172,14 +245,24 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
 class GraphCompiler:
     """Compiles one dynamo graph: AOTAutograd, our passes, then the executor."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        opts: Options,
+        *,
+        real_inputs: Sequence[Any] | None = None,
+        planning_sizes: dict | None = None,
+    ):
         from .passes import default_pipeline
 
+        real_inputs = example_inputs if real_inputs is None else real_inputs
         self.gm = gm
         self.example_inputs = example_inputs
+        self.planning_sizes = planning_sizes
         self.opts = opts
         self.graph_id = next(_graph_ids)
-        self.inputs = describe_inputs(gm, example_inputs)
+        self.inputs = describe_inputs(gm, real_inputs)
         self.pipeline: Pipeline = default_pipeline()
         disabled = opts.disable_passes or settings.DISABLE_PASSES.get()
         self.disabled = self.pipeline.validate_disabled(disabled)
@@ -188,9 +271,9 @@ class GraphCompiler:
         self.record = GraphRecord(
             graph_id=self.graph_id, training=False, executor=opts.executor, budget_bytes=opts.memory_budget
         )
-        self.resident_outside = resident_outside_bytes(example_inputs)
+        self.resident_outside = resident_outside_bytes(real_inputs)
         self.record.device = next(
-            (t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None
+            (t.device for t in real_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None
         )
 
     def compile(self) -> Callable[..., Any]:
@@ -240,7 +323,8 @@ class GraphCompiler:
     # -- helpers ----------------------------------------------------------------
 
     def _run_pipeline(self, graphs: Graphs, facts: CompileFacts) -> Graphs:
-        graphs = self.pipeline.run(graphs, facts, debug=self.debug, disabled=self.disabled)
+        with planning_sizes(self.planning_sizes):
+            graphs = self.pipeline.run(graphs, facts, debug=self.debug, disabled=self.disabled)
         self.record.passes = self.pipeline.records
         saved = self.record.pass_report("classify_saved")
         if saved is not None:

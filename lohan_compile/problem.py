@@ -155,6 +155,10 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
     saved_keys: dict[str, fx.Node] = {}
     saved_nodes: set[fx.Node] = set()
     fw_out = fw.graph.output_node()
+    saved_syms = {
+        v for v, kind in zip(fw_out.args[0], (getattr(get_info(fw_out), "outputs", ()) or ()))
+        if isinstance(v, fx.Node) and kind.value == "saved" and not isinstance(v.meta.get("val"), torch.Tensor)
+    }
     out_info = get_info(fw_out)
     kinds = out_info.outputs if out_info is not None else ()
     for value, kind in zip(fw_out.args[0], kinds):
@@ -197,6 +201,11 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
             # recomputed in backward from what backward already has: graph inputs and
             # values forward saves as they are (not views of them, not temporaries)
             for a in base.all_input_nodes:
+                if not isinstance(a.meta.get("val"), torch.Tensor):
+                    if a not in saved_syms:
+                        recompute = None  # a size backward does not have
+                        break
+                    continue
                 if key_of.get(a) is None:
                     continue  # a graph input or a view of one: backward can always have it
                 if a in saved_nodes and key_of[a] != key:

@@ -47,6 +47,7 @@ class SavedValues:
         saved = [(i, v) for i, (v, k) in enumerate(zip(values, kinds)) if k is Kind.SAVED]
         self.fw_tensor_slots = [i for i, v in saved if isinstance(v, fx.Node) and _is_tensor(v)]
         fw_syms = [i for i, v in saved if isinstance(v, fx.Node) and _is_sym(v)]
+        self.fw_sym_slots = fw_syms
         placeholders = [
             n for n in self.bw.graph.nodes if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
         ]
@@ -62,6 +63,18 @@ class SavedValues:
         """(forward value, backward placeholder) for every saved tensor, in order."""
         values = self.fw.graph.output_node().args[0]
         return [(values[i], p) for i, p in zip(self.fw_tensor_slots, self.bw_tensors)]
+
+    def sym_pairs(self) -> list[tuple[fx.Node, fx.Node]]:
+        """(forward value, backward placeholder) for every saved symbolic size."""
+        values = self.fw.graph.output_node().args[0]
+        return [(values[i], p) for i, p in zip(self.fw_sym_slots, self.bw_syms)]
+
+    def in_backward(self, fw_value: fx.Node) -> fx.Node | None:
+        """The backward placeholder that receives ``fw_value``, if forward saves it."""
+        for v, p in self.tensor_pairs() + self.sym_pairs():
+            if v is fw_value:
+                return p
+        return None
 
     def _set_outputs(self, values: list) -> None:
         out = self.fw.graph.output_node()

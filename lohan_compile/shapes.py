@@ -8,13 +8,30 @@ it with the sizes a graph is really called with (``bind_symbols``).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import sympy
 import torch
 
 # Used only when an unbacked size has no hint at all (data-dependent sizes).
 UNBACKED_FALLBACK = 4096
+
+# Sizes to plan for, overriding the hints (a re-plan for sizes larger than the first ones).
+_PLANNING_SIZES: contextvars.ContextVar[Mapping[sympy.Symbol, int] | None] = contextvars.ContextVar(
+    "lohan_planning_sizes", default=None
+)
+
+
+@contextlib.contextmanager
+def planning_sizes(bindings: Mapping[sympy.Symbol, int] | None) -> Iterator[None]:
+    """Evaluate symbolic sizes with ``bindings`` instead of their hints, in this scope."""
+    token = _PLANNING_SIZES.set({k: sympy.Integer(v) for k, v in bindings.items()} if bindings else None)
+    try:
+        yield
+    finally:
+        _PLANNING_SIZES.reset(token)
 
 
 def expr_of(x: Any) -> sympy.Expr:
@@ -32,6 +49,11 @@ def hint_int(x: Any) -> int:
         return x
     if isinstance(x, torch.SymInt):
         node = x.node
+        override = _PLANNING_SIZES.get()
+        if override:
+            value = sympy.sympify(node.expr.xreplace(override))
+            if value.is_number:
+                return int(value)
         if node.has_hint():
             return int(node.hint)
         shape_env = getattr(node, "shape_env", None)
@@ -87,7 +109,7 @@ def _bind(out: dict, expr: sympy.Expr, value: Any) -> None:
 
 def evaluate(expr: sympy.Expr, bindings: Mapping[sympy.Symbol, int]) -> int | None:
     """The integer value of ``expr`` under ``bindings``; None if a symbol stays free."""
-    value = expr.xreplace(dict(bindings)) if bindings else expr
+    value = sympy.sympify(expr.xreplace(dict(bindings))) if bindings else expr
     return int(value) if value.is_number else None
 
 

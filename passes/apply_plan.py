@@ -129,8 +129,9 @@ def _first_user(bw: fx.GraphModule, placeholders: list[fx.Node]) -> fx.Node:
     return bw.graph.output_node()
 
 
-def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: fx.Node) -> fx.Node:
-    """Rebuild the forward view chain base -> ... -> view on top of ``base_value`` in backward."""
+def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: fx.Node, saved: SavedValues) -> fx.Node:
+    """Rebuild the forward view chain base -> ... -> view on top of ``base_value`` in backward.
+    Other arguments of the views (symbolic sizes) are taken from what forward saves."""
     chain = []
     node = view
     while node is not base:
@@ -141,9 +142,16 @@ def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: f
     current = base_value
     for v in reversed(chain):
         src = view_parent(v)
-        new = bw.graph.call_function(
-            v.target, *fx.node.map_arg((v.args, v.kwargs), lambda a, src=src, cur=current: cur if a is src else a)
-        )
+
+        def in_bw(a: fx.Node, src=src, cur=current) -> fx.Node:
+            if a is src:
+                return cur
+            p = saved.in_backward(a)
+            if p is None:
+                raise NodeError(v, f"replaying this view in backward needs {a.name}, which forward does not save")
+            return p
+
+        new = bw.graph.call_function(v.target, *fx.node.map_arg((v.args, v.kwargs), in_bw))
         _copy_meta(new, v)
         _mark(new, Role.BACKWARD, "view")
         current = new
@@ -170,7 +178,9 @@ def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
     anchor = _first_user(bw, [p for _, _, p in slots])
     in_bw: dict[fx.Node, fx.Node] = {}
     for a in base.all_input_nodes:
-        p = next((p for v, p in saved.tensor_pairs() if v is a), None)
+        p = saved.in_backward(a)
+        if p is None and not isinstance(a.meta.get("val"), torch.Tensor):
+            raise NodeError(base, f"recomputation needs the size {a.name}, which forward does not save")
         if p is None:
             root = storage_base(a)
             if root.op != "placeholder":
@@ -181,14 +191,14 @@ def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
                 root_in_bw = saved.add(root, f"{root.name}_for_recompute")
                 saved = SavedValues(fw, bw)
             with bw.graph.inserting_before(anchor):
-                p = root_in_bw if a is root else _replay_view(bw, root_in_bw, a, root)
+                p = root_in_bw if a is root else _replay_view(bw, root_in_bw, a, root, saved)
         in_bw[a] = p
     with bw.graph.inserting_before(anchor):
         args, kwargs = fx.node.map_arg((base.args, base.kwargs), lambda a: in_bw[a])
         value = bw.graph.call_function(base.target, args, kwargs)
         _copy_meta(value, base)
         _mark(value, Role.FORWARD, "recompute", base.name)
-        replacements = [(p, value if v is base else _replay_view(bw, value, v, base)) for _, v, p in slots]
+        replacements = [(p, value if v is base else _replay_view(bw, value, v, base, saved)) for _, v, p in slots]
     for p, new in replacements:
         p.replace_all_uses_with(new)
     _remove_slots(fw, bw, [p for p, _ in replacements])
@@ -231,7 +241,7 @@ def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Nod
         ready = bw.graph.call_function(ops.wait_tensor.default, (dev,))
         _copy_meta(ready, base)
         _mark(ready, Role.BACKWARD, "swap_in_wait", base.name)
-        views = [(p, _replay_view(bw, ready, v, base)) for _, v, p in slots if v is not base]
+        views = [(p, _replay_view(bw, ready, v, base, saved)) for _, v, p in slots if v is not base]
     for u in old_users:
         u.replace_input_with(host_in_bw, ready)
     for p, new in views:

@@ -2,7 +2,6 @@
 
 import gc
 import os
-import threading
 
 import pytest
 import torch
