@@ -116,7 +116,7 @@ def test_budget_below_any_plan_raises_budget_error_with_the_smallest(unplanned):
     err = getattr(e.value, "inner_exception", e.value)
     err.__traceback__ = None
     del cm, e  # the model (and frames of the traceback holding it) would count against the next budget
-    assert isinstance(err, lohan.BudgetError), repr(e.value)
+    assert isinstance(err, lohan.BudgetError), repr(err)
     assert err.smallest_feasible_bytes > int(unplanned[0] * 0.3)
     # the budget it names is feasible
     peak, _ = measured_peak({"memory_budget": err.smallest_feasible_bytes})
