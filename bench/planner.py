@@ -1,0 +1,165 @@
+"""The activation planner, side by side with the fixed policies, on the CPU stand-in.
+
+For each model and each budget (a fraction of the model's unplanned peak, measured
+in this run), every policy is compiled and trained for a few steps; then the
+policies that meet the budget are timed in interleaved rounds (medians), so that
+drift on a shared machine hits all of them alike. Printed and written as JSON:
+
+- per policy: median step time, measured device peak against the budget, and the
+  simulator's predicted step time and peak (fidelity: predicted / measured);
+- per (model, budget): auto's step time over the best fixed policy's.
+
+    python bench/planner.py [--models llama,gpt2,block] [--fractions 0.3,0.5,0.7] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import lohan_compile as lohan  # noqa: E402
+from lohan_compile.errors import BudgetError  # noqa: E402
+
+POLICIES = ("auto", "swap-all", "recompute-all", "keep-all")
+
+
+def models():
+    from models import Block, tiny_gpt2, tiny_llama
+
+    def lm(m, ids):
+        return m(input_ids=ids, labels=ids).loss
+
+    def block_loss(m, x):
+        return m(x).pow(2).mean()
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        # shapes where activations dominate the parameters
+        "llama": (lambda: tiny_llama(layers=4), lm, torch.randint(0, 128, (8, 256), generator=g)),
+        "gpt2": (lambda: tiny_gpt2(layers=4), lm, torch.randint(0, 128, (8, 256), generator=g)),
+        "block": (lambda: Block(256, 4), block_loss, torch.randn(16, 256, 256, generator=g)),
+    }
+
+
+class Runner:
+    """One compiled copy of a model under one policy and budget."""
+
+    def __init__(self, make, loss, batch, options):
+        torch.manual_seed(0)
+        self.model = make()
+        self.loss, self.batch = loss, batch
+        self.cm = torch.compile(self.model, backend="lohan", options=options)
+
+    def step(self) -> float:
+        self.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        self.loss(self.cm, self.batch).backward()
+        return time.perf_counter() - start
+
+
+def measure(name, make, loss, batch, fractions, rounds, warmup=3):
+    torch._dynamo.reset()
+    base = Runner(make, loss, batch, None)
+    for _ in range(warmup):
+        base.step()
+    unplanned = lohan.last_report().summary()["measured_peak_bytes"]
+    results = []
+    for fraction in fractions:
+        budget = int(unplanned * fraction)
+        runners, info = {}, {}
+        for policy in POLICIES:
+            torch._dynamo.reset()
+            try:
+                r = Runner(make, loss, batch, {"memory_budget": budget, "policy": policy})
+                for _ in range(warmup):
+                    r.step()
+            except Exception as e:  # noqa: BLE001 - BudgetError arrives wrapped by torch
+                inner = getattr(e, "inner_exception", e)
+                if not isinstance(inner, BudgetError):
+                    raise
+                info[policy] = {"feasible": False, "smallest_feasible_bytes": inner.smallest_feasible_bytes}
+                continue
+            s = lohan.last_report().summary()
+            runners[policy] = r
+            info[policy] = {
+                "feasible": True,
+                "measured_peak_bytes": s["measured_peak_bytes"],
+                "peak_over_budget": s["measured_peak_bytes"] / budget,
+                "predicted_peak_bytes": s["predicted_peak_bytes"],
+                "predicted_step_s": s["predicted_step_s"],
+                "swapped_bytes": s["swapped_bytes"],
+                "recomputed_bytes": s["recomputed_bytes"],
+            }
+        times = {p: [] for p in runners}
+        for _ in range(rounds):
+            for p, r in runners.items():  # interleaved
+                times[p].append(r.step())
+        for p in runners:
+            med = statistics.median(times[p])
+            info[p]["step_s"] = med
+            info[p]["predicted_over_measured_step"] = info[p]["predicted_step_s"] / med
+        fixed = [p for p in runners if p != "auto"]
+        best_fixed = min(fixed, key=lambda p: info[p]["step_s"]) if fixed else None
+        row = {
+            "model": name, "fraction": fraction, "budget_bytes": budget, "unplanned_peak_bytes": unplanned,
+            "policies": info, "best_fixed": best_fixed,
+            "auto_over_best_fixed": (info["auto"]["step_s"] / info[best_fixed]["step_s"])
+            if best_fixed and "step_s" in info.get("auto", {}) else None,
+        }
+        results.append(row)
+        print_row(row)
+    return results
+
+
+def print_row(row):
+    from tabulate import tabulate
+
+    print(f"\n{row['model']} at {row['fraction']:.0%} of its unplanned peak "
+          f"({row['budget_bytes'] / 2**20:.1f} of {row['unplanned_peak_bytes'] / 2**20:.1f} MiB)")
+    lines = []
+    for p in POLICIES:
+        i = row["policies"].get(p)
+        if i is None:
+            continue
+        if not i["feasible"]:
+            lines.append([p, "BudgetError", "", "", "", ""])
+            continue
+        lines.append([
+            p, f"{i['step_s'] * 1e3:.1f}", f"{i['peak_over_budget']:.3f}",
+            f"{i['predicted_step_s'] * 1e3:.1f}", f"{i['predicted_over_measured_step']:.2f}",
+            f"{i['predicted_peak_bytes'] / i['measured_peak_bytes']:.3f}",
+        ])
+    print(tabulate(lines, headers=["policy", "step ms (median)", "peak / budget", "predicted ms",
+                                   "pred / meas step", "pred / meas peak"]))
+    if row["auto_over_best_fixed"] is not None:
+        print(f"auto / best fixed ({row['best_fixed']}): {row['auto_over_best_fixed']:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama,gpt2,block")
+    ap.add_argument("--fractions", default="0.3,0.5,0.7")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    lohan.hardware.auto()
+    table = models()
+    results = []
+    for name in args.models.split(","):
+        make, loss, batch = table[name]
+        results += measure(name, make, loss, batch, [float(f) for f in args.fractions.split(",")], args.rounds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
