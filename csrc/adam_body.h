@@ -1,0 +1,164 @@
+// The Adam/AdamW element loop, written once over a vector type V.
+//
+// No include guard on purpose: csrc/adam_kernel.cpp includes this file once per
+// instruction set, each time inside a region compiled for that set
+// (#pragma GCC target) and inside its own namespace, with `V` naming that
+// set's vector wrapper. Templates get the target of the region they are
+// defined in, which is why the body is re-included rather than shared: a
+// template defined outside the region could not inline the intrinsics.
+//
+// Every path computes the same fp32 operations in the same order, and the
+// tail uses `S` (the width-one wrapper) with the same body, so results are
+// bit-identical across instruction sets. The order mirrors ATen's kernels for
+// torch.optim.AdamW's single-tensor path:
+//   g  = grad * grad_scale
+//   p  = p * (1 - lr*wd)                    param.mul_(1 - lr*wd)       (AdamW)
+//   g  = fma(p, wd, g)                      grad.add(param, alpha=wd)   (Adam, L2)
+//   m  = fma(w, g - m, m) | fma(w-1, g - m, g)    exp_avg.lerp_(grad, 1-beta1)
+//   v  = fma((1-beta2)*g, g, v*beta2)       exp_avg_sq.mul_(beta2).addcmul_(g, g, 1-beta2)
+//        (ATen writes self + value*t1*t2; its builds contract that into this fma)
+//   d  = sqrt(v) / bc2_sqrt + eps           (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+//   p  = p + (-step_size*m) / d             param.addcdiv_(exp_avg, denom, value=-step_size)
+
+template <class W, DType D>
+inline typename W::F load_as(const void* base, int64_t i) {
+  if constexpr (D == DType::kFloat32) {
+    return W::load(static_cast<const float*>(base) + i);
+  } else if constexpr (D == DType::kBFloat16) {
+    return W::load_bf16(static_cast<const uint16_t*>(base) + i);
+  } else {
+    return W::load_f16(static_cast<const uint16_t*>(base) + i);
+  }
+}
+
+template <class W, DType D>
+inline void store_as(void* base, int64_t i, typename W::F x) {
+  if constexpr (D == DType::kFloat32) {
+    W::store(static_cast<float*>(base) + i, x);
+  } else if constexpr (D == DType::kBFloat16) {
+    W::store_bf16(static_cast<uint16_t*>(base) + i, x);
+  } else if constexpr (D == DType::kFloat16) {
+    W::store_f16(static_cast<uint16_t*>(base) + i, x);
+  }
+}
+
+// The scalars of Consts broadcast once per call, outside the loop.
+template <class W>
+struct Bcast {
+  typename W::F grad_scale, decay, weight_decay, lerp_coeff, beta2, one_minus_beta2, eps,
+      neg_step_size, bias_correction2_sqrt, zero;
+  bool lerp_small;
+  explicit Bcast(const Consts& c)
+      : grad_scale(W::set1(c.grad_scale)),
+        decay(W::set1(c.decay)),
+        weight_decay(W::set1(c.weight_decay)),
+        // ATen's lerp: weight < 0.5 starts from the old value, else from the end.
+        lerp_coeff(W::set1(std::fabs(c.lerp_weight) < 0.5f ? c.lerp_weight : c.lerp_weight - 1.0f)),
+        beta2(W::set1(c.beta2)),
+        one_minus_beta2(W::set1(c.one_minus_beta2)),
+        eps(W::set1(c.eps)),
+        neg_step_size(W::set1(c.neg_step_size)),
+        bias_correction2_sqrt(W::set1(c.bias_correction2_sqrt)),
+        zero(W::zero()),
+        lerp_small(std::fabs(c.lerp_weight) < 0.5f) {}
+};
+
+template <class W, DType GD, DType OD>
+inline void adam_elems(const Consts& c, const Bcast<W>& k, const TensorArgs& t, int64_t i,
+                       typename W::F& sumsq, typename W::F& nonfinite) {
+  using F = typename W::F;
+  F g = W::mul(load_as<W, GD>(t.grad, i), k.grad_scale);
+  sumsq = W::fmadd(g, g, sumsq);
+  nonfinite = W::fmadd(g, k.zero, nonfinite);  // inf*0 and NaN*0 are NaN; finite*0 adds 0
+  F p = W::load(t.master + i);
+  if (c.has_weight_decay) {
+    if (c.decoupled) {
+      p = W::mul(p, k.decay);
+    } else {
+      g = W::fmadd(p, k.weight_decay, g);
+    }
+  }
+  F m = W::load(t.exp_avg + i);
+  F diff = W::sub(g, m);
+  m = W::fmadd(k.lerp_coeff, diff, k.lerp_small ? m : g);
+  F v = W::mul(W::load(t.exp_avg_sq + i), k.beta2);
+  v = W::fmadd(W::mul(k.one_minus_beta2, g), g, v);
+  F denom = W::add(W::div(W::sqrt(v), k.bias_correction2_sqrt), k.eps);
+  p = W::add(p, W::div(W::mul(k.neg_step_size, m), denom));
+  W::store(t.exp_avg + i, m);
+  W::store(t.exp_avg_sq + i, v);
+  W::store(t.master + i, p);
+  store_as<W, OD>(t.out, i, p);
+}
+
+template <DType GD, DType OD>
+Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
+  const Bcast<V> kv(c);
+  typename V::F sumsq = V::zero(), nonfinite = V::zero();
+  int64_t i = begin;
+  for (; i + V::kWidth <= end; i += V::kWidth) {
+    adam_elems<V, GD, OD>(c, kv, t, i, sumsq, nonfinite);
+  }
+  Stats s{V::reduce_add(sumsq), V::any_nan(nonfinite)};
+  if (i < end) {
+    const Bcast<S> ks(c);
+    float ss = 0.0f, nf = 0.0f;
+    for (; i < end; ++i) adam_elems<S, GD, OD>(c, ks, t, i, ss, nf);
+    s.sumsq += ss;
+    s.nonfinite = s.nonfinite || nf != nf;
+  }
+  return s;
+}
+
+template <DType GD>
+Stats adam_loop_out(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
+  switch (t.out_dtype) {
+    case DType::kNone: return adam_loop<GD, DType::kNone>(c, t, begin, end);
+    case DType::kFloat32: return adam_loop<GD, DType::kFloat32>(c, t, begin, end);
+    case DType::kBFloat16: return adam_loop<GD, DType::kBFloat16>(c, t, begin, end);
+    case DType::kFloat16: return adam_loop<GD, DType::kFloat16>(c, t, begin, end);
+  }
+  return Stats{};
+}
+
+Stats adam_range(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
+  switch (t.grad_dtype) {
+    case DType::kFloat32: return adam_loop_out<DType::kFloat32>(c, t, begin, end);
+    case DType::kBFloat16: return adam_loop_out<DType::kBFloat16>(c, t, begin, end);
+    case DType::kFloat16: return adam_loop_out<DType::kFloat16>(c, t, begin, end);
+    case DType::kNone: break;
+  }
+  return Stats{};
+}
+
+template <DType GD>
+Stats stats_loop(const void* grad, float scale, int64_t begin, int64_t end) {
+  const typename V::F sv = V::set1(scale), zv = V::zero();
+  typename V::F sumsq = V::zero(), nonfinite = V::zero();
+  int64_t i = begin;
+  for (; i + V::kWidth <= end; i += V::kWidth) {
+    typename V::F g = V::mul(load_as<V, GD>(grad, i), sv);
+    sumsq = V::fmadd(g, g, sumsq);
+    nonfinite = V::fmadd(g, zv, nonfinite);
+  }
+  Stats s{V::reduce_add(sumsq), V::any_nan(nonfinite)};
+  float ss = 0.0f, nf = 0.0f;
+  for (; i < end; ++i) {
+    float g = load_as<S, GD>(grad, i) * scale;
+    ss = S::fmadd(g, g, ss);
+    nf = S::fmadd(g, 0.0f, nf);
+  }
+  s.sumsq += ss;
+  s.nonfinite = s.nonfinite || nf != nf;
+  return s;
+}
+
+Stats grad_stats_range(const void* grad, DType gd, float scale, int64_t begin, int64_t end) {
+  switch (gd) {
+    case DType::kFloat32: return stats_loop<DType::kFloat32>(grad, scale, begin, end);
+    case DType::kBFloat16: return stats_loop<DType::kBFloat16>(grad, scale, begin, end);
+    case DType::kFloat16: return stats_loop<DType::kFloat16>(grad, scale, begin, end);
+    case DType::kNone: break;
+  }
+  return Stats{};
+}
