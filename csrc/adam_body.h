@@ -91,15 +91,25 @@ inline void adam_elems(const Consts& c, const Bcast<W>& k, const TensorArgs& t, 
   store_as<W, OD>(t.out, i, p);
 }
 
+// Per-lane fp32 sums of squares are moved into an fp64 total every kFlush
+// vectors, so the norm stays accurate to about 1e-7 however long the chunk.
+constexpr int64_t kFlush = 256;
+
 template <DType GD, DType OD>
 Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
   const Bcast<V> kv(c);
-  typename V::F sumsq = V::zero(), nonfinite = V::zero();
+  Stats s;
+  typename V::F nonfinite = V::zero();
   int64_t i = begin;
-  for (; i + V::kWidth <= end; i += V::kWidth) {
-    adam_elems<V, GD, OD>(c, kv, t, i, sumsq, nonfinite);
+  while (i + V::kWidth <= end) {
+    const int64_t block_end = std::min(end, i + kFlush * V::kWidth);
+    typename V::F sumsq = V::zero();
+    for (; i + V::kWidth <= block_end; i += V::kWidth) {
+      adam_elems<V, GD, OD>(c, kv, t, i, sumsq, nonfinite);
+    }
+    s.sumsq += V::reduce_add(sumsq);
   }
-  Stats s{V::reduce_add(sumsq), V::any_nan(nonfinite)};
+  s.nonfinite = V::any_nan(nonfinite);
   if (i < end) {
     const Bcast<S> ks(c);
     float ss = 0.0f, nf = 0.0f;
@@ -134,14 +144,20 @@ Stats adam_range(const Consts& c, const TensorArgs& t, int64_t begin, int64_t en
 template <DType GD>
 Stats stats_loop(const void* grad, float scale, int64_t begin, int64_t end) {
   const typename V::F sv = V::set1(scale), zv = V::zero();
-  typename V::F sumsq = V::zero(), nonfinite = V::zero();
+  Stats s;
+  typename V::F nonfinite = V::zero();
   int64_t i = begin;
-  for (; i + V::kWidth <= end; i += V::kWidth) {
-    typename V::F g = V::mul(load_as<V, GD>(grad, i), sv);
-    sumsq = V::fmadd(g, g, sumsq);
-    nonfinite = V::fmadd(g, zv, nonfinite);
+  while (i + V::kWidth <= end) {
+    const int64_t block_end = std::min(end, i + kFlush * V::kWidth);
+    typename V::F sumsq = V::zero();
+    for (; i + V::kWidth <= block_end; i += V::kWidth) {
+      typename V::F g = V::mul(load_as<V, GD>(grad, i), sv);
+      sumsq = V::fmadd(g, g, sumsq);
+      nonfinite = V::fmadd(g, zv, nonfinite);
+    }
+    s.sumsq += V::reduce_add(sumsq);
   }
-  Stats s{V::reduce_add(sumsq), V::any_nan(nonfinite)};
+  s.nonfinite = V::any_nan(nonfinite);
   float ss = 0.0f, nf = 0.0f;
   for (; i < end; ++i) {
     float g = load_as<S, GD>(grad, i) * scale;

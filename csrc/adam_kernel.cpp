@@ -14,6 +14,7 @@
 
 #include "adam_kernel.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>

@@ -68,7 +68,7 @@ struct TensorArgs {
 };
 
 // Squared L2 norm of the (scaled) gradient, and whether any element of it was
-// inf or NaN. Accumulated per lane in fp32 within a chunk, across chunks in fp64.
+// inf or NaN. Accumulated per lane in fp32 over at most 256 vectors, then in fp64.
 struct Stats {
   double sumsq = 0.0;
   bool nonfinite = false;
