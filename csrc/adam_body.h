@@ -91,9 +91,24 @@ inline void adam_elems(const Consts& c, const Bcast<W>& k, const TensorArgs& t, 
   store_as<W, OD>(t.out, i, p);
 }
 
-// Per-lane fp32 sums of squares are moved into an fp64 total every kFlush
-// vectors, so the norm stays accurate to about 1e-7 however long the chunk.
+// Sums of squares run in 16 fp32 lanes on every path (16 scalars, two AVX2
+// vectors, one AVX-512 vector), lane j taking elements j, j+16, ..., moved
+// into an fp64 total in lane order every kFlush groups; the last < 16
+// elements go through one scalar sum. So every path adds in the same order:
+// the gradient norm, and the clipping coefficient made from it, are the same
+// bits whatever the instruction set or thread count.
+constexpr int kLanes = 16;
+constexpr int kPer = kLanes / V::kWidth;  // vectors per group of 16 elements
 constexpr int64_t kFlush = 256;
+static_assert(kLanes % V::kWidth == 0, "a group must be whole vectors");
+
+inline double reduce_lanes(const typename V::F (&acc)[kPer]) {
+  float lane[kLanes];
+  for (int j = 0; j < kPer; ++j) V::storeu(lane + j * V::kWidth, acc[j]);
+  double total = 0.0;
+  for (float x : lane) total += x;
+  return total;
+}
 
 template <DType GD, DType OD>
 Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
@@ -101,13 +116,16 @@ Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end
   Stats s;
   typename V::F nonfinite = V::zero();
   int64_t i = begin;
-  while (i + V::kWidth <= end) {
-    const int64_t block_end = std::min(end, i + kFlush * V::kWidth);
-    typename V::F sumsq = V::zero();
-    for (; i + V::kWidth <= block_end; i += V::kWidth) {
-      adam_elems<V, GD, OD>(c, kv, t, i, sumsq, nonfinite);
+  while (i + kLanes <= end) {
+    const int64_t block_end = std::min(end, i + kFlush * kLanes);
+    typename V::F sumsq[kPer];
+    for (auto& a : sumsq) a = V::zero();
+    for (; i + kLanes <= block_end; i += kLanes) {
+      for (int j = 0; j < kPer; ++j) {
+        adam_elems<V, GD, OD>(c, kv, t, i + j * V::kWidth, sumsq[j], nonfinite);
+      }
     }
-    s.sumsq += V::reduce_add(sumsq);
+    s.sumsq += reduce_lanes(sumsq);
   }
   s.nonfinite = V::any_nan(nonfinite);
   if (i < end) {
@@ -147,20 +165,23 @@ Stats stats_loop(const void* grad, float scale, int64_t begin, int64_t end) {
   Stats s;
   typename V::F nonfinite = V::zero();
   int64_t i = begin;
-  while (i + V::kWidth <= end) {
-    const int64_t block_end = std::min(end, i + kFlush * V::kWidth);
-    typename V::F sumsq = V::zero();
-    for (; i + V::kWidth <= block_end; i += V::kWidth) {
-      typename V::F g = V::mul(load_as<V, GD>(grad, i), sv);
-      sumsq = V::fmadd(g, g, sumsq);
-      nonfinite = V::fmadd(g, zv, nonfinite);
+  while (i + kLanes <= end) {
+    const int64_t block_end = std::min(end, i + kFlush * kLanes);
+    typename V::F sumsq[kPer];
+    for (auto& a : sumsq) a = V::zero();
+    for (; i + kLanes <= block_end; i += kLanes) {
+      for (int j = 0; j < kPer; ++j) {
+        const typename V::F g = V::mul(load_as<V, GD>(grad, i + j * V::kWidth), sv);
+        sumsq[j] = V::fmadd(g, g, sumsq[j]);
+        nonfinite = V::fmadd(g, zv, nonfinite);
+      }
     }
-    s.sumsq += V::reduce_add(sumsq);
+    s.sumsq += reduce_lanes(sumsq);
   }
   s.nonfinite = V::any_nan(nonfinite);
   float ss = 0.0f, nf = 0.0f;
   for (; i < end; ++i) {
-    float g = load_as<S, GD>(grad, i) * scale;
+    const float g = load_as<S, GD>(grad, i) * scale;
     ss = S::fmadd(g, g, ss);
     nf = S::fmadd(g, 0.0f, nf);
   }

@@ -106,7 +106,7 @@ struct S {
   static F div(F a, F b) { return a / b; }
   static F sqrt(F a) { return std::sqrt(a); }
   static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }  // a*b + c, one rounding
-  static double reduce_add(F a) { return a; }
+  static void storeu(float* p, F x) { *p = x; }
   static bool any_nan(F a) { return a != a; }
 };
 
@@ -162,13 +162,7 @@ struct V {
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static double reduce_add(F a) {
-    alignas(32) float lane[kWidth];
-    _mm256_store_ps(lane, a);
-    double s = 0.0;
-    for (float x : lane) s += x;
-    return s;
-  }
+  static void storeu(float* p, F x) { _mm256_storeu_ps(p, x); }
   static bool any_nan(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
 };
 
@@ -223,13 +217,7 @@ struct V {
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static double reduce_add(F a) {
-    alignas(64) float lane[kWidth];
-    _mm512_store_ps(lane, a);
-    double s = 0.0;
-    for (float x : lane) s += x;
-    return s;
-  }
+  static void storeu(float* p, F x) { _mm512_storeu_ps(p, x); }
   static bool any_nan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
 };
 

@@ -68,7 +68,8 @@ struct TensorArgs {
 };
 
 // Squared L2 norm of the (scaled) gradient, and whether any element of it was
-// inf or NaN. Accumulated per lane in fp32 over at most 256 vectors, then in fp64.
+// inf or NaN. Summed in 16 fp32 lanes over at most 4096 elements at a time,
+// then in fp64, in the same order on every instruction set (adam_body.h).
 struct Stats {
   double sumsq = 0.0;
   bool nonfinite = false;
