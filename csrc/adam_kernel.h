@@ -5,9 +5,10 @@
 // asked, a copy of the weight in fp32, bf16 or fp16 (round to nearest even).
 // The arithmetic follows torch.optim.AdamW's single-tensor path op for op
 // (same roundings, same operation order, the same fused multiply-adds as
-// ATen's vectorized lerp/add), so the result matches torch to the last bits
-// in practice and every instruction-set path here matches the others bit for
-// bit: the scalar path is the vector body at width one.
+// ATen's vectorized lerp/add) except for one division (see adam_body.h), so
+// the result stays within an ulp or two of torch's per step, and every
+// instruction-set path here matches the others bit for bit: the scalar path
+// is the vector body at width one.
 //
 // This header has no torch dependency; csrc/adam_ops.cpp wraps it into
 // torch.ops.lohan.* and csrc/adam_kernel.cpp holds the SIMD instantiations.
@@ -52,7 +53,7 @@ struct Consts {
   float one_minus_beta2;  // 1 - beta2
   float eps;
   float neg_step_size;    // -lr / (1 - beta1^step)
-  float bias_correction2_sqrt;  // (1 - beta2^step) ** 0.5
+  float inv_bias_correction2_sqrt;  // 1 / (1 - beta2^step) ** 0.5
   bool decoupled;         // AdamW (true) or Adam with L2 penalty (false)
   bool has_weight_decay;  // wd != 0
 };

@@ -168,7 +168,7 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
     c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
     c.eps = static_cast<float>(eps);
     c.neg_step_size = static_cast<float>(-(lr / bias_correction1));
-    c.bias_correction2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5));
+    c.inv_bias_correction2_sqrt = static_cast<float>(1.0 / std::pow(bias_correction2, 0.5));
     c.decoupled = decoupled_weight_decay;
     c.has_weight_decay = weight_decay != 0.0;
   }
