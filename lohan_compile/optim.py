@@ -303,6 +303,12 @@ class CPUAdamW(Optimizer):
 
     def _checked_grad(self, p: torch.Tensor, g: torch.Tensor, where: str,
                       host_grad: bool = False) -> torch.Tensor:
+        # The common case in one expression (this runs for every parameter of every step).
+        if (g.layout == torch.strided and g.dtype in _FLOAT_DTYPES and g.shape == p.shape
+                and g.device.type == "cpu" and (host_grad or g.device == p.device)
+                and g.is_contiguous() and p.is_contiguous() and p.layout == torch.strided
+                and p.dtype in _FLOAT_DTYPES):
+            return g
         if g.layout != torch.strided:
             raise RuntimeError(f"CPUAdamW does not support sparse gradients ({where} has a {g.layout} gradient)")
         if g.dtype not in _FLOAT_DTYPES:
@@ -335,7 +341,7 @@ class CPUAdamW(Optimizer):
         resolved_outs: list[torch.Tensor | None] = []
         for i, p in enumerate(params):
             out = outs[i]
-            if out is None and self._needs_master(p):
+            if out is None and (p.dtype != torch.float32 or p.device.type != "cpu"):
                 if p.device.type != "cpu":
                     raise ValueError(
                         f"CPUAdamW.update_params: parameter {i} is on {p.device}; pass a host "
@@ -358,14 +364,15 @@ class CPUAdamW(Optimizer):
         for (gi, has_out), idx in buckets.items():
             group = self.param_groups[gi]
             beta1, beta2 = group["betas"]
-            masters, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+            masters, exp_avgs, exp_avg_sqs, step_ts = [], [], [], []
             for i in idx:
-                p = params[i]
-                st = self._state_of(p)
-                masters.append(st["master"] if "master" in st else p)
+                st = self._state_of(params[i])
+                masters.append(st.get("master", params[i]))
                 exp_avgs.append(st["exp_avg"])
                 exp_avg_sqs.append(st["exp_avg_sq"])
-                steps.append(float(st["step"]) + 1.0)
+                step_ts.append(st["step"])
+            # the kernel takes each tensor's step count after this update
+            steps = (torch.stack(step_ts) + 1).tolist()
             stats = ops.adam_update(
                 masters, exp_avgs, exp_avg_sqs, [grads[i] for i in idx],
                 [resolved_outs[i] for i in idx] if has_out else [], steps,
@@ -376,8 +383,9 @@ class CPUAdamW(Optimizer):
                 isa=self.isa, num_threads=self._threads(),
             )
             # Counted only once the kernel ran: a rejected call leaves no trace.
-            for i in idx:
-                self.state[params[i]]["step"] += 1
+            torch._foreach_add_(step_ts, 1.0)
+            # The kernel writes through raw pointers: tell autograd the
+            # parameters changed, as torch's in-place optimizer ops do.
             torch.autograd.graph.increment_version([params[i] for i in idx])
             total = total + stats
         return total
