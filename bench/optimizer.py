@@ -163,6 +163,9 @@ def main(argv=None) -> int:
 
     for f in columns.values():  # warm up: state allocation, page faults
         f()
+    # Other processes on the machine skew every column (torch's OpenMP
+    # barriers most of all): say so rather than report quietly.
+    load_before = os.getloadavg()[0]
     names = list(columns)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds):
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
             "bf16": {"need": BF16_GATE, "got": speed_bf16, "pass": speed_bf16 >= BF16_GATE},
         },
         "deepspeed": ds_status,
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
 
@@ -224,6 +228,10 @@ def main(argv=None) -> int:
         share = "" if k == "triad" else f"{100 * gbs(k, b) / triad_gbs:8.0f}%"
         print(f"{k:26s} {med[k] * 1e3:8.1f} {b:7d} {gbs(k, b):7.1f} {share:>9s}")
     print(f"DeepSpeed CPU Adam: {ds_status}")
+    if max(result["load_average_before_after"]) > 0.5:
+        print(f"warning: the machine was busy (1-minute load average "
+              f"{result['load_average_before_after'][0]:.2f} before, "
+              f"{result['load_average_before_after'][1]:.2f} after): figures are noisy")
     print(f"fp32: lohan {speed_fp32:.2f}x torch fused AdamW (gate {FP32_GATE}x: "
           f"{'pass' if speed_fp32 >= FP32_GATE else 'FAIL'})")
     print(f"bf16: lohan {speed_bf16:.2f}x the fastest torch pipeline ({torch_bf16_best}) "

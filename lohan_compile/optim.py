@@ -384,9 +384,13 @@ class CPUAdamW(Optimizer):
             )
             # Counted only once the kernel ran: a rejected call leaves no trace.
             torch._foreach_add_(step_ts, 1.0)
-            # The kernel writes through raw pointers: tell autograd the
-            # parameters changed, as torch's in-place optimizer ops do.
-            torch.autograd.graph.increment_version([params[i] for i in idx])
+            # The kernel writes through raw pointers: bump the version counters
+            # of what it wrote, as torch's in-place optimizer ops do. A parameter
+            # whose new weight went to weights_out was not written.
+            written = masters + exp_avgs + exp_avg_sqs
+            if has_out:
+                written += [resolved_outs[i] for i in idx]
+            torch.autograd.graph.increment_version(written)
             total = total + stats
         return total
 

@@ -373,7 +373,8 @@ def test_update_params_grad_scale_host_dtypes_and_weights_out():
     stats = opt_b.update_params(b, gs, grad_scale=0.25, weights_out=outs)
     assert stats.sumsq == pytest.approx(sum((g.double() * 0.25).square().sum().item() for g in gs), rel=1e-6)
     for p, old, out, ref in zip(b, before, outs, a):
-        assert torch.equal(p, old)  # written to weights_out instead
+        assert torch.equal(p, old) and p._version == 0  # written to weights_out instead
+        assert out._version > 0 and ref._version > 0
         assert torch.equal(out, ref.detach())
         assert torch.equal(opt_b.state[p]["master"], opt_a.state[ref]["master"])
 
@@ -524,3 +525,16 @@ def test_amsgrad_group_is_refused():
     set_grads(ps, grads(SHAPES, 0))
     with pytest.raises(ValueError, match="amsgrad"):
         opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_sees_the_update_as_an_in_place_change(dtype):
+    """Like torch's optimizers, an update bumps the parameter's version counter."""
+    w = torch.nn.Parameter(torch.randn(4, 4).to(dtype))
+    opt = CPUAdamW([w])
+    w.grad = torch.randn(4, 4).to(dtype)
+    x = torch.randn(4, 4, dtype=dtype, requires_grad=True)
+    y = (x @ w).sum()  # saves w for x's gradient
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
