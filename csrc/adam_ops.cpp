@@ -19,6 +19,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -60,13 +61,12 @@ int resolve_threads(int64_t num_threads) {
   return std::max(1, at::get_num_threads());
 }
 
-void check_dense_cpu(const at::Tensor& t, const char* what, size_t i) {
-  TORCH_CHECK(t.layout() == c10::kStrided, "lohan::adam_update: ", what, "[", i,
+void check_dense_cpu(const at::Tensor& t, const char* op, const char* what, size_t i) {
+  TORCH_CHECK(t.layout() == c10::kStrided, "lohan::", op, ": ", what, "[", i,
               "] must be a dense tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device().is_cpu(), "lohan::adam_update: ", what, "[", i,
+  TORCH_CHECK(t.device().is_cpu(), "lohan::", op, ": ", what, "[", i,
               "] must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "lohan::adam_update: ", what, "[", i,
-              "] must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), "lohan::", op, ": ", what, "[", i, "] must be contiguous");
 }
 
 struct Chunk {
@@ -120,10 +120,10 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
   std::vector<adam::Consts> consts(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
-    check_dense_cpu(master[i], "master", i);
-    check_dense_cpu(exp_avg[i], "exp_avg", i);
-    check_dense_cpu(exp_avg_sq[i], "exp_avg_sq", i);
-    check_dense_cpu(grad[i], "grad", i);
+    check_dense_cpu(master[i], "adam_update", "master", i);
+    check_dense_cpu(exp_avg[i], "adam_update", "exp_avg", i);
+    check_dense_cpu(exp_avg_sq[i], "adam_update", "exp_avg_sq", i);
+    check_dense_cpu(grad[i], "adam_update", "grad", i);
     TORCH_CHECK(master[i].scalar_type() == at::kFloat && exp_avg[i].scalar_type() == at::kFloat &&
                     exp_avg_sq[i].scalar_type() == at::kFloat,
                 "lohan::adam_update: master, exp_avg and exp_avg_sq must be float32; tensor ", i,
@@ -144,7 +144,7 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
                nullptr, DType::kNone};
     if (!weight_out.empty()) {
       const at::Tensor& w = weight_out[i];
-      check_dense_cpu(w, "weight_out", i);
+      check_dense_cpu(w, "adam_update", "weight_out", i);
       TORCH_CHECK(dtype_of(w) != DType::kNone, "lohan::adam_update: weight_out[", i,
                   "] must be float32, bfloat16 or float16, got ", w.scalar_type());
       TORCH_CHECK(w.sizes() == master[i].sizes(), "lohan::adam_update: weight_out[", i,
@@ -173,6 +173,15 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
     c.has_weight_decay = weight_decay != 0.0;
   }
 
+  // Threads update different chunks at once: one tensor listed twice would race.
+  std::vector<const float*> starts;
+  for (size_t i = 0; i < n; ++i) {
+    if (numels[i] > 0) starts.push_back(args[i].master);
+  }
+  std::sort(starts.begin(), starts.end());
+  TORCH_CHECK(std::adjacent_find(starts.begin(), starts.end()) == starts.end(),
+              "lohan::adam_update: the same master tensor is listed twice");
+
   const std::vector<Chunk> chunks = cut(numels);
   std::vector<adam::Stats> stats(chunks.size());
   TaskPool::instance().run(
@@ -188,7 +197,7 @@ at::Tensor grad_stats_cpu(at::TensorList grad, double grad_scale, c10::string_vi
   const Isa isa = parse_isa_or_throw(std::string(isa_name));
   std::vector<int64_t> numels(grad.size());
   for (size_t i = 0; i < grad.size(); ++i) {
-    check_dense_cpu(grad[i], "grad", i);
+    check_dense_cpu(grad[i], "grad_stats", "grad", i);
     TORCH_CHECK(dtype_of(grad[i]) != DType::kNone, "lohan::grad_stats: grad[", i,
                 "] must be float32, bfloat16 or float16, got ", grad[i].scalar_type());
     numels[i] = grad[i].numel();

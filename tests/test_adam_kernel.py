@@ -243,6 +243,11 @@ def test_op_errors_are_clear():
         run(([torch.zeros(8)], [torch.zeros(8)], [torch.zeros(8)], [torch.zeros(8)], [torch.zeros(9)], [1.0]))
     with pytest.raises(RuntimeError, match="step\\[0\\] must be at least 1"):
         run(([torch.zeros(8)], [torch.zeros(8)], [torch.zeros(8)], [torch.zeros(8)], [], [0.0]))
+    with pytest.raises(RuntimeError, match="listed twice"):
+        t = torch.zeros(8)
+        run(([t, t], [torch.zeros(8)] * 2, [torch.zeros(8)] * 2, [torch.zeros(8)] * 2, [], [1.0, 1.0]))
+    empty = [torch.zeros(0), torch.zeros(0)]  # no data, nothing to race on
+    run((empty, [torch.zeros(0)] * 2, [torch.zeros(0)] * 2, [torch.zeros(0)] * 2, [], [1.0, 1.0]))
     with pytest.raises(RuntimeError, match="SparseCPU"):  # no kernel for sparse tensors at all
         s = torch.zeros(8).to_sparse()
         run(([torch.zeros(8)], [torch.zeros(8)], [torch.zeros(8)], [s], [], [1.0]))
