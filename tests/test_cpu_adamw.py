@@ -538,3 +538,14 @@ def test_autograd_sees_the_update_as_an_in_place_change(dtype):
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_params_from_generators_and_single_tensors():
+    model = torch.nn.Linear(3, 2)
+    opt = CPUAdamW(model.parameters())  # a generator, read once
+    assert len(opt.param_groups[0]["params"]) == 2
+    extra = torch.nn.Parameter(torch.randn(5))
+    opt.add_param_group({"params": extra, "lr": 0.5})
+    assert opt.param_groups[1]["params"] == [extra] and opt.param_groups[1]["lr"] == 0.5
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {torch.nn.Parameter(torch.randn(2))}})
