@@ -208,6 +208,7 @@ def main(argv=None) -> int:
         "tensors": len(shapes),
         "rounds": args.rounds,
         "median_s": med,
+        "round_s": times,
         "bytes_per_element": dict(rows),
         "gb_per_s": {k: gbs(k, b) for k, b in rows},
         "bandwidth_share": {k: gbs(k, b) / triad_gbs for k, b in rows if k != "triad"},
