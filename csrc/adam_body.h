@@ -47,15 +47,18 @@ inline void store_as(void* base, int64_t i, typename W::F x) {
   }
 }
 
-// The scalars of Consts broadcast once per call, outside the loop.
+// What one loop reads, copied out of Consts and TensorArgs into locals whose
+// address is never taken: the loop stores through float pointers, and under
+// -fno-strict-aliasing (the extension's flags) the compiler would otherwise
+// reload every pointer and flag from memory after each store.
 template <class W>
 struct Bcast {
   typename W::F grad_scale, decay, weight_decay, lerp_coeff, beta2, one_minus_beta2, eps,
       neg_step_size, inv_bias_correction2_sqrt, zero;
-  bool lerp_small;
+  typename W::Sel lerp_from_end;  // 1 - beta1 >= 0.5: ATen's lerp starts from the gradient
   explicit Bcast(const Consts& c)
       : grad_scale(W::set1(c.grad_scale)),
-        decay(W::set1(c.decay)),
+        decay(W::set1(c.has_weight_decay ? c.decay : 1.0f)),
         weight_decay(W::set1(c.weight_decay)),
         // ATen's lerp: weight < 0.5 starts from the old value, else from the end.
         lerp_coeff(W::set1(std::fabs(c.lerp_weight) < 0.5f ? c.lerp_weight : c.lerp_weight - 1.0f)),
@@ -65,35 +68,37 @@ struct Bcast {
         neg_step_size(W::set1(c.neg_step_size)),
         inv_bias_correction2_sqrt(W::set1(c.inv_bias_correction2_sqrt)),
         zero(W::zero()),
-        lerp_small(std::fabs(c.lerp_weight) < 0.5f) {}
+        lerp_from_end(W::sel(!(std::fabs(c.lerp_weight) < 0.5f))) {}
 };
 
-template <class W, DType GD, DType OD>
-inline void adam_elems(const Consts& c, const Bcast<W>& k, const TensorArgs& t, int64_t i,
-                       typename W::F& sumsq, typename W::F& nonfinite) {
+// How weight decay enters, fixed per loop (a template argument, not a flag
+// tested per element). Without weight decay the decoupled form runs with a
+// factor of exactly 1, which leaves every weight as it is.
+enum class Decay { kDecoupled, kL2 };
+
+template <class W, DType GD, DType OD, Decay WD>
+__attribute__((always_inline)) inline void adam_elems(
+    const Bcast<W>& k, float* __restrict master, float* __restrict exp_avg,
+    float* __restrict exp_avg_sq, const void* __restrict grad, void* __restrict out, int64_t i,
+    typename W::F& sumsq, typename W::F& nonfinite) {
   using F = typename W::F;
-  F g = W::mul(load_as<W, GD>(t.grad, i), k.grad_scale);
+  F g = W::mul(load_as<W, GD>(grad, i), k.grad_scale);
   sumsq = W::fmadd(g, g, sumsq);
   nonfinite = W::fmadd(g, k.zero, nonfinite);  // inf*0 and NaN*0 are NaN; finite*0 adds 0
-  F p = W::load(t.master + i);
-  if (c.has_weight_decay) {
-    if (c.decoupled) {
-      p = W::mul(p, k.decay);
-    } else {
-      g = W::fmadd(p, k.weight_decay, g);
-    }
-  }
-  F m = W::load(t.exp_avg + i);
-  F diff = W::sub(g, m);
-  m = W::fmadd(k.lerp_coeff, diff, k.lerp_small ? m : g);
-  F v = W::mul(W::load(t.exp_avg_sq + i), k.beta2);
+  F p = W::load(master + i);
+  if constexpr (WD == Decay::kDecoupled) p = W::mul(p, k.decay);
+  if constexpr (WD == Decay::kL2) g = W::fmadd(p, k.weight_decay, g);
+  F m = W::load(exp_avg + i);
+  const F diff = W::sub(g, m);
+  m = W::fmadd(k.lerp_coeff, diff, W::select(k.lerp_from_end, m, g));
+  F v = W::mul(W::load(exp_avg_sq + i), k.beta2);
   v = W::fmadd(W::mul(k.one_minus_beta2, g), g, v);
-  F denom = W::fmadd(W::sqrt(v), k.inv_bias_correction2_sqrt, k.eps);
+  const F denom = W::fmadd(W::sqrt(v), k.inv_bias_correction2_sqrt, k.eps);
   p = W::add(p, W::div(W::mul(k.neg_step_size, m), denom));
-  W::store(t.exp_avg + i, m);
-  W::store(t.exp_avg_sq + i, v);
-  W::store(t.master + i, p);
-  store_as<W, OD>(t.out, i, p);
+  W::store(exp_avg + i, m);
+  W::store(exp_avg_sq + i, v);
+  W::store(master + i, p);
+  store_as<W, OD>(out, i, p);
 }
 
 // Sums of squares run in 16 fp32 lanes on every path (16 scalars, two AVX2
@@ -115,9 +120,14 @@ inline double reduce_lanes(const typename V::F (&acc)[kPer]) {
   return total;
 }
 
-template <DType GD, DType OD>
+template <DType GD, DType OD, Decay WD>
 Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
   const Bcast<V> kv(c);
+  float* const master = t.master;
+  float* const exp_avg = t.exp_avg;
+  float* const exp_avg_sq = t.exp_avg_sq;
+  const void* const grad = t.grad;
+  void* const out = t.out;
   Stats s;
   typename V::F nonfinite = V::zero();
   int64_t i = begin;
@@ -127,7 +137,8 @@ Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end
     for (auto& a : sumsq) a = V::zero();
     for (; i + kLanes <= block_end; i += kLanes) {
       for (int j = 0; j < kPer; ++j) {
-        adam_elems<V, GD, OD>(c, kv, t, i + j * V::kWidth, sumsq[j], nonfinite);
+        adam_elems<V, GD, OD, WD>(kv, master, exp_avg, exp_avg_sq, grad, out, i + j * V::kWidth,
+                                  sumsq[j], nonfinite);
       }
     }
     s.sumsq += reduce_lanes(sumsq);
@@ -136,20 +147,28 @@ Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end
   if (i < end) {
     const Bcast<S> ks(c);
     float ss = 0.0f, nf = 0.0f;
-    for (; i < end; ++i) adam_elems<S, GD, OD>(c, ks, t, i, ss, nf);
+    for (; i < end; ++i) {
+      adam_elems<S, GD, OD, WD>(ks, master, exp_avg, exp_avg_sq, grad, out, i, ss, nf);
+    }
     s.sumsq += ss;
     s.nonfinite = s.nonfinite || nf != nf;
   }
   return s;
 }
 
+template <DType GD, DType OD>
+Stats adam_loop_mode(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
+  if (c.has_weight_decay && !c.decoupled) return adam_loop<GD, OD, Decay::kL2>(c, t, begin, end);
+  return adam_loop<GD, OD, Decay::kDecoupled>(c, t, begin, end);
+}
+
 template <DType GD>
 Stats adam_loop_out(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
   switch (t.out_dtype) {
-    case DType::kNone: return adam_loop<GD, DType::kNone>(c, t, begin, end);
-    case DType::kFloat32: return adam_loop<GD, DType::kFloat32>(c, t, begin, end);
-    case DType::kBFloat16: return adam_loop<GD, DType::kBFloat16>(c, t, begin, end);
-    case DType::kFloat16: return adam_loop<GD, DType::kFloat16>(c, t, begin, end);
+    case DType::kNone: return adam_loop_mode<GD, DType::kNone>(c, t, begin, end);
+    case DType::kFloat32: return adam_loop_mode<GD, DType::kFloat32>(c, t, begin, end);
+    case DType::kBFloat16: return adam_loop_mode<GD, DType::kBFloat16>(c, t, begin, end);
+    case DType::kFloat16: return adam_loop_mode<GD, DType::kFloat16>(c, t, begin, end);
   }
   return Stats{};
 }
