@@ -331,3 +331,27 @@ def test_pool_serves_concurrent_callers():
     for c, w in zip(cases, want):
         for k in (0, 1, 2, 4):
             assert torch.equal(c[k][0], w[k][0])
+
+
+def _update_in_child(queue):
+    # torch's own OpenMP pool does not survive a fork (libgomp): keep torch's
+    # ops on this thread so that only lohan's pool is under test here.
+    torch.set_num_threads(1)
+    case = make_case(4 * 16384, torch.float32, None)
+    want = clone_case(case)
+    run(want, num_threads=1)
+    run(case, num_threads=2)  # the pool the parent started is gone: the child starts its own
+    queue.put(all(torch.equal(case[k][0], want[k][0]) for k in range(3)))
+
+
+def test_pool_works_in_a_forked_child():
+    import multiprocessing as mp
+
+    run(make_case(4 * 16384, torch.float32, None), num_threads=2)  # parent's workers exist
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_update_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) is True
