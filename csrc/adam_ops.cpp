@@ -156,7 +156,8 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
 
     // Each scalar is computed in double and rounded to fp32 exactly where
     // torch.optim.AdamW's single-tensor path does it (Python floats in, ATen
-    // casting the Python scalar to the tensor's fp32 at each op).
+    // casting the Python scalar to the tensor's fp32 at each op); only the
+    // reciprocal of bc2_sqrt is new (one division less, see adam_body.h).
     const double bias_correction1 = 1.0 - std::pow(beta1, step[i]);
     const double bias_correction2 = 1.0 - std::pow(beta2, step[i]);
     adam::Consts& c = consts[i];
