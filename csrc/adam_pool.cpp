@@ -110,13 +110,15 @@ void TaskPool::run(int64_t n_tasks, int threads, const std::function<void(int64_
   Job job;
   job.fn = &fn;
   job.n = n_tasks;
-  job.helpers_wanted = static_cast<int>(std::min<int64_t>(helpers, kMaxWorkers));
+  // helpers_wanted belongs to the workers once the job is queued: count from a copy.
+  const int wanted = static_cast<int>(std::min<int64_t>(helpers, kMaxWorkers));
+  job.helpers_wanted = wanted;
   {
     std::lock_guard<std::mutex> lk(p->mu);
-    p->grow_to(job.helpers_wanted);
+    p->grow_to(wanted);
     p->jobs.push_back(&job);
   }
-  for (int i = 0; i < job.helpers_wanted; ++i) p->work_cv.notify_one();
+  for (int i = 0; i < wanted; ++i) p->work_cv.notify_one();
   job.work();
   // All tasks are claimed. Withdraw the job so no late helper joins, then wait
   // for the helpers still finishing a task.
