@@ -3,7 +3,7 @@
     cm = torch.compile(model, backend="lohan", options={...})
 
 See README.md and DESIGN.md. Public names: ``Options``, ``BudgetError``,
-``last_report``, ``Report``.
+``last_report``, ``Report``, ``CPUAdamW``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .errors import (
     StorageError,
 )
 from .hardware import HardwareProfile
+from .optim import CPUAdamW
 from .options import Options, parse_bytes
 from .report import Report
 
@@ -32,6 +33,7 @@ def last_report() -> Report | None:
 
 __all__ = [
     "BudgetError",
+    "CPUAdamW",
     "ExtensionBuildError",
     "HardwareProfile",
     "HostMemoryError",

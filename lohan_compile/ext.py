@@ -25,7 +25,9 @@ from . import settings
 from .errors import ExtensionBuildError
 
 NAME = "lohan_compile_ext"
-CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-pthread"]
+# -ffp-contract=off: the CPU optimizer promises the same fp32 roundings on every
+# instruction-set path (csrc/adam_body.h); no multiply-add may be fused behind its back.
+CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-ffp-contract=off", "-pthread"]
 # dlopen (the CUDA runtime, found at run time for pinned memory) lives in libdl
 # on glibc < 2.34; the copy engine and SSD tier start threads.
 LDFLAGS = ["-ldl", "-pthread"]

@@ -1,0 +1,466 @@
+"""``CPUAdamW``: fused mixed-precision AdamW on the CPU, as a ``torch.optim.Optimizer``.
+
+Standalone, it is a drop-in for ``torch.optim.AdamW`` on CPU tensors::
+
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                         max_grad_norm=1.0)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+The math is torch.optim.AdamW's single-tensor path, op for op but for one
+division (see ``csrc/adam_body.h``; results agree with torch to about 1e-7 of
+each tensor's largest value after 100 steps); with ``max_grad_norm`` a step equals
+``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` followed by AdamW,
+with the clipping coefficient fused into the update instead of rewriting the
+gradients (``p.grad`` is left as it was).
+
+bf16/fp16 parameters keep an fp32 master copy in ``state["master"]``; every
+update runs on the master and writes the parameter, rounded to nearest even,
+in the same pass. State tensors always live on the CPU, in fp32; a
+``state_allocator`` lets them come from the host tier.
+
+Gradient offloading calls :meth:`CPUAdamW.update_params` per parameter or per
+bucket while backward runs, with gradients in host buffers of any of fp32,
+bf16 or fp16; the C++ call releases the GIL and runs on the optimizer's own
+threads (``num_threads``, default ``torch.get_num_threads()``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
+
+StateAllocator = Callable[[torch.Size, torch.dtype], torch.Tensor]
+
+
+def _ops():
+    # Imported on first use: importing lohan_compile must not build C++.
+    from . import adam_ops
+
+    return adam_ops
+
+
+def _default_allocator(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
+def _describe(p: torch.Tensor) -> str:
+    return f"shape {tuple(p.shape)}, {p.dtype}, on {p.device}"
+
+
+class CPUAdamW(Optimizer):
+    """AdamW (or Adam with an L2 penalty) over fp32 masters, fused in one pass per element.
+
+    Args:
+        params: parameters or param-group dicts, as for any ``torch.optim.Optimizer``.
+            float32, bfloat16 or float16, dense and contiguous.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (per group).
+        max_grad_norm: clip the global gradient norm (over all groups) to this
+            value before the update, exactly as ``clip_grad_norm_`` would; None
+            to not clip.
+        decoupled_weight_decay: True for AdamW (``p -= lr*wd*p``), False for
+            Adam's L2 penalty (``g += wd*p``) (per group).
+        maximize: ascend instead of descend (per group).
+        num_threads: threads per update; None follows ``torch.get_num_threads()``.
+        isa: ``"auto"`` or a forced SIMD path (``"scalar"``, ``"avx2"``,
+            ``"avx512"``, ``"avx512_bf16"``), mostly for tests.
+        state_allocator: ``f(shape, dtype) -> CPU tensor`` (uninitialised is fine)
+            for the fp32 master and moments; default ``torch.empty``.
+
+    After a ``step()``, ``last_grad_norm`` is the global norm of the gradients
+    before clipping (what ``clip_grad_norm_`` returns) and ``found_inf`` tells
+    whether any gradient element was inf or NaN (the update still ran, as in
+    torch).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        max_grad_norm: float | None = None,
+        *,
+        decoupled_weight_decay: bool = True,
+        maximize: bool = False,
+        num_threads: int | None = None,
+        isa: str = "auto",
+        state_allocator: StateAllocator | None = None,
+    ):
+        lr = float(lr)
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid epsilon value: {eps}")
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}: need two values in [0, 1)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay value: {weight_decay}")
+        if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        if num_threads is not None and int(num_threads) < 1:
+            raise ValueError(f"num_threads must be at least 1 or None, got {num_threads}")
+        if isa not in _ISAS:
+            raise ValueError(f"isa={isa!r}: choose one of {', '.join(_ISAS)}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.num_threads = None if num_threads is None else int(num_threads)
+        self.isa = isa
+        self.state_allocator = state_allocator or _default_allocator
+        self.last_grad_norm: float | None = None
+        self.found_inf = False
+        self._group_of: dict[torch.Tensor, int] = {}
+        defaults = dict(
+            lr=lr,
+            betas=(float(betas[0]), float(betas[1])),
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+            maximize=bool(maximize),
+        )
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # a set is refused by the base class: unordered
+            params = list(params)  # a generator must be read once, here
+            for i, p in enumerate(params):
+                self._check_param(p, f"parameter {i} of the new param group")
+        param_group = {**param_group, "params": params}
+        super().add_param_group(param_group)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", True)
+            group.setdefault("maximize", False)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("num_threads", None)
+        self.__dict__.setdefault("isa", "auto")
+        self.__dict__.setdefault("state_allocator", _default_allocator)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("found_inf", False)
+        self._index_groups()
+
+    @staticmethod
+    def _check_param(p: Any, where: str) -> None:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"CPUAdamW: {where} is a {type(p).__name__}, not a tensor")
+        if p.layout != torch.strided:
+            raise ValueError(f"CPUAdamW: {where} is a {p.layout} tensor; only dense parameters are supported")
+        if p.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"CPUAdamW: {where} has dtype {p.dtype}; supported are float32, bfloat16 and float16"
+            )
+        if not p.is_contiguous():
+            raise ValueError(
+                f"CPUAdamW: {where} ({_describe(p)}) is not contiguous; the fused kernel updates "
+                "parameters in place as flat arrays (make the parameter contiguous first)"
+            )
+
+    # ------------------------------------------------------------------- state
+
+    def _needs_master(self, p: torch.Tensor) -> bool:
+        return p.dtype != torch.float32 or p.device.type != "cpu"
+
+    def _alloc(self, shape: torch.Size) -> torch.Tensor:
+        t = self.state_allocator(shape, torch.float32)
+        if t.device.type != "cpu" or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"CPUAdamW: state_allocator returned {_describe(t)}; expected a CPU float32 "
+                f"tensor of shape {tuple(shape)}"
+            )
+        if not t.is_contiguous():
+            raise ValueError("CPUAdamW: state_allocator returned a non-contiguous tensor")
+        return t
+
+    def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = self._alloc(p.shape).zero_()
+            state["exp_avg_sq"] = self._alloc(p.shape).zero_()
+            if self._needs_master(p):
+                state["master"] = self._alloc(p.shape).copy_(p.detach())
+        return state
+
+    # ------------------------------------------------------------------ update
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One AdamW step over every parameter that has a gradient (after optional clipping)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = f"parameter {pi} of param group {gi}"
+                if p.device.type != "cpu":
+                    raise RuntimeError(
+                        f"CPUAdamW.step(): {where} is on {p.device}; step() updates CPU "
+                        "parameters. With parameters on an accelerator, hand host gradients and "
+                        "host weight buffers to update_params()."
+                    )
+                params.append(p)
+                grads.append(self._checked_grad(p, p.grad, where))
+        self.found_inf = False
+        if not params:
+            self.last_grad_norm = 0.0 if self.max_grad_norm is not None else None
+            return loss
+        grad_scale = 1.0
+        if self.max_grad_norm is not None:
+            stats = _ops().grad_stats(grads, isa=self.isa, num_threads=self._threads())
+            self.last_grad_norm, grad_scale = self.clip_coefficient(stats.sumsq)
+            stats = self._update(params, grads, [None] * len(params), grad_scale)
+            self.found_inf = stats.nonfinite
+        else:
+            stats = self._update(params, grads, [None] * len(params), grad_scale)
+            self.last_grad_norm = stats.norm
+            self.found_inf = stats.nonfinite
+        return loss
+
+    def clip_coefficient(self, sumsq: float) -> tuple[float, float]:
+        """``(total_norm, coefficient)`` that ``clip_grad_norm_(max_norm=max_grad_norm)``
+        computes from the gradients' global squared norm.
+
+        The coefficient is computed on fp32 scalars with torch's own expression
+        (``max_norm / (total_norm + 1e-6)``, clamped to 1), so it rounds as
+        torch's does. Without ``max_grad_norm`` the coefficient is 1.
+        """
+        total = torch.tensor(math.sqrt(sumsq), dtype=torch.float32)
+        if self.max_grad_norm is None:
+            return float(total), 1.0
+        clip_coef = self.max_grad_norm / (total + 1e-6)
+        return float(total), float(torch.clamp(clip_coef, max=1.0))
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def update_params(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None] | None = None,
+        *,
+        grad_scale: float = 1.0,
+        weights_out: Sequence[torch.Tensor | None] | None = None,
+    ):
+        """Update some parameters now: the entry point of gradient offloading.
+
+        Args:
+            params: parameters of this optimizer (any groups, any order, each once).
+            grads: one CPU gradient per parameter (fp32, bf16 or fp16, the
+                parameter's shape, contiguous), or None to use ``p.grad``.
+            grad_scale: multiplies every gradient before the update, e.g.
+                ``1/loss_scale * clip coefficient`` (see :meth:`clip_coefficient`).
+            weights_out: where to write each updated weight (a CPU tensor of the
+                parameter's shape, fp32/bf16/fp16), or None: then a CPU
+                bf16/fp16 parameter is written in place, an fp32 CPU parameter
+                is its own master, and a parameter on another device needs a
+                host buffer here.
+
+        Each parameter's step count advances by one. Safe to call from a thread
+        other than the one running the model (the C++ part releases the GIL),
+        as long as no two calls update the same parameter at once. Returns
+        :class:`~lohan_compile.adam_ops.GradStats` of the scaled gradients.
+        """
+        params = list(params)
+        n = len(params)
+        grads_in = [None] * n if grads is None else list(grads)
+        outs_in = [None] * n if weights_out is None else list(weights_out)
+        if len(grads_in) != n or len(outs_in) != n:
+            raise ValueError(
+                f"CPUAdamW.update_params: got {n} params, {len(grads_in)} grads and "
+                f"{len(outs_in)} weights_out"
+            )
+        if len({id(p) for p in params}) != n:
+            raise ValueError("CPUAdamW.update_params: a parameter is listed twice")
+        checked = []
+        for i, (p, g) in enumerate(zip(params, grads_in)):
+            where = f"update_params: parameter {i}"
+            if p not in self._group_of:
+                raise ValueError(f"CPUAdamW.{where} ({_describe(p)}) is not in this optimizer")
+            g = p.grad if g is None else g
+            if g is None:
+                raise ValueError(f"CPUAdamW.{where} has no gradient (none passed, p.grad is None)")
+            checked.append(self._checked_grad(p, g, where, host_grad=p.device.type != "cpu"))
+        return self._update(params, checked, outs_in, grad_scale)
+
+    def _checked_grad(self, p: torch.Tensor, g: torch.Tensor, where: str,
+                      host_grad: bool = False) -> torch.Tensor:
+        # The common case in one expression (this runs for every parameter of every step).
+        if (g.layout == torch.strided and g.dtype in _FLOAT_DTYPES and g.shape == p.shape
+                and g.device.type == "cpu" and (host_grad or g.device == p.device)
+                and g.is_contiguous() and p.is_contiguous() and p.layout == torch.strided
+                and p.dtype in _FLOAT_DTYPES):
+            return g
+        if g.layout != torch.strided:
+            raise RuntimeError(f"CPUAdamW does not support sparse gradients ({where} has a {g.layout} gradient)")
+        if g.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"CPUAdamW: the gradient of {where} is {g.dtype}; supported are float32, bfloat16 and float16")
+        if g.shape != p.shape:
+            raise ValueError(
+                f"CPUAdamW: the gradient of {where} has shape {tuple(g.shape)}, the parameter "
+                f"{tuple(p.shape)}"
+            )
+        if g.device.type != "cpu":
+            raise ValueError(
+                f"CPUAdamW: the gradient of {where} is on {g.device}; gradients must be CPU "
+                f"tensors (parameter: {_describe(p)})"
+            )
+        if not host_grad and g.device != p.device:
+            raise ValueError(f"CPUAdamW: the gradient of {where} is on {g.device}, the parameter on {p.device}")
+        self._check_param(p, where)
+        # A strided gradient (e.g. from an expand) is legal in torch: copy it flat.
+        return g if g.is_contiguous() else g.contiguous()
+
+    def _threads(self) -> int:
+        return self.num_threads or torch.get_num_threads()
+
+    def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                outs: list[torch.Tensor | None], grad_scale: float):
+        ops = _ops()
+        # One kernel call per (group, writes-a-weight-copy): the kernel takes
+        # one set of hyperparameters and an all-or-none weight_out list.
+        buckets: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        resolved_outs: list[torch.Tensor | None] = []
+        for i, p in enumerate(params):
+            out = outs[i]
+            if out is None and (p.dtype != torch.float32 or p.device.type != "cpu"):
+                if p.device.type != "cpu":
+                    raise ValueError(
+                        f"CPUAdamW.update_params: parameter {i} is on {p.device}; pass a host "
+                        "buffer for its updated weight in weights_out"
+                    )
+                out = p
+            if out is not None:
+                if out.device.type != "cpu" or out.shape != p.shape or out.dtype not in _FLOAT_DTYPES \
+                        or not out.is_contiguous():
+                    raise ValueError(
+                        f"CPUAdamW.update_params: weights_out[{i}] is {_describe(out)}; expected a "
+                        f"contiguous CPU float tensor of shape {tuple(p.shape)}"
+                    )
+            resolved_outs.append(out)
+            buckets[(self._group_of[p], out is not None)].append(i)
+        for gi, _ in buckets:
+            if self.param_groups[gi].get("amsgrad", False):
+                raise ValueError("CPUAdamW does not implement amsgrad")
+        total = ops.NO_GRADS
+        for (gi, has_out), idx in buckets.items():
+            group = self.param_groups[gi]
+            beta1, beta2 = group["betas"]
+            masters, exp_avgs, exp_avg_sqs, step_ts = [], [], [], []
+            for i in idx:
+                st = self._state_of(params[i])
+                masters.append(st.get("master", params[i]))
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                step_ts.append(st["step"])
+            # the kernel takes each tensor's step count after this update
+            steps = (torch.stack(step_ts) + 1).tolist()
+            stats = ops.adam_update(
+                masters, exp_avgs, exp_avg_sqs, [grads[i] for i in idx],
+                [resolved_outs[i] for i in idx] if has_out else [], steps,
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                grad_scale=-grad_scale if group["maximize"] else grad_scale,
+                isa=self.isa, num_threads=self._threads(),
+            )
+            # Counted only once the kernel ran: a rejected call leaves no trace.
+            torch._foreach_add_(step_ts, 1.0)
+            # The kernel writes through raw pointers: bump the version counters
+            # of what it wrote, as torch's in-place optimizer ops do. A parameter
+            # whose new weight went to weights_out was not written.
+            written = masters + exp_avgs + exp_avg_sqs
+            if has_out:
+                written += [resolved_outs[i] for i in idx]
+            torch.autograd.graph.increment_version(written)
+            total = total + stats
+        return total
+
+    # ------------------------------------------------------------ checkpoints
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from ``state_dict()`` (or from ``torch.optim.AdamW``).
+
+        Unlike the base class, which casts floating state to each parameter's
+        dtype, the fp32 master and moments stay fp32 (bit-exact resume of bf16
+        training); tensors are copied, never shared with ``state_dict``. A
+        bf16/fp16 parameter whose saved state has no master (a torch AdamW
+        checkpoint) starts its master from the parameter.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, s in zip(groups, saved_groups):
+            if len(g["params"]) != len(s["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
+                )
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k not in id_map:
+                state[k] = v
+                continue
+            p = id_map[k]
+            state[p] = self._loaded_state(p, v)
+        new_groups = []
+        for g, s in zip(groups, saved_groups):
+            s["params"] = g["params"]
+            if "param_names" in g and "param_names" not in s:
+                s["param_names"] = g["param_names"]
+            new_groups.append(s)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in saved.items():
+            if key == "step":
+                out["step"] = torch.as_tensor(value, dtype=torch.float32).detach().clone().cpu()
+            elif key in ("exp_avg", "exp_avg_sq", "master"):
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"loaded state {key!r} has shape {tuple(value.shape)}, the parameter "
+                        f"{tuple(p.shape)}"
+                    )
+                if key == "master" and not self._needs_master(p):
+                    continue  # an fp32 CPU parameter is its own master
+                out[key] = self._alloc(p.shape).copy_(value.detach())
+            else:
+                out[key] = deepcopy(value)
+        if "exp_avg" in out and self._needs_master(p) and "master" not in out:
+            out["master"] = self._alloc(p.shape).copy_(p.detach())
+        return out
