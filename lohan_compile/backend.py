@@ -185,6 +185,11 @@ def check_supported(opts: Options) -> None:
     Accepting them would silently run something other than what was asked.
     """
     unsupported = []
+    if opts.optimizer is not None:
+        unsupported.append(
+            "optimizer= (gradient offloading; until it lands, leave the option out and call the "
+            "CPUAdamW's step() after backward as with any torch optimizer)"
+        )
     if opts.offload_params is True:
         unsupported.append("offload_params=True (parameter streaming)")
     if opts.ssd_dir is not None or opts.host_memory_budget is not None:

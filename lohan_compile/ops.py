@@ -76,3 +76,7 @@ SWAP_OPS = (
 for _op in SWAP_OPS:
     torch.fx.node.has_side_effect(_op)
     torch.fx.node.has_side_effect(_op.overloadpacket)  # graphs traced with torch.ops.lohan.swap_out(...)
+
+# the optimizer's ops register their fake kernels on import: every op the library
+# registers is then traceable as soon as the library is loaded
+from . import adam_ops  # noqa: E402,F401

@@ -194,6 +194,10 @@ class Options:
 def _check_optimizer(value: Any) -> Any:
     if value is None:
         return None
+    from .optim import CPUAdamW
+
+    if isinstance(value, CPUAdamW):
+        return value
     raise ValueError(
         f"optimizer={type(value).__name__}: expected a lohan_compile.CPUAdamW or None. "
         "A torch optimizer needs no option: keep calling its step() as usual."
