@@ -185,11 +185,6 @@ def check_supported(opts: Options) -> None:
     Accepting them would silently run something other than what was asked.
     """
     unsupported = []
-    if opts.optimizer is not None:
-        unsupported.append(
-            "optimizer= (gradient offloading; until it lands, leave the option out and call the "
-            "CPUAdamW's step() after backward as with any torch optimizer)"
-        )
     if opts.offload_params is True:
         unsupported.append("offload_params=True (parameter streaming)")
     if opts.ssd_dir is not None or opts.host_memory_budget is not None:
@@ -262,6 +257,7 @@ class GraphCompiler:
         from .passes import default_pipeline
 
         real_inputs = example_inputs if real_inputs is None else real_inputs
+        self.real_inputs = list(real_inputs)
         self.gm = gm
         self.example_inputs = example_inputs
         self.planning_sizes = planning_sizes
@@ -306,6 +302,7 @@ class GraphCompiler:
             inputs=self.inputs,
             options=self.opts,
             resident_outside_bytes=self.resident_outside,
+            real_inputs=self.real_inputs,
             **extra,
         )
 

@@ -27,6 +27,7 @@ threads (``num_threads``, default ``torch.get_num_threads()``).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -52,6 +53,14 @@ def _default_allocator(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cpu")
 
 
+_live: "weakref.WeakSet[CPUAdamW]" = weakref.WeakSet()
+
+
+def live_optimizers() -> list["CPUAdamW"]:
+    """CPUAdamW instances alive now (the backend looks for one owning a graph's parameters)."""
+    return list(_live)
+
+
 def _describe(p: torch.Tensor) -> str:
     return f"shape {tuple(p.shape)}, {p.dtype}, on {p.device}"
 
@@ -74,6 +83,13 @@ class CPUAdamW(Optimizer):
             ``"avx512"``, ``"avx512_bf16"``), mostly for tests.
         state_allocator: ``f(shape, dtype) -> CPU tensor`` (uninitialised is fine)
             for the fp32 master and moments; default ``torch.empty``.
+        overlap: with gradient offloading (``torch.compile(..., backend="lohan",
+            options={"optimizer": opt})``), how updates overlap backward:
+            ``"speculative"``, ``"deferred"`` or ``"auto"`` (see
+            ``lohan_compile/runtime/offload.py``).
+        skip_nonfinite: with gradient offloading, skip the whole step when a
+            gradient is inf or NaN (as ``GradScaler`` does); standalone
+            ``step()`` follows ``torch.optim.AdamW`` and updates anyway.
 
     After a ``step()``, ``last_grad_norm`` is the global norm of the gradients
     before clipping (what ``clip_grad_norm_`` returns) and ``found_inf`` tells
@@ -95,6 +111,8 @@ class CPUAdamW(Optimizer):
         num_threads: int | None = None,
         isa: str = "auto",
         state_allocator: StateAllocator | None = None,
+        overlap: str = "auto",
+        skip_nonfinite: bool = True,
     ):
         lr = float(lr)
         if not lr >= 0.0:
@@ -111,6 +129,11 @@ class CPUAdamW(Optimizer):
             raise ValueError(f"num_threads must be at least 1 or None, got {num_threads}")
         if isa not in _ISAS:
             raise ValueError(f"isa={isa!r}: choose one of {', '.join(_ISAS)}")
+        if overlap not in ("auto", "speculative", "deferred"):
+            raise ValueError(f"overlap={overlap!r}: choose one of 'auto', 'speculative', 'deferred'")
+        self.overlap = overlap
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._offloaded: set[int] = set()  # ids of parameters whose gradients a compiled graph offloads
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.num_threads = None if num_threads is None else int(num_threads)
         self.isa = isa
@@ -127,6 +150,7 @@ class CPUAdamW(Optimizer):
             maximize=bool(maximize),
         )
         super().__init__(params, defaults)
+        _live.add(self)
 
     # ------------------------------------------------------------------ groups
 
@@ -156,6 +180,9 @@ class CPUAdamW(Optimizer):
         self.__dict__.setdefault("state_allocator", _default_allocator)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("found_inf", False)
+        self.__dict__.setdefault("overlap", "auto")
+        self.__dict__.setdefault("skip_nonfinite", True)
+        self.__dict__.setdefault("_offloaded", set())
         self._index_groups()
 
     @staticmethod
@@ -177,7 +204,8 @@ class CPUAdamW(Optimizer):
     # ------------------------------------------------------------------- state
 
     def _needs_master(self, p: torch.Tensor) -> bool:
-        return p.dtype != torch.float32 or p.device.type != "cpu"
+        # an offloaded parameter is the device's copy: its master lives on the host
+        return p.dtype != torch.float32 or p.device.type != "cpu" or id(p) in self._offloaded
 
     def _alloc(self, shape: torch.Size) -> torch.Tensor:
         t = self.state_allocator(shape, torch.float32)
@@ -210,6 +238,10 @@ class CPUAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        runtime = self.__dict__.get("_lohan_offload")
+        if runtime is not None and runtime.in_step():
+            runtime.step()  # the gradients were offloaded during backward
+            return loss
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for gi, group in enumerate(self.param_groups):
@@ -240,6 +272,33 @@ class CPUAdamW(Optimizer):
             self.last_grad_norm = stats.norm
             self.found_inf = stats.nonfinite
         return loss
+
+    def accumulate(self):
+        """Context manager for micro-batches that do not step: with gradient offloading their
+        gradients add up on the host (``param.grad`` stays None), as DDP's ``no_sync()``::
+
+            for micro in batches[:-1]:
+                with opt.accumulate():
+                    loss(micro).backward()
+            loss(batches[-1]).backward()
+            opt.step()
+        """
+        from .runtime.offload import runtime_of
+
+        return runtime_of(self).accumulate()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # a step that an exception interrupted is rolled back to where it began
+        runtime = self.__dict__.get("_lohan_offload")
+        if runtime is not None and runtime.in_step() and not runtime.state.backward_done:
+            runtime.abort()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        runtime = self.__dict__.get("_lohan_offload")
+        if runtime is not None and runtime.in_step():
+            runtime.abort()  # the state of a step in flight is not a state to save
+        return super().state_dict()
 
     def clip_coefficient(self, sumsq: float) -> tuple[float, float]:
         """``(total_norm, coefficient)`` that ``clip_grad_norm_(max_norm=max_grad_norm)``

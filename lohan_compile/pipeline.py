@@ -64,6 +64,8 @@ class CompileFacts:
     # device bytes held outside this graph's inputs when it was compiled (other graphs'
     # saved values, optimizer state, ...)
     resident_outside_bytes: int = 0
+    # the backend's real example inputs (parameters, buffers, the batch), by index
+    real_inputs: Sequence[Any] = ()
     # what AOTAutograd hands the partition function (training compiles only)
     num_fwd_outputs: int | None = None
     joint_inputs: Any = None

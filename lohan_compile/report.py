@@ -99,6 +99,8 @@ class Report:
 
     runs: list[GraphRun]
     step_seconds: float
+    started_at: float | None = None  # perf_counter() when the step began
+    engine_base: tuple[int, int] | None = None  # copy-engine counters when the step began
     d2h_bytes: int = 0
     h2d_bytes: int = 0
     measured_peak_bytes: int | None = None

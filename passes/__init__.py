@@ -10,6 +10,7 @@ from ..pipeline import Pass, Pipeline
 from .apply_plan import apply_plan
 from .classify_roles import classify_roles
 from .classify_saved import classify_saved
+from .offload_grads import offload_grads
 from .partition_graph import partition_graph
 from .plan_memory import plan_memory
 
@@ -19,6 +20,7 @@ def default_passes() -> list[Pass]:
         Pass("classify_roles", classify_roles, inference=True),
         Pass("partition_graph", partition_graph, required=True),
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
+        Pass("offload_grads", offload_grads, requires=("classify_roles",)),
         Pass("plan_memory", plan_memory, requires=("classify_saved",)),
         Pass("apply_plan", apply_plan, requires=("plan_memory",)),
     ]
@@ -37,6 +39,7 @@ __all__ = [
     "classify_saved",
     "default_passes",
     "default_pipeline",
+    "offload_grads",
     "partition_graph",
     "plan_memory",
 ]

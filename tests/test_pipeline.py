@@ -24,18 +24,20 @@ def compile_with_passes(model, passes, x, **options):
 
 
 def test_default_pipeline_order():
-    assert list(PASS_NAMES) == ["classify_roles", "partition_graph", "classify_saved", "plan_memory", "apply_plan"]
+    assert list(PASS_NAMES) == [
+        "classify_roles", "partition_graph", "classify_saved", "offload_grads", "plan_memory", "apply_plan",
+    ]
 
 
 def test_disable_pass_by_name_to_bisect():
     model = MLP()
-    cm = torch.compile(model, backend="lohan", options={"disable_passes": ["classify_saved", "plan_memory", "apply_plan"]})
+    cm = torch.compile(model, backend="lohan", options={"disable_passes": ["classify_saved", "plan_memory", "apply_plan"]})  # noqa: E501
     cm(torch.randn(4, 32)).sum().backward()
     graph = lohan.last_report().graphs[0]
     names = {r.name: r.skipped for r in graph.passes}
     assert names == {
-        "classify_roles": False, "partition_graph": False, "classify_saved": True, "plan_memory": True,
-        "apply_plan": True,
+        "classify_roles": False, "partition_graph": False, "classify_saved": True, "offload_grads": False,
+        "plan_memory": True, "apply_plan": True,
     }
     assert lohan.last_report().summary()["kept_bytes"] is None  # not computed, not invented
 

@@ -81,6 +81,7 @@ class StepTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last: Report | None = None
+        self._extra_at_end = (0, 0)
         self._open_step()
 
     def _open_step(self) -> None:
@@ -88,6 +89,7 @@ class StepTracker:
         self._pending = 0
         self._step_start: float | None = None
         self._device = None
+        self._participants: list = []  # offload runtimes with work in this step
         # bytes moved during the open step outside the C++ copy engine (Python-side
         # copies add here); the engine's own counts are added at the step's end
         self.d2h_bytes = 0
@@ -133,8 +135,12 @@ class StepTracker:
             for r in self._runs:
                 uncounted.update(r.graph.uncounted_inputs or {})
             d2h, h2d = _engine_bytes()
+            participants = self._participants
+            self._extra_at_end = (self.d2h_bytes, self.h2d_bytes)
             self._last = Report(
+                engine_base=self._engine_base,
                 runs=self._runs,
+                started_at=self._step_start,
                 step_seconds=time.perf_counter() - self._step_start,
                 d2h_bytes=self.d2h_bytes + d2h - self._engine_base[0],
                 h2d_bytes=self.h2d_bytes + h2d - self._engine_base[1],
@@ -142,6 +148,26 @@ class StepTracker:
                 measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
             )
             self._open_step()
+        for runtime in participants:
+            runtime.backward_ended()  # outside the lock: it may submit work
+
+    def join_step(self, runtime) -> None:
+        """An offload runtime has work in the open step: tell it when backward ends."""
+        with self._lock:
+            if runtime not in self._participants:
+                self._participants.append(runtime)
+
+    def optimizer_step_done(self) -> None:
+        """With a lohan optimizer a step ends when its step() returns: extend the last report
+        (its time, and the weights the optimizer copied back)."""
+        report = self._last
+        if report is None or report.started_at is None:
+            return
+        report.step_seconds = time.perf_counter() - report.started_at
+        if report.engine_base is not None:
+            d2h, h2d = _engine_bytes()
+            report.d2h_bytes = self._extra_at_end[0] + d2h - report.engine_base[0]
+            report.h2d_bytes = self._extra_at_end[1] + h2d - report.engine_base[1]
 
     def reset(self) -> None:
         with self._lock:

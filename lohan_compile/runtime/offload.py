@@ -1,0 +1,472 @@
+"""Active gradient offloading: the runtime behind the graph ops of ``offload_grads``.
+
+The backward graph copies each parameter's gradient to the host tier as soon as
+it is final (``lohan::swap_out`` / ``lohan::wait_tensor``) and hands the host
+copy to this runtime (``lohan::grad_ready``); after the parameter's last use in
+backward, ``lohan::weight_ready`` says its device weight may be rewritten. The
+runtime runs ``CPUAdamW`` updates on a worker thread (the C++ kernel releases
+the GIL) while backward goes on, and copies each updated weight back to the
+device with the copy engine once both the update and the weight's last use are
+done. ``opt.step()`` waits for what is outstanding and finishes the step.
+
+Two ways to run the updates (``CPUAdamW(overlap=...)``), with the same results:
+
+- ``"speculative"``: each update runs during backward as soon as its gradient
+  is final, as if no clipping were needed, after copying the parameter's
+  master and moments aside (12 host bytes per parameter, held until
+  ``step()``). ``step()`` then knows the global gradient norm: when it says to
+  clip, when a gradient is not finite (the step is skipped), or when a
+  hyperparameter changed after backward, the copies are restored and the
+  updates run again (one optimizer step after backward: the cost of a
+  roll-back, likely in the first steps of fine-tuning when norms are large).
+- ``"deferred"``: gradients wait on the host (their norm is summed as they
+  arrive) and ``step()`` runs every update; nothing extra is kept, and nothing
+  of the optimizer overlaps backward.
+
+``"auto"`` (the default) is speculative when the roll-back copies fit the host
+budget, else deferred. Either way an exception in the middle of a step leaves
+the state from before the step: ``zero_grad()``, ``state_dict()`` or the next
+backward roll back what ran.
+
+A parameter whose gradient comes from several graphs of a step (a weight tied
+across a graph break) is final only when the step's backward has ended; in the
+first step, before the runtime knows the step's graphs, every parameter is
+treated so. Gradients of micro-batches run inside ``opt.accumulate()`` add up
+on the host.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import LohanError
+
+_lib = torch.library.Library("lohan", "FRAGMENT")
+_lib.define("grad_ready(Tensor host_grad, int key) -> ()")
+_lib.define("weight_ready(int key) -> ()")
+
+
+def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
+    runtime_for(key).grad_ready(key, host_grad)
+
+
+def _weight_ready_impl(key: int) -> None:
+    runtime_for(key).weight_ready(key)
+
+
+_lib.impl("grad_ready", _grad_ready_impl, "CompositeExplicitAutograd")
+_lib.impl("weight_ready", _weight_ready_impl, "CompositeExplicitAutograd")
+for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.weight_ready.default):
+    torch.fx.node.has_side_effect(_op)
+
+
+@torch.library.register_fake("lohan::grad_ready")
+def _grad_ready_fake(host_grad: torch.Tensor, key: int) -> None:
+    return None
+
+
+@torch.library.register_fake("lohan::weight_ready")
+def _weight_ready_fake(key: int) -> None:
+    return None
+
+
+# -- keys: the graph ops name parameters by an int -------------------------------------
+
+_keys_lock = threading.Lock()
+_keys: dict[int, int] = {}  # id(param) -> key
+_entries: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # key -> (param, runtime)
+
+
+_runtimes: "weakref.WeakSet[OffloadRuntime]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # finish queued work and stop the threads before the interpreter tears down
+    for runtime in list(_runtimes):
+        runtime.close()
+
+
+def _work(tasks: queue.Queue, runtime_ref: weakref.ref) -> None:
+    while True:
+        fn, args = tasks.get()
+        try:
+            if fn is None:
+                return
+            fn(*args)
+        except BaseException as e:  # handed to the step thread at its next call
+            runtime = runtime_ref()
+            if runtime is not None:
+                runtime._error = e
+        finally:
+            del fn, args
+            tasks.task_done()
+
+
+def runtime_for(key: int) -> "OffloadRuntime":
+    runtime = _entries[key][1]()
+    if runtime is None:
+        raise LohanError("the CPUAdamW this compiled graph offloads gradients to no longer exists")
+    return runtime
+
+
+def runtime_of(opt: Any) -> "OffloadRuntime":
+    """The offload runtime of a CPUAdamW (made on first use)."""
+    runtime = opt.__dict__.get("_lohan_offload")
+    if runtime is None:
+        runtime = OffloadRuntime(opt)
+        opt.__dict__["_lohan_offload"] = runtime
+    return runtime
+
+
+@dataclass
+class Event:
+    """One piece of optimizer work, for timelines: when it ran, on which parameter."""
+
+    kind: str  # "update", "stats", "rollback", "writeback"
+    key: int
+    start: float
+    end: float
+
+
+@dataclass
+class _Step:
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> host gradient (summed)
+    counted: set[int] = field(default_factory=set)  # keys whose gradient is in sumsq
+    producers: dict[int, int] = field(default_factory=dict)  # grad_ready calls in this backward
+    updated: set[int] = field(default_factory=set)  # keys whose update has run
+    speculative: set[int] = field(default_factory=set)  # updated during backward, with a roll-back copy
+    backups: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    hyper: dict[int, tuple] = field(default_factory=dict)  # hyperparameters each update used
+    weight_free: set[int] = field(default_factory=set)  # keys past their last use in backward
+    written: set[int] = field(default_factory=set)  # keys whose current update was written back
+    copies: list[Any] = field(default_factory=list)
+    sumsq: float = 0.0
+    nonfinite: bool = False
+    begun: bool = False  # a gradient arrived (set on the step thread)
+    backward_done: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.begun
+
+
+class OffloadRuntime:
+    def __init__(self, opt: Any):
+        from . import hosttier
+
+        self.opt_ref = weakref.ref(opt)
+        self.tier = hosttier.current()
+        self.params: dict[int, torch.Tensor] = {}
+        self.weight_bufs: dict[int, torch.Tensor] = {}
+        self.single_producer: dict[int, bool] = {}  # learned from earlier steps
+        self.accumulating = False
+        self.events: list[Event] = []
+        self.state = _Step()
+        self._lock = threading.Lock()
+        self._tasks: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        # the thread holds the runtime weakly: the runtime dies with its optimizer
+        self._worker = threading.Thread(
+            target=_work, args=(self._tasks, weakref.ref(self)), name="lohan-optimizer", daemon=True
+        )
+        self._worker.start()
+        _runtimes.add(self)
+
+    @property
+    def opt(self):
+        opt = self.opt_ref()
+        if opt is None:
+            raise LohanError("the CPUAdamW of this runtime was garbage collected")
+        return opt
+
+    def register(self, param: torch.Tensor) -> int:
+        """The key graph ops use for ``param`` (compile time)."""
+        with _keys_lock:
+            key = _keys.get(id(param))
+            if key is None or _entries[key][0]() is not param:
+                key = len(_entries)
+                _keys[id(param)] = key
+                _entries[key] = (weakref.ref(param), weakref.ref(self))
+        self.params[key] = param
+        state = self.opt.state.get(param)
+        if state and "master" not in state:
+            # it was updated in place before; from now on its master lives on the host
+            state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+        return key
+
+    # ---- graph ops (on the step thread) ------------------------------------------------------
+
+    def grad_ready(self, key: int, host_grad: torch.Tensor) -> None:
+        st = self.state
+        if st.backward_done and not self.accumulating:
+            # a new backward while the previous step was not finished by step()
+            self.abort()
+            raise LohanError(
+                "backward ran again before opt.step(): the previous step's updates were rolled back. "
+                "Run micro-batches that should not step inside `with opt.accumulate():`"
+            )
+        from .step import TRACKER
+
+        TRACKER.join_step(self)
+        st.begun = True
+        st.producers[key] = st.producers.get(key, 0) + 1
+        final = self.single_producer.get(key, False) and not self.accumulating
+        self._submit(self._take_grad, key, host_grad, final)
+
+    def weight_ready(self, key: int) -> None:
+        with self._lock:
+            self.state.weight_free.add(key)
+        self._submit(self._writeback, key)
+
+    def backward_ended(self) -> None:
+        """The step's last backward graph finished (the step tracker calls this)."""
+        st = self.state
+        if not st.producers:
+            return
+        for key, n in st.producers.items():
+            self.single_producer[key] = n == 1
+        st.producers = {}
+        if self.accumulating:
+            with self._lock:
+                st.weight_free.clear()  # the next micro-batch uses the weights again
+            return
+        st.backward_done = True
+        with self._lock:
+            st.weight_free.update(st.grads)
+        self._submit(self._finish_backward)
+
+    # ---- the optimizer's side --------------------------------------------------------------
+
+    def in_step(self) -> bool:
+        return self.state.active
+
+    def step(self) -> None:
+        """Finish the step: wait, clip or skip, redo what must be redone, write weights back."""
+        st = self.state
+        if self.accumulating:
+            raise LohanError("opt.step() inside `with opt.accumulate():`; step after the block")
+        if not st.backward_done:
+            raise LohanError("opt.step() was called before backward() finished")
+        self._join()
+        opt = self.opt
+        norm, coef = opt.clip_coefficient(st.sumsq)
+        skip = st.nonfinite and opt.skip_nonfinite
+        try:
+            if skip:
+                self._rollback(set(st.speculative), restore_weights=True)
+            else:
+                redo = set(st.speculative) if coef != 1.0 else {
+                    k for k in st.speculative if st.hyper.get(k) != self._hyper(k)
+                }
+                changed_without_copy = [
+                    k for k in st.updated - st.speculative if st.hyper.get(k) != self._hyper(k)
+                ]
+                if changed_without_copy:
+                    raise LohanError(
+                        "a hyperparameter changed between backward() and step() after updates had run "
+                        "without a roll-back copy; change hyperparameters before backward()"
+                    )
+                self._rollback(redo)
+                todo = [k for k in st.grads if k not in st.updated]
+                self._update(todo, coef)
+                for k in todo:
+                    self._writeback(k)
+            self._wait_copies()
+        except BaseException:
+            self.abort()
+            raise
+        opt.last_grad_norm = norm
+        opt.found_inf = st.nonfinite
+        self.state = _Step()
+        from .step import TRACKER
+
+        TRACKER.optimizer_step_done()
+
+    def abort(self) -> None:
+        """Return to the state before the step: undo updates, restore device weights."""
+        try:
+            self._join()
+        except LohanError:
+            pass
+        st = self.state
+        self._wait_copies()
+        # updates with a roll-back copy are undone; a deferred update only runs inside step()
+        self._rollback(set(st.backups), restore_weights=True)
+        self._wait_copies()
+        self.state = _Step()
+
+    def accumulate(self):
+        runtime = self
+
+        class _Accumulate:
+            def __enter__(self_inner):
+                runtime.accumulating = True
+                return runtime.opt
+
+            def __exit__(self_inner, *exc):
+                runtime.accumulating = False
+                if exc[0] is not None:
+                    runtime.abort()
+
+        return _Accumulate()
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _submit(self, fn: Callable, *args: Any) -> None:
+        if self._error is not None:
+            self._join()
+        self._tasks.put((fn, args))
+
+    def _join(self) -> None:
+        self._tasks.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise LohanError(f"the optimizer thread failed: {type(err).__name__}: {err}") from err
+
+    # ---- work on the worker thread ---------------------------------------------------------
+
+    def _take_grad(self, key: int, host_grad: torch.Tensor, final: bool) -> None:
+        st = self.state
+        if not host_grad.is_contiguous():
+            # a gradient computed as a transposed view arrives with its strides; the kernel
+            # reads it flat, in the parameter's order (host-tier memory, not the device's)
+            host_grad = self.tier.empty(tuple(host_grad.shape), host_grad.dtype).copy_(host_grad)
+        if key in st.grads:
+            st.grads[key].add_(host_grad)
+        elif self.accumulating and host_grad.dtype != torch.float32:
+            st.grads[key] = self.tier.empty(tuple(host_grad.shape), torch.float32).copy_(host_grad)
+        else:
+            st.grads[key] = host_grad
+        if final:
+            self._count([key])
+            if self._speculative():
+                self._speculate([key])
+
+    def _finish_backward(self) -> None:
+        st = self.state
+        late = [k for k in st.grads if k not in st.counted]
+        self._count(late)
+        if self._speculative():
+            self._speculate([k for k in late if k not in st.updated])
+
+    def _count(self, keys) -> None:
+        if not keys:
+            return
+        from .. import adam_ops
+
+        st = self.state
+        start = time.perf_counter()
+        stats = adam_ops.grad_stats([st.grads[k] for k in keys], num_threads=self._threads())
+        self.events.append(Event("stats", keys[0], start, time.perf_counter()))
+        st.sumsq += stats.sumsq
+        st.nonfinite |= stats.nonfinite
+        st.counted.update(keys)
+
+    def _speculate(self, keys) -> None:
+        st = self.state
+        for k in keys:
+            self._backup(k)
+        self._update(keys, 1.0)
+        st.speculative.update(keys)
+        for k in keys:
+            self._writeback(k)
+
+    # ---- pieces ------------------------------------------------------------------------------
+
+    def _speculative(self) -> bool:
+        mode = self.opt.overlap
+        if mode in ("speculative", "deferred"):
+            return mode == "speculative"
+        stats = self.tier.stats()
+        budget = stats.budget_bytes
+        need = 12 * sum(p.numel() for p in self.params.values())
+        return not budget or stats.in_use_bytes + need <= budget
+
+    def _threads(self) -> int:
+        return self.opt._threads()
+
+    def _hyper(self, key: int) -> tuple:
+        opt = self.opt
+        g = opt.param_groups[opt._group_of[self.params[key]]]
+        return (g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
+                g["maximize"])
+
+    def _weight_buf(self, key: int) -> torch.Tensor:
+        buf = self.weight_bufs.get(key)
+        if buf is None:
+            p = self.params[key]
+            buf = self.weight_bufs[key] = self.tier.empty(tuple(p.shape), p.dtype)
+        return buf
+
+    def _backup(self, key: int) -> None:
+        state = self.opt._state_of(self.params[key])
+        self.state.backups[key] = tuple(
+            t.clone() for t in (state["master"], state["exp_avg"], state["exp_avg_sq"], state["step"])
+        )
+
+    def _rollback(self, keys, *, restore_weights: bool = False) -> None:
+        st = self.state
+        opt = self.opt
+        for key in keys:
+            backup = st.backups.pop(key, None)
+            if backup is None:
+                raise LohanError("internal: an update to undo has no roll-back copy")
+            state = opt.state[self.params[key]]
+            start = time.perf_counter()
+            for name, saved in zip(("master", "exp_avg", "exp_avg_sq", "step"), backup):
+                state[name].copy_(saved)
+            self.events.append(Event("rollback", key, start, time.perf_counter()))
+            st.speculative.discard(key)
+            st.updated.discard(key)
+            st.hyper.pop(key, None)
+            if restore_weights and key in st.written:
+                self._weight_buf(key).copy_(state["master"])
+                st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
+            st.written.discard(key)
+
+    def _update(self, keys, coef: float) -> None:
+        if not keys:
+            return
+        st = self.state
+        start = time.perf_counter()
+        self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
+                               weights_out=[self._weight_buf(k) for k in keys])
+        end = time.perf_counter()
+        for k in keys:
+            st.hyper[k] = self._hyper(k)
+            st.updated.add(k)
+            self.events.append(Event("update", k, start, end))
+
+    def _writeback(self, key: int) -> None:
+        """Copy an updated weight to the device once its update and its last use are both done."""
+        st = self.state
+        with self._lock:
+            if key in st.written or key not in st.weight_free or key not in st.updated:
+                return
+            st.written.add(key)
+        st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
+
+    def _wait_copies(self) -> None:
+        for ev in self.state.copies:
+            ev.wait()
+        self.state.copies.clear()
+
+    def close(self) -> None:
+        """Stop the worker thread (after the work already queued)."""
+        if self._worker.is_alive():
+            self._tasks.put((None, ()))
+            self._worker.join()
+        self._wait_copies()
+
+    def __del__(self) -> None:
+        if getattr(self, "_worker", None) is not None and self._worker.is_alive():
+            self._tasks.put((None, ()))

@@ -1,0 +1,137 @@
+"""offload_grads: each parameter's gradient leaves the device as soon as backward makes it.
+
+Requires: forward and backward graphs with roles (``classify_roles``), and a
+``CPUAdamW`` (the ``optimizer`` option, or one that owns the graph's
+parameters) together with the real parameters (in the facts).
+Ensures, for every parameter the optimizer updates and the graph computes a
+gradient for:
+- right after the gradient is computed: ``h = lohan::swap_out(grad)``;
+- the copy is waited for (``lohan::wait_tensor``, which frees the device
+  gradient) where the next offloaded gradient is produced (so that copy
+  overlaps that computation), and then handed to the optimizer runtime
+  (``lohan::grad_ready(h, key)``), which updates the parameter on CPU threads;
+- after the parameter's last use in backward (and after its gradient left):
+  ``lohan::weight_ready(key)``: from there the updated weight may be written;
+- the backward graph returns no gradient for it, so ``param.grad`` stays None.
+Parameters the optimizer does not own keep normal autograd behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..aot import grad_input_index, output_descs
+from ..fxutil import storage_base
+from ..meta import NodeInfo, Role, get_info, set_info
+from ..pipeline import CompileFacts, Graphs
+
+NAME = "offload_grads"
+
+
+def find_optimizer(facts: CompileFacts) -> Any:
+    """The CPUAdamW to offload to: the option, else a live one that owns the graph's parameters."""
+    if facts.options.optimizer is not None:
+        return facts.options.optimizer
+    from ..optim import live_optimizers
+
+    params = [facts.real_inputs[f.index] for f in facts.inputs if f.kind == "param"]
+    for opt in live_optimizers():
+        if any(p in opt._group_of for p in params):
+            return opt
+    return None
+
+
+def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
+    opt = find_optimizer(facts)
+    if opt is None:
+        return graphs, {"optimizer": None, "offloaded": 0}
+    from ..runtime.offload import runtime_of
+
+    runtime = runtime_of(opt)
+    bw = graphs.bw
+    out = bw.graph.output_node()
+    values = list(out.args[0])
+    ops = torch.ops.lohan
+    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    managed = []  # (position in outputs, gradient node, input index, key)
+    for j, (value, desc) in enumerate(zip(values, output_descs(bw))):
+        idx = grad_input_index(desc)
+        if idx is None or not isinstance(value, fx.Node) or facts.inputs[idx].kind != "param":
+            continue
+        param = facts.real_inputs[idx]
+        if param not in opt._group_of:
+            continue
+        opt._offloaded.add(id(param))
+        managed.append((j, value, idx, runtime.register(param)))
+    if not managed:
+        return graphs, {"optimizer": type(opt).__name__, "offloaded": 0}
+    managed.sort(key=lambda m: order[m[1]])
+
+    swaps = []
+    for j, grad, idx, key in managed:
+        with bw.graph.inserting_after(grad):
+            h = bw.graph.call_function(ops.swap_out.default, (grad,))
+        h.meta["val"] = _fake_call(ops.swap_out.default, grad.meta["val"])
+        _mark(h, "grad_out")
+        swaps.append((j, h, idx, key))
+        values[j] = None
+    # each copy is waited for where the next gradient leaves (its copy overlaps that
+    # gradient's computation); the last ones just before backward returns
+    for n, (j, h, idx, key) in enumerate(swaps):
+        anchor = swaps[n + 1][1] if n + 1 < len(swaps) else out
+        with bw.graph.inserting_before(anchor):
+            host = bw.graph.call_function(ops.wait_tensor.default, (h,))
+            host.meta["val"] = h.meta["val"]
+            _mark(host, "grad_out_wait")
+            ready = bw.graph.call_function(ops.grad_ready.default, (host, key))
+            ready.meta["val"] = None
+            _mark(ready, "grad_ready")
+        with bw.graph.inserting_after(_last_use_of_param(graphs.fw, bw, idx, ready)):
+            done = bw.graph.call_function(ops.weight_ready.default, (key,))
+            done.meta["val"] = None
+            _mark(done, "weight_ready")
+    out.args = (tuple(values),)
+    bw.recompile()
+    return graphs, {
+        "optimizer": type(opt).__name__,
+        "offloaded": len(managed),
+        "offloaded_grad_bytes": sum(int(m[1].meta["val"].numel()) * m[1].meta["val"].element_size() for m in managed),
+    }
+
+
+def _mark(node: fx.Node, action: str) -> None:
+    set_info(node, NodeInfo(role=Role.BACKWARD, made_by=NAME, action=action))
+
+
+def _fake_call(op: Any, val: torch.Tensor) -> torch.Tensor:
+    """The fake value ``op`` gives for ``val`` (its fake kernel decides the layout)."""
+    with val.fake_mode:
+        return op(val)
+
+
+def _last_use_of_param(fw: fx.GraphModule, bw: fx.GraphModule, input_index: int, floor: fx.Node) -> fx.Node:
+    """The last backward node reading the parameter (or a view of it), and not before ``floor``."""
+    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    fw_param = next(
+        (n.name for n in fw.graph.nodes if n.op == "placeholder" and getattr(get_info(n), "input_index", None) == input_index),
+        None,
+    )
+    roots = set()
+    for n in bw.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        info = get_info(n)
+        if info is None:
+            continue
+        if info.input_index == input_index or (info.saved_input_view and info.storage_of == fw_param):
+            roots.add(n)
+    last = floor
+    for n in bw.graph.nodes:
+        if n.op in ("call_function", "placeholder") and storage_base(n) in roots:
+            for u in n.users:
+                if u.op != "output" and order[u] > order[last]:
+                    last = u
+    return last
