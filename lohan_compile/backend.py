@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import weakref
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -78,7 +79,10 @@ class Replanning:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
         self.gm = gm
-        self.opts = opts
+        # the optimizer weakly: dynamo may keep compiled code (and this object) alive
+        # longer than the model; it must not keep the optimizer's state alive with it
+        self.optimizer_ref = weakref.ref(opts.optimizer) if opts.optimizer is not None else None
+        self.opts = opts.replace(optimizer=None) if opts.optimizer is not None else opts
         self.replans = 0
         self.tracing = torch._guards.TracingContext.try_get()
         self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
@@ -87,7 +91,13 @@ class Replanning:
         self._compile(example_inputs, example_inputs, None)
 
     def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None) -> None:
-        compiler = GraphCompiler(self.gm, aot_inputs, self.opts, real_inputs=real_inputs, planning_sizes=sizes)
+        opts = self.opts
+        if self.optimizer_ref is not None:
+            optimizer = self.optimizer_ref()
+            if optimizer is None:
+                raise LohanError("the CPUAdamW this model was compiled with no longer exists")
+            opts = opts.replace(optimizer=optimizer)
+        compiler = GraphCompiler(self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes)
         self.fn = compiler.compile()
         self.record = compiler.record
         self.planned_level = device_memory.allocated(self.record.device)
@@ -124,7 +134,12 @@ class Replanning:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
                 self._replan(args, sizes, "a size grew past the plan" if sizes else "the device holds more")
-        return self.fn(*args)
+        out = self.fn(*args)
+        run = TRACKER.latest_forward
+        if run is not None and run.graph is self.record and torch.is_grad_enabled():
+            TRACKER.watch(run, out)
+            TRACKER.latest_forward = None
+        return out
 
     def _replan(self, args: Sequence[Any], sizes: dict | None, why: str) -> None:
         if self.replans >= self.MAX_REPLANS:
@@ -285,14 +300,21 @@ class GraphCompiler:
             kwargs["decompositions"] = select_decomp_table()
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
-        return aot_autograd(
-            fw_compiler=self._compile_forward,
-            bw_compiler=self._compile_backward,
-            inference_compiler=self._compile_inference,
-            partition_fn=self._partition,
-            keep_inference_input_mutations=True,
-            **kwargs,
-        )(self.gm, self.example_inputs)
+        try:
+            return aot_autograd(
+                fw_compiler=self._compile_forward,
+                bw_compiler=self._compile_backward,
+                inference_compiler=self._compile_inference,
+                partition_fn=self._partition,
+                keep_inference_input_mutations=True,
+                **kwargs,
+            )(self.gm, self.example_inputs)
+        finally:
+            # the compiled code keeps this object (for the lazily compiled backward): it must
+            # not keep the parameters, the batch or the optimizer alive
+            self.example_inputs = self.real_inputs = ()
+            if self.opts.optimizer is not None:
+                self.opts = self.opts.replace(optimizer=None)
 
     # -- AOTAutograd callbacks ------------------------------------------------
 

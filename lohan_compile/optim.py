@@ -290,7 +290,13 @@ class CPUAdamW(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         # a step that an exception interrupted is rolled back to where it began
         runtime = self.__dict__.get("_lohan_offload")
-        if runtime is not None and runtime.in_step() and not runtime.state.backward_done:
+        if runtime is not None and runtime.in_step():
+            # gradients of a step that step() did not finish (an exception interrupted it, or it
+            # is discarded) are dropped, as zero_grad() drops them in eager: roll back what ran
+            from .runtime.step import TRACKER
+
+            if not runtime.state.backward_done:
+                TRACKER.abandon_step()  # the interrupted backward will not finish its step
             runtime.abort()
         super().zero_grad(set_to_none=set_to_none)
 

@@ -88,6 +88,7 @@ class GraphRun:
     phase: str  # "forward" or "backward"
     seconds: float
     bindings: dict = field(default_factory=dict)  # symbol -> size this run used
+    backward_seen: bool = False  # a forward run: its backward ran (or its graph was dropped)
 
     def bytes_of(self, expr: sympy.Expr | None) -> int | None:
         return None if expr is None else evaluate(expr, self.bindings)

@@ -165,6 +165,12 @@ class OffloadRuntime:
 
         self.opt_ref = weakref.ref(opt)
         self.tier = hosttier.current()
+        from ..optim import _default_allocator
+
+        if opt.state_allocator is _default_allocator:
+            # master weights and moments live in the host tier, not in device memory
+            tier = self.tier
+            opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
         self.params: dict[int, torch.Tensor] = {}
         self.weight_bufs: dict[int, torch.Tensor] = {}
         self.single_producer: dict[int, bool] = {}  # learned from earlier steps

@@ -17,13 +17,25 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Sequence
+import weakref
+from typing import Any, Sequence
 
 import torch
 
 from ..report import GraphRecord, GraphRun, Report
 from ..shapes import bind_symbols
 from . import device as device_memory
+
+
+def _compiled_backward_node(outputs: Any):
+    """The autograd node of AOTAutograd's compiled function among ``outputs``."""
+    stack = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    for t in stack:
+        fn = getattr(t, "grad_fn", None) if isinstance(t, torch.Tensor) else None
+        for candidate in (fn, *(f for f, _ in (fn.next_functions if fn is not None else ()))):
+            if candidate is not None and type(candidate).__name__.startswith("CompiledFunctionBackward"):
+                return candidate
+    return None
 
 
 def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
@@ -90,6 +102,7 @@ class StepTracker:
         self._step_start: float | None = None
         self._device = None
         self._participants: list = []  # offload runtimes with work in this step
+        self.latest_forward: GraphRun | None = None
         # bytes moved during the open step outside the C++ copy engine (Python-side
         # copies add here); the engine's own counts are added at the step's end
         self.d2h_bytes = 0
@@ -114,13 +127,36 @@ class StepTracker:
                 _host_step_begin()
             self._pending += 1
             self._runs.append(run)
+        self.latest_forward = run
         return run
 
     def backward_begin(self, graph: GraphRecord) -> GraphRun:
         run = GraphRun(graph, "backward", 0.0)
         with self._lock:
+            for r in self._runs:
+                if r.graph is graph and r.phase == "forward" and not r.backward_seen:
+                    r.backward_seen = True
+                    break
             self._runs.append(run)
         return run
+
+    def watch(self, run: GraphRun, outputs: Any) -> None:
+        """Notice when a forward's autograd graph is freed without its backward running (an
+        exception in backward, a loss dropped), so that its step still ends."""
+        node = _compiled_backward_node(outputs)
+        if node is not None:
+            weakref.finalize(node, self._forward_dropped, run)
+
+    def _forward_dropped(self, run: GraphRun) -> None:
+        with self._lock:
+            if run.backward_seen or run not in self._runs:
+                return
+            run.backward_seen = True
+            self._pending -= 1
+            if self._pending > 0:
+                return
+            # no backward will end this step: it is not a step to report
+            self._open_step()
 
     def end(self, run: GraphRun, start: float) -> None:
         run.seconds = time.perf_counter() - start
@@ -150,6 +186,11 @@ class StepTracker:
             self._open_step()
         for runtime in participants:
             runtime.backward_ended()  # outside the lock: it may submit work
+
+    def abandon_step(self) -> None:
+        """Forget the open step (an exception interrupted its backward)."""
+        with self._lock:
+            self._open_step()
 
     def join_step(self, runtime) -> None:
         """An offload runtime has work in the open step: tell it when backward ends."""

@@ -1,0 +1,219 @@
+"""Active gradient offloading: exact AdamW semantics while gradients leave the device."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lohan_compile as lohan
+from models import MLP, tiny_gpt2, tiny_llama
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def token_batches(n, b=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (b, t), generator=g) for _ in range(n)]
+
+
+def eager_reference(model, batches, loss_fn, *, lr, max_grad_norm, skip_nonfinite=True):
+    """Eager AdamW with clip_grad_norm_, skipping a step whose gradient norm is not finite."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses, norms = [], []
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+        norms.append(float(norm))
+        if torch.isfinite(norm) or not skip_nonfinite:
+            opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses, norms
+
+
+def offloaded(model, batches, loss_fn, *, lr, max_grad_norm, overlap="auto"):
+    opt = lohan.CPUAdamW(model.parameters(), lr=lr, max_grad_norm=max_grad_norm, overlap=overlap)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    losses, norms = [], []
+    for batch in batches:
+        loss = loss_fn(cm, batch)
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # gradients never stayed on the device
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+        norms.append(opt.last_grad_norm)
+    return losses, norms, opt
+
+
+def assert_close_models(a, b, atol=1e-4):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(layers=2), lambda: tiny_gpt2(layers=2)], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("overlap", ["speculative", "deferred"])
+def test_parity_with_eager_adamw_and_clipping(make, overlap):
+    batches = token_batches(5)
+    torch.manual_seed(0)
+    base = make()
+    # first see the gradient norms, then clip at their median: some steps clip, some do not
+    _, norms = eager_reference(copy.deepcopy(base), batches, lm_loss, lr=1e-3, max_grad_norm=None)
+    limit = sorted(norms)[len(norms) // 2]
+    eager = copy.deepcopy(base)
+    le, ne = eager_reference(eager, batches, lm_loss, lr=1e-3, max_grad_norm=limit)
+    model = copy.deepcopy(base)
+    lc, nc, opt = offloaded(model, batches, lm_loss, lr=1e-3, max_grad_norm=limit, overlap=overlap)
+    assert any(n > limit for n in ne) and any(n <= limit for n in ne)
+    for a, b in zip(le, lc):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert nc == pytest.approx(ne, rel=1e-4)
+    assert_close_models(eager, model)
+    summary = lohan.last_report().summary()
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert summary["d2h_bytes"] >= grad_bytes  # every gradient left the device through the copy engine
+
+
+def test_tied_weights_across_a_graph_break():
+    """GPT-2 ties its embedding and LM head; its loss is a second graph: the tied weight's
+    gradient is final only when the step's backward has ended."""
+    batches = token_batches(4, seed=3)
+    torch.manual_seed(0)
+    base = tiny_gpt2(layers=2)
+    assert base.lm_head.weight is base.transformer.wte.weight
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    le, _ = eager_reference(eager, batches, lm_loss, lr=1e-3, max_grad_norm=None)
+    lc, _, _ = offloaded(model, batches, lm_loss, lr=1e-3, max_grad_norm=None)
+    for a, b in zip(le, lc):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert_close_models(eager, model)
+    assert len(lohan.last_report().graphs) >= 2
+
+
+@pytest.mark.parametrize("overlap", ["speculative", "deferred"])
+def test_a_non_finite_gradient_skips_the_whole_step(overlap):
+    torch.manual_seed(0)
+    base = MLP()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(4)]
+    batches[2][0][3, 5] = float("inf")  # this batch's gradients are not finite
+
+    def loss_fn(m, b):
+        return F.mse_loss(m(b[0]), b[1])
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    eager_reference(eager, batches, loss_fn, lr=1e-2, max_grad_norm=1.0)
+    _, _, opt = offloaded(model, batches, loss_fn, lr=1e-2, max_grad_norm=1.0, overlap=overlap)
+    assert_close_models(eager, model, atol=1e-5)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not opt.found_inf  # the last step was fine
+
+
+def test_gradient_accumulation_on_the_host():
+    torch.manual_seed(0)
+    base = tiny_llama(layers=2)
+    micro = token_batches(6, b=1, seed=4)
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    for step in range(2):
+        batch = micro[3 * step: 3 * step + 3]
+        for ids in batch:
+            (lm_loss(eager, ids) / 3).backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
+        opt_e.step()
+        opt_e.zero_grad()
+        for ids in batch[:-1]:
+            with opt.accumulate():
+                (lm_loss(cm, ids) / 3).backward()
+        (lm_loss(cm, batch[-1]) / 3).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close_models(eager, model)
+
+
+def test_parameters_not_in_the_optimizer_keep_normal_autograd():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(list(model.fc1.parameters()) + list(model.fc2.parameters()), lr=1e-2)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8)).backward()
+    assert model.fc1.weight.grad is None and model.fc2.bias.grad is None
+    assert model.head.weight.grad is not None and model.head.bias.grad is not None
+    opt.step()
+
+
+def test_the_optimizer_is_found_without_the_option():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
+    cm = torch.compile(model, backend="lohan")  # code that compiles a model it did not write
+    F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8)).backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.step()
+    assert lohan.last_report().graphs[0].pass_report("offload_grads")["offloaded"] == 6
+
+
+def test_learning_rate_changed_between_backward_and_step_is_honoured():
+    torch.manual_seed(0)
+    base = MLP()
+    x, y = torch.randn(8, 32), torch.randn(8, 8)
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap="speculative")
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    for step in range(3):
+        F.mse_loss(eager(x), y).backward()
+        F.mse_loss(cm(x), y).backward()
+        for o in (opt_e, opt):  # a scheduler that runs between backward and step
+            for group in o.param_groups:
+                group["lr"] = 1e-2 / (step + 2)
+        opt_e.step()
+        opt_e.zero_grad()
+        opt.step()
+        opt.zero_grad()
+    assert_close_models(eager, model, atol=1e-6)
+
+
+def test_an_exception_in_backward_leaves_the_state_before_the_step():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap="speculative")
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    x, y = torch.randn(8, 32), torch.randn(8, 8)
+    for _ in range(2):  # the runtime learns the step, so later updates run during backward
+        F.mse_loss(cm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+
+    class Boom(Exception):
+        pass
+
+    def fail(grad):
+        raise Boom()
+
+    xg = x.clone().requires_grad_(True)
+    xg.register_hook(fail)  # runs after the compiled backward has offloaded every gradient
+    loss = F.mse_loss(cm(xg), y)
+    with pytest.raises(Boom):
+        loss.backward()
+    runtime = opt._lohan_offload
+    runtime._join()
+    assert runtime.state.updated  # updates ran during that backward
+    del loss, xg  # as a training loop would on its next iteration
+    opt.zero_grad()  # recovering as usual rolls back what ran
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p.detach(), w)
+    after = opt.state_dict()
+    for k, v in state["state"].items():
+        for name, t in v.items():
+            assert torch.equal(after["state"][k][name], t), name
+    F.mse_loss(cm(x), y).backward()  # training goes on
+    opt.step()
