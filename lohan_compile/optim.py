@@ -287,6 +287,19 @@ class CPUAdamW(Optimizer):
 
         return runtime_of(self).accumulate()
 
+    def synchronize(self) -> None:
+        """Wait until every parameter holds its updated weight.
+
+        With ``overlap="deferred"`` (and gradient offloading), ``step()`` returns while the
+        updates still run, in the order the next forward reads the weights; the compiled
+        forward waits for each weight itself. Code that reads parameters outside a compiled
+        forward (saving a checkpoint, eager evaluation) calls this first;
+        ``state_dict()`` of this optimizer does it itself.
+        """
+        runtime = self.__dict__.get("_lohan_offload")
+        if runtime is not None:
+            runtime.finish_pending()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         # a step that an exception interrupted is rolled back to where it began
         runtime = self.__dict__.get("_lohan_offload")
@@ -302,8 +315,10 @@ class CPUAdamW(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         runtime = self.__dict__.get("_lohan_offload")
-        if runtime is not None and runtime.in_step():
-            runtime.abort()  # the state of a step in flight is not a state to save
+        if runtime is not None:
+            runtime.finish_pending()  # a deferred step's updates still running
+            if runtime.in_step():
+                runtime.abort()  # the state of a step in flight is not a state to save
         return super().state_dict()
 
     def clip_coefficient(self, sumsq: float) -> tuple[float, float]:
@@ -476,6 +491,11 @@ class CPUAdamW(Optimizer):
         bf16/fp16 parameter whose saved state has no master (a torch AdamW
         checkpoint) starts its master from the parameter.
         """
+        runtime = self.__dict__.get("_lohan_offload")
+        if runtime is not None:
+            runtime.finish_pending()
+            if runtime.in_step():
+                runtime.abort()
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

@@ -95,11 +95,47 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
             _mark(done, "weight_ready")
     out.args = (tuple(values),)
     bw.recompile()
+    fw_order = _wait_for_weights_in_forward(graphs.fw, {idx: key for _, _, idx, key in managed})
+    runtime.note_forward_order(fw_order)
     return graphs, {
         "optimizer": type(opt).__name__,
         "offloaded": len(managed),
         "offloaded_grad_bytes": sum(int(m[1].meta["val"].numel()) * m[1].meta["val"].element_size() for m in managed),
     }
+
+
+def _wait_for_weights_in_forward(fw: fx.GraphModule, keys: dict[int, int]) -> list[int]:
+    """Before forward first reads an offloaded weight, ``lohan::weight_wait``: a deferred
+    optimizer step may still be updating it. Returns the keys in first-read order."""
+    ops = torch.ops.lohan
+    order = []
+    for n in list(fw.graph.nodes):
+        info = get_info(n)
+        if n.op != "placeholder" or info is None or info.input_index not in keys:
+            continue
+        users = [u for u in n.users if u.op == "call_function"]
+        if not users:
+            continue
+        first = min(users, key=lambda u: _position(fw)[u])
+        key = keys[info.input_index]
+        with fw.graph.inserting_before(first):
+            w = fw.graph.call_function(ops.weight_wait.default, (n, key))
+        w.meta["val"] = _fake_call_key(ops.weight_wait.default, n.meta["val"], key)
+        _mark(w, "weight_wait")
+        for u in users:
+            u.replace_input_with(n, w)
+        order.append((_position(fw)[w], key))
+    fw.recompile()
+    return [k for _, k in sorted(order)]
+
+
+def _position(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _fake_call_key(op: Any, val: torch.Tensor, key: int) -> torch.Tensor:
+    with val.fake_mode:
+        return op(val, key)
 
 
 def _mark(node: fx.Node, action: str) -> None:

@@ -52,6 +52,7 @@ from ..errors import LohanError
 _lib = torch.library.Library("lohan", "FRAGMENT")
 _lib.define("grad_ready(Tensor host_grad, int key) -> ()")
 _lib.define("weight_ready(int key) -> ()")
+_lib.define("weight_wait(Tensor(a) weight, int key) -> Tensor(a)")
 
 
 def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
@@ -62,10 +63,18 @@ def _weight_ready_impl(key: int) -> None:
     runtime_for(key).weight_ready(key)
 
 
+def _weight_wait_impl(weight: torch.Tensor, key: int) -> torch.Tensor:
+    runtime_for(key).wait_weight(key)
+    return torch.ops.aten.alias.default(weight)
+
+
+_lib.impl("weight_wait", _weight_wait_impl, "CompositeExplicitAutograd")
 _lib.impl("grad_ready", _grad_ready_impl, "CompositeExplicitAutograd")
 _lib.impl("weight_ready", _weight_ready_impl, "CompositeExplicitAutograd")
-for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.weight_ready.default):
+for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.weight_ready.default,
+            torch.ops.lohan.weight_wait.default):
     torch.fx.node.has_side_effect(_op)
+    torch.fx.node.has_side_effect(_op.overloadpacket)
 
 
 @torch.library.register_fake("lohan::grad_ready")
@@ -76,6 +85,11 @@ def _grad_ready_fake(host_grad: torch.Tensor, key: int) -> None:
 @torch.library.register_fake("lohan::weight_ready")
 def _weight_ready_fake(key: int) -> None:
     return None
+
+
+@torch.library.register_fake("lohan::weight_wait")
+def _weight_wait_fake(weight: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.ops.aten.alias.default(weight)
 
 
 # -- keys: the graph ops name parameters by an int -------------------------------------
@@ -149,6 +163,7 @@ class _Step:
     weight_free: set[int] = field(default_factory=set)  # keys past their last use in backward
     written: set[int] = field(default_factory=set)  # keys whose current update was written back
     copies: list[Any] = field(default_factory=list)
+    copy_of: dict[int, Any] = field(default_factory=dict)  # key -> its writeback's copy event
     sumsq: float = 0.0
     nonfinite: bool = False
     begun: bool = False  # a gradient arrived (set on the step thread)
@@ -174,6 +189,8 @@ class OffloadRuntime:
         self.params: dict[int, torch.Tensor] = {}
         self.weight_bufs: dict[int, torch.Tensor] = {}
         self.single_producer: dict[int, bool] = {}  # learned from earlier steps
+        self.fw_order: list[int] = []  # keys in the order forward first reads them
+        self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
         self.events: list[Event] = []
         self.state = _Step()
@@ -194,6 +211,11 @@ class OffloadRuntime:
             raise LohanError("the CPUAdamW of this runtime was garbage collected")
         return opt
 
+    def note_forward_order(self, keys) -> None:
+        for k in keys:
+            if k not in self.fw_order:
+                self.fw_order.append(k)
+
     def register(self, param: torch.Tensor) -> int:
         """The key graph ops use for ``param`` (compile time)."""
         with _keys_lock:
@@ -212,6 +234,7 @@ class OffloadRuntime:
     # ---- graph ops (on the step thread) ------------------------------------------------------
 
     def grad_ready(self, key: int, host_grad: torch.Tensor) -> None:
+        self.finish_pending()
         st = self.state
         if st.backward_done and not self.accumulating:
             # a new backward while the previous step was not finished by step()
@@ -232,6 +255,28 @@ class OffloadRuntime:
         with self._lock:
             self.state.weight_free.add(key)
         self._submit(self._writeback, key)
+
+    def wait_weight(self, key: int) -> None:
+        """Forward is about to read this weight: wait for its update and copy, if in flight."""
+        pending = self.pending_weights.pop(key, None)
+        if pending is None:
+            return
+        done, st = pending
+        done.wait()
+        if self._error is not None:
+            self._join()
+        with self._lock:
+            copy = st.copy_of.get(key)
+        if copy is not None:
+            copy.wait()
+
+    def finish_pending(self) -> None:
+        """Complete a deferred step still running (before anything else touches the state)."""
+        if not self.pending_weights:
+            return
+        self._join()
+        for key in list(self.pending_weights):
+            self.wait_weight(key)
 
     def backward_ended(self) -> None:
         """The step's last backward graph finished (the step tracker calls this)."""
@@ -283,10 +328,21 @@ class OffloadRuntime:
                     )
                 self._rollback(redo)
                 todo = [k for k in st.grads if k not in st.updated]
-                self._update(todo, coef)
-                for k in todo:
-                    self._writeback(k)
-            self._wait_copies()
+                if todo and not self._speculative():
+                    # deferred: the updates run in the order forward reads the weights, while
+                    # step() returns; the next forward waits only for the weight it needs
+                    order = {k: i for i, k in enumerate(self.fw_order)}
+                    todo.sort(key=lambda k: order.get(k, len(order)))
+                    for k in todo:
+                        done = threading.Event()
+                        self.pending_weights[k] = (done, st)
+                        self._submit(self._update_and_write, st, k, coef, done)
+                else:
+                    self._update(todo, coef)
+                    for k in todo:
+                        self._writeback(k)
+            if not self.pending_weights:
+                self._wait_copies()
         except BaseException:
             self.abort()
             raise
@@ -300,6 +356,7 @@ class OffloadRuntime:
     def abort(self) -> None:
         """Return to the state before the step: undo updates, restore device weights."""
         try:
+            self.finish_pending()
             self._join()
         except LohanError:
             pass
@@ -439,10 +496,17 @@ class OffloadRuntime:
                 st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
             st.written.discard(key)
 
-    def _update(self, keys, coef: float) -> None:
+    def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event) -> None:
+        try:
+            self._update([key], coef, st)
+            self._writeback(key, st)
+        finally:
+            done.set()
+
+    def _update(self, keys, coef: float, st: _Step | None = None) -> None:
         if not keys:
             return
-        st = self.state
+        st = self.state if st is None else st
         start = time.perf_counter()
         self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
                                weights_out=[self._weight_buf(k) for k in keys])
@@ -452,14 +516,16 @@ class OffloadRuntime:
             st.updated.add(k)
             self.events.append(Event("update", k, start, end))
 
-    def _writeback(self, key: int) -> None:
+    def _writeback(self, key: int, st: _Step | None = None) -> None:
         """Copy an updated weight to the device once its update and its last use are both done."""
-        st = self.state
+        st = self.state if st is None else st
         with self._lock:
             if key in st.written or key not in st.weight_free or key not in st.updated:
                 return
             st.written.add(key)
-        st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
+            copy = self.tier.copy_(self.params[key].detach(), self._weight_buf(key))
+            st.copies.append(copy)
+            st.copy_of[key] = copy
 
     def _wait_copies(self) -> None:
         for ev in self.state.copies:
