@@ -89,6 +89,7 @@ class GraphRun:
     seconds: float
     bindings: dict = field(default_factory=dict)  # symbol -> size this run used
     backward_seen: bool = False  # a forward run: its backward ran (or its graph was dropped)
+    start: float = 0.0  # perf_counter() when it began
 
     def bytes_of(self, expr: sympy.Expr | None) -> int | None:
         return None if expr is None else evaluate(expr, self.bindings)

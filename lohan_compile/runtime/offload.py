@@ -23,7 +23,8 @@ Two ways to run the updates (``CPUAdamW(overlap=...)``), with the same results:
   arrive) and ``step()`` runs every update; nothing extra is kept, and nothing
   of the optimizer overlaps backward.
 
-``"auto"`` (the default) is speculative when the roll-back copies fit the host
+``"auto"`` (the default) is speculative while roll-backs are rare (at most 3 of
+the last 10 steps clipped or were skipped) and the roll-back copies fit the host
 budget, else deferred. Either way an exception in the middle of a step leaves
 the state from before the step: ``zero_grad()``, ``state_dict()`` or the next
 backward roll back what ran.
@@ -38,6 +39,7 @@ on the host.
 from __future__ import annotations
 
 import atexit
+import collections
 import queue
 import threading
 import time
@@ -192,6 +194,7 @@ class OffloadRuntime:
         self.fw_order: list[int] = []  # keys in the order forward first reads them
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
+        self.recent_clips: collections.deque = collections.deque(maxlen=10)  # steps that clipped or skipped
         self.events: list[Event] = []
         self.state = _Step()
         self._lock = threading.Lock()
@@ -311,6 +314,7 @@ class OffloadRuntime:
         opt = self.opt
         norm, coef = opt.clip_coefficient(st.sumsq)
         skip = st.nonfinite and opt.skip_nonfinite
+        self.recent_clips.append(skip or coef != 1.0)
         try:
             if skip:
                 self._rollback(set(st.speculative), restore_weights=True)
@@ -446,9 +450,14 @@ class OffloadRuntime:
     # ---- pieces ------------------------------------------------------------------------------
 
     def _speculative(self) -> bool:
+        """Speculate (update during backward) or defer? ``auto``: speculate while roll-backs
+        are rare (at most 3 of the last 10 steps clipped or were skipped) and the roll-back
+        copies fit the host budget; else defer (updates overlap the next forward)."""
         mode = self.opt.overlap
         if mode in ("speculative", "deferred"):
             return mode == "speculative"
+        if len(self.recent_clips) >= 3 and sum(self.recent_clips) > 0.3 * len(self.recent_clips):
+            return False
         stats = self.tier.stats()
         budget = stats.budget_bytes
         need = 12 * sum(p.numel() for p in self.params.values())
@@ -472,8 +481,10 @@ class OffloadRuntime:
 
     def _backup(self, key: int) -> None:
         state = self.opt._state_of(self.params[key])
+        # the roll-back copies are host memory too (the host tier, never the device's allocator)
         self.state.backups[key] = tuple(
-            t.clone() for t in (state["master"], state["exp_avg"], state["exp_avg_sq"], state["step"])
+            self.tier.empty(tuple(t.shape), t.dtype).copy_(t)
+            for t in (state["master"], state["exp_avg"], state["exp_avg_sq"], state["step"])
         )
 
     def _rollback(self, keys, *, restore_weights: bool = False) -> None:

@@ -159,6 +159,7 @@ class StepTracker:
             self._open_step()
 
     def end(self, run: GraphRun, start: float) -> None:
+        run.start = start
         run.seconds = time.perf_counter() - start
         if run.phase != "backward":
             return
