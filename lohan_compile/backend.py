@@ -287,6 +287,7 @@ class GraphCompiler:
         self.record = GraphRecord(
             graph_id=self.graph_id, training=False, executor=opts.executor, budget_bytes=opts.memory_budget
         )
+        self.record.dump_dir = self.dump_dir
         self.resident_outside = resident_outside_bytes(real_inputs)
         self.record.device = next(
             (t.device for t in real_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None

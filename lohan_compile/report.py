@@ -51,6 +51,7 @@ class GraphRecord:
     predicted_step_s: float | None = None
     predicted_peak_bytes: int | None = None
     device: Any = None  # the device its tensors live on (None: the CPU stand-in)
+    dump_dir: str | None = None  # where dumps go (the step's measured trace too)
     # input storages the device counter does not see, found at the first run: ptr -> bytes
     uncounted_inputs: dict[int, int] | None = None
     predicted_host_peak_bytes: int | None = None
@@ -107,6 +108,7 @@ class Report:
     h2d_bytes: int = 0
     measured_peak_bytes: int | None = None
     host_peak_bytes: int | None = None
+    optimizer_events: list = field(default_factory=list)  # offload runtime events of this step
 
     @property
     def graphs(self) -> list[GraphRecord]:
@@ -157,6 +159,41 @@ class Report:
             "measured_step_s": self.step_seconds,
             "graphs": len(self.graphs),
         }
+
+    def trace_events(self, *, pid: int = 2) -> list[dict]:
+        """The measured timeline as Chrome trace events: one track for compute (each graph's
+        forward and backward), one for the CPU optimizer (updates, norms, roll-backs), and
+        each graph's predicted timeline beside it, aligned to where the graph really began."""
+        from .dump import TRACKS, trace_events as predicted_events
+
+        t0 = self.started_at if self.started_at is not None else min((r.start for r in self.runs), default=0.0)
+        events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "measured"}}]
+        tids = {name: i for i, name in enumerate(TRACKS, start=1)}
+        for resource, track in TRACKS.items():
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tids[resource], "args": {"name": track}})
+        for r in self.runs:
+            events.append({"ph": "X", "name": f"{r.graph.name} {r.phase}", "pid": pid, "tid": tids["compute"],
+                           "ts": (r.start - t0) * 1e6, "dur": r.seconds * 1e6})
+        for e in self.optimizer_events:
+            events.append({"ph": "X", "name": f"{e.kind} {e.key}", "pid": pid, "tid": tids["cpu"],
+                           "ts": (e.start - t0) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6})
+        seen = set()
+        for r in self.runs:
+            planned = r.graph.pass_report("plan_memory")
+            if r.phase != "forward" or planned is None or r.graph.graph_id in seen:
+                continue
+            seen.add(r.graph.graph_id)
+            events += predicted_events(planned["plan"], pid=10 + r.graph.graph_id,
+                                       label=f"predicted, {r.graph.name}", offset_s=r.start - t0)
+        return events
+
+    def write_trace(self, path: str) -> str:
+        """Write ``trace_events()`` as a JSON trace (open it at https://ui.perfetto.dev)."""
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"traceEvents": self.trace_events()}, f)
+        return path
 
     def to_table(self) -> str:
         rows = []

@@ -16,7 +16,9 @@ def test_dump_of_a_planned_graph(tmp_path):
     cm(input_ids=ids, labels=ids).loss.backward()
     gid = lohan.last_report().graphs[0].graph_id
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"graph{gid}_{k}" for k in ("bw.py", "fw.py", "joint.py", "plan.md", "trace.json")]
+    assert names == [f"graph{gid}_{k}" for k in ("bw.py", "fw.py", "joint.py", "plan.md", "trace.json")] + [
+        "step_trace.json"  # the step's measured timeline
+    ]
     bw = (tmp_path / f"graph{gid}_bw.py").read_text()
     compile(bw, "bw.py", "exec")
     recomputed = [line for line in bw.splitlines() if "# recompute" in line]
@@ -31,3 +33,24 @@ def test_dump_of_a_planned_graph(tmp_path):
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert spans and all(e["dur"] >= 0 for e in spans)
     assert any(e["name"].startswith("recompute:") for e in spans)
+
+
+def test_measured_trace_of_a_step_with_gradient_offloading(tmp_path):
+    from models import MLP
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt, "dump_dir": str(tmp_path)})
+    for _ in range(3):
+        cm(torch.randn(4, 32)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    trace = json.loads((tmp_path / "step_trace.json").read_text())
+    events = trace["traceEvents"]
+    processes = {e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert "measured" in processes and any(p.startswith("predicted") for p in processes)
+    measured = [e for e in events if e["ph"] == "X" and e["pid"] == 2]
+    names = {e["name"].split()[0] for e in measured}
+    assert {"graph", "update", "stats"} <= names  # compute and the optimizer's work, side by side
+    assert lohan.last_report().optimizer_events

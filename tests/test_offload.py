@@ -222,3 +222,18 @@ def test_an_exception_in_backward_leaves_the_state_before_the_step():
             assert torch.equal(after["state"][k][name], t), name
     F.mse_loss(cm(x), y).backward()  # training goes on
     opt.step()
+
+
+def test_clip_grad_norm_on_offloaded_parameters_raises_instead_of_doing_nothing():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8)).backward()
+    with pytest.raises(lohan.LohanError, match="max_grad_norm"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    # other models are untouched by the guard
+    other = MLP()
+    other(torch.randn(2, 32)).sum().backward()
+    assert torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0) > 0

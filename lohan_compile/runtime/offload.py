@@ -127,6 +127,61 @@ def _work(tasks: queue.Queue, runtime_ref: weakref.ref) -> None:
             tasks.task_done()
 
 
+def offloaded_among(params) -> list[torch.Tensor]:
+    """Those of ``params`` whose gradients a live runtime offloads (their ``.grad`` stays None)."""
+    ids = set()
+    for runtime in list(_runtimes):
+        opt = runtime.opt_ref()
+        if opt is not None:
+            ids |= opt._offloaded
+    if not ids:
+        return []
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    return [p for p in params if isinstance(p, torch.Tensor) and id(p) in ids]
+
+
+def _guard_grad_utility(name: str, fn: Callable) -> Callable:
+    """torch's gradient utilities read ``param.grad``: on offloaded parameters they would
+    silently do nothing, so they raise and say what to use instead."""
+    import functools
+
+    @functools.wraps(fn)
+    def guarded(parameters, *args, **kwargs):
+        if isinstance(parameters, (list, tuple, torch.Tensor)):
+            params = parameters
+        else:
+            params = list(parameters)  # a generator: read it once, pass the list on
+        if offloaded_among(params):
+            raise LohanError(
+                f"torch.nn.utils.{name} reads param.grad, but lohan offloads these parameters' gradients "
+                "during backward (param.grad stays None). Give the limit to the optimizer instead: "
+                "CPUAdamW(..., max_grad_norm=...) clips exactly as clip_grad_norm_ does; its "
+                "last_grad_norm is the norm clip_grad_norm_ returns."
+            )
+        return fn(params, *args, **kwargs)
+
+    return guarded
+
+
+def _install_guards() -> None:
+    import torch.nn.utils as utils
+    import torch.nn.utils.clip_grad as clip_grad
+
+    for name in ("clip_grad_norm_", "clip_grad_value_", "clip_grad_norm"):
+        original = getattr(clip_grad, name, None)
+        if original is None or getattr(original, "_lohan_guard", False):
+            continue
+        guarded = _guard_grad_utility(name, original)
+        guarded._lohan_guard = True
+        setattr(clip_grad, name, guarded)
+        if getattr(utils, name, None) is original:
+            setattr(utils, name, guarded)
+
+
+_install_guards()
+
+
 def runtime_for(key: int) -> "OffloadRuntime":
     runtime = _entries[key][1]()
     if runtime is None:
@@ -195,7 +250,7 @@ class OffloadRuntime:
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
         self.recent_clips: collections.deque = collections.deque(maxlen=10)  # steps that clipped or skipped
-        self.events: list[Event] = []
+        self.events: collections.deque[Event] = collections.deque(maxlen=50_000)  # the last steps' work
         self.state = _Step()
         self._lock = threading.Lock()
         self._tasks: queue.Queue = queue.Queue()

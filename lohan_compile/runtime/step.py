@@ -94,6 +94,7 @@ class StepTracker:
         self._lock = threading.Lock()
         self._last: Report | None = None
         self._extra_at_end = (0, 0)
+        self._finished_participants: list = []
         self._open_step()
 
     def _open_step(self) -> None:
@@ -185,8 +186,17 @@ class StepTracker:
                 measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
             )
             self._open_step()
+        self._finished_participants = participants
         for runtime in participants:
             runtime.backward_ended()  # outside the lock: it may submit work
+        if participants or self._last is None:
+            return
+        self._write_dump(self._last)
+
+    def _write_dump(self, report: Report) -> None:
+        folders = {r.graph.dump_dir for r in report.runs if r.graph.dump_dir}
+        for folder in folders:
+            report.write_trace(f"{folder}/step_trace.json")
 
     def abandon_step(self) -> None:
         """Forget the open step (an exception interrupted its backward)."""
@@ -206,10 +216,13 @@ class StepTracker:
         if report is None or report.started_at is None:
             return
         report.step_seconds = time.perf_counter() - report.started_at
+        for runtime in self._finished_participants:
+            report.optimizer_events.extend(e for e in runtime.events if e.start >= report.started_at)
         if report.engine_base is not None:
             d2h, h2d = _engine_bytes()
             report.d2h_bytes = self._extra_at_end[0] + d2h - report.engine_base[0]
             report.h2d_bytes = self._extra_at_end[1] + h2d - report.engine_base[1]
+        self._write_dump(report)
 
     def reset(self) -> None:
         with self._lock:
