@@ -6,6 +6,11 @@ parameters) together with the real parameters (in the facts).
 Ensures, for every parameter the optimizer updates and the graph computes a
 gradient for:
 - right after the gradient is computed: ``h = lohan::swap_out(grad)``;
+  small gradients (under ``SMALL_GRAD_BYTES``) of one dtype are bucketed, as
+  DDP does: once the last of a run of them is computed, they are flattened into
+  one device buffer of at most ``BUCKET_BYTES`` and leave in one copy
+  (``lohan::grads_ready(h, keys)`` hands each its slice), so a model of many
+  small tensors does not pay a copy's fixed cost per tensor;
 - the copy is waited for (``lohan::wait_tensor``, which frees the device
   gradient) where the next offloaded gradient is produced (so that copy
   overlaps that computation), and then handed to the optimizer runtime
@@ -29,6 +34,9 @@ from ..meta import NodeInfo, Role, get_info, set_info
 from ..pipeline import CompileFacts, Graphs
 
 NAME = "offload_grads"
+
+SMALL_GRAD_BYTES = 256 * 1024  # gradients below this travel in buckets
+BUCKET_BYTES = 4 * 1024 * 1024  # a bucket's largest size (a run closes once it reaches this)
 
 
 def find_optimizer(facts: CompileFacts) -> Any:
@@ -70,29 +78,51 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
         return graphs, {"optimizer": type(opt).__name__, "offloaded": 0}
     managed.sort(key=lambda m: order[m[1]])
 
-    swaps = []
-    for j, grad, idx, key in managed:
-        with bw.graph.inserting_after(grad):
-            h = bw.graph.call_function(ops.swap_out.default, (grad,))
-        h.meta["val"] = _fake_call(ops.swap_out.default, grad.meta["val"])
-        _mark(h, "grad_out")
-        swaps.append((j, h, idx, key))
-        values[j] = None
+    swaps = []  # (host node, [(input index, key)], grad nodes)
+    for group in _buckets(managed):
+        last = group[-1][1]
+        grads = [m[1] for m in group]
+        for j, *_ in group:
+            values[j] = None
+        if len(group) == 1:
+            with bw.graph.inserting_after(last):
+                h = bw.graph.call_function(ops.swap_out.default, (last,))
+            h.meta["val"] = _fake_call(ops.swap_out.default, last.meta["val"])
+            _mark(h, "grad_out")
+        else:
+            with bw.graph.inserting_before(last.next):  # in order, right after the last member
+                flats = []
+                for g in grads:
+                    flat = bw.graph.call_function(torch.ops.aten.reshape.default, (g, [-1]))
+                    flat.meta["val"] = _fake_call(lambda v: v.reshape(-1), g.meta["val"])
+                    _mark(flat, "grad_bucket")
+                    flats.append(flat)
+                cat = bw.graph.call_function(torch.ops.aten.cat.default, (flats,))
+                cat.meta["val"] = _fake_call(lambda *v: torch.cat(v), *[f.meta["val"] for f in flats])
+                _mark(cat, "grad_bucket")
+                h = bw.graph.call_function(ops.swap_out.default, (cat,))
+            h.meta["val"] = _fake_call(ops.swap_out.default, cat.meta["val"])
+            _mark(h, "grad_out")
+        swaps.append((h, [(m[2], m[3]) for m in group]))
     # each copy is waited for where the next gradient leaves (its copy overlaps that
     # gradient's computation); the last ones just before backward returns
-    for n, (j, h, idx, key) in enumerate(swaps):
-        anchor = swaps[n + 1][1] if n + 1 < len(swaps) else out
+    for n, (h, members) in enumerate(swaps):
+        anchor = swaps[n + 1][0] if n + 1 < len(swaps) else out
         with bw.graph.inserting_before(anchor):
             host = bw.graph.call_function(ops.wait_tensor.default, (h,))
             host.meta["val"] = h.meta["val"]
             _mark(host, "grad_out_wait")
-            ready = bw.graph.call_function(ops.grad_ready.default, (host, key))
+            if len(members) == 1:
+                ready = bw.graph.call_function(ops.grad_ready.default, (host, members[0][1]))
+            else:
+                ready = bw.graph.call_function(ops.grads_ready.default, (host, [k for _, k in members]))
             ready.meta["val"] = None
             _mark(ready, "grad_ready")
-        with bw.graph.inserting_after(_last_use_of_param(graphs.fw, bw, idx, ready)):
-            done = bw.graph.call_function(ops.weight_ready.default, (key,))
-            done.meta["val"] = None
-            _mark(done, "weight_ready")
+        for idx, key in members:
+            with bw.graph.inserting_after(_last_use_of_param(graphs.fw, bw, idx, ready)):
+                done = bw.graph.call_function(ops.weight_ready.default, (key,))
+                done.meta["val"] = None
+                _mark(done, "weight_ready")
     out.args = (tuple(values),)
     bw.recompile()
     fw_order = _wait_for_weights_in_forward(graphs.fw, {idx: key for _, _, idx, key in managed})
@@ -100,8 +130,37 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
     return graphs, {
         "optimizer": type(opt).__name__,
         "offloaded": len(managed),
+        "grad_copies": len(swaps),
         "offloaded_grad_bytes": sum(int(m[1].meta["val"].numel()) * m[1].meta["val"].element_size() for m in managed),
     }
+
+
+def _nbytes(node: fx.Node) -> int:
+    from ..shapes import hint_int
+
+    val = node.meta["val"]
+    return hint_int(val.numel()) * val.element_size()
+
+
+def _buckets(managed: list) -> list[list]:
+    """Gradients in production order, grouped: a large one alone, small ones of a dtype together."""
+    groups: list[list] = []
+    open_: dict[torch.dtype, list] = {}
+    for m in managed:
+        size = _nbytes(m[1])
+        if size >= SMALL_GRAD_BYTES:
+            groups.append([m])
+            continue
+        dtype = m[1].meta["val"].dtype
+        run = open_.setdefault(dtype, [])
+        run.append(m)
+        if sum(_nbytes(x[1]) for x in run) >= BUCKET_BYTES:
+            groups.append(open_.pop(dtype))
+    groups.extend(run for run in open_.values() if run)
+    # each group leaves after its last member is computed: keep groups in that order
+    order = {id(m[1]): i for i, m in enumerate(managed)}
+    groups.sort(key=lambda g: order[id(g[-1][1])])
+    return groups
 
 
 def _wait_for_weights_in_forward(fw: fx.GraphModule, keys: dict[int, int]) -> list[int]:
@@ -142,10 +201,10 @@ def _mark(node: fx.Node, action: str) -> None:
     set_info(node, NodeInfo(role=Role.BACKWARD, made_by=NAME, action=action))
 
 
-def _fake_call(op: Any, val: torch.Tensor) -> torch.Tensor:
-    """The fake value ``op`` gives for ``val`` (its fake kernel decides the layout)."""
-    with val.fake_mode:
-        return op(val)
+def _fake_call(op: Any, *vals: torch.Tensor) -> torch.Tensor:
+    """The fake value ``op`` gives for ``vals`` (its fake kernel decides the layout)."""
+    with vals[0].fake_mode:
+        return op(*vals)
 
 
 def _last_use_of_param(fw: fx.GraphModule, bw: fx.GraphModule, input_index: int, floor: fx.Node) -> fx.Node:

@@ -53,12 +53,26 @@ from ..errors import LohanError
 
 _lib = torch.library.Library("lohan", "FRAGMENT")
 _lib.define("grad_ready(Tensor host_grad, int key) -> ()")
+_lib.define("grads_ready(Tensor host_bucket, int[] keys) -> ()")
 _lib.define("weight_ready(int key) -> ()")
 _lib.define("weight_wait(Tensor(a) weight, int key) -> Tensor(a)")
 
 
 def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
     runtime_for(key).grad_ready(key, host_grad)
+
+
+def _grads_ready_impl(host_bucket: torch.Tensor, keys: list[int]) -> None:
+    # a bucket of small gradients, flattened in ``keys`` order: each gets its slice
+    offset = 0
+    for key in keys:
+        runtime = runtime_for(key)
+        shape = runtime.params[key].shape
+        n = shape.numel()
+        runtime.grad_ready(key, host_bucket.narrow(0, offset, n).view(shape))
+        offset += n
+    if offset != host_bucket.numel():
+        raise LohanError(f"gradient bucket of {host_bucket.numel()} elements, parameters of {offset}")
 
 
 def _weight_ready_impl(key: int) -> None:
@@ -73,7 +87,9 @@ def _weight_wait_impl(weight: torch.Tensor, key: int) -> torch.Tensor:
 _lib.impl("weight_wait", _weight_wait_impl, "CompositeExplicitAutograd")
 _lib.impl("grad_ready", _grad_ready_impl, "CompositeExplicitAutograd")
 _lib.impl("weight_ready", _weight_ready_impl, "CompositeExplicitAutograd")
-for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.weight_ready.default,
+_lib.impl("grads_ready", _grads_ready_impl, "CompositeExplicitAutograd")
+for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.grads_ready.default,
+            torch.ops.lohan.weight_ready.default,
             torch.ops.lohan.weight_wait.default):
     torch.fx.node.has_side_effect(_op)
     torch.fx.node.has_side_effect(_op.overloadpacket)
@@ -81,6 +97,11 @@ for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.weight_ready.def
 
 @torch.library.register_fake("lohan::grad_ready")
 def _grad_ready_fake(host_grad: torch.Tensor, key: int) -> None:
+    return None
+
+
+@torch.library.register_fake("lohan::grads_ready")
+def _grads_ready_fake(host_bucket: torch.Tensor, keys: list[int]) -> None:
     return None
 
 
@@ -573,12 +594,15 @@ class OffloadRuntime:
         if not keys:
             return
         st = self.state if st is None else st
+        # hyperparameters as they were before the update: a change the main thread makes while
+        # the update runs then shows as a change at step() (and the update is redone), never hidden
+        hyper = {k: self._hyper(k) for k in keys}
         start = time.perf_counter()
         self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
                                weights_out=[self._weight_buf(k) for k in keys])
         end = time.perf_counter()
         for k in keys:
-            st.hyper[k] = self._hyper(k)
+            st.hyper[k] = hyper[k]
             st.updated.add(k)
             self.events.append(Event("update", k, start, end))
 
