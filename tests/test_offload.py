@@ -239,6 +239,26 @@ def test_clip_grad_norm_on_offloaded_parameters_raises_instead_of_doing_nothing(
     assert torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0) > 0
 
 
+def test_a_grad_scaler_around_an_offloading_optimizer_raises_and_says_what_to_do():
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8))).backward()
+    for call in (scaler.unscale_, scaler.step):
+        with pytest.raises(lohan.LohanError, match="skip_nonfinite"):
+            call(opt)
+    opt.zero_grad()  # the step is dropped, as it would be in eager
+    # a scaler around another optimizer keeps working
+    other = MLP()
+    other_opt = torch.optim.AdamW(other.parameters())
+    scaler2 = torch.amp.GradScaler("cpu")
+    scaler2.scale(other(torch.randn(2, 32)).sum()).backward()
+    scaler2.step(other_opt)
+    scaler2.update()
+
+
 def test_small_gradients_travel_in_buckets_and_large_ones_alone():
     """Many small gradients leave in a few copies (each gets its slice of the bucket on the host);
     a gradient over the small-tensor threshold leaves alone, right after it is computed."""

@@ -185,7 +185,36 @@ def _guard_grad_utility(name: str, fn: Callable) -> Callable:
     return guarded
 
 
+def _guard_grad_scaler(name: str, fn: Callable) -> Callable:
+    """GradScaler unscales and checks ``param.grad``; with offloaded gradients it would find
+    none (and fail with an opaque assertion, or step without its inf check): say what to do."""
+    import functools
+
+    @functools.wraps(fn)
+    def guarded(self, optimizer, *args, **kwargs):
+        if getattr(optimizer, "_offloaded", None) and self.is_enabled():
+            raise LohanError(
+                f"GradScaler.{name}() reads param.grad, but lohan offloads this optimizer's gradients "
+                "during backward (param.grad stays None). CPUAdamW checks gradients itself: with "
+                "skip_nonfinite=True (the default) a step with an inf or NaN gradient is skipped, as "
+                "GradScaler would; train in bfloat16 (torch.autocast(..., dtype=torch.bfloat16)), "
+                "which needs no loss scaling, or drop the GradScaler."
+            )
+        return fn(self, optimizer, *args, **kwargs)
+
+    return guarded
+
+
 def _install_guards() -> None:
+    from torch.amp.grad_scaler import GradScaler
+
+    for name in ("unscale_", "step"):
+        original = getattr(GradScaler, name)
+        if not getattr(original, "_lohan_guard", False):
+            guarded = _guard_grad_scaler(name, original)
+            guarded._lohan_guard = True
+            setattr(GradScaler, name, guarded)
+
     import torch.nn.utils as utils
     import torch.nn.utils.clip_grad as clip_grad
 
