@@ -211,8 +211,52 @@ class Report:
         facts = [[k, _format_fact(k, v)] for k, v in summary.items()]
         return table + "\n\n" + tabulate(facts, headers=["step", "value"])
 
+    def decisions(self) -> list[dict[str, Any]]:
+        """What the plan decided for every saved activation of every graph of the step, and
+        what gradient offloading did: one dict per tensor (``graph``, ``tensor``, ``bytes``,
+        ``decision``: keep / swap / recompute / offload, ``reason``)."""
+        rows: list[dict[str, Any]] = []
+        for g in self.graphs:
+            planned = g.pass_report("plan_memory")
+            if planned is not None:
+                plan, problem = planned["plan"], planned["problem"]
+                for c in problem.candidates:
+                    d = plan.decisions[c.key]
+                    rows.append({"graph": g.graph_id, "tensor": c.name, "bytes": c.bytes,
+                                 "decision": d.action.value, "reason": d.reason or "",
+                                 "prefetch_at": d.prefetch_at, "release_at": d.release_at})
+            offload = g.pass_report("offload_grads")
+            if offload and offload.get("offloaded"):
+                rows.append({"graph": g.graph_id, "tensor": f"gradients of {offload['offloaded']} parameters",
+                             "bytes": offload.get("offloaded_grad_bytes", 0), "decision": "offload",
+                             "reason": f"to {offload['optimizer']} on the CPU as backward makes them, "
+                                       f"in {_copies(offload.get('grad_copies', offload['offloaded']))}",
+                             "prefetch_at": None, "release_at": None})
+        return rows
+
+    def plan_table(self, limit: int | None = 12) -> str:
+        """``decisions()`` as a table, largest tensors first (``limit`` rows, then a count)."""
+        rows = sorted(self.decisions(), key=lambda r: -r["bytes"])
+        shown = rows if limit is None else rows[:limit]
+        table = tabulate(
+            [[f"graph {r['graph']}", r["tensor"], format_bytes(r["bytes"]), r["decision"], r["reason"]] for r in shown],
+            headers=["graph", "tensor", "bytes", "decision", "why"],
+        )
+        if len(rows) > len(shown):
+            rest = rows[len(shown):]
+            counts = {}
+            for r in rest:
+                counts[r["decision"]] = counts.get(r["decision"], 0) + 1
+            table += "\n... and " + ", ".join(f"{n} more {k}" for k, n in sorted(counts.items()))
+            table += f" ({format_bytes(sum(r['bytes'] for r in rest))})"
+        return table
+
     def __str__(self) -> str:
         return self.to_table()
+
+
+def _copies(n: int) -> str:
+    return "1 copy" if n == 1 else f"{n} copies"
 
 
 def _format_fact(key: str, value: Any) -> str:

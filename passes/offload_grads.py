@@ -35,8 +35,8 @@ from ..pipeline import CompileFacts, Graphs
 
 NAME = "offload_grads"
 
-SMALL_GRAD_BYTES = 256 * 1024  # gradients below this travel in buckets
-BUCKET_BYTES = 4 * 1024 * 1024  # a bucket's largest size (a run closes once it reaches this)
+SMALL_GRAD_BYTES = 64 * 1024  # gradients below this travel in buckets
+BUCKET_BYTES = 1024 * 1024  # a bucket closes once it reaches this (device bytes held back stay small)
 
 
 def find_optimizer(facts: CompileFacts) -> Any:
