@@ -21,7 +21,7 @@ from .optim import CPUAdamW
 from .options import Options, parse_bytes
 from .report import Report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def last_report() -> Report | None:
