@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <system_error>
+#include <time.h>
 
 namespace lohan {
 namespace host {
@@ -12,6 +13,41 @@ namespace host {
 ByteCounters& global_counters() {
   static ByteCounters c;
   return c;
+}
+
+namespace {
+std::atomic<bool> g_recording{false};
+std::mutex g_timeline_m;
+std::deque<Span> g_timeline;
+}  // namespace
+
+int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+bool timeline_recording() { return g_recording.load(std::memory_order_relaxed); }
+
+void set_timeline_recording(bool on) {
+  g_recording.store(on, std::memory_order_relaxed);
+  if (!on) {
+    std::lock_guard<std::mutex> g(g_timeline_m);
+    g_timeline.clear();
+  }
+}
+
+void record_span(SpanKind kind, uint64_t bytes, int64_t start_ns, int64_t end_ns) {
+  std::lock_guard<std::mutex> g(g_timeline_m);
+  if (g_timeline.size() >= kTimelineCap) g_timeline.pop_front();
+  g_timeline.push_back(Span{kind, bytes, start_ns, end_ns});
+}
+
+std::vector<Span> take_timeline() {
+  std::lock_guard<std::mutex> g(g_timeline_m);
+  std::vector<Span> out(g_timeline.begin(), g_timeline.end());
+  g_timeline.clear();
+  return out;
 }
 
 CopyEngine::CopyEngine(int threads, uint64_t chunk_bytes)
@@ -157,7 +193,14 @@ void CopyEngine::run() {
       t = std::move(queue_.front());
       queue_.pop_front();
     }
-    execute(t);
+    if (timeline_recording()) {
+      int64_t start = monotonic_ns();
+      execute(t);
+      uint64_t bytes = t.plan ? t.n * t.plan->row_bytes : t.n;
+      record_span(static_cast<SpanKind>(static_cast<int64_t>(t.dir)), bytes, start, monotonic_ns());
+    } else {
+      execute(t);
+    }
     t.done->part_done();
   }
 }

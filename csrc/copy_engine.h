@@ -44,6 +44,24 @@ struct ByteCounters {
 // Process-wide counters (every engine and SSD tier adds to them).
 ByteCounters& global_counters();
 
+// The copy timeline: while recording, every chunk a copy worker or an SSD
+// worker moves is logged with its kind, bytes, and start and end on the
+// monotonic clock (what Python's time.perf_counter() reads on Linux), for the
+// measured tracks of step traces. Bounded: past kTimelineCap spans, the
+// oldest are dropped.
+enum class SpanKind : int64_t { D2H = 0, H2D = 1, Other = 2, SsdWrite = 3, SsdRead = 4 };
+struct Span {
+  SpanKind kind;
+  uint64_t bytes;
+  int64_t start_ns, end_ns;
+};
+constexpr size_t kTimelineCap = 1 << 16;
+int64_t monotonic_ns();
+bool timeline_recording();
+void set_timeline_recording(bool on);
+void record_span(SpanKind kind, uint64_t bytes, int64_t start_ns, int64_t end_ns);
+std::vector<Span> take_timeline();
+
 class CopyEngine {
  public:
   CopyEngine(int threads, uint64_t chunk_bytes);

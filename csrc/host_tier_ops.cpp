@@ -745,6 +745,20 @@ std::vector<int64_t> bytes_moved_op() {
           static_cast<int64_t>(c.ssd_write.load()), static_cast<int64_t>(c.ssd_read.load())};
 }
 
+void copy_timeline_record_op(bool on) { host::set_timeline_recording(on); }
+
+// The recorded spans, flattened: [kind, bytes, start_ns, end_ns] per span (kinds as SpanKind).
+std::vector<int64_t> copy_timeline_take_op() {
+  std::vector<int64_t> out;
+  for (const auto& s : host::take_timeline()) {
+    out.push_back(static_cast<int64_t>(s.kind));
+    out.push_back(static_cast<int64_t>(s.bytes));
+    out.push_back(s.start_ns);
+    out.push_back(s.end_ns);
+  }
+  return out;
+}
+
 int64_t cleanup_stale_op(std::string dir) {
   return guarded([&] { return static_cast<int64_t>(SsdTier::cleanup_stale(dir)); });
 }
@@ -794,6 +808,8 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
   m.def("_host_tier_drain() -> int");
   m.def("_host_tier_pending() -> int");
   m.def("_host_tier_bytes_moved() -> int[]");
+  m.def("_copy_timeline_record(bool on) -> ()");
+  m.def("_copy_timeline_take() -> int[]");
   m.def("_ssd_cleanup_stale(str dir) -> int");
 }
 
@@ -812,6 +828,8 @@ TORCH_LIBRARY_IMPL(lohan, CompositeExplicitAutograd, m) {
   m.impl("_host_tier_drain", &drain_op);
   m.impl("_host_tier_pending", &pending_op);
   m.impl("_host_tier_bytes_moved", &bytes_moved_op);
+  m.impl("_copy_timeline_record", &copy_timeline_record_op);
+  m.impl("_copy_timeline_take", &copy_timeline_take_op);
   m.impl("_ssd_cleanup_stale", &cleanup_stale_op);
 }
 

@@ -609,6 +609,7 @@ void SsdTier::execute(const Task& t, char* staging) {
   // Direct I/O moves whole 4096-byte sectors; the block's padding absorbs the tail.
   const uint64_t io_len = direct_ ? round_up(len, kAlign) : len;
   char* user = t.buf + off;
+  const int64_t span_start = timeline_recording() ? monotonic_ns() : 0;
   if (t.write) {
     const char* src = user;
     if (direct_ && !t.in_place) {
@@ -634,6 +635,7 @@ void SsdTier::execute(const Task& t, char* staging) {
     bytes_read_ += len;
     global_counters().ssd_read.fetch_add(len, std::memory_order_relaxed);
   }
+  if (span_start) record_span(t.write ? SpanKind::SsdWrite : SpanKind::SsdRead, len, span_start, monotonic_ns());
   // d2h/h2d count the bytes that left or reached the device tier through the SSD.
   if (t.dir != Direction::Other) global_counters().add(t.dir, len);
 }

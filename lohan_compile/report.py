@@ -109,6 +109,8 @@ class Report:
     measured_peak_bytes: int | None = None
     host_peak_bytes: int | None = None
     optimizer_events: list = field(default_factory=list)  # offload runtime events of this step
+    # chunks the copy engine and the SSD tier moved: (kind, bytes, start, end), perf_counter() seconds
+    copy_events: list = field(default_factory=list)
 
     @property
     def graphs(self) -> list[GraphRecord]:
@@ -162,7 +164,8 @@ class Report:
 
     def trace_events(self, *, pid: int = 2) -> list[dict]:
         """The measured timeline as Chrome trace events: one track for compute (each graph's
-        forward and backward), one for the CPU optimizer (updates, norms, roll-backs), and
+        forward and backward), one per copy direction and SSD queue (each chunk the copy
+        engine or SSD tier moved), one for the CPU optimizer (updates, norms, roll-backs), and
         each graph's predicted timeline beside it, aligned to where the graph really began."""
         from .dump import TRACKS, trace_events as predicted_events
 
@@ -174,6 +177,12 @@ class Report:
         for r in self.runs:
             events.append({"ph": "X", "name": f"{r.graph.name} {r.phase}", "pid": pid, "tid": tids["compute"],
                            "ts": (r.start - t0) * 1e6, "dur": r.seconds * 1e6})
+        track_of = {"d2h": "d2h", "h2d": "h2d", "ssd_write": "ssd_write", "ssd_read": "ssd_read"}
+        for kind, nbytes, start, end in self.copy_events:
+            if kind in track_of:
+                events.append({"ph": "X", "name": f"{kind} {format_bytes(nbytes)}", "pid": pid,
+                               "tid": tids[track_of[kind]], "ts": (start - t0) * 1e6,
+                               "dur": max(end - start, 0.0) * 1e6, "args": {"bytes": nbytes}})
         for e in self.optimizer_events:
             events.append({"ph": "X", "name": f"{e.kind} {e.key}", "pid": pid, "tid": tids["cpu"],
                            "ts": (e.start - t0) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6})

@@ -54,3 +54,12 @@ def test_measured_trace_of_a_step_with_gradient_offloading(tmp_path):
     names = {e["name"].split()[0] for e in measured}
     assert {"graph", "update", "stats"} <= names  # compute and the optimizer's work, side by side
     assert lohan.last_report().optimizer_events
+    # every chunk the copy engine moved, on its direction's track: as many bytes as the counters
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name" and e["pid"] == 2}
+    moved = {}
+    for e in measured:
+        if tracks[e["tid"]] in ("device->host", "host->device"):
+            moved[tracks[e["tid"]]] = moved.get(tracks[e["tid"]], 0) + e["args"]["bytes"]
+    summary = lohan.last_report().summary()
+    assert moved["device->host"] == summary["d2h_bytes"] > 0
+    assert moved["host->device"] == summary["h2d_bytes"] > 0

@@ -483,6 +483,21 @@ def use(tier: HostTier) -> Iterator[HostTier]:
 # ---- the graph ops, callable from Python -----------------------------------------
 
 
+SPAN_KINDS = ("d2h", "h2d", "other", "ssd_write", "ssd_read")
+
+
+def record_copy_timeline(on: bool = True) -> None:
+    """Start (or stop and clear) logging every chunk the copy engine and the SSD tier move."""
+    _ops()._copy_timeline_record(bool(on))
+
+
+def take_copy_timeline() -> list[tuple[str, int, float, float]]:
+    """The chunks moved since the last call: ``(kind, bytes, start, end)``, times in
+    ``time.perf_counter()`` seconds; kinds in ``SPAN_KINDS``."""
+    flat = _ops()._copy_timeline_take()
+    return [(SPAN_KINDS[flat[i]], flat[i + 1], flat[i + 2] * 1e-9, flat[i + 3] * 1e-9) for i in range(0, len(flat), 4)]
+
+
 @_translated
 def swap_out(t: torch.Tensor) -> torch.Tensor:
     return _ops().swap_out(t)

@@ -72,6 +72,23 @@ def _engine_bytes() -> tuple[int, int]:
     return moved["d2h_bytes"], moved["h2d_bytes"]
 
 
+_recording = False
+
+
+def _copy_spans(since: float) -> list:
+    """Chunks the copy engine and SSD tier moved (kind, bytes, start, end) ending after ``since``;
+    turns the recording on the first time the extension is there."""
+    global _recording
+    ht = _hosttier()
+    if ht is None:
+        return []
+    if not _recording:
+        ht.record_copy_timeline(True)
+        _recording = True
+        return []
+    return [s for s in ht.take_copy_timeline() if s[3] >= since]
+
+
 def _current_tier():
     ht = _hosttier()
     return None if ht is None else ht.current_if_set()
@@ -125,6 +142,7 @@ class StepTracker:
                 device_memory.reset_peak(self._device)
                 # the copy engine's counters and the host tier's peak, from here on
                 self._engine_base = _engine_bytes()
+                _copy_spans(self._step_start)  # drop what earlier steps moved
                 _host_step_begin()
             self._pending += 1
             self._runs.append(run)
@@ -184,6 +202,7 @@ class StepTracker:
                 h2d_bytes=self.h2d_bytes + h2d - self._engine_base[1],
                 host_peak_bytes=_host_peak(),
                 measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
+                copy_events=_copy_spans(self._step_start),
             )
             self._open_step()
         self._finished_participants = participants
@@ -218,6 +237,7 @@ class StepTracker:
         report.step_seconds = time.perf_counter() - report.started_at
         for runtime in self._finished_participants:
             report.optimizer_events.extend(e for e in runtime.events if e.start >= report.started_at)
+        report.copy_events.extend(_copy_spans(report.started_at))
         if report.engine_base is not None:
             d2h, h2d = _engine_bytes()
             report.d2h_bytes = self._extra_at_end[0] + d2h - report.engine_base[0]
