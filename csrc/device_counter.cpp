@@ -13,8 +13,11 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <time.h>
+
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -40,6 +43,7 @@ struct DeviceCounter final : at::Allocator {
       live_ += static_cast<int64_t>(n);
       if (live_ > peak_) peak_ = live_;
       ++allocations_;
+      note();
     }
     return {p, p, &DeviceCounter::release, at::Device(at::DeviceType::CPU)};
   }
@@ -58,6 +62,7 @@ struct DeviceCounter final : at::Allocator {
       if (it != self->sizes_.end()) {
         self->live_ -= static_cast<int64_t>(it->second);
         self->sizes_.erase(it);
+        self->note();
       }
     }
     self->inner_delete_(p);
@@ -74,6 +79,26 @@ struct DeviceCounter final : at::Allocator {
     return peak_;
   }
 
+  // The memory timeline: while recording, (time, live bytes) after every change, on the
+  // monotonic clock (Python's time.perf_counter()); bounded, the oldest dropped first.
+  void record(bool on) {
+    std::lock_guard<std::mutex> guard(mu_);
+    recording_.store(on);
+    timeline_.clear();
+  }
+
+  std::vector<int64_t> take_timeline() {
+    std::lock_guard<std::mutex> guard(mu_);
+    std::vector<int64_t> out;
+    out.reserve(2 * timeline_.size());
+    for (const auto& [t, bytes] : timeline_) {
+      out.push_back(t);
+      out.push_back(bytes);
+    }
+    timeline_.clear();
+    return out;
+  }
+
   bool contains(uintptr_t address) {
     std::lock_guard<std::mutex> guard(mu_);
     return sizes_.count(reinterpret_cast<void*>(address)) != 0;
@@ -86,6 +111,15 @@ struct DeviceCounter final : at::Allocator {
   static DeviceCounter* instance() { return slot(); }
 
  private:
+  static constexpr size_t kTimelineCap = 1 << 18;
+  void note() {  // with mu_ held
+    if (!recording_.load(std::memory_order_relaxed)) return;
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if (timeline_.size() >= kTimelineCap) timeline_.pop_front();
+    timeline_.emplace_back(static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec, live_);
+  }
+
   at::Allocator* inner_;
   at::DeleterFnPtr inner_delete_;
   std::mutex mu_;
@@ -93,6 +127,8 @@ struct DeviceCounter final : at::Allocator {
   int64_t live_ = 0;
   int64_t peak_ = 0;
   int64_t allocations_ = 0;
+  std::atomic<bool> recording_{false};
+  std::deque<std::pair<int64_t, int64_t>> timeline_;
 };
 
 std::mutex install_mu;
@@ -119,6 +155,8 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
   m.def("device_counter_install() -> bool", &install);
   m.def("device_counter_stats() -> int[]", []() { return counter().stats(); });
   m.def("device_counter_reset_peak() -> int", []() { return counter().reset_peak(); });
+  m.def("device_counter_record(bool on) -> ()", [](bool on) { counter().record(on); });
+  m.def("device_counter_take_timeline() -> int[]", []() { return counter().take_timeline(); });
   m.def("device_counter_contains(int address) -> bool",
         [](int64_t address) { return counter().contains(static_cast<uintptr_t>(address)); });
 }

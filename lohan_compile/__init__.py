@@ -16,6 +16,7 @@ from .errors import (
     PassError,
     StorageError,
 )
+from .explain import explain
 from .hardware import HardwareProfile
 from .optim import CPUAdamW
 from .options import Options, parse_bytes
@@ -42,6 +43,7 @@ __all__ = [
     "PassError",
     "Report",
     "StorageError",
+    "explain",
     "last_report",
     "parse_bytes",
     "__version__",

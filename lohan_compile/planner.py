@@ -299,7 +299,8 @@ def _finish(policy: str, problem: Problem, decisions: dict[str, Decision], rates
 def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
     best = keep_all(problem, rates, budget)
     if budget is None or best.prediction.peak_device_bytes <= budget:
-        return replace(best, policy="auto")
+        why = "no memory_budget" if budget is None else "everything kept fits the budget"
+        return _reasoned(replace(best, policy="auto"), {"keep-all policy": f"kept: {why}"})
     decisions = dict(best.decisions)
     cands = {c.key: c for c in problem.candidates}
     pred = best.prediction
@@ -370,7 +371,16 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
             smallest_feasible_bytes=smallest,
         )
     best_plan = min(feasible, key=lambda p: p.prediction.step_seconds)
-    return replace(best_plan, policy="auto")
+    if best_plan is plans[0]:
+        return _reasoned(best_plan, {"keep-all policy": "kept: the budget holds without moving it"})
+    chosen = f"auto chose the {best_plan.policy} plan: the fastest predicted step under the budget"
+    return _reasoned(replace(best_plan, policy="auto"), {f"{best_plan.policy} policy": chosen})
+
+
+def _reasoned(plan: Plan, reasons: dict[str, str]) -> Plan:
+    """The plan with some decisions' reasons rewritten (said in terms of the policy that chose)."""
+    decisions = {k: replace(d, reason=reasons.get(d.reason, d.reason)) for k, d in plan.decisions.items()}
+    return replace(plan, decisions=decisions)
 
 
 def _can_recompute(c: Candidate, decisions: dict[str, Decision], cands: dict[str, Candidate]) -> bool:

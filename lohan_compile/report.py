@@ -111,6 +111,11 @@ class Report:
     optimizer_events: list = field(default_factory=list)  # offload runtime events of this step
     # chunks the copy engine and the SSD tier moved: (kind, bytes, start, end), perf_counter() seconds
     copy_events: list = field(default_factory=list)
+    planned_only: bool = False  # from explain(): traced on the meta device, nothing measured
+    # device bytes over the step: (perf_counter() seconds, live bytes counted by the device
+    # counter); uncounted_bytes (inputs allocated before counting began) are added when plotted
+    memory_timeline: list = field(default_factory=list)
+    uncounted_bytes: int = 0
 
     @property
     def graphs(self) -> list[GraphRecord]:
@@ -147,18 +152,19 @@ class Report:
 
     def summary(self) -> dict[str, Any]:
         budgets = {g.budget_bytes for g in self.graphs}
+        measured = not self.planned_only
         return {
             "budget_bytes": budgets.pop() if len(budgets) == 1 else None,
             "predicted_peak_bytes": self._predicted_peak(),
-            "measured_peak_bytes": self.measured_peak_bytes,
+            "measured_peak_bytes": self.measured_peak_bytes if measured else None,
             "kept_bytes": self._forward_total("kept_bytes_expr"),
             "swapped_bytes": self._forward_total("swapped_bytes_expr"),
             "recomputed_bytes": self._forward_total("recomputed_bytes_expr"),
             "predicted_step_s": self._predicted_sum("predicted_step_s"),
-            "host_peak_bytes": self.host_peak_bytes,
-            "d2h_bytes": self.d2h_bytes,
-            "h2d_bytes": self.h2d_bytes,
-            "measured_step_s": self.step_seconds,
+            "host_peak_bytes": self.host_peak_bytes if measured else None,
+            "d2h_bytes": self.d2h_bytes if measured else None,
+            "h2d_bytes": self.h2d_bytes if measured else None,
+            "measured_step_s": self.step_seconds if measured else None,
             "graphs": len(self.graphs),
         }
 
@@ -195,6 +201,54 @@ class Report:
             events += predicted_events(planned["plan"], pid=10 + r.graph.graph_id,
                                        label=f"predicted, {r.graph.name}", offset_s=r.start - t0)
         return events
+
+    def memory_curves(self) -> dict[str, list[tuple[float, int]]]:
+        """Device bytes over the step, seconds from its start: ``"measured"`` (the device
+        counter, as the measured peak counts) and ``"predicted, graph N"`` (the simulator's
+        curve for each graph, placed where the graph's forward really began)."""
+        t0 = self.started_at if self.started_at is not None else min((r.start for r in self.runs), default=0.0)
+        curves: dict[str, list[tuple[float, int]]] = {}
+        if self.memory_timeline and not self.planned_only:
+            curves["measured"] = [(t - t0, b + self.uncounted_bytes) for t, b in self.memory_timeline]
+        seen = set()
+        for r in self.runs:
+            planned = r.graph.pass_report("plan_memory")
+            if r.phase != "forward" or planned is None or r.graph.graph_id in seen:
+                continue
+            seen.add(r.graph.graph_id)
+            prediction = planned["plan"].prediction
+            offset = 0.0 if self.planned_only else r.start - t0
+            curves[f"predicted, {r.graph.name}"] = [(offset + t, b) for t, b in prediction.timeline.curves["device"]]
+        return curves
+
+    def plot_memory(self, path: str) -> str:
+        """Plot ``memory_curves()`` to a PNG (needs matplotlib: ``pip install matplotlib``)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("plot_memory() needs matplotlib: pip install 'lohan_compile[plot]'") from None
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for name, points in self.memory_curves().items():
+            if not points:
+                continue
+            xs = [t * 1e3 for t, _ in points]
+            ys = [b / 2**20 for _, b in points]
+            ax.step(xs, ys, where="post", label=name, linewidth=1.2 if name == "measured" else 1.6,
+                    linestyle="-" if name == "measured" else "--")
+        budget = self.summary()["budget_bytes"]
+        if budget:
+            ax.axhline(budget / 2**20, color="red", linewidth=0.8, label="memory_budget")
+        ax.set_xlabel("time in the step (ms)")
+        ax.set_ylabel("device memory (MiB)")
+        ax.set_title("device memory over the step: predicted against measured")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
     def write_trace(self, path: str) -> str:
         """Write ``trace_events()`` as a JSON trace (open it at https://ui.perfetto.dev)."""

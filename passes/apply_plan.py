@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..fxutil import storage_base, view_parent
+from ..fxutil import is_view, storage_base, view_parent
 from ..meta import NodeInfo, Role, set_info
 from ..pipeline import CompileFacts, Graphs, NodeError
 from ..planner import Action, Plan, program_for
@@ -108,6 +108,32 @@ def _order_as_planned(
         elif (kind, getattr(op, "name", None)) in transfers:
             pending.append(transfers[(kind, op.name)])
     flush(None)
+    _views_after_their_waits(bw, set(transfers.values()))
+
+
+def _views_after_their_waits(bw: fx.GraphModule, transfers: set[fx.Node]) -> None:
+    """The plan counts a view of a swapped tensor as no use of its data, so its wait may be
+    planned after a backward view that reads it (a ``transpose`` right before the matmul
+    that is the real first use). Move such views (and views of them) right after the wait;
+    anything else that reads a value before it exists is a planning error."""
+    position = {n: i for i, n in enumerate(bw.graph.nodes)}
+    for wait in [n for n in bw.graph.nodes if n in transfers and n.target is torch.ops.lohan.wait_tensor.default]:
+        early: list[fx.Node] = []
+        frontier = [wait]
+        while frontier:
+            node = frontier.pop()
+            for u in node.users:
+                if position[u] < position[wait] and u not in early:
+                    if not is_view(u):
+                        raise NodeError(u, f"reads {wait.name} before the plan waits for it")
+                    early.append(u)
+                    frontier.append(u)
+        cursor = wait
+        for n in sorted(early, key=position.__getitem__):
+            cursor.append(n)
+            cursor = n
+        if early:
+            position = {n: i for i, n in enumerate(bw.graph.nodes)}
 
 
 def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) -> None:

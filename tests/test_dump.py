@@ -17,7 +17,8 @@ def test_dump_of_a_planned_graph(tmp_path):
     gid = lohan.last_report().graphs[0].graph_id
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [f"graph{gid}_{k}" for k in ("bw.py", "fw.py", "joint.py", "plan.md", "trace.json")] + [
-        "step_trace.json"  # the step's measured timeline
+        "step_memory.png",  # predicted against measured device memory
+        "step_trace.json",  # the step's measured timeline
     ]
     bw = (tmp_path / f"graph{gid}_bw.py").read_text()
     compile(bw, "bw.py", "exec")
@@ -63,3 +64,44 @@ def test_measured_trace_of_a_step_with_gradient_offloading(tmp_path):
     summary = lohan.last_report().summary()
     assert moved["device->host"] == summary["d2h_bytes"] > 0
     assert moved["host->device"] == summary["h2d_bytes"] > 0
+
+
+def test_every_inserted_node_is_annotated_and_the_memory_plot_is_written(tmp_path):
+    """Swaps and gradient offloading in one graph: every lohan op in the dumps names its pass
+    and what it does; the memory curves and their PNG are there."""
+    import re
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 32))
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+    cm = torch.compile(model, backend="lohan", options={"dump_dir": str(tmp_path), "policy": "swap-all",
+                                                        "optimizer": opt})
+    for _ in range(2):
+        cm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    report = lohan.last_report()
+    gid = report.graphs[0].graph_id
+    text = {k: (tmp_path / f"graph{gid}_{k}.py").read_text() for k in ("fw", "bw")}
+    inserted = [line for t in text.values() for line in t.splitlines() if "torch.ops.lohan." in line]
+    assert inserted
+    for line in inserted:
+        assert re.search(r"# \w+.*by (apply_plan|offload_grads)", line), line
+    bw = text["bw"]
+    decisions = report.decisions()
+    swapped = sum(1 for d in decisions if d["decision"] == "swap")
+    assert bw.count("lohan.swap_in.default") == swapped > 0
+    offload = report.graphs[0].pass_report("offload_grads")
+    assert bw.count("# grad_out,") == offload["grad_copies"] > 0
+    assert bw.count("lohan.weight_ready.default") == offload["offloaded"]
+    assert text["fw"].count("lohan.weight_wait.default") == offload["offloaded"]
+    # predicted and measured memory over the step, and the PNG drawn from them
+    curves = report.memory_curves()
+    measured = curves["measured"]
+    predicted = curves[f"predicted, graph {gid}"]
+    assert measured and predicted
+    assert max(b for _, b in measured) == report.summary()["measured_peak_bytes"]
+    assert max(b for _, b in predicted) == report.graphs[0].predicted_peak_bytes
+    png = (tmp_path / "step_memory.png").read_bytes()
+    assert png.startswith(b"\x89PNG")

@@ -61,3 +61,17 @@ def counted(t: torch.Tensor) -> bool:
         return True
     install()
     return bool(_ops().device_counter_contains(t.untyped_storage().data_ptr()))
+
+
+def record_timeline(on: bool = True) -> None:
+    """Start (or stop and clear) recording the counted bytes after every allocation and free
+    (CPU stand-in; on CUDA nothing is recorded)."""
+    install()
+    _ops().device_counter_record(bool(on))
+
+
+def take_timeline() -> list[tuple[float, int]]:
+    """``(time.perf_counter() seconds, live bytes)`` recorded since the last call."""
+    install()
+    flat = _ops().device_counter_take_timeline()
+    return [(flat[i] * 1e-9, flat[i + 1]) for i in range(0, len(flat), 2)]

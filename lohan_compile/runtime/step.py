@@ -89,6 +89,33 @@ def _copy_spans(since: float) -> list:
     return [s for s in ht.take_copy_timeline() if s[3] >= since]
 
 
+_recording_memory = False
+_warned = False
+
+
+def _warn_no_matplotlib() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        import warnings
+
+        warnings.warn("lohan dumps: step_memory.png needs matplotlib (pip install matplotlib); skipped",
+                      stacklevel=3)
+
+
+def _memory_timeline(device: Any, since: float) -> list:
+    """The device counter's (time, bytes) samples after ``since`` (CPU stand-in only); turns
+    the recording on the first time."""
+    global _recording_memory
+    if device is not None and getattr(device, "type", None) == "cuda":
+        return []
+    if not _recording_memory:
+        device_memory.record_timeline(True)
+        _recording_memory = True
+        return []
+    return [s for s in device_memory.take_timeline() if s[0] >= since]
+
+
 def _current_tier():
     ht = _hosttier()
     return None if ht is None else ht.current_if_set()
@@ -143,6 +170,7 @@ class StepTracker:
                 # the copy engine's counters and the host tier's peak, from here on
                 self._engine_base = _engine_bytes()
                 _copy_spans(self._step_start)  # drop what earlier steps moved
+                _memory_timeline(self._device, self._step_start)
                 _host_step_begin()
             self._pending += 1
             self._runs.append(run)
@@ -203,6 +231,8 @@ class StepTracker:
                 host_peak_bytes=_host_peak(),
                 measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
                 copy_events=_copy_spans(self._step_start),
+                memory_timeline=_memory_timeline(self._device, self._step_start),
+                uncounted_bytes=sum(uncounted.values()),
             )
             self._open_step()
         self._finished_participants = participants
@@ -216,6 +246,10 @@ class StepTracker:
         folders = {r.graph.dump_dir for r in report.runs if r.graph.dump_dir}
         for folder in folders:
             report.write_trace(f"{folder}/step_trace.json")
+            try:
+                report.plot_memory(f"{folder}/step_memory.png")
+            except ImportError:
+                _warn_no_matplotlib()
 
     def abandon_step(self) -> None:
         """Forget the open step (an exception interrupted its backward)."""

@@ -1,0 +1,146 @@
+"""``lohan_compile.explain``: what the compiler would do with a training step, without training.
+
+The step is traced and planned on a copy of the model on the meta device
+(no memory, no arithmetic, the user's model untouched), through the same
+backend, passes and planner as training; the returned ``Report`` holds the
+decisions (``plan_table()``, ``decisions()``) and the predictions
+(``summary()``), with the measured figures left empty.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from .options import Options
+from .report import Report
+
+
+def explain(
+    model: torch.nn.Module,
+    *example_args: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    **options: Any,
+) -> Report:
+    """Plan one training step of ``model(*example_args, **example_kwargs)`` and return the report.
+
+    ``options`` are those of ``torch.compile(model, backend="lohan", options=...)``
+    (``memory_budget``, ``policy``, ``hardware``, ``optimizer``, ...). With an
+    ``optimizer`` (a ``CPUAdamW`` over the model's parameters) the report also
+    says which gradients would be offloaded; nothing is updated. The loss is
+    ``loss_fn(output)`` when given, else the output's ``.loss`` (Hugging Face
+    models given labels), else the output itself when it is a scalar, else the
+    sum of the first output tensor (enough to plan the backward).
+
+    Example::
+
+        report = lohan.explain(model, ids, example_kwargs={"labels": ids},
+                               memory_budget="2GiB", hardware="rtx4090")
+        print(report.plan_table(limit=None))
+    """
+    from . import last_report
+    from .optim import CPUAdamW
+    from .runtime import offload  # noqa: F401  (its ops get their meta kernels below)
+
+    opts = Options.coerce(options)
+    _register_meta_kernels()
+    meta_model, mapping = _meta_copy(model)
+    compile_options = opts.as_dict()
+    meta_opt = None
+    if opts.optimizer is not None:
+        real = opts.optimizer
+        groups = []
+        for group in real.param_groups:
+            missing = [p for p in group["params"] if id(p) not in mapping]
+            if missing:
+                raise ValueError(
+                    "explain(): the optimizer holds parameters that are not the model's; give the "
+                    "CPUAdamW built over model.parameters()"
+                )
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [mapping[id(p)] for p in group["params"]]})
+        meta_opt = CPUAdamW(groups, max_grad_norm=real.max_grad_norm, overlap=real.overlap,
+                            skip_nonfinite=real.skip_nonfinite)
+        compile_options["optimizer"] = meta_opt
+    args = [_to_meta(a) for a in example_args]
+    kwargs = {k: _to_meta(v) for k, v in (example_kwargs or {}).items()}
+    compiled = torch.compile(meta_model, backend="lohan", options=compile_options)
+    try:
+        with warnings.catch_warnings():
+            # ops that run eagerly on meta tensors (a loss outside the graph) have no
+            # autograd kernel there; torch warns, harmlessly for a plan
+            warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+            out = compiled(*args, **kwargs)
+            _loss_of(out, loss_fn).backward()
+        report = last_report()
+    finally:
+        if meta_opt is not None:
+            meta_opt.zero_grad()  # no step: the (empty) step is dropped
+    if report is None:
+        raise RuntimeError("explain(): the step produced no report (did the model run any graph?)")
+    report.planned_only = True
+    return report
+
+
+def _meta_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, torch.Tensor]]:
+    """A copy of ``model`` whose parameters and buffers are meta tensors (nothing allocated)."""
+    memo: dict[int, Any] = {}
+    mapping: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            meta = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            memo[id(p)] = mapping[id(p)] = meta
+    for b in model.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    meta_model = copy.deepcopy(model, memo)
+    config = getattr(meta_model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False  # a training step keeps no KV cache
+    return meta_model, mapping
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def _loss_of(out: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(out)
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    first = out
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if not isinstance(first, torch.Tensor) and hasattr(out, "logits"):
+        first = out.logits
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"explain(): cannot find a loss in a {type(out).__name__}; pass loss_fn=")
+    return first if first.dim() == 0 else first.sum()
+
+
+_registered = False
+
+
+def _register_meta_kernels() -> None:
+    """The offload ops do nothing on meta tensors: explain plans, it does not update."""
+    global _registered
+    if _registered:
+        return
+    from .runtime.offload import _lib
+
+    _lib.impl("grad_ready", lambda host_grad, key: None, "Meta")
+    _lib.impl("grads_ready", lambda host_bucket, keys: None, "Meta")
+    _lib.impl("weight_wait", lambda weight, key: torch.ops.aten.alias.default(weight), "Meta")
+    _registered = True
