@@ -105,3 +105,24 @@ def test_every_inserted_node_is_annotated_and_the_memory_plot_is_written(tmp_pat
     assert max(b for _, b in predicted) == report.graphs[0].predicted_peak_bytes
     png = (tmp_path / "step_memory.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+def test_torch_logs_prints_a_summary_per_graph():
+    """TORCH_LOGS="+lohan_compile" goes through torch's logging: one paragraph per graph."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lohan_compile\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "cm = torch.compile(m, backend='lohan', options={'policy': 'swap-all', 'hardware': 'rtx4090'})\n"
+        "cm(torch.randn(4, 8)).sum().backward()\n"
+    )
+    env = {**os.environ, "TORCH_LOGS": "+lohan_compile"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "lohan graph" in line and "passes:" in line]
+    assert len(lines) == 1, out.stderr
+    assert "policy swap-all" in lines[0] and "predicted step" in lines[0]
+    assert "plan:" in out.stderr  # the debug level adds the plan table
