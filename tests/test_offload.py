@@ -286,3 +286,28 @@ def test_small_gradients_travel_in_buckets_and_large_ones_alone():
     assert rep["offloaded"] == n_params == 16
     # the two large weights alone (each at least the threshold), the 14 small tensors in one bucket
     assert rep["grad_copies"] == 3
+
+
+def test_auto_times_both_designs_and_keeps_the_faster_with_eager_results():
+    from lohan_compile.runtime.offload import runtime_of
+
+    torch.manual_seed(0)
+    base = MLP()
+    batches = [torch.randn(8, 32, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    le, _ = eager_reference(eager, batches, loss_fn, lr=1e-2, max_grad_norm=None)
+    lc, _, opt = offloaded(model, batches, loss_fn, lr=1e-2, max_grad_norm=None, overlap="auto")
+    for a, b in zip(le, lc):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+    assert_close_models(eager, model, atol=1e-5)
+    runtime = runtime_of(opt)
+    spec, defer = runtime.step_intervals["speculative"], runtime.step_intervals["deferred"]
+    assert len(spec) >= 3 and len(defer) >= 3  # both designs were timed, not assumed
+    import statistics
+
+    faster = "speculative" if statistics.median(spec) <= statistics.median(defer) else "deferred"
+    assert runtime.auto_design == faster

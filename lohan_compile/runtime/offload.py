@@ -23,9 +23,10 @@ Two ways to run the updates (``CPUAdamW(overlap=...)``), with the same results:
   arrive) and ``step()`` runs every update; nothing extra is kept, and nothing
   of the optimizer overlaps backward.
 
-``"auto"`` (the default) is speculative while roll-backs are rare (at most 3 of
-the last 10 steps clipped or were skipped) and the roll-back copies fit the host
-budget, else deferred. Either way an exception in the middle of a step leaves
+``"auto"`` (the default) chooses from measured costs: deferred when roll-backs
+are common (more than 3 of the last 10 steps clipped or were skipped) or the
+roll-back copies do not fit the host budget; otherwise it times a few steps of
+each design and keeps the faster, measuring again every 200 steps. Either way an exception in the middle of a step leaves
 the state from before the step: ``zero_grad()``, ``state_dict()`` or the next
 backward roll back what ran.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import atexit
 import collections
 import queue
+import statistics
 import threading
 import time
 import weakref
@@ -273,6 +275,7 @@ class _Step:
     copy_of: dict[int, Any] = field(default_factory=dict)  # key -> its writeback's copy event
     sumsq: float = 0.0
     nonfinite: bool = False
+    speculate: bool | None = None  # the design this step uses (decided once, at its first need)
     begun: bool = False  # a gradient arrived (set on the step thread)
     backward_done: bool = False
 
@@ -300,6 +303,13 @@ class OffloadRuntime:
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
         self.recent_clips: collections.deque = collections.deque(maxlen=10)  # steps that clipped or skipped
+        # overlap="auto" measures both designs: seconds between consecutive step() returns, per design
+        self.step_intervals: dict[str, collections.deque] = {
+            "speculative": collections.deque(maxlen=5), "deferred": collections.deque(maxlen=5)}
+        self.auto_design = "speculative"  # what auto tries or chose
+        self._last_step_end: float | None = None
+        self._last_design: str | None = None
+        self._steps = 0
         self.events: collections.deque[Event] = collections.deque(maxlen=50_000)  # the last steps' work
         self.state = _Step()
         self._lock = threading.Lock()
@@ -419,6 +429,7 @@ class OffloadRuntime:
         opt = self.opt
         norm, coef = opt.clip_coefficient(st.sumsq)
         skip = st.nonfinite and opt.skip_nonfinite
+        design = "speculative" if self._speculative() else "deferred"  # fixed for this step
         self.recent_clips.append(skip or coef != 1.0)
         try:
             if skip:
@@ -458,6 +469,7 @@ class OffloadRuntime:
         opt.last_grad_norm = norm
         opt.found_inf = st.nonfinite
         self.state = _Step()
+        self._measure_design(design)
         from .step import TRACKER
 
         TRACKER.optimizer_step_done()
@@ -555,9 +567,17 @@ class OffloadRuntime:
     # ---- pieces ------------------------------------------------------------------------------
 
     def _speculative(self) -> bool:
-        """Speculate (update during backward) or defer? ``auto``: speculate while roll-backs
-        are rare (at most 3 of the last 10 steps clipped or were skipped) and the roll-back
-        copies fit the host budget; else defer (updates overlap the next forward)."""
+        """Speculate (update during backward) or defer? Decided once per step. ``auto``:
+        defer when roll-backs are common (more than 3 of the last 10 steps clipped or were
+        skipped: each one redoes the step's updates after backward) or the roll-back copies
+        do not fit the host budget; otherwise the design whose measured step time is lower
+        (``_measure_design``)."""
+        st = self.state
+        if st.speculate is None:
+            st.speculate = self._choose()
+        return st.speculate
+
+    def _choose(self) -> bool:
         mode = self.opt.overlap
         if mode in ("speculative", "deferred"):
             return mode == "speculative"
@@ -566,7 +586,31 @@ class OffloadRuntime:
         stats = self.tier.stats()
         budget = stats.budget_bytes
         need = 12 * sum(p.numel() for p in self.params.values())
-        return not budget or stats.in_use_bytes + need <= budget
+        if budget and stats.in_use_bytes + need > budget:
+            return False
+        return self.auto_design == "speculative"
+
+    def _measure_design(self, design: str) -> None:
+        """``auto``'s costs, measured: the time from one ``step()`` return to the next covers a
+        whole step (forward, which waits for a deferred step's updates; backward, beside which
+        speculative updates run; and what ``step()`` still waits for). Three such intervals of
+        each design (not counting the one after a switch), then the faster; measured afresh
+        every 200 steps, as the run's costs drift."""
+        now = time.perf_counter()
+        if self._last_step_end is not None and self._last_design == design:
+            self.step_intervals[design].append(now - self._last_step_end)
+        self._last_step_end, self._last_design = now, design
+        self._steps += 1
+        if self._steps % 200 == 0:
+            for times in self.step_intervals.values():
+                times.clear()
+        spec, defer = self.step_intervals["speculative"], self.step_intervals["deferred"]
+        if len(spec) < 3:
+            self.auto_design = "speculative"
+        elif len(defer) < 3:
+            self.auto_design = "deferred"
+        else:
+            self.auto_design = "speculative" if statistics.median(spec) <= statistics.median(defer) else "deferred"
 
     def _threads(self) -> int:
         return self.opt._threads()
