@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import lohan_compile as lohan  # noqa: E402
 from lohan_compile.errors import BudgetError  # noqa: E402
 
-POLICIES = ("auto", "swap-all", "recompute-all", "keep-all")
+POLICIES = ("auto", "swap-all", "recompute-all", "torch-min-cut", "keep-all")
 
 
 def models():

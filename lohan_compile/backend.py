@@ -204,7 +204,7 @@ def check_supported(opts: Options) -> None:
         unsupported.append("offload_params=True (parameter streaming)")
     if opts.ssd_dir is not None or opts.host_memory_budget is not None:
         unsupported.append("ssd_dir / host_memory_budget (host and SSD tiers)")
-    if opts.policy in ("torch-min-cut", "zero-infinity", "zero-offload"):
+    if opts.policy in ("zero-infinity", "zero-offload"):
         unsupported.append(f"policy={opts.policy!r}")
     if opts.policy == "swap-all":
         from .passes.plan_memory import swap_ops_available

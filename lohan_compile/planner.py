@@ -470,6 +470,10 @@ POLICIES: dict[str, Callable[[Problem, Rates, int | None], Plan]] = {
     "keep-all": keep_all,
     "swap-all": swap_all,
     "recompute-all": recompute_all,
+    # torch's min-cut partitioner already chose what to recompute (partition_graph): keep the rest
+    "torch-min-cut": lambda problem, rates, budget: _finish(
+        "torch-min-cut", problem,
+        _all(problem, lambda c: Action.KEEP, "kept by torch's min-cut partition (it recomputes the rest)"), rates),
 }
 
 

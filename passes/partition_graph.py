@@ -9,7 +9,9 @@ included, is carried over from the joint graph.
 
 With nothing to plan, this is torch's default partitioner, which saves what
 the joint graph computed rather than recomputing it: results are bitwise
-those of ``aot_eager``.
+those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
+partitioner, its activation budget searched to fit ``memory_budget``
+(``lohan_compile/mincut.py``).
 """
 
 from __future__ import annotations
@@ -29,23 +31,27 @@ NAME = "partition_graph"
 
 def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
     assert graphs.joint is not None and facts.num_fwd_outputs is not None
-    fw, bw = default_partition(
-        graphs.joint,
-        facts.joint_inputs,
-        num_fwd_outputs=facts.num_fwd_outputs,
-        **facts.partition_kwargs,
-    )
-    filled = fill_missing_vals(fw) + fill_missing_vals(bw)
-    repaired = repair_output_descs(graphs.joint, fw, bw, facts.num_fwd_outputs)
-    given = give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
-    report = {
-        "partitioner": "default",
-        "filled_fake_values": filled,
-        "repaired_output_descs": repaired,
-        "roles_given": given,
-        "fw_nodes": len(fw.graph.nodes),
-        "bw_nodes": len(bw.graph.nodes),
-    }
+    counts = {"filled_fake_values": 0, "repaired_output_descs": False, "roles_given": 0}
+
+    def finish(fw: fx.GraphModule, bw: fx.GraphModule) -> None:
+        counts["filled_fake_values"] += fill_missing_vals(fw) + fill_missing_vals(bw)
+        counts["repaired_output_descs"] |= repair_output_descs(graphs.joint, fw, bw, facts.num_fwd_outputs)
+        counts["roles_given"] += give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
+
+    if facts.options.policy == "torch-min-cut":
+        from ..mincut import partition_min_cut
+
+        fw, bw, report = partition_min_cut(graphs.joint, facts, finish)
+    else:
+        fw, bw = default_partition(
+            graphs.joint,
+            facts.joint_inputs,
+            num_fwd_outputs=facts.num_fwd_outputs,
+            **facts.partition_kwargs,
+        )
+        finish(fw, bw)
+        report = {"partitioner": "default"}
+    report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes))
     return Graphs(joint=graphs.joint, fw=fw, bw=bw), report
 
 
