@@ -9,11 +9,13 @@ decisions (``plan_table()``, ``decisions()``) and the predictions
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from .options import Options
 from .report import Report
@@ -70,7 +72,7 @@ def explain(
     kwargs = {k: _to_meta(v) for k, v in (example_kwargs or {}).items()}
     compiled = torch.compile(meta_model, backend="lohan", options=compile_options)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), flash_attention_on_meta():
             # ops that run eagerly on meta tensors (a loss outside the graph) have no
             # autograd kernel there; torch warns, harmlessly for a plan
             warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
@@ -128,6 +130,33 @@ def _loss_of(out: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.T
     if not isinstance(first, torch.Tensor):
         raise TypeError(f"explain(): cannot find a loss in a {type(out).__name__}; pass loss_fn=")
     return first if first.dim() == 0 else first.sum()
+
+
+@contextlib.contextmanager
+def flash_attention_on_meta():
+    """Trace ``scaled_dot_product_attention`` on meta tensors as a fused flash-attention
+    kernel, as a GPU runs it, instead of the math decomposition the meta device falls back
+    to (which would plan a sequence x sequence attention matrix per head that no GPU kernel
+    materializes). The op traced is the CPU flash kernel: it saves what the GPU's does
+    (output and log-sum-exp) and the cost model knows its FLOPs."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "meta" or dropout_p != 0.0:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            groups = query.shape[-3] // key.shape[-3]
+            key = key.repeat_interleave(groups, dim=-3)
+            value = value.repeat_interleave(groups, dim=-3)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 _registered = False

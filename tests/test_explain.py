@@ -63,3 +63,19 @@ def test_explain_finds_a_loss_or_takes_one():
     assert report.graphs
     with pytest.raises(ValueError, match="memory_budget"):
         lohan.explain(model, x, memory_budget="lots")
+
+
+def test_attention_is_planned_as_the_fused_kernel_a_gpu_runs():
+    """On the meta device SDPA would fall back to its math decomposition and save a
+    sequence x sequence matrix per head; explain traces the fused kernel instead."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=1)
+    b, t = 2, 512
+    ids = torch.randint(0, 128, (b, t))
+    original = torch.nn.functional.scaled_dot_product_attention
+    report = lohan.explain(model, example_kwargs={"input_ids": ids, "labels": ids}, policy="keep-all")
+    assert torch.nn.functional.scaled_dot_product_attention is original  # restored
+    heads = model.config.num_attention_heads
+    scores_bytes = b * heads * t * t * 4
+    assert all(d["bytes"] < scores_bytes for d in report.decisions())
+    assert report.summary()["predicted_peak_bytes"] < scores_bytes
