@@ -77,7 +77,15 @@ def explain(
             # autograd kernel there; torch warns, harmlessly for a plan
             warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
             out = compiled(*args, **kwargs)
-            _loss_of(out, loss_fn).backward()
+            loss = _loss_of(out, loss_fn)
+            if not loss.requires_grad:
+                raise ValueError(
+                    "explain(): the loss does not require grad, so there is no backward to plan. On the "
+                    "meta device, code that reads a value (.item(), data-dependent branches) can run "
+                    "outside the compiled graphs without autograd; give the model no labels and pass "
+                    "loss_fn= computing the loss from its output (e.g. cross-entropy of the logits)"
+                )
+            loss.backward()
         report = last_report()
     finally:
         if meta_opt is not None:
