@@ -145,6 +145,55 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _profile_rows(profile) -> list[list[str]]:
+    from .options import format_bytes
+
+    def rate(v: float) -> str:
+        return f"{v / 1e9:.2f} GB/s" if v else "-"
+
+    rows = [
+        ["matmul throughput", f"{profile.matmul_flops / 1e12:.3f} TFLOP/s"],
+        ["device memory bandwidth", rate(profile.memory_bandwidth)],
+        ["device -> host", rate(profile.d2h_bandwidth)],
+        ["host -> device", rate(profile.h2d_bandwidth)],
+        ["full duplex", str(profile.full_duplex)],
+        ["device memory", format_bytes(profile.device_memory)],
+        ["host memory bandwidth", rate(profile.host_memory_bandwidth)],
+        ["host memory", format_bytes(profile.host_memory) if profile.host_memory else "-"],
+        ["CPU AdamW", f"{profile.cpu_adam_params_per_s / 1e9:.3f} G parameters/s"],
+        ["SSDs", f"{profile.ssd_count} x read {rate(profile.ssd_read_bandwidth)}, write "
+                 f"{rate(profile.ssd_write_bandwidth)}" if profile.ssd_count else "-"],
+        ["fixed cost per op", f"{profile.op_overhead_s * 1e6:.1f} us"],
+    ]
+    for name, slow in sorted(profile.compute_slowdown.items()):
+        rows.append([f"compute while {name} copies run", f"{1 + slow:.2f}x as long"])
+    for name, slow in sorted(profile.queue_slowdown.items()):
+        rows.append([f"{name} copies while compute runs", f"{1 + slow:.2f}x as long"])
+    return rows
+
+
+def hw(args: argparse.Namespace) -> int:
+    """Measure this machine (or show a preset) and print its HardwareProfile."""
+    import json
+
+    from tabulate import tabulate
+
+    from . import hardware
+
+    if args.preset:
+        profile = hardware.preset(args.preset)
+        where = f"preset {profile.name}: {profile.source}"
+    else:
+        profile = hardware.auto(refresh=not args.cached)
+        where = f"measured on this machine, saved to {hardware.cache_path()} (used by hardware='auto')"
+    if args.json:
+        print(json.dumps(profile.to_json(), indent=2))
+        return 0
+    print(f"HardwareProfile {profile.name!r}, {where}\n")
+    print(tabulate(_profile_rows(profile), headers=["", "value"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lohan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"lohan_compile {__version__}")
@@ -162,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     p.set_defaults(func=demo)
+    p = sub.add_parser("hw", help="measure this machine's HardwareProfile, print it and save it")
+    p.add_argument("--preset", help="print a preset instead (rtx4090, a100, h100, lohan-testbed)")
+    p.add_argument("--cached", action="store_true", help="print the saved profile when there is one")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.set_defaults(func=hw)
     args = parser.parse_args(argv)
     return args.func(args)
 

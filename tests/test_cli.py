@@ -32,3 +32,17 @@ def test_demo_trains_under_half_the_unplanned_peak(model, capsys):
 def test_demo_rejects_a_budget_out_of_range():
     with pytest.raises(SystemExit, match="fraction"):
         cli.main(["demo", "--budget", "1.5"])
+
+
+def test_hw_prints_a_preset_and_the_measured_profile_as_json(capsys):
+    import json
+
+    assert cli.main(["hw", "--preset", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert "rtx4090" in out and "TFLOP/s" in out and "host -> device" in out
+    assert cli.main(["hw", "--cached", "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["matmul_flops"] > 0 and profile["h2d_bandwidth"] > 0
+    import lohan_compile as lohan
+
+    assert lohan.HardwareProfile.from_json(profile) == lohan.hardware.auto()  # what hardware="auto" uses
