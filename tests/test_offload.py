@@ -311,3 +311,33 @@ def test_auto_times_both_designs_and_keeps_the_faster_with_eager_results():
 
     faster = "speculative" if statistics.median(spec) <= statistics.median(defer) else "deferred"
     assert runtime.auto_design == faster
+
+
+def test_without_clipping_or_skipping_updates_run_during_backward_without_roll_back_copies():
+    """No max_grad_norm and skip_nonfinite=False: nothing at step() can change an update, so
+    they overlap backward directly, final as they run."""
+    from lohan_compile.runtime.offload import runtime_of
+
+    torch.manual_seed(0)
+    base = MLP()
+    batches = [torch.randn(8, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    le, _ = eager_reference(eager, batches, loss_fn, lr=1e-2, max_grad_norm=None, skip_nonfinite=False)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, skip_nonfinite=False)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    runtime = runtime_of(opt)
+    for x, expected in zip(batches, le):
+        loss = loss_fn(cm, x)
+        loss.backward()
+        st = runtime.state
+        runtime._join()  # the updates ran during backward, with nothing kept to undo them
+        assert st.updated and not st.speculative and not st.backups
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-6)
+    assert_close_models(eager, model, atol=1e-5)
+    assert not any(e.kind == "rollback" for e in runtime.events)

@@ -557,12 +557,21 @@ class OffloadRuntime:
 
     def _speculate(self, keys) -> None:
         st = self.state
-        for k in keys:
-            self._backup(k)
-        self._update(keys, 1.0)
-        st.speculative.update(keys)
+        if not self._may_roll_back():
+            # no clipping and no skipping: nothing at step() can change these updates, so they
+            # are final as they run (no roll-back copies)
+            self._update(keys, 1.0)
+        else:
+            for k in keys:
+                self._backup(k)
+            self._update(keys, 1.0)
+            st.speculative.update(keys)
         for k in keys:
             self._writeback(k)
+
+    def _may_roll_back(self) -> bool:
+        opt = self.opt
+        return opt.max_grad_norm is not None or opt.skip_nonfinite
 
     # ---- pieces ------------------------------------------------------------------------------
 
@@ -583,6 +592,8 @@ class OffloadRuntime:
             return mode == "speculative"
         if len(self.recent_clips) >= 3 and sum(self.recent_clips) > 0.3 * len(self.recent_clips):
             return False
+        if not self._may_roll_back():
+            return True  # updates are final as they run: overlapping backward costs nothing extra
         stats = self.tier.stats()
         budget = stats.budget_bytes
         need = 12 * sum(p.numel() for p in self.params.values())
