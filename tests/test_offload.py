@@ -237,3 +237,25 @@ def test_clip_grad_norm_on_offloaded_parameters_raises_instead_of_doing_nothing(
     other = MLP()
     other(torch.randn(2, 32)).sum().backward()
     assert torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0) > 0
+
+
+@pytest.mark.parametrize("overlap", ["speculative", "deferred"])
+def test_a_scheduler_stepping_right_after_step_does_not_reach_updates_still_running(overlap):
+    """The deferred design's updates run after step() returns; a scheduler that steps at once
+    (as the Hugging Face Trainer's does) must not change the lr those updates use."""
+    torch.manual_seed(0)
+    base = MLP()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(4)]
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap=overlap)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + 10 * s)) for o in (opt_e, opt)]
+    for x, y in batches:
+        for m, o, sched in ((eager, opt_e, schedules[0]), (cm, opt, schedules[1])):
+            F.mse_loss(m(x), y).backward()
+            o.step()
+            sched.step()
+            o.zero_grad()
+    assert_close_models(eager, model, atol=1e-6)

@@ -389,13 +389,16 @@ class OffloadRuntime:
                 todo = [k for k in st.grads if k not in st.updated]
                 if todo and not self._speculative():
                     # deferred: the updates run in the order forward reads the weights, while
-                    # step() returns; the next forward waits only for the weight it needs
+                    # step() returns; the next forward waits only for the weight it needs.
+                    # They use the hyperparameters of this call: a scheduler that steps right
+                    # after step() returns must not change the lr of updates still queued
+                    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                     order = {k: i for i, k in enumerate(self.fw_order)}
                     todo.sort(key=lambda k: order.get(k, len(order)))
                     for k in todo:
                         done = threading.Event()
                         self.pending_weights[k] = (done, st)
-                        self._submit(self._update_and_write, st, k, coef, done)
+                        self._submit(self._update_and_write, st, k, coef, done, groups)
                 else:
                     self._update(todo, coef)
                     for k in todo:
@@ -562,20 +565,22 @@ class OffloadRuntime:
                 st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
             st.written.discard(key)
 
-    def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event) -> None:
+    def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event,
+                          groups: list[dict[str, Any]]) -> None:
         try:
-            self._update([key], coef, st)
+            self._update([key], coef, st, groups)
             self._writeback(key, st)
         finally:
             done.set()
 
-    def _update(self, keys, coef: float, st: _Step | None = None) -> None:
+    def _update(self, keys, coef: float, st: _Step | None = None,
+                groups: list[dict[str, Any]] | None = None) -> None:
         if not keys:
             return
         st = self.state if st is None else st
         start = time.perf_counter()
         self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
-                               weights_out=[self._weight_buf(k) for k in keys])
+                               weights_out=[self._weight_buf(k) for k in keys], groups=groups)
         end = time.perf_counter()
         for k in keys:
             st.hyper[k] = self._hyper(k)
