@@ -259,3 +259,28 @@ def test_a_scheduler_stepping_right_after_step_does_not_reach_updates_still_runn
             sched.step()
             o.zero_grad()
     assert_close_models(eager, model, atol=1e-6)
+
+
+def test_compiling_after_the_optimizer_has_state_continues_its_training():
+    """A checkpoint's optimizer state loaded before the model is compiled (resuming), or steps
+    taken eagerly first: the compiled model takes the state over (its masters move to the host)."""
+    torch.manual_seed(0)
+    base = MLP()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(4)]
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    for i, (x, y) in enumerate(batches):
+        F.mse_loss(eager(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
+        opt_e.step()
+        opt_e.zero_grad()
+        if i == 2:  # the first compiled step: its graph is traced now, with state in the optimizer
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            model = torch.compile(model, backend="lohan", options={"optimizer": opt})
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close_models(eager, model._orig_mod, atol=1e-6)
+

@@ -285,8 +285,13 @@ class OffloadRuntime:
         self.params[key] = param
         state = self.opt.state.get(param)
         if state and "master" not in state:
-            # it was updated in place before; from now on its master lives on the host
-            state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+            # it was updated in place before (or its state was loaded before it was compiled);
+            # from now on its master lives on the host. This runs while the backend traces with
+            # fake tensors: the copy is of real memory
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily(), torch.no_grad():
+                state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
         return key
 
     # ---- graph ops (on the step thread) ------------------------------------------------------
