@@ -284,3 +284,22 @@ def test_compiling_after_the_optimizer_has_state_continues_its_training():
         opt.zero_grad()
     assert_close_models(eager, model._orig_mod, atol=1e-6)
 
+
+def test_the_last_step_report_does_not_keep_a_finished_run_alive():
+    """Parameters are device memory: once the model and its optimizer are dropped, nothing of
+    lohan's (the step tracker's last report) may hold them."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8)).backward()
+    opt.step()
+    weight = weakref.ref(model.fc1.weight)
+    del model, opt, cm
+    torch._dynamo.reset()  # torch keeps the options of compiled models (the optimizer) until then
+    gc.collect()
+    assert lohan.last_report() is not None
+    assert weight() is None
