@@ -263,7 +263,10 @@ def test_a_scheduler_stepping_right_after_step_does_not_reach_updates_still_runn
 
 def test_compiling_after_the_optimizer_has_state_continues_its_training():
     """A checkpoint's optimizer state loaded before the model is compiled (resuming), or steps
-    taken eagerly first: the compiled model takes the state over (its masters move to the host)."""
+    taken eagerly first: the compiled model takes the state over, into the host tier."""
+    from lohan_compile.runtime import device
+
+    device.install()  # count the eager state's allocations: it must leave the device tier
     torch.manual_seed(0)
     base = MLP()
     g = torch.Generator().manual_seed(3)
@@ -283,6 +286,8 @@ def test_compiling_after_the_optimizer_has_state_continues_its_training():
         opt.step()
         opt.zero_grad()
     assert_close_models(eager, model._orig_mod, atol=1e-6)
+    for state in opt.state.values():
+        assert not any(device.counted(state[k]) for k in ("master", "exp_avg", "exp_avg_sq"))
 
 
 def test_the_last_step_report_does_not_keep_a_finished_run_alive():

@@ -244,6 +244,7 @@ class OffloadRuntime:
             tier = self.tier
             opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
         self.params: dict[int, torch.Tensor] = {}
+        self._state_moved: set[int] = set()  # keys whose optimizer state is the runtime's own
         self.weight_bufs: dict[int, torch.Tensor] = {}
         self.single_producer: dict[int, bool] = {}  # learned from earlier steps
         self.fw_order: list[int] = []  # keys in the order forward first reads them
@@ -284,14 +285,21 @@ class OffloadRuntime:
                 _entries[key] = (weakref.ref(param), weakref.ref(self))
         self.params[key] = param
         state = self.opt.state.get(param)
-        if state and "master" not in state:
-            # it was updated in place before (or its state was loaded before it was compiled);
-            # from now on its master lives on the host. This runs while the backend traces with
-            # fake tensors: the copy is of real memory
+        if state and key not in self._state_moved:
+            # State made before this runtime (a checkpoint loaded before the model was compiled,
+            # steps taken eagerly) came from torch's allocator: it moves to the host tier, where
+            # the runtime keeps optimizer state, with a master if the parameter was updated in
+            # place so far. This runs while the backend traces with fake tensors: the copies are
+            # of real memory
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             with unset_fake_temporarily(), torch.no_grad():
-                state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+                for name in ("master", "exp_avg", "exp_avg_sq"):
+                    if name in state:
+                        state[name] = self.opt._alloc(param.shape).copy_(state[name])
+                if "master" not in state:
+                    state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+        self._state_moved.add(key)
         return key
 
     # ---- graph ops (on the step thread) ------------------------------------------------------
