@@ -220,7 +220,10 @@ class StepTracker:
         for ref in self._finished_participants:
             runtime = ref()
             if runtime is not None:
-                report.optimizer_events.extend(e for e in runtime.events if e.start >= report.started_at)
+                # copied in one C call: the optimizer thread appends events while deferred updates
+                # run, and a Python loop over the deque would see it change
+                events = runtime.events.copy()
+                report.optimizer_events.extend(e for e in events if e.start >= report.started_at)
         if report.engine_base is not None:
             d2h, h2d = _engine_bytes()
             report.d2h_bytes = self._extra_at_end[0] + d2h - report.engine_base[0]
