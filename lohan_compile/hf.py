@@ -27,7 +27,7 @@ its own AdamW, with gradient offloading:
   returns it;
 - the weights are complete (``opt.synchronize()``) before anything outside the
   compiled forward reads or writes them: evaluation, prediction, saving,
-  loading a checkpoint, the end of ``train()``.
+  loading a checkpoint, the end of ``train()`` (elsewhere, :func:`synchronize`).
 
 The Trainer's learning-rate scheduler drives the optimizer; checkpoints hold
 the optimizer's state (fp32 masters and moments) and the scheduler's, and
@@ -127,6 +127,19 @@ def prepare(trainer: Any, *, overlap: str = "auto", skip_nonfinite: bool = True,
     # lets accelerate prepare only the optimizer
     trainer.model_wrapped = compiled
     return trainer
+
+
+def synchronize(trainer: Any) -> None:
+    """Wait until every parameter of a prepared Trainer's model holds its updated weight.
+
+    The Trainer's own evaluation, saving and loading, and the end of ``train()``, do this
+    already; a callback that reads the weights between steps (``on_step_end``) calls it first:
+    with ``overlap="deferred"`` the last step's updates may still be running.
+    """
+    state = getattr(trainer, "_lohan", None)
+    if state is None:
+        raise ValueError("this Trainer was not prepared for lohan (lohan_compile.hf.prepare)")
+    state.synchronize()
 
 
 def _check_trainer(trainer: Any) -> None:
@@ -295,4 +308,4 @@ def _lohan_class(cls: type) -> type:
     return type(f"Lohan{cls.__name__}", (_LohanTrainer, cls), {"__module__": __name__})
 
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "check_transformers", "prepare"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "check_transformers", "prepare", "synchronize"]
