@@ -90,7 +90,7 @@ def run_lohan(model, batches, overlap, max_grad_norm):
     opt.synchronize()
     runtime = opt._lohan_offload
     # the first steps learn the step's graphs; measure overlap on the later ones
-    later = [e for e in runtime.events if e.kind == "update" and e.start >= spans[len(spans) // 2][0]]
+    later = [e for e in runtime.events.copy() if e.kind == "update" and e.start >= spans[len(spans) // 2][0]]
     clipped = sum(runtime.recent_clips)
     return peaks, times, step_waits, overlap_share(later, spans), clipped
 

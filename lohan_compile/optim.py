@@ -344,6 +344,7 @@ class CPUAdamW(Optimizer):
         *,
         grad_scale: float = 1.0,
         weights_out: Sequence[torch.Tensor | None] | None = None,
+        groups: Sequence[dict[str, Any]] | None = None,
     ):
         """Update some parameters now: the entry point of gradient offloading.
 
@@ -384,7 +385,7 @@ class CPUAdamW(Optimizer):
             if g is None:
                 raise ValueError(f"CPUAdamW.{where} has no gradient (none passed, p.grad is None)")
             checked.append(self._checked_grad(p, g, where, host_grad=p.device.type != "cpu"))
-        return self._update(params, checked, outs_in, grad_scale)
+        return self._update(params, checked, outs_in, grad_scale, groups)
 
     def _checked_grad(self, p: torch.Tensor, g: torch.Tensor, where: str,
                       host_grad: bool = False) -> torch.Tensor:
@@ -418,7 +419,8 @@ class CPUAdamW(Optimizer):
         return self.num_threads or torch.get_num_threads()
 
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor],
-                outs: list[torch.Tensor | None], grad_scale: float):
+                outs: list[torch.Tensor | None], grad_scale: float,
+                groups: Sequence[dict[str, Any]] | None = None):
         ops = _ops()
         # One kernel call per (group, writes-a-weight-copy): the kernel takes
         # one set of hyperparameters and an all-or-none weight_out list.
@@ -442,12 +444,19 @@ class CPUAdamW(Optimizer):
                     )
             resolved_outs.append(out)
             buckets[(self._group_of[p], out is not None)].append(i)
+        if groups is None:
+            groups = self.param_groups
+        elif len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"CPUAdamW.update_params: got hyperparameters for {len(groups)} param groups, "
+                f"the optimizer has {len(self.param_groups)}"
+            )
         for gi, _ in buckets:
-            if self.param_groups[gi].get("amsgrad", False):
+            if groups[gi].get("amsgrad", False):
                 raise ValueError("CPUAdamW does not implement amsgrad")
         total = ops.NO_GRADS
         for (gi, has_out), idx in buckets.items():
-            group = self.param_groups[gi]
+            group = groups[gi]
             beta1, beta2 = group["betas"]
             masters, exp_avgs, exp_avg_sqs, step_ts = [], [], [], []
             for i in idx:

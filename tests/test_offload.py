@@ -341,3 +341,74 @@ def test_without_clipping_or_skipping_updates_run_during_backward_without_roll_b
         torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-6)
     assert_close_models(eager, model, atol=1e-5)
     assert not any(e.kind == "rollback" for e in runtime.events)
+
+
+@pytest.mark.parametrize("overlap", ["speculative", "deferred"])
+def test_a_scheduler_stepping_right_after_step_does_not_reach_updates_still_running(overlap):
+    """The deferred design's updates run after step() returns; a scheduler that steps at once
+    (as the Hugging Face Trainer's does) must not change the lr those updates use."""
+    torch.manual_seed(0)
+    base = MLP()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(4)]
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap=overlap)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + 10 * s)) for o in (opt_e, opt)]
+    for x, y in batches:
+        for m, o, sched in ((eager, opt_e, schedules[0]), (cm, opt, schedules[1])):
+            F.mse_loss(m(x), y).backward()
+            o.step()
+            sched.step()
+            o.zero_grad()
+    assert_close_models(eager, model, atol=1e-6)
+
+
+def test_compiling_after_the_optimizer_has_state_continues_its_training():
+    """A checkpoint's optimizer state loaded before the model is compiled (resuming), or steps
+    taken eagerly first: the compiled model takes the state over, into the host tier."""
+    from lohan_compile.runtime import device
+
+    device.install()  # count the eager state's allocations: it must leave the device tier
+    torch.manual_seed(0)
+    base = MLP()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(4)]
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    for i, (x, y) in enumerate(batches):
+        F.mse_loss(eager(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
+        opt_e.step()
+        opt_e.zero_grad()
+        if i == 2:  # the first compiled step: its graph is traced now, with state in the optimizer
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            model = torch.compile(model, backend="lohan", options={"optimizer": opt})
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close_models(eager, model._orig_mod, atol=1e-6)
+    for state in opt.state.values():
+        assert not any(device.counted(state[k]) for k in ("master", "exp_avg", "exp_avg_sq"))
+
+
+def test_the_last_step_report_does_not_keep_a_finished_run_alive():
+    """Parameters are device memory: once the model and its optimizer are dropped, nothing of
+    lohan's (the step tracker's last report) may hold them."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8)).backward()
+    opt.step()
+    weight = weakref.ref(model.fc1.weight)
+    del model, opt, cm
+    torch._dynamo.reset()  # torch keeps the options of compiled models (the optimizer) until then
+    gc.collect()
+    assert lohan.last_report() is not None
+    assert weight() is None

@@ -297,6 +297,7 @@ class OffloadRuntime:
             tier = self.tier
             opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
         self.params: dict[int, torch.Tensor] = {}
+        self._state_moved: set[int] = set()  # keys whose optimizer state is the runtime's own
         self.weight_bufs: dict[int, torch.Tensor] = {}
         self.single_producer: dict[int, bool] = {}  # learned from earlier steps
         self.fw_order: list[int] = []  # keys in the order forward first reads them
@@ -344,9 +345,21 @@ class OffloadRuntime:
                 _entries[key] = (weakref.ref(param), weakref.ref(self))
         self.params[key] = param
         state = self.opt.state.get(param)
-        if state and "master" not in state:
-            # it was updated in place before; from now on its master lives on the host
-            state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+        if state and key not in self._state_moved:
+            # State made before this runtime (a checkpoint loaded before the model was compiled,
+            # steps taken eagerly) came from torch's allocator: it moves to the host tier, where
+            # the runtime keeps optimizer state, with a master if the parameter was updated in
+            # place so far. This runs while the backend traces with fake tensors: the copies are
+            # of real memory
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily(), torch.no_grad():
+                for name in ("master", "exp_avg", "exp_avg_sq"):
+                    if name in state:
+                        state[name] = self.opt._alloc(param.shape).copy_(state[name])
+                if "master" not in state:
+                    state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+        self._state_moved.add(key)
         return key
 
     # ---- graph ops (on the step thread) ------------------------------------------------------
@@ -450,13 +463,16 @@ class OffloadRuntime:
                 todo = [k for k in st.grads if k not in st.updated]
                 if todo and not self._speculative():
                     # deferred: the updates run in the order forward reads the weights, while
-                    # step() returns; the next forward waits only for the weight it needs
+                    # step() returns; the next forward waits only for the weight it needs.
+                    # They use the hyperparameters of this call: a scheduler that steps right
+                    # after step() returns must not change the lr of updates still queued
+                    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                     order = {k: i for i, k in enumerate(self.fw_order)}
                     todo.sort(key=lambda k: order.get(k, len(order)))
                     for k in todo:
                         done = threading.Event()
                         self.pending_weights[k] = (done, st)
-                        self._submit(self._update_and_write, st, k, coef, done)
+                        self._submit(self._update_and_write, st, k, coef, done, groups)
                 else:
                     self._update(todo, coef)
                     for k in todo:
@@ -667,14 +683,16 @@ class OffloadRuntime:
                 st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
             st.written.discard(key)
 
-    def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event) -> None:
+    def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event,
+                          groups: list[dict[str, Any]]) -> None:
         try:
-            self._update([key], coef, st)
+            self._update([key], coef, st, groups)
             self._writeback(key, st)
         finally:
             done.set()
 
-    def _update(self, keys, coef: float, st: _Step | None = None) -> None:
+    def _update(self, keys, coef: float, st: _Step | None = None,
+                groups: list[dict[str, Any]] | None = None) -> None:
         if not keys:
             return
         st = self.state if st is None else st
@@ -683,7 +701,7 @@ class OffloadRuntime:
         hyper = {k: self._hyper(k) for k in keys}
         start = time.perf_counter()
         self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
-                               weights_out=[self._weight_buf(k) for k in keys])
+                               weights_out=[self._weight_buf(k) for k in keys], groups=groups)
         end = time.perf_counter()
         for k in keys:
             st.hyper[k] = hyper[k]

@@ -235,7 +235,8 @@ class StepTracker:
                 uncounted_bytes=sum(uncounted.values()),
             )
             self._open_step()
-        self._finished_participants = participants
+        # weakly: a finished step must not keep an optimizer (and its parameters) alive
+        self._finished_participants = [weakref.ref(r) for r in participants]
         for runtime in participants:
             runtime.backward_ended()  # outside the lock: it may submit work
         if participants or self._last is None:
@@ -269,8 +270,13 @@ class StepTracker:
         if report is None or report.started_at is None:
             return
         report.step_seconds = time.perf_counter() - report.started_at
-        for runtime in self._finished_participants:
-            report.optimizer_events.extend(e for e in runtime.events if e.start >= report.started_at)
+        for ref in self._finished_participants:
+            runtime = ref()
+            if runtime is not None:
+                # copied in one C call: the optimizer thread appends events while deferred updates
+                # run, and a Python loop over the deque would see it change
+                events = runtime.events.copy()
+                report.optimizer_events.extend(e for e in events if e.start >= report.started_at)
         report.copy_events.extend(_copy_spans(report.started_at))
         if report.engine_base is not None:
             d2h, h2d = _engine_bytes()
@@ -281,6 +287,7 @@ class StepTracker:
     def reset(self) -> None:
         with self._lock:
             self._last = None
+            self._finished_participants = []
             self._open_step()
 
 
