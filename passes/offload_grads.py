@@ -8,7 +8,9 @@ gradient for:
 - right after the gradient is computed: ``h = lohan::swap_out(grad)``;
   small gradients (under ``SMALL_GRAD_BYTES``) of one dtype are bucketed, as
   DDP does: once the last of a run of them is computed, they are flattened into
-  one device buffer of at most ``BUCKET_BYTES`` and leave in one copy
+  one device buffer of at most ``BUCKET_BYTES`` (and at most a sixteenth of all
+  the offloaded gradient bytes, so that what buckets hold back on the device
+  stays small beside the step's peak) and leave in one copy
   (``lohan::grads_ready(h, keys)`` hands each its slice), so a model of many
   small tensors does not pay a copy's fixed cost per tensor;
 - the copy is waited for (``lohan::wait_tensor``, which frees the device
@@ -144,6 +146,7 @@ def _nbytes(node: fx.Node) -> int:
 
 def _buckets(managed: list) -> list[list]:
     """Gradients in production order, grouped: a large one alone, small ones of a dtype together."""
+    cap = min(BUCKET_BYTES, sum(_nbytes(m[1]) for m in managed) // 16)
     groups: list[list] = []
     open_: dict[torch.dtype, list] = {}
     for m in managed:
@@ -154,7 +157,7 @@ def _buckets(managed: list) -> list[list]:
         dtype = m[1].meta["val"].dtype
         run = open_.setdefault(dtype, [])
         run.append(m)
-        if sum(_nbytes(x[1]) for x in run) >= BUCKET_BYTES:
+        if sum(_nbytes(x[1]) for x in run) >= cap:
             groups.append(open_.pop(dtype))
     groups.extend(run for run in open_.values() if run)
     # each group leaves after its last member is computed: keep groups in that order
