@@ -45,7 +45,7 @@ def models():
     return {
         # shapes where activations dominate the parameters
         "llama": (lambda: tiny_llama(layers=4), lm, torch.randint(0, 128, (8, 256), generator=g)),
-        "gpt2": (lambda: tiny_gpt2(layers=4), lm, torch.randint(0, 128, (8, 256), generator=g)),
+        "gpt2": (lambda: tiny_gpt2(layers=4), lm, torch.randint(0, 128, (32, 64), generator=g)),  # 64 positions
         "block": (lambda: Block(256, 4), block_loss, torch.randn(16, 256, 256, generator=g)),
     }
 

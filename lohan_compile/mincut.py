@@ -60,6 +60,42 @@ def partition_min_cut(
                     "fractions_tried": tried}
 
 
+def prefer_min_cut(
+    joint: fx.GraphModule,
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    facts: Any,
+    finish: Callable[[fx.GraphModule, fx.GraphModule], None],
+) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
+    """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
+    partition and torch's min-cut partition with auto, and return the min-cut one when its
+    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
+    recomputes chains of cheap ops, which wins when much must be recomputed."""
+    from .errors import BudgetError
+    from .planner import auto, keep_all
+
+    budget = facts.options.memory_budget
+    problem, rates = _problem(joint, fw, bw, facts)
+    if keep_all(problem, rates, None).prediction.peak_device_bytes <= budget:
+        return None  # nothing has to move: the default partition is exact and fastest
+
+    def auto_step(problem, rates) -> float:
+        try:
+            return auto(problem, rates, budget).prediction.step_seconds
+        except BudgetError:
+            return float("inf")
+
+    default_s = auto_step(problem, rates)
+    mfw, mbw, info = partition_min_cut(joint, facts, finish)
+    min_cut_s = auto_step(*_problem(joint, mfw, mbw, facts))
+    info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
+            "min_cut_activation_memory_budget": info["activation_memory_budget"]}
+    if min_cut_s < 0.99 * default_s:
+        return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
+    _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
+    return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", **info}
+
+
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of the graph whose nodes' meta dicts are shallow copies (fake values are shared,
     not deep-copied: a fake tensor cannot be)."""
@@ -73,12 +109,20 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _keep_all_peak(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> int:
     """The simulator's device peak of this partition with everything it saves kept."""
+    from .planner import keep_all
+
+    problem, rates = _problem(joint, fw, bw, facts)
+    return keep_all(problem, rates, None).prediction.peak_device_bytes
+
+
+def _problem(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> tuple[Any, Any]:
+    """The planning problem of a partition (its saved values classified), and the link rates."""
     from .costmodel import CostModel
     from .hardware import resolve
     from .passes.classify_saved import classify_saved
     from .passes.plan_memory import resident_input_bytes
     from .pipeline import Graphs
-    from .planner import Rates, keep_all
+    from .planner import Rates
     from .problem import build_problem
 
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)
@@ -87,4 +131,4 @@ def _keep_all_peak(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule
     problem = build_problem(fw, bw, cost)
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes
     rates = Rates(cost.transfer_seconds(1, "d2h"), cost.transfer_seconds(1, "h2d"), sharing=hw.sharing)
-    return keep_all(problem, rates, None).prediction.peak_device_bytes
+    return problem, rates

@@ -51,6 +51,12 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         )
         finish(fw, bw)
         report = {"partitioner": "default"}
+        if facts.options.policy == "auto" and facts.options.memory_budget is not None:
+            from ..mincut import prefer_min_cut
+
+            chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)
+            if chosen is not None:
+                fw, bw, report = chosen
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes))
     return Graphs(joint=graphs.joint, fw=fw, bw=bw), report
 
