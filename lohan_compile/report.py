@@ -175,7 +175,7 @@ class Report:
         each graph's predicted timeline beside it, aligned to where the graph really began."""
         from .dump import TRACKS, trace_events as predicted_events
 
-        t0 = self.started_at if self.started_at is not None else min((r.start for r in self.runs), default=0.0)
+        t0 = self._step_start()
         events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "measured"}}]
         tids = {name: i for i, name in enumerate(TRACKS, start=1)}
         for resource, track in TRACKS.items():
@@ -192,33 +192,35 @@ class Report:
         for e in self.optimizer_events:
             events.append({"ph": "X", "name": f"{e.kind} {e.key}", "pid": pid, "tid": tids["cpu"],
                            "ts": (e.start - t0) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6})
-        seen = set()
-        for r in self.runs:
-            planned = r.graph.pass_report("plan_memory")
-            if r.phase != "forward" or planned is None or r.graph.graph_id in seen:
-                continue
-            seen.add(r.graph.graph_id)
-            events += predicted_events(planned["plan"], pid=10 + r.graph.graph_id,
+        for r, plan in self._planned_runs():
+            events += predicted_events(plan, pid=10 + r.graph.graph_id,
                                        label=f"predicted, {r.graph.name}", offset_s=r.start - t0)
         return events
+
+    def _step_start(self) -> float:
+        return self.started_at if self.started_at is not None else min((r.start for r in self.runs), default=0.0)
+
+    def _planned_runs(self) -> list[tuple[GraphRun, Any]]:
+        """(first forward run, plan) of each planned graph of the step, in the order they ran."""
+        seen, out = set(), []
+        for r in self.runs:
+            planned = r.graph.pass_report("plan_memory")
+            if r.phase == "forward" and planned is not None and r.graph.graph_id not in seen:
+                seen.add(r.graph.graph_id)
+                out.append((r, planned["plan"]))
+        return out
 
     def memory_curves(self) -> dict[str, list[tuple[float, int]]]:
         """Device bytes over the step, seconds from its start: ``"measured"`` (the device
         counter, as the measured peak counts) and ``"predicted, graph N"`` (the simulator's
         curve for each graph, placed where the graph's forward really began)."""
-        t0 = self.started_at if self.started_at is not None else min((r.start for r in self.runs), default=0.0)
+        t0 = self._step_start()
         curves: dict[str, list[tuple[float, int]]] = {}
         if self.memory_timeline and not self.planned_only:
             curves["measured"] = [(t - t0, b + self.uncounted_bytes) for t, b in self.memory_timeline]
-        seen = set()
-        for r in self.runs:
-            planned = r.graph.pass_report("plan_memory")
-            if r.phase != "forward" or planned is None or r.graph.graph_id in seen:
-                continue
-            seen.add(r.graph.graph_id)
-            prediction = planned["plan"].prediction
+        for r, plan in self._planned_runs():
             offset = 0.0 if self.planned_only else r.start - t0
-            curves[f"predicted, {r.graph.name}"] = [(offset + t, b) for t, b in prediction.timeline.curves["device"]]
+            curves[f"predicted, {r.graph.name}"] = [(offset + t, b) for t, b in plan.prediction.timeline.curves["device"]]
         return curves
 
     def plot_memory(self, path: str) -> str:
