@@ -321,6 +321,8 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
         need = pred.peak_device_bytes - budget
         options = []
         for c in live:
+            if c.bytes <= 0:
+                continue  # moving it frees nothing
             swap_cost = math.inf
             if c.swappable:
                 over = max(0.0, swapped_bytes + c.bytes - hidden_capacity)
@@ -335,6 +337,8 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
             else:
                 options.append(((re_cost / c.bytes, 0.0), c, Decision(Action.RECOMPUTE, reason=_reason(Action.RECOMPUTE, c))))
         for c, where in held:
+            if c.bytes <= 0:
+                continue
             # a swapped storage on the device at the peak: wait for its copy out earlier, or
             # bring it back later
             stall = c.bytes * (rates.d2h_seconds_per_byte if where == "fw" else rates.h2d_seconds_per_byte)
