@@ -102,16 +102,18 @@ def run(name: str, batch: int, seq: int, budget: int) -> dict:
                             "partitioner": r.graphs[0].pass_report("partition_graph")["partitioner"]}
         except Exception as e:  # noqa: BLE001 - torch wraps the BudgetError
             err = inner_budget_error(e)
-            if err is None:
-                raise
+            if err is None:  # a compiler failure: recorded, so the table shows it
+                rows[policy] = {"feasible": None, "error": str(e).splitlines()[1][:300]}
+                print(f"{policy}: {rows[policy]['error']}")
+                continue
             rows[policy] = {"feasible": False, "smallest_feasible_bytes": err.smallest_feasible_bytes}
-    fixed = [p for p, r in rows.items() if p != "auto" and r["feasible"]]
+    fixed = [p for p, r in rows.items() if p != "auto" and r.get("feasible")]
     best = min(fixed, key=lambda p: rows[p]["step_s"]) if fixed else None
     return {"model": name, "params": n_params, "batch": batch, "seq": seq, "budget_bytes": budget,
             "weights_bytes": 2 * n_params, "trace_s": trace_s, "graphs": len(graphs), "policies": rows,
             "best_fixed": best,
             "auto_over_best_fixed_step": rows["auto"]["step_s"] / rows[best]["step_s"]
-            if best and rows["auto"]["feasible"] else None}
+            if best and rows["auto"].get("feasible") else None}
 
 
 def show(row: dict) -> None:
@@ -122,7 +124,9 @@ def show(row: dict) -> None:
           f"traced in {row['trace_s']:.0f} s")
     lines = []
     for p, r in row["policies"].items():
-        if r["feasible"]:
+        if r.get("feasible") is None:
+            lines.append([p, "compiler error", "", ""])
+        elif r["feasible"]:
             lines.append([p, f"{r['step_s'] * 1e3:.1f}", f"{r['tflops']:.1f}", f"{r['peak_bytes'] / GiB:.2f}"])
         else:
             s = r["smallest_feasible_bytes"]
