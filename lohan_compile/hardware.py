@@ -42,6 +42,7 @@ class HardwareProfile:
     ssd_read_bandwidth: float = 0.0  # bytes/s per SSD
     ssd_write_bandwidth: float = 0.0
     ssd_count: int = 0
+    ssd_capacity: int = 0  # bytes per SSD (0: not stated, not checked)
     host_memory: int | None = None  # bytes of host memory available for the host tier
     op_overhead_s: float = 5e-6  # fixed cost per op (kernel launch, dispatch)
     full_duplex: bool = True  # d2h and h2d run at full speed at the same time
@@ -126,6 +127,7 @@ LOHAN_TESTBED = RTX4090.with_(
     ssd_read_bandwidth=6.5 * GB,
     ssd_write_bandwidth=3.4 * GB,
     ssd_count=12,
+    ssd_capacity=3_840_000_000_000,
     source="LoHan paper testbed: RTX 4090, 2x Xeon Gold 5320, DDR4-3200 x16, 12x D7-P5510",
 )
 

@@ -118,7 +118,14 @@ def op_index_of(label: str) -> int | None:
     return int(head) if sep and head.isdigit() else None
 
 
-def program_for(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates) -> list[Op]:
+def program_for(
+    problem: Problem,
+    plan_decisions: dict[str, Decision],
+    rates: Rates,
+    extra: dict[tuple[str, int], list[Op]] | None = None,
+) -> list[Op]:
+    """The step program of a plan. ``extra`` adds other work at slots around ops (after the
+    plan's own): parameter fetches, gradient copies, optimizer updates (wholestep.py)."""
     slots: dict[tuple[str, int], list[Op]] = {}
     first_use = _effective_first_use(problem, plan_decisions)
 
@@ -150,6 +157,8 @@ def program_for(problem: Problem, plan_decisions: dict[str, Decision], rates: Ra
                Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0))
             at("free", c.last_bw_use, Free(f"re:{c.key}"))
 
+    for where, ops in (extra or {}).items():
+        slots.setdefault(where, []).extend(ops)
     program: list[Op] = []
     for i, op in enumerate(problem.ops):
         for slot in _BEFORE:

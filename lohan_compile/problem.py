@@ -16,14 +16,14 @@ the step: gradients, the user's outputs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
 import torch.fx as fx
 
 from .costmodel import CostModel
-from .fxutil import is_dense, storage_base, tensor_val
+from .fxutil import is_dense, is_view, storage_base, tensor_val
 from .meta import Role, get_info
 from .shapes import nbytes_expr, nbytes_hint
 
@@ -67,6 +67,13 @@ class Problem:
     resident_bytes: int = 0  # device bytes held outside this graph when it starts (params, ...)
     fw_seconds: float = 0.0
     bw_seconds: float = 0.0
+    # the backend's example inputs (parameters, user inputs) by index: the ops that read each
+    # (directly or through a view; forward and backward), and the op that makes its gradient
+    input_uses: dict[int, list[int]] = field(default_factory=dict)
+    grad_at: dict[int, int] = field(default_factory=dict)
+    input_bytes: dict[int, int] = field(default_factory=dict)
+    params: tuple[int, ...] = ()  # which example inputs are parameters
+    grad_key: dict[int, str] = field(default_factory=dict)  # input index -> its gradient's buffer
 
     def candidate(self, key: str) -> Candidate:
         for c in self.candidates:
@@ -228,8 +235,25 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
                 bytes_expr=nbytes_expr(tensor_val(base)),
             )
         )
+    input_uses, grad_at, input_bytes = _input_facts(fw, bw, index)
+    params = tuple(sorted(
+        info.input_index for n in fw.graph.nodes
+        if n.op == "placeholder" and (info := get_info(n)) is not None and info.role is Role.PARAM
+        and info.input_index is not None
+    ))
+    grad_key = {}
+    for n in bw.graph.nodes:
+        info = get_info(n)
+        if n.op == "call_function" and info is not None and info.grad_of:
+            for idx in info.grad_of:
+                grad_key[idx] = key_of.get(n) or f"bw:{storage_base(n).name}"
     fw_seconds = sum(o.seconds for o in ops[:n_fw])
     return Problem(
+        input_uses=input_uses,
+        grad_at=grad_at,
+        input_bytes=input_bytes,
+        params=params,
+        grad_key=grad_key,
         ops=ops,
         n_fw=n_fw,
         buffers=buffers,
@@ -237,3 +261,47 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
         fw_seconds=fw_seconds,
         bw_seconds=sum(o.seconds for o in ops[n_fw:]),
     )
+
+
+def _input_facts(
+    fw: fx.GraphModule, bw: fx.GraphModule, index: dict[fx.Node, int]
+) -> tuple[dict[int, list[int]], dict[int, int], dict[int, int]]:
+    """Which ops read each example input (through views too), and where each gradient is made."""
+    uses: dict[int, set[int]] = {}
+    nbytes: dict[int, int] = {}
+    input_of: dict[str, int] = {}  # forward placeholder name -> example-input index
+    for n in fw.graph.nodes:
+        info = get_info(n)
+        if n.op == "placeholder" and info is not None and info.input_index is not None:
+            input_of[n.name] = info.input_index
+            val = tensor_val(n)
+            if val is not None:
+                nbytes[info.input_index] = nbytes_hint(val)
+
+    def walk(node: fx.Node, idx: int) -> None:
+        for u in node.users:
+            if u in index:
+                uses.setdefault(idx, set()).add(index[u])
+            if u.op == "call_function" and is_view(u):
+                walk(u, idx)  # a view of the input: its readers read the input
+
+    for n in fw.graph.nodes:
+        if n.name in input_of and n.op == "placeholder":
+            walk(n, input_of[n.name])
+    for n in bw.graph.nodes:
+        info = get_info(n)
+        if n.op != "placeholder" or info is None:
+            continue
+        if info.saved_input_view and info.storage_of in input_of:
+            walk(n, input_of[info.storage_of])
+        elif info.input_index is not None and info.role in (Role.PARAM, Role.INPUT, Role.BUFFER):
+            walk(n, info.input_index)  # an input saved as it is
+    grad_at: dict[int, int] = {}
+    for n in bw.graph.nodes:
+        info = get_info(n)
+        if info is None or not info.grad_of or n.op != "call_function":
+            continue
+        base = storage_base(n)
+        for idx in info.grad_of:
+            grad_at[idx] = index.get(base, index.get(n, max(index.values(), default=0)))
+    return {k: sorted(v) for k, v in uses.items()}, grad_at, nbytes

@@ -4,10 +4,14 @@ A step is a *program*: the operations the step thread runs, in order.
 
 - ``Compute(name, seconds)``: work on the compute stream (``seconds`` is the
   time it takes with nothing running beside it).
-- ``Issue(name, queue, seconds)``: hand work to an asynchronous queue
-  (``"d2h"``, ``"h2d"``, ``"cpu"`` for the CPU optimizer, ``"ssd_read"``,
-  ``"ssd_write"``) and go on at once; the queue runs its work in issue order,
-  one item at a time.
+- ``Issue(name, queue, seconds, after=())``: hand work to an asynchronous
+  queue (``"d2h"``, ``"h2d"``, ``"cpu"`` for the CPU optimizer,
+  ``"ssd_read"``, ``"ssd_write"``) and go on at once; the queue runs its work
+  in issue order, one item at a time, and an item starts only once the items
+  named in ``after`` (on other queues) have completed: a weight read from SSD
+  before it crosses to the device, an update after its gradient arrived. An
+  item still waiting for those does not hold up ready items behind it (the
+  runtime hands a copy to its engine when its prerequisites are done).
 - ``Wait(name)``: block until the issued item ``name`` has completed.
 - ``Alloc(buffer, bytes, tier)`` and ``Free(buffer)``: memory on a tier
   (``"device"``, ``"host"``, ``"ssd"``), at that moment of the step thread.
@@ -45,6 +49,7 @@ class Issue:
     name: str
     queue: str
     seconds: float  # time the item takes on its queue with nothing beside it
+    after: tuple[str, ...] = ()  # items that must complete before this one starts
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUES:
@@ -130,6 +135,7 @@ class _Item:
     queue: str
     remaining: float
     issued_at: float
+    after: tuple["_Item", ...] = ()
     start: float | None = None
     end: float | None = None
 
@@ -181,7 +187,7 @@ def simulate(
                 else:
                     intervals.append(Interval(op.name, "compute", now, now))
             elif isinstance(op, Issue):
-                item = _Item(op.name, op.queue, op.seconds, now)
+                item = _Item(op.name, op.queue, op.seconds, now, tuple(items[a] for a in op.after))
                 items[op.name] = item
                 queues[op.queue].append(item)
             elif isinstance(op, Wait):
@@ -200,13 +206,22 @@ def simulate(
 
     advance_step_thread()
     while True:
-        heads = {q: items_[0] for q, items_ in queues.items() if items_}
+        heads = {}
+        for q, items_ in queues.items():
+            # the first item whose prerequisites are done: one still waiting for its
+            # prerequisites does not hold up the items behind it
+            ready = next((it for it in items_ if all(d.end is not None for d in it.after)), None)
+            if ready is not None:
+                heads[q] = ready
         for item in heads.values():
             if item.start is None:
                 item.start = now
         busy_queues = [q for q in heads]
         computing = compute_left is not None
         if not computing and not heads:
+            blocked = [items_[0].name for items_ in queues.values() if items_]
+            if blocked:
+                raise SimulationError(f"queued items wait on each other forever: {blocked}")
             if waiting is not None:
                 raise SimulationError(f"wait for {waiting!r} can never finish")
             break
@@ -226,7 +241,7 @@ def simulate(
         for q, item in heads.items():
             if item.remaining <= eps:
                 item.end = now
-                queues[q].pop(0)
+                queues[q].remove(item)
                 intervals.append(Interval(item.name, q, item.start, now))
                 if waiting == item.name:
                     exposed[waiting] = now - wait_start
@@ -253,6 +268,9 @@ def _validate(program: Iterable[Op]) -> None:
         if isinstance(op, Issue):
             if op.name in issued:
                 raise SimulationError(f"{op.name!r} issued twice")
+            for dep in op.after:
+                if dep not in issued:
+                    raise SimulationError(f"{op.name!r} issued after {dep!r}, which was not issued before it")
             issued.add(op.name)
         elif isinstance(op, Wait):
             if op.name not in issued:

@@ -127,3 +127,24 @@ def test_timeline_properties(program, cs, qs):
     # memory: the peak is the running maximum of the curve
     assert t.peaks["device"] == max(b for _, b in t.curves["device"])
     assert all(isinstance(issued[n], Issue) for n in t.exposed)
+
+
+def test_an_item_waits_for_the_items_it_comes_after():
+    # a weight read from SSD (2 s) then sent to the device (1 s); an update after a gradient copy
+    t = simulate([
+        Issue("read", "ssd_read", 2.0),
+        Issue("fetch", "h2d", 1.0, after=("read",)),
+        Issue("grad", "d2h", 0.5),
+        Issue("update", "cpu", 1.0, after=("grad", "fetch")),
+        Compute("c", 1.0),
+        Wait("update"),
+    ])
+    assert t.interval("fetch").start == pytest.approx(2.0)
+    assert t.interval("update").start == pytest.approx(3.0)
+    assert t.step_seconds == pytest.approx(4.0)
+    assert t.exposed["update"] == pytest.approx(3.0)
+
+
+def test_an_item_after_one_not_yet_issued_is_refused():
+    with pytest.raises(SimulationError, match="not issued before"):
+        simulate([Issue("a", "h2d", 1.0, after=("b",)), Issue("b", "d2h", 1.0)])
