@@ -194,6 +194,87 @@ def hw(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    """Plan a model's training step for described hardware, without that hardware."""
+    import json
+
+    from tabulate import tabulate
+
+    from . import wholestep, zoo
+    from .hardware import preset
+    from .options import format_bytes, parse_bytes
+
+    try:
+        spec = zoo.model_spec(args.model)
+        hw = preset(args.hardware or args.gpu or "rtx4090")
+        if args.hardware and args.gpu:
+            g = preset(args.gpu)
+            hw = hw.with_(matmul_flops=g.matmul_flops, memory_bandwidth=g.memory_bandwidth,
+                          d2h_bandwidth=g.d2h_bandwidth, h2d_bandwidth=g.h2d_bandwidth,
+                          device_memory=g.device_memory, name=f"{hw.name}+{g.name}")
+        if args.host_memory:
+            hw = hw.with_(host_memory=parse_bytes(args.host_memory, name="--host-memory"))
+        if args.ssd_count is not None:
+            hw = hw.with_(ssd_count=args.ssd_count)
+        if args.ssd_bandwidth:
+            read = parse_bytes(args.ssd_bandwidth, name="--ssd-bandwidth")
+            ratio = hw.ssd_write_bandwidth / hw.ssd_read_bandwidth if hw.ssd_read_bandwidth else 0.5
+            hw = hw.with_(ssd_read_bandwidth=float(read), ssd_write_bandwidth=read * ratio)
+        if hw.host_memory is None:
+            raise ValueError(f"--gpu {hw.name} says nothing of the host: give --host-memory (e.g. 256GB), or "
+                             "--hardware lohan-testbed for a whole machine")
+        if hw.ssd_count and not hw.ssd_read_bandwidth:
+            raise ValueError("--ssd-count needs --ssd-bandwidth (read bandwidth of one SSD, e.g. 6.5GB)")
+        zoo.check_seq(spec, args.seq)
+        budget = parse_bytes(args.budget, name="--budget") if args.budget else hw.device_memory
+    except ValueError as e:
+        print(f"lohan plan: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    traced = wholestep.trace(spec, args.batch, args.seq, hw)
+    step = wholestep.WholeStep(traced, hw, budget)
+    policies = list(wholestep.POLICIES + wholestep.BASELINES) if args.policy == "all" else [args.policy]
+    offload = {"auto": "auto", "on": True, "off": False}[args.offload_params]
+    plans = [step.plan(p, offload) for p in policies]
+    plan_s = time.perf_counter() - start
+    result = plans[0]
+    if args.json:
+        out = {
+            "model": spec.name, "parameters": spec.parameters(), "hardware": hw.name, "batch": args.batch,
+            "seq": args.seq, "budget_bytes": budget, "planning_s": plan_s,
+            "tflops_convention": "6 x parameters x tokens per step / step time; recomputation not counted",
+            "feasible": result.feasible, "predicted_step_s": result.step_s, "predicted_tflops": result.tflops,
+            "peak_device_bytes": result.peaks.get("device"), "peak_host_bytes": result.peaks.get("host"),
+            "peak_ssd_bytes": result.peaks.get("ssd"), "policy": result.policy, "why": result.why,
+            "traffic_bytes": result.traffic, "offload_params": result.offload_params,
+            "policies": [q.to_json() for q in plans],
+        }
+        print(json.dumps(out, indent=2))
+        return 0 if result.feasible else 1
+    print(f"{spec.name}: {spec.parameters() / 1e9:.2f}B parameters ({spec.source}); batch {args.batch} x {args.seq} "
+          f"tokens, {str(traced.dtype).replace('torch.', '')}")
+    print(f"hardware {hw.name}: device {format_bytes(hw.device_memory)} (budget {format_bytes(budget)}, of which "
+          f"{format_bytes(wholestep.CONTEXT_BYTES)} CUDA context and workspaces), host "
+          f"{format_bytes(hw.host_memory)}, {hw.ssd_count} SSD(s); planned in {plan_s:.1f} s\n")
+    rows = []
+    for q in plans:
+        if q.step_s is None:
+            rows.append([q.policy, "no", "", "", "", "", "", q.why])
+            continue
+        rows.append([q.policy, "yes" if q.feasible else "no", f"{q.step_s:.2f}", f"{q.tflops:.1f}",
+                     format_bytes(q.peaks["device"]), format_bytes(q.peaks["host"]), format_bytes(q.peaks["ssd"]),
+                     q.why])
+    print(tabulate(rows, headers=["policy", "feasible", "step s", "TFLOPS", "device peak", "host peak", "SSD", "why / bottleneck"]))
+    if result.step_s is not None:
+        print("\ntraffic per step (" + result.policy + "): " + ", ".join(
+            f"{k} {format_bytes(v)}" for k, v in result.traffic.items()))
+        moved = {k: v for k, v in result.actions.items() if v != "keep"}
+        print(f"weights streamed: {'yes' if result.offload_params else 'no'}; block values moved: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(moved.items())) or "none"))
+    print("TFLOPS: 6 x parameters x tokens / predicted step time (recomputation not counted)")
+    return 0 if result.feasible else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lohan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"lohan_compile {__version__}")
@@ -216,6 +297,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached", action="store_true", help="print the saved profile when there is one")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.set_defaults(func=hw)
+    p = sub.add_parser("plan", help="plan a model's training step on described hardware (no GPU needed)")
+    p.add_argument("--model", required=True,
+                   help="a preset (gpt3-1.3b ... gpt3-13b, gpt3-175b, llama2-7b/13b/70b, opt-13b/30b) or a config.json")
+    p.add_argument("--gpu", help="GPU preset: rtx4090 (default), a100, h100")
+    p.add_argument("--hardware", help="whole-machine preset (lohan-testbed); --gpu and the flags below override it")
+    p.add_argument("--host-memory", help="host memory for the host tier, e.g. 256GB")
+    p.add_argument("--ssd-count", type=int)
+    p.add_argument("--ssd-bandwidth", help="read bandwidth of one SSD, e.g. 6.5GB (per second)")
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--budget", help="device memory budget (default: the GPU's memory)")
+    p.add_argument("--policy", default="auto",
+                   choices=["auto", "keep-all", "swap-all", "recompute-all", "zero-infinity", "zero-offload", "all"])
+    p.add_argument("--offload-params", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=plan)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -768,6 +768,7 @@ class WholeStep:
                     break
             plan = self.evaluate("auto", acts, design)
         plans = [plan] + [self.fixed(f, design) for f in ("swap-all", "recompute-all")]
+        plans.append(self.checkpointed(design))
         feasible = [q for q in plans if q.feasible]
         if not feasible:
             return min(plans, key=lambda q: q.peaks.get("device", math.inf))
@@ -790,6 +791,20 @@ class WholeStep:
         if not design.stream_weights:
             return 0.0
         return sum(w.bytes for w in self.lay.weights if w.bw_uses and w.bytes >= STREAM_MIN_BYTES) / self.hw.h2d_bandwidth
+
+    def checkpointed(self, design: Design = OURS) -> StepPlan:
+        """Each block's input swapped out (its checkpoint) and the block's forward recomputed in
+        backward: the least device memory, for models whose activations do not fit the host
+        either; with lohan's weight streaming, just-in-time prefetch and deferred optimizer."""
+        acts = {}
+        for b in self.bases:
+            if b == "input":
+                acts[b] = Decision(Action.SWAP, reason="block checkpoint, swapped")
+            elif b.startswith("head/"):
+                acts[b] = Decision(Action.KEEP, reason="head: kept chunk by chunk")
+            else:
+                acts[b] = Decision(Action.RECOMPUTE, reason="recomputed with its block")
+        return self._with_block_recompute("checkpoint", acts, replace(design, checkpoint_layers=True))
 
     # the baselines
     def zero_infinity(self) -> StepPlan:

@@ -1,0 +1,113 @@
+"""Whole-step plans of large models from one traced block (wholestep.py, `lohan plan`)."""
+
+import json
+
+import pytest
+import torch
+
+from lohan_compile import cli, wholestep, zoo
+from lohan_compile.explain import explain
+from lohan_compile.hardware import preset
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    hw = preset("lohan-testbed")
+    return wholestep.trace(zoo.PRESETS["tiny-gpt"], 4, 128, hw)
+
+
+def test_the_repeated_block_adds_up_to_the_whole_model_traced(tiny):
+    # the same model traced whole (embedding, 4 blocks, head) through explain
+    spec = tiny.spec
+    torch._dynamo.reset()
+    with torch.device("meta"):
+        model = zoo.Model(spec).to(torch.bfloat16)
+    ids = torch.zeros(4, 128, dtype=torch.long)
+    report = explain(model, ids, ids, loss_fn=lambda loss: loss, hardware=tiny.hardware, policy="keep-all")
+    whole = [g.pass_report("plan_memory")["problem"] for g in report.graphs if g.pass_report("plan_memory")]
+    assert len(whole) == 1
+    whole = whole[0]
+    lay = wholestep.layout(tiny)
+    compute = sum(o.seconds for o in lay.problem.ops)
+    assert compute == pytest.approx(whole.fw_seconds + whole.bw_seconds, rel=0.10)
+    saved = sum(c.bytes for c in lay.problem.candidates)
+    assert saved == pytest.approx(sum(c.bytes for c in whole.candidates), rel=0.15)
+    params = sum(w.params for w in lay.weights if not (spec.tied and w.name.startswith("head") and w.group == "embed"))
+    assert params == spec.parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_auto_meets_a_budget_that_keeping_everything_misses(tiny):
+    ws = wholestep.WholeStep(tiny)
+    keep = ws.plan("keep-all", offload_params=False)
+    budget = int(wholestep.CONTEXT_BYTES + 0.6 * (keep.peaks["device"] - wholestep.CONTEXT_BYTES))
+    ws = wholestep.WholeStep(tiny, budget=budget)
+    assert not ws.plan("keep-all", offload_params=False).feasible
+    auto = ws.plan("auto")
+    assert auto.feasible and auto.peaks["device"] <= budget
+    assert any(a != "keep" for a in auto.actions.values()) or auto.offload_params
+    # every gradient leaves the device; every swapped value comes back
+    assert auto.traffic["d2h"] >= sum(w.bytes for w in ws.lay.weights if w.grad_op is not None) * 0.99
+
+
+def test_a_budget_below_any_plan_is_infeasible_and_says_why(tiny):
+    ws = wholestep.WholeStep(tiny, budget=wholestep.CONTEXT_BYTES + 1024)
+    plan = ws.plan("auto")
+    assert not plan.feasible and "device peak" in plan.why
+
+
+def test_state_beyond_host_memory_goes_to_ssd_and_is_counted(tiny):
+    deep = wholestep.Traced(**{**tiny.__dict__, "spec": zoo.small(tiny.spec, 16)})
+    n = deep.spec.parameters()
+    staging = 2 * wholestep.UPDATE_WINDOW * 16 * deep.spec.block_params()
+    # room for weights and gradients (4 B/parameter), the staging buffers, and a sixth of the state
+    hw = tiny.hardware.with_(host_memory=int((n * 6 + staging) / 0.95))
+    ws = wholestep.WholeStep(deep, hardware=hw)
+    plan = ws.plan("auto")
+    assert plan.placement.state_ssd and plan.peaks["ssd"] > 0
+    assert plan.traffic["ssd_read"] > 0 and plan.traffic["ssd_write"] > 0
+    assert plan.feasible and plan.peaks["host"] <= hw.host_memory
+    no_ssd = wholestep.WholeStep(deep, hardware=hw.with_(ssd_count=0)).plan("auto")
+    assert not no_ssd.feasible and "SSD" in no_ssd.why
+
+
+@pytest.mark.slow
+def test_zero_infinity_is_calibrated_and_175b_is_feasible():
+    hw = preset("lohan-testbed")
+    # published: ZeRO-Infinity fine-tunes 13B at 45 TFLOPS on this kind of server (Fuyou). The
+    # model lands inside +-30% at batch 32; at 64 it is 33% above (bench/results/paper.json)
+    ws = wholestep.WholeStep(wholestep.trace(zoo.PRESETS["gpt3-13b"], 32, 1024, hw))
+    zi = ws.plan("zero-infinity")
+    assert zi.feasible and 45 * 0.7 <= zi.tflops <= 45 * 1.3, zi.tflops
+    assert ws.plan("auto").tflops > 1.5 * zi.tflops
+    for batch in (16, 32):
+        plan = wholestep.WholeStep(wholestep.trace(zoo.PRESETS["gpt3-175b"], batch, 1024, hw)).plan("auto")
+        assert plan.feasible, plan.why
+        assert plan.peaks["device"] <= hw.device_memory and plan.peaks["host"] <= hw.host_memory
+
+
+def test_lohan_plan_json(capsys):
+    rc = cli.main(["plan", "--model", "tiny-llama", "--gpu", "rtx4090", "--host-memory", "64GB",
+                   "--batch", "2", "--seq", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["feasible"] is True
+    for key in ("feasible", "predicted_step_s", "predicted_tflops", "peak_device_bytes", "policy"):
+        assert out[key] is not None
+    assert out["predicted_tflops"] == pytest.approx(
+        6 * zoo.PRESETS["tiny-llama"].parameters() * 128 / out["predicted_step_s"] / 1e12)
+
+
+def test_lohan_plan_refuses_bad_input(capsys):
+    assert cli.main(["plan", "--model", "gpt3-13", "--batch", "1"]) == 2
+    assert "did you mean 'gpt3-13b'" in capsys.readouterr().err.lower()
+    assert cli.main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--batch", "1"]) == 2
+    assert "--host-memory" in capsys.readouterr().err
+
+
+def test_hf_config_json_is_read(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+           "num_hidden_layers": 32, "vocab_size": 32000, "num_key_value_heads": 32}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = zoo.model_spec(str(tmp_path))
+    assert spec.family == "llama" and abs(spec.parameters() - 6.74e9) < 0.01e9  # LLaMA-2 7B
