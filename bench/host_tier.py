@@ -18,6 +18,7 @@ shared: the load average is printed). Exit status 1 if the SSD gate fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -174,7 +175,10 @@ def main() -> int:
     p.add_argument("--ssd-bytes", default="2GiB", help="bytes written and read per SSD pass")
     p.add_argument("--copy-bytes", default="256MiB", help="bytes per copy")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the figures as JSON")
+    p.add_argument("--png", default=None, help="plot them (needs matplotlib)")
     a = p.parse_args()
+    result: dict = {"command": " ".join(sys.argv), "alloc": [], "copy": [], "ssd": {}}
     print(f"command: python {' '.join(sys.argv)}")
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -186,6 +190,8 @@ def main() -> int:
     print(f"   {'size':>10} {'host tier':>12} {'at::empty':>12} {'ratio':>7}   "
           f"{'HostTier.empty':>14} {'torch.empty':>12} {'ratio':>6}")
     for size, c_ours, c_torch, p_ours, p_torch in bench_alloc(tier, a.reps):
+        result["alloc"].append({"size": size, "cpp_host_tier": c_ours, "cpp_at_empty": c_torch,
+                                "py_host_tier": p_ours, "py_torch_empty": p_torch})
         print(f"   {size:>10} {c_ours:>12,.0f} {c_torch:>12,.0f} {c_ours / c_torch:>6.2f}x   "
               f"{p_ours:>14,.0f} {p_torch:>12,.0f} {p_ours / p_torch:>5.2f}x")
 
@@ -196,6 +202,8 @@ def main() -> int:
     print(f"   {'direction':>15} {'engine 1 thr':>13} {'engine 2 thr':>13} {'copy_':>7} {'copy_ 1 thr':>12}"
           f" {'ratio (same threads)':>21}")
     for name, e1, e2, cp, cp1 in bench_copy(nbytes, a.reps):
+        result["copy"].append({"direction": name, "engine_1_thread": e1, "engine_2_threads": e2,
+                               "copy_": cp, "copy_1_thread": cp1})
         print(f"   {name:>15} {e1:>13.2f} {e2:>13.2f} {cp:>7.2f} {cp1:>12.2f}"
               f" {e1 / cp1:>9.2f}x / {e2 / cp:>5.2f}x")
     # preparing SSD test data needs no intra-op parallelism (and a shared 2-core
@@ -225,7 +233,41 @@ def main() -> int:
         ok &= w >= GATE * dd_w and rd >= GATE * dd_r
         print(f"   {kind:>24} {w:>7.2f} {dd_w:>9.2f} {w / dd_w:>5.0%} {rd:>7.2f} {dd_r:>8.2f} {rd / dd_r:>5.0%}")
     print(f"\n   gate (SSD tier >= {GATE:.0%} of dd, both ways, every source): {'PASS' if ok else 'FAIL'}")
+    result["ssd"] = {"io_mode": info.io_mode, "best_gb_per_s": best, "gate_pass": ok}
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {a.json}")
+    if a.png:
+        _plot(result, a.png)
     return 0 if ok else 1
+
+
+def _plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'lohan_compile[plot]'): no PNG")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    copies = result["copy"]
+    x = range(len(copies))
+    for i, (key, label) in enumerate((("engine_2_threads", "copy engine"), ("copy_", "tensor.copy_"))):
+        axes[0].bar([j + 0.4 * i for j in x], [c[key] for c in copies], 0.4, label=label)
+    axes[0].set_xticks([j + 0.2 for j in x], [c["direction"] for c in copies], fontsize=7)
+    axes[0].set_ylabel("GB/s")
+    axes[0].set_title("copies")
+    axes[0].legend()
+    best = result["ssd"]["best_gb_per_s"]
+    names = list(best)
+    axes[1].barh(names, [best[k] for k in names])
+    axes[1].set_xlabel("GB/s (best of reps)")
+    axes[1].set_title(f"SSD tier ({result['ssd']['io_mode']}) against dd")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

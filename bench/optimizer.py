@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "optimizer.json"))
+    ap.add_argument("--png", default=None, help="also plot GB/s per column (needs matplotlib)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -246,7 +247,30 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if args.png:
+        _plot(result, args.png)
     return 0
+
+
+def _plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'lohan_compile[plot]'): no PNG")
+        return
+    names = list(result["gb_per_s"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh(names, [result["gb_per_s"][k] for k in names],
+            color=["tab:orange" if k.startswith("lohan") else "tab:gray" for k in names])
+    ax.set_xlabel("GB/s of memory traffic (median)")
+    ax.set_title(f"AdamW step, {result['params'] / 1e6:.0f}M parameters, {result['machine']['threads']} threads")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def _machine_busy_s() -> float:

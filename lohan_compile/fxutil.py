@@ -76,15 +76,20 @@ def output_tensors(node: fx.Node) -> list[torch.Tensor]:
 
 
 def is_dense(val: torch.Tensor | None) -> bool:
-    """Contiguous row-major, judged on size hints (no guards on symbolic sizes)."""
+    """Non-overlapping and dense (contiguous up to a permutation of dimensions, as the output
+    of a fused attention kernel), judged on size hints (no guards on symbolic sizes): what a
+    swap can copy as one block and give back with the same strides."""
     if val is None:
         return False
     from .shapes import hint_int
 
-    expected = 1
-    for size, stride in reversed(list(zip(val.shape, val.stride()))):
-        size = hint_int(size)
-        if size != 1 and hint_int(stride) != expected:
+    shape = [hint_int(s) for s in val.shape]
+    stride = [hint_int(s) for s in val.stride()]
+    required = 1
+    for i in sorted(range(len(shape)), key=lambda i: (1, 0) if shape[i] < 2 else (0, stride[i])):
+        if shape[i] < 2:
+            return True
+        if stride[i] != required:
             return False
-        expected *= size
+        required *= shape[i]
     return True

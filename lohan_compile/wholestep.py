@@ -67,7 +67,8 @@ STREAM_MIN_BYTES = 1 << 20  # weights under 1 MiB (norms, biases) stay on the de
 STATE_BYTES_PER_PARAM = 12  # fp32 master weight, first and second moments
 HOST_RESERVE_FRACTION = 0.05  # host memory left to the OS, Python, the framework
 UPDATE_WINDOW = 2
-HEAD_CHUNK_BYTES = 1 * GiB  # the LM head's fp32 logits per chunk of tokens  # deferred updates run this many layers ahead of the forward
+HEAD_CHUNK_BYTES = 1 * GiB
+ACTIVATION_STAGING_BYTES = 8 * GiB  # pinned host buffers that activations going to or from SSD pass through  # the LM head's fp32 logits per chunk of tokens  # deferred updates run this many layers ahead of the forward
 POLICIES = ("auto", "keep-all", "swap-all", "recompute-all")
 BASELINES = ("zero-infinity", "zero-offload")
 
@@ -338,7 +339,7 @@ def place(lay: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_bytes
         cap = max(full - staging, 0)
         pl = Placement(host_capacity=full)
         used = 0
-        for per, where, forced in ((weight_bytes, pl.weights_ssd, False), (grad_bytes, pl.grads_ssd, False),
+        for per, where, forced in ((weight_bytes, pl.weights_ssd, False), (grad_bytes, pl.grads_ssd, state_on_ssd),
                                    (state_bytes, pl.state_ssd, state_on_ssd)):
             for g in lay.group_order:
                 n = lay.groups.get(g, 0) * per
@@ -437,7 +438,7 @@ class Design:
     serial_optimizer: bool = False  # read, update, write one group after another
     checkpoint_layers: bool = False  # recompute each block's forward in backward
     allow_ssd: bool = True
-    state_on_ssd: bool = False  # optimizer state on NVMe whether or not host memory could hold it
+    state_on_ssd: bool = False  # optimizer state (and its gradients) on NVMe even if host memory could hold them
 
 
 OURS = Design(stream_weights=True, optimizer="deferred")
@@ -489,9 +490,22 @@ def build_program(lay: Layout, decisions: dict[str, Decision], design: Design, p
             for need in c.recompute_needs:
                 first_use[need] = min(first_use[need], first_use[c.key])
     swapped = [c for c in p.candidates if decisions[c.key].action is Action.SWAP]
+    # swapped activations live in host memory while there is room beside the model state, on
+    # SSD beyond it (through pinned staging buffers)
+    room = (int(hw.host_memory * (1 - HOST_RESERVE_FRACTION)) - resident["host"] - ACTIVATION_STAGING_BYTES
+            if hw.host_memory else math.inf)
+    spilled: set[str] = set()
+    for c in sorted(swapped, key=lambda c: c.produced_at):
+        if c.bytes <= room:
+            room -= c.bytes
+        elif design.allow_ssd and hw.ssd_count > 0:
+            spilled.add(c.key)
+        else:
+            room -= c.bytes  # no SSD: the host peak will say it does not fit
     for c in swapped:
         if not decisions[c.key].late_prefetch:
-            h2d.append((f"swap_in:{c.key}", first_use[c.key], c.bytes * h2d_pb, p.n_fw))
+            extra_read = c.bytes * ssd_r if c.key in spilled else 0.0
+            h2d.append((f"swap_in:{c.key}", first_use[c.key], c.bytes * h2d_pb + extra_read, p.n_fw))
     issue = _just_in_time(starts, h2d, design.prefetch_ahead)
     d2h = [(f"swap_out:{c.key}", c.produced_at, c.bytes * d2h_pb, c.last_fw_use) for c in swapped]
     d2h += [(f"grad:{w.name}", w.grad_op, w.bytes * d2h_pb, w.grad_op) for w in lay.weights if w.grad_op is not None]
@@ -590,7 +604,35 @@ def build_program(lay: Layout, decisions: dict[str, Decision], design: Design, p
             after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes * ssd_w))
         at("release", release[name], *after_ops)
     # the gradient buffers themselves are counted by the g: allocations above
-    p2 = replace(p, buffers={k: b for k, b in p.buffers.items() if k not in {w.grad_key for w in lay.weights}})
+    # activations spilled to SSD: d2h into a staging buffer, then written; read back, then h2d
+    order = sorted((c for c in swapped if c.key in spilled), key=lambda c: c.produced_at)
+    for k, c in enumerate(order):
+        d = decisions[c.key]
+        out, inn = f"swap_out:{c.key}", f"swap_in:{c.key}"
+        at("alloc", c.produced_at, Alloc(c.key, c.bytes))
+        at("swap_out", c.produced_at, Alloc(f"stage:{c.key}", c.bytes, "host"), Issue(out, "d2h", c.bytes * d2h_pb))
+        rel = max(d.release_at if d.release_at is not None else c.last_fw_use, c.last_fw_use)
+        at("release", rel, Wait(out), Free(c.key), Issue(f"ssdw:{c.key}", "ssd_write", c.bytes * ssd_w, after=(out,)),
+           Alloc(f"ssd:{c.key}", c.bytes, "ssd"))
+        # the pinned staging pool is bounded: a buffer is waited for (its write done) once the
+        # swaps after it have used the rest of the pool
+        later, acc = None, 0
+        for nxt in order[k + 1:]:
+            acc += nxt.bytes
+            if acc + c.bytes > ACTIVATION_STAGING_BYTES:
+                later = nxt
+                break
+        done_at = max(later.produced_at, rel) if later is not None else p.n_fw - 1
+        at("release", max(done_at, rel), Wait(f"ssdw:{c.key}"), Free(f"stage:{c.key}"))
+        pf = min(d.prefetch_at if d.prefetch_at is not None else first_use[c.key], first_use[c.key])
+        at("prefetch", pf, Alloc(f"stage_in:{c.key}", c.bytes, "host"),
+           Issue(f"ssdr:{c.key}", "ssd_read", c.bytes * ssd_r), Alloc(f"dev:{c.key}", c.bytes),
+           Issue(inn, "h2d", c.bytes * h2d_pb, after=(f"ssdr:{c.key}",)))
+        at("wait", first_use[c.key], Wait(inn), Free(f"stage_in:{c.key}"), Free(f"ssd:{c.key}"))
+        at("free", c.last_bw_use, Free(f"dev:{c.key}"))
+    drop = {w.grad_key for w in lay.weights} | spilled
+    p2 = replace(p, buffers={k: b for k, b in p.buffers.items() if k not in drop},
+                 candidates=[c for c in p.candidates if c.key not in spilled])
     return program_for(p2, decisions, Rates(d2h_pb, h2d_pb), extra), resident
 
 
@@ -734,38 +776,40 @@ class WholeStep:
             if plan.feasible or plan.timeline is None:
                 break
             need = plan.peaks["device"] - self.budget
-            options = []
-            for b, cs in self.bases.items():
-                if acts[b].action is not Action.KEEP:
-                    continue
-                nbytes = sum(c.bytes for c in cs)
-                if nbytes <= 0:
-                    continue
-                swap = math.inf
-                if cs[0].swappable:
-                    over = max(0.0, swapped + nbytes - capacity)
-                    swap = over * (1 / self.hw.d2h_bandwidth + 1 / self.hw.h2d_bandwidth)
-                re = sum(c.recompute_seconds or 0.0 for c in cs) if self._can_recompute_now(b, acts) else math.inf
-                if swap == math.inf and re == math.inf:
-                    continue
-                if swap <= re:
-                    options.append(((swap / nbytes, -(cs[0].recompute_seconds or math.inf) / max(cs[0].bytes, 1)),
-                                    b, Action.SWAP, nbytes))
-                else:
-                    options.append(((re / nbytes, 0.0), b, Action.RECOMPUTE, nbytes))
-            if not options:
-                break
-            options.sort(key=lambda o: o[0])
-            freed = 0
-            for _, b, action, nbytes in options:
-                if action is Action.RECOMPUTE and not self._can_recompute_now(b, acts):
-                    continue
-                acts[b] = Decision(action, reason="alive at the peak")
-                if action is Action.SWAP:
-                    swapped += nbytes
-                freed += nbytes
-                if freed >= need:
+            freed, moved = 0, False
+            while freed < need:
+                # the cheapest move per byte freed, given what this round already moved: swaps are
+                # free while the links have room beside compute; beyond, each value gets the
+                # cheaper of swapping and recomputing
+                best = None
+                for b, cs in self.bases.items():
+                    nbytes = sum(c.bytes for c in cs)
+                    if acts[b].action is not Action.KEEP or nbytes <= 0:
+                        continue
+                    re = sum(c.recompute_seconds or 0.0 for c in cs) if self._can_recompute_now(b, acts) else math.inf
+                    swap = math.inf
+                    if cs[0].swappable:
+                        over = max(0.0, swapped + nbytes - capacity) - max(0.0, swapped - capacity)
+                        swap = over * (1 / self.hw.d2h_bandwidth + 1 / self.hw.h2d_bandwidth)
+                    if swap == math.inf and re == math.inf:
+                        continue
+                    if swap <= re:
+                        # among free swaps, the values most costly to recompute first
+                        rank = (swap / nbytes, -(re / nbytes if re < math.inf else math.inf))
+                        option = (rank, b, Action.SWAP, nbytes)
+                    else:
+                        option = ((re / nbytes, 0.0), b, Action.RECOMPUTE, nbytes)
+                    if best is None or option[0] < best[0]:
+                        best = option
+                if best is None:
                     break
+                _, b, action, nbytes = best
+                acts[b] = Decision(action, reason="alive at the peak")
+                swapped += nbytes if action is Action.SWAP else 0
+                freed += nbytes
+                moved = True
+            if not moved:
+                break
             plan = self.evaluate("auto", acts, design)
         plans = [plan] + [self.fixed(f, design) for f in ("swap-all", "recompute-all")]
         plans.append(self.checkpointed(design))
@@ -812,8 +856,8 @@ class WholeStep:
         checkpointed with its input copied to the CPU synchronously (``cpu_checkpointing``) and
         brought back when its backward starts; the rest of the block recomputed; weights fetched
         one op before use (its prefetch bucket), from the CPU or NVMe; fp32 gradients on the
-        host; the optimizer state on NVMe (what makes it ZeRO-Infinity rather than ZeRO-Offload;
-        on a machine without SSDs, in host memory) and the step after backward, each group's
+        host, written to NVMe with the optimizer state (what makes it ZeRO-Infinity rather than
+        ZeRO-Offload; on a machine without SSDs, in host memory); the step after backward, each group's
         NVMe read, CPU update and write one after the other (DeepSpeed's default without
         pipeline_read/pipeline_write)."""
         acts = {}

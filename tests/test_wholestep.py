@@ -111,3 +111,18 @@ def test_hf_config_json_is_read(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     spec = zoo.model_spec(str(tmp_path))
     assert spec.family == "llama" and abs(spec.parameters() - 6.74e9) < 0.01e9  # LLaMA-2 7B
+
+
+def test_swapped_activations_beyond_host_memory_go_to_ssd(tiny):
+    deep = wholestep.Traced(**{**tiny.__dict__, "spec": zoo.small(tiny.spec, 16)})
+    n = deep.spec.parameters()
+    staging = 2 * wholestep.UPDATE_WINDOW * 16 * deep.spec.block_params()
+    hw = tiny.hardware.with_(host_memory=int((n * 16 + staging + wholestep.ACTIVATION_STAGING_BYTES) / 0.95) + (1 << 20))
+    # the host holds the model state and its staging buffers, with 1 MiB to spare for activations
+    ws = wholestep.WholeStep(deep, hardware=hw)
+    plan = ws.fixed("swap-all", wholestep.OURS)
+    assert plan.feasible, plan.why
+    spilled = {iv.name for iv in plan.timeline.intervals if iv.name.startswith("ssdw:")}
+    assert spilled and plan.peaks["ssd"] > 0 and plan.peaks["host"] <= hw.host_memory
+    # what went to SSD came back through it
+    assert {n.replace("ssdw:", "ssdr:") for n in spilled} <= {iv.name for iv in plan.timeline.intervals}
