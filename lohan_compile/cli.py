@@ -255,7 +255,8 @@ def plan(args: argparse.Namespace) -> int:
           f"tokens, {str(traced.dtype).replace('torch.', '')}")
     print(f"hardware {hw.name}: device {format_bytes(hw.device_memory)} (budget {format_bytes(budget)}, of which "
           f"{format_bytes(wholestep.CONTEXT_BYTES)} CUDA context and workspaces), host "
-          f"{format_bytes(hw.host_memory)}, {hw.ssd_count} SSD(s); planned in {plan_s:.1f} s\n")
+          f"{format_bytes(hw.host_memory)}, {hw.ssd_count} SSD(s), CPU AdamW {hw.cpu_adam_params_per_s / 1e9:.1f}G "
+          f"parameters/s; planned in {plan_s:.1f} s\n")
     rows = []
     for q in plans:
         if q.step_s is None:

@@ -97,7 +97,8 @@ def _effective_first_use(problem: Problem, decisions: dict[str, Decision]) -> di
     for c in problem.candidates:
         if decisions[c.key].action is Action.RECOMPUTE:
             for need in c.recompute_needs:
-                first[need] = min(first[need], first[c.key])
+                if need in first:  # (a value the caller moves itself is not among the candidates)
+                    first[need] = min(first[need], first[c.key])
     return first
 
 

@@ -361,8 +361,8 @@ def place(lay: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_bytes
         pl.problem = (f"host memory: the model state needs {format_bytes(pl.host_bytes + pl.ssd_bytes)} in the "
                       f"host tier, {format_bytes(cap)} is available, and this policy has no SSD tier")
     elif pl.ssd_bytes and hw.ssd_count <= 0:
-        pl.problem = (f"host memory: {format_bytes(pl.ssd_bytes)} of model state does not fit the "
-                      f"{format_bytes(cap)} available; give SSDs (--ssd-count) or more host memory")
+        pl.problem = (f"host memory: the model state needs {format_bytes(pl.host_bytes + pl.ssd_bytes)}, "
+                      f"{format_bytes(cap)} is available; give SSDs (--ssd-count) or more host memory")
     elif total_host > cap:
         pl.problem = (f"host memory: staging buffers ({format_bytes(pl.staging_bytes)}) and the state kept in "
                       f"host memory exceed the {format_bytes(cap)} available")
@@ -719,8 +719,15 @@ class WholeStep:
                     "ssd_read": self.hw.ssd_read_bandwidth * max(self.hw.ssd_count, 1),
                     "ssd_write": self.hw.ssd_write_bandwidth * max(self.hw.ssd_count, 1)}
         plan.traffic = {q: int(round(plan.busy[q] * rate)) for q, rate in per_byte.items()}
+        ends = {iv.name: iv for iv in tl.intervals}
         for name, s in tl.exposed.items():
             kind = name.split(":")[0]
+            if kind in ("fetch", "upload") and s > 0:
+                # a weight that waited for its deferred update: the optimizer held it back
+                group = name.split(":")[1].split("/")[0]
+                upd, it = ends.get(f"update:{group}"), ends.get(name)
+                if upd is not None and it is not None and abs(it.start - upd.end) <= 1e-9 * max(1.0, upd.end):
+                    kind = "update"
             plan.exposed[kind] = plan.exposed.get(kind, 0.0) + s
         over = []
         if tl.peaks["device"] > self.budget:
@@ -740,7 +747,8 @@ class WholeStep:
                 what = {"fetch": "weight fetches (h2d)", "swap_in": "activation swap-ins (h2d)",
                         "swap_out": "activation swap-outs (d2h)", "grad": "gradient copies (d2h)",
                         "update": "the CPU optimizer", "write": "SSD writes", "read": "SSD reads",
-                        "upload": "weight uploads (h2d)"}.get(kind, kind)
+                        "upload": "weight uploads (h2d)", "ssdw": "activations written to SSD",
+                        "ssdr": "activations read from SSD", "hooks": "framework hooks"}.get(kind, kind)
                 return f"compute busy {compute:.0%} of the step; waits on {what}: {s:.2f} s"
         return f"compute-bound: compute busy {compute:.0%} of the step"
 
