@@ -54,7 +54,33 @@ def lohan_backend(
     """torch.compile backend entry point (see the module docstring)."""
     opts = Options.coerce(options, mode=mode)
     check_supported(opts)
+    use_host_tier(opts)
     return Replanning(gm, example_inputs, opts)
+
+
+_tiers: dict[tuple[int | None, str | None], Any] = {}
+
+
+def use_host_tier(opts: Options) -> None:
+    """With ``host_memory_budget`` or ``ssd_dir``, the host tier the step uses is one with that
+    budget and SSD folder (made once per setting, kept current): swapped activations and
+    gradients live in it, and optimizer state beyond the budget goes to its SSD folder."""
+    if opts.host_memory_budget is None and opts.ssd_dir is None:
+        return
+    from .runtime import hosttier
+
+    key = (opts.host_memory_budget, opts.ssd_dir)
+    tier = _tiers.get(key)
+    if tier is None or tier.closed:
+        arena = None if opts.host_memory_budget is None else max(1 << 20, min(256 << 20, opts.host_memory_budget // 8))
+        kwargs = {} if arena is None else {"arena_bytes": arena}
+        tier = _tiers[key] = hosttier.HostTier.from_options(opts, **kwargs)
+    current = hosttier.current_if_set()
+    if current is None or current._obj is not tier._obj:
+        if any(t._obj is (current._obj if current else None) for k, t in _tiers.items() if k != key):
+            log.warning("lohan: host_memory_budget/ssd_dir changed from an earlier compile; the process "
+                        "has one current host tier, and graphs compiled before now use the new one too")
+        hosttier.set_current(tier)
 
 
 class Replanning:
@@ -202,10 +228,8 @@ def check_supported(opts: Options) -> None:
     unsupported = []
     if opts.offload_params is True:
         unsupported.append("offload_params=True (parameter streaming)")
-    if opts.ssd_dir is not None or opts.host_memory_budget is not None:
-        unsupported.append("ssd_dir / host_memory_budget (host and SSD tiers)")
     if opts.policy in ("zero-infinity", "zero-offload"):
-        unsupported.append(f"policy={opts.policy!r}")
+        unsupported.append(f"policy={opts.policy!r} (a baseline of `lohan plan`, simulated only)")
     if opts.policy == "swap-all":
         from .passes.plan_memory import swap_ops_available
 
@@ -213,7 +237,7 @@ def check_supported(opts: Options) -> None:
             unsupported.append("policy='swap-all' (the host tier's swap ops are not built)")
     if unsupported:
         raise LohanError(
-            "lohan_compile 0.1 cannot honour these options yet: "
+            "lohan_compile 0.2 cannot honour these options yet: "
             + "; ".join(unsupported)
             + ". Remove them, or use policy 'auto', 'keep-all' or 'recompute-all'."
         )

@@ -248,7 +248,7 @@ class _State:
                 for p in group["params"]:
                     master = opt.state.get(p, {}).get("master")
                     if master is not None:
-                        master.copy_(p.detach())
+                        opt.write_state(master, p.detach().float())
 
 
 class _LohanTrainer:

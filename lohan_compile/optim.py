@@ -27,6 +27,7 @@ threads (``num_threads``, default ``torch.get_num_threads()``).
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import defaultdict
 from copy import deepcopy
@@ -138,6 +139,12 @@ class CPUAdamW(Optimizer):
         self.num_threads = None if num_threads is None else int(num_threads)
         self.isa = isa
         self.state_allocator = state_allocator or _default_allocator
+        # state beyond the host budget lives on SSD, as a HostTier's blocks (set by the offload
+        # runtime when its tier has an SSD folder); see _stage() for how updates reach it
+        self.state_tier = None
+        self._io_lock = threading.RLock()
+        self._unwritten: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # updated, not yet written back
+        self._writing: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}  # written back, not yet done
         self.last_grad_norm: float | None = None
         self.found_inf = False
         self._group_of: dict[torch.Tensor, int] = {}
@@ -222,11 +229,100 @@ class CPUAdamW(Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = self._alloc(p.shape).zero_()
-            state["exp_avg_sq"] = self._alloc(p.shape).zero_()
+            state["exp_avg"] = self._new_state(p.shape)
+            state["exp_avg_sq"] = self._new_state(p.shape)
             if self._needs_master(p):
-                state["master"] = self._alloc(p.shape).copy_(p.detach())
+                state["master"] = self._new_state(p.shape, p.detach())
         return state
+
+    # ---------------------------------------------------------- state on SSD
+    #
+    # An SSD-resident state tensor is a block of the state tier (no host memory behind it). An
+    # update stages it: the block is read into a host buffer, updated there, and written back
+    # after the *next* update's reads were issued (the I/O threads then read ahead of the
+    # writes); a block read again before its write-back was issued is taken from that buffer.
+
+    def _on_ssd(self, t: Any) -> bool:
+        tier = self.state_tier
+        return (tier is not None and isinstance(t, torch.Tensor) and t.numel() > 0 and t.data_ptr() == 0
+                and tier.location(t) == "ssd")
+
+    def _new_state(self, shape: torch.Size, init: torch.Tensor | None = None) -> torch.Tensor:
+        """A new fp32 state tensor holding ``init`` (zeros when None), in host memory or on SSD."""
+        t = self._alloc(shape)
+        if not self._on_ssd(t):
+            return t.zero_() if init is None else t.copy_(init)
+        src = self.state_tier.empty(tuple(shape), torch.float32)
+        src.zero_() if init is None else src.copy_(init)
+        self.state_tier.copy_(t, src).wait()
+        return t
+
+    def read_state(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Copy a state tensor (in host memory or on SSD) into ``out``."""
+        if not self._on_ssd(t):
+            return out.copy_(t)
+        with self._io_lock:
+            self._finish_writes()
+            self.state_tier.copy_(out, t).wait()
+        return out
+
+    def write_state(self, t: torch.Tensor, src: torch.Tensor) -> None:
+        """Overwrite a state tensor (in host memory or on SSD) with ``src`` (either too)."""
+        if self._on_ssd(src):
+            src = self.read_state(src, self.state_tier.empty(tuple(src.shape), src.dtype))
+        if not self._on_ssd(t):
+            t.copy_(src)
+            return
+        with self._io_lock:
+            self._finish_writes()
+            self.state_tier.copy_(t, src.contiguous()).wait()
+
+    def _stage(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Host tensors to run an update on, for ``tensors`` (state, some on SSD); and the
+        (block, host buffer) pairs to write back after it."""
+        tier = self.state_tier
+        out, staged, reads = [], [], []
+        with self._io_lock:
+            for t in tensors:
+                if not self._on_ssd(t):
+                    out.append(t)
+                    continue
+                key = id(t)
+                if key in self._unwritten:  # updated earlier, write-back not issued: still in the buffer
+                    _, h = self._unwritten.pop(key)
+                elif key in self._writing:  # its write-back is in flight: that buffer holds it too
+                    _, h, ev = self._writing.pop(key)
+                    ev.wait()
+                else:
+                    h = tier.empty(tuple(t.shape), t.dtype)
+                    reads.append(tier.copy_(h, t))
+                out.append(h)
+                staged.append((t, h))
+            # now the previous update's write-backs, behind this update's reads
+            for key, (t, h) in self._unwritten.items():
+                self._writing[key] = (t, h, tier.copy_(t, h))
+            self._unwritten.clear()
+        for ev in reads:
+            ev.wait()
+        return out, staged
+
+    def _staged_done(self, staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with self._io_lock:
+            for key in list(self._writing):  # the previous write-backs: done by now, mostly
+                t, h, ev = self._writing.pop(key)
+                ev.wait()
+            for t, h in staged:
+                self._unwritten[id(t)] = (t, h)
+
+    def _finish_writes(self) -> None:
+        """Every updated SSD block written back (before reading state any other way)."""
+        with self._io_lock:
+            tier = self.state_tier
+            for key, (t, h) in self._unwritten.items():
+                self._writing[key] = (t, h, tier.copy_(t, h))
+            self._unwritten.clear()
+            for key in list(self._writing):
+                self._writing.pop(key)[2].wait()
 
     # ------------------------------------------------------------------ update
 
@@ -319,7 +415,16 @@ class CPUAdamW(Optimizer):
             runtime.finish_pending()  # a deferred step's updates still running
             if runtime.in_step():
                 runtime.abort()  # the state of a step in flight is not a state to save
-        return super().state_dict()
+        sd = super().state_dict()
+        if self.state_tier is not None:
+            sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # not the optimizer's own dicts
+            # state on SSD is read back into ordinary tensors: what is saved holds the values
+            self._finish_writes()
+            for st in sd["state"].values():
+                for name, t in list(st.items()):
+                    if self._on_ssd(t):
+                        st[name] = self.read_state(t, torch.empty(t.shape, dtype=t.dtype))
+        return sd
 
     def clip_coefficient(self, sumsq: float) -> tuple[float, float]:
         """``(total_norm, coefficient)`` that ``clip_grad_norm_(max_norm=max_grad_norm)``
@@ -455,7 +560,22 @@ class CPUAdamW(Optimizer):
             if groups[gi].get("amsgrad", False):
                 raise ValueError("CPUAdamW does not implement amsgrad")
         total = ops.NO_GRADS
-        for (gi, has_out), idx in buckets.items():
+        if self.state_tier is not None:
+            # with state on SSD, an update stages at most one parameter-sized batch at a time
+            # (the host budget keeps room for two: this one and the previous one's write-back)
+            limit = max((p.numel() for g in self.param_groups for p in g["params"]), default=0)
+            split: dict[tuple[int, bool, int], list[int]] = {}
+            for (gi, has_out), idx in buckets.items():
+                n, part = 0, 0
+                for i in idx:
+                    if n and n + params[i].numel() > limit:
+                        n, part = 0, part + 1
+                    n += params[i].numel()
+                    split.setdefault((gi, has_out, part), []).append(i)
+            batches = [((gi, has_out), idx) for (gi, has_out, _), idx in split.items()]
+        else:
+            batches = list(buckets.items())
+        for (gi, has_out), idx in batches:
             group = groups[gi]
             beta1, beta2 = group["betas"]
             masters, exp_avgs, exp_avg_sqs, step_ts = [], [], [], []
@@ -465,6 +585,11 @@ class CPUAdamW(Optimizer):
                 exp_avgs.append(st["exp_avg"])
                 exp_avg_sqs.append(st["exp_avg_sq"])
                 step_ts.append(st["step"])
+            staged: list = []
+            if self.state_tier is not None:
+                k = len(idx)
+                host, staged = self._stage(masters + exp_avgs + exp_avg_sqs)
+                masters, exp_avgs, exp_avg_sqs = host[:k], host[k:2 * k], host[2 * k:]
             # the kernel takes each tensor's step count after this update
             steps = (torch.stack(step_ts) + 1).tolist()
             stats = ops.adam_update(
@@ -476,6 +601,8 @@ class CPUAdamW(Optimizer):
                 grad_scale=-grad_scale if group["maximize"] else grad_scale,
                 isa=self.isa, num_threads=self._threads(),
             )
+            if self.state_tier is not None:
+                self._staged_done(staged)
             # Counted only once the kernel ran: a rejected call leaves no trace.
             torch._foreach_add_(step_ts, 1.0)
             # The kernel writes through raw pointers: bump the version counters
@@ -552,9 +679,9 @@ class CPUAdamW(Optimizer):
                     )
                 if key == "master" and not self._needs_master(p):
                     continue  # an fp32 CPU parameter is its own master
-                out[key] = self._alloc(p.shape).copy_(value.detach())
+                out[key] = self._new_state(p.shape, value.detach())
             else:
                 out[key] = deepcopy(value)
         if "exp_avg" in out and self._needs_master(p) and "master" not in out:
-            out["master"] = self._alloc(p.shape).copy_(p.detach())
+            out["master"] = self._new_state(p.shape, p.detach())
         return out

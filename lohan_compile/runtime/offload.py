@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import math
 import queue
 import statistics
 import threading
@@ -284,6 +285,25 @@ class _Step:
         return self.begun
 
 
+def _spilling_allocator(tier: Any, opt: Any):
+    """State tensors in the host tier while it keeps room for what the step itself puts there
+    (a host gradient and a weight buffer per parameter) and to stage the largest update (its
+    three state tensors read from SSD); on SSD beyond."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    largest = max((p.numel() for p in params), default=0)
+    reserve = sum((4 + p.element_size()) * p.numel() for p in params) + 2 * 3 * 4 * largest + (64 << 10)
+    budget = tier.stats().budget_bytes
+
+    def alloc(shape, dtype):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        used = tier.stats().in_use_bytes  # (counts buffers of the reserve already made: errs toward SSD)
+        if used + nbytes + reserve > budget:
+            return tier.empty(tuple(shape), dtype, where="ssd")
+        return tier.empty(tuple(shape), dtype)
+
+    return alloc
+
+
 class OffloadRuntime:
     def __init__(self, opt: Any):
         from . import hosttier
@@ -293,9 +313,14 @@ class OffloadRuntime:
         from ..optim import _default_allocator
 
         if opt.state_allocator is _default_allocator:
-            # master weights and moments live in the host tier, not in device memory
+            # master weights and moments live in the host tier, not in device memory; with an SSD
+            # folder, beyond the host budget on SSD (leaving the budget room to stage updates)
             tier = self.tier
-            opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
+            if tier.ssd is not None and tier.stats().budget_bytes is not None:
+                opt.state_tier = tier
+                opt.state_allocator = _spilling_allocator(tier, opt)
+            else:
+                opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
         self.params: dict[int, torch.Tensor] = {}
         self._state_moved: set[int] = set()  # keys whose optimizer state is the runtime's own
         self.weight_bufs: dict[int, torch.Tensor] = {}
@@ -356,9 +381,9 @@ class OffloadRuntime:
             with unset_fake_temporarily(), torch.no_grad():
                 for name in ("master", "exp_avg", "exp_avg_sq"):
                     if name in state:
-                        state[name] = self.opt._alloc(param.shape).copy_(state[name])
+                        state[name] = self.opt._new_state(param.shape, state[name])
                 if "master" not in state:
-                    state["master"] = self.opt._alloc(param.shape).copy_(param.detach())
+                    state["master"] = self.opt._new_state(param.shape, param.detach())
         self._state_moved.add(key)
         return key
 
@@ -658,10 +683,16 @@ class OffloadRuntime:
     def _backup(self, key: int) -> None:
         state = self.opt._state_of(self.params[key])
         # the roll-back copies are host memory too (the host tier, never the device's allocator)
+        opt = self.opt
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 0:  # the step count
+                return self.tier.empty((), t.dtype).copy_(t)
+            src = opt.read_state(t, self.tier.empty(tuple(t.shape), t.dtype)) if opt._on_ssd(t) else t
+            return opt._new_state(t.shape, src)  # beside the state: on SSD when the host budget is full
+
         self.state.backups[key] = tuple(
-            self.tier.empty(tuple(t.shape), t.dtype).copy_(t)
-            for t in (state["master"], state["exp_avg"], state["exp_avg_sq"], state["step"])
-        )
+            keep(t) for t in (state["master"], state["exp_avg"], state["exp_avg_sq"], state["step"]))
 
     def _rollback(self, keys, *, restore_weights: bool = False) -> None:
         st = self.state
@@ -673,13 +704,13 @@ class OffloadRuntime:
             state = opt.state[self.params[key]]
             start = time.perf_counter()
             for name, saved in zip(("master", "exp_avg", "exp_avg_sq", "step"), backup):
-                state[name].copy_(saved)
+                opt.write_state(state[name], saved)
             self.events.append(Event("rollback", key, start, time.perf_counter()))
             st.speculative.discard(key)
             st.updated.discard(key)
             st.hyper.pop(key, None)
             if restore_weights and key in st.written:
-                self._weight_buf(key).copy_(state["master"])
+                opt.read_state(state["master"], self._weight_buf(key))
                 st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
             st.written.discard(key)
 
