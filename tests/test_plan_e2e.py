@@ -246,6 +246,9 @@ def test_recomputation_that_reads_a_swapped_value_is_exact():
     view from the swapped-in storage and recomputes from it. Gradients equal eager's bitwise."""
     import copy
 
+    from lohan_compile.runtime import device
+
+    device.install()  # count the eager copy's memory in both compiles below, as resident
     ids = torch.randint(0, 128, (2, 256), generator=torch.Generator().manual_seed(13))
     options = {"hardware": "rtx4090"}  # a preset: the plan does not depend on this machine's speeds
 
@@ -267,7 +270,7 @@ def test_recomputation_that_reads_a_swapped_value_is_exact():
     # activations off the device, whatever else the device holds
     model_graph = lohan.last_report().graphs[0]
     saved = sum(c.bytes for c in model_graph.pass_report("plan_memory")["problem"].candidates)
-    budget = model_graph.predicted_peak_bytes - int(0.3 * saved)
+    budget = model_graph.predicted_peak_bytes - int(0.5 * saved)
     (lc, le), eager, compiled = step(budget)
     assert torch.equal(le, lc)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
