@@ -5,7 +5,8 @@ graphs with roles and saved storages.
 Ensures:
 - RECOMPUTE: forward no longer saves the storage; backward recomputes its
   producer from what backward already has (graph inputs and other saved
-  values), just before the first backward use, and rebuilds any saved views
+  values, swapped ones included: then from the swapped-in storage, after its
+  wait), just before the first backward use, and rebuilds any saved views
   of it from the recomputed value.
 - SWAP: forward copies the storage to the host tier right after it is
   produced (``lohan::swap_out``) and waits for the copy after the planned
@@ -50,12 +51,17 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     ]
     recomputed = swapped = 0
     transfers: dict[tuple[str, str], fx.Node] = {}
+    # Recomputations first: one reads saved values (``recompute_needs``) through their
+    # backward placeholders, and a swap of such a value then hands every reader of them,
+    # the recomputation included, the swapped-in storage or a view replayed on it. Swapped
+    # first, the value would no longer be saved, and the recomputation would find nothing.
     for c in problem.candidates:
-        decision = plan.decisions[c.key]
-        if decision.action is Action.RECOMPUTE:
+        if plan.decisions[c.key].action is Action.RECOMPUTE:
             _recompute(fw, bw, fw_nodes[c.name])
             recomputed += 1
-        elif decision.action is Action.SWAP:
+    for c in problem.candidates:
+        decision = plan.decisions[c.key]
+        if decision.action is Action.SWAP:
             release = node_at[max(decision.release_at or c.last_fw_use, c.last_fw_use)]
             prefetch = node_at[decision.prefetch_at] if decision.prefetch_at is not None else None
             out, host, dev, ready = _swap(fw, bw, fw_nodes[c.name], release, prefetch)
