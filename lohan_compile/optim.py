@@ -145,6 +145,8 @@ class CPUAdamW(Optimizer):
         self._io_lock = threading.RLock()
         self._unwritten: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # updated, not yet written back
         self._writing: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}  # written back, not yet done
+        self._prefetched: dict[int, tuple[torch.Tensor, Any]] = {}  # read ahead of its update
+        self.state_reads_ahead = 0  # SSD state reads that were started before their update
         self.last_grad_norm: float | None = None
         self.found_inf = False
         self._group_of: dict[torch.Tensor, int] = {}
@@ -275,7 +277,33 @@ class CPUAdamW(Optimizer):
             return
         with self._io_lock:
             self._finish_writes()
+            self._drop_prefetch(t)
             self.state_tier.copy_(t, src.contiguous()).wait()
+
+    def prefetch_state(self, params: Sequence[torch.Tensor]) -> None:
+        """Start reading the SSD-resident state of ``params`` ahead of their updates (best effort:
+        skipped when the host budget has no room for it now)."""
+        if self.state_tier is None:
+            return
+        from .errors import HostMemoryError
+
+        with self._io_lock:
+            for p in params:
+                for t in (self.state.get(p) or {}).values():
+                    key = id(t)
+                    if (not self._on_ssd(t) or key in self._unwritten or key in self._writing
+                            or key in self._prefetched):
+                        continue
+                    try:
+                        h = self.state_tier.empty(tuple(t.shape), t.dtype)
+                    except HostMemoryError:
+                        return
+                    self._prefetched[key] = (h, self.state_tier.copy_(h, t))
+
+    def _drop_prefetch(self, t: torch.Tensor) -> None:
+        entry = self._prefetched.pop(id(t), None)
+        if entry is not None:
+            entry[1].wait()  # a read in flight into a buffer about to be dropped
 
     def _stage(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Host tensors to run an update on, for ``tensors`` (state, some on SSD); and the
@@ -293,6 +321,10 @@ class CPUAdamW(Optimizer):
                 elif key in self._writing:  # its write-back is in flight: that buffer holds it too
                     _, h, ev = self._writing.pop(key)
                     ev.wait()
+                elif key in self._prefetched:  # read ahead
+                    h, ev = self._prefetched.pop(key)
+                    reads.append(ev)
+                    self.state_reads_ahead += 1
                 else:
                     h = tier.empty(tuple(t.shape), t.dtype)
                     reads.append(tier.copy_(h, t))

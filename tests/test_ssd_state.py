@@ -32,7 +32,7 @@ def test_state_spills_to_ssd_with_exact_adamw(tmp_path, overlap):
     largest = max(p.numel() for p in model.parameters())
     # the host tier holds gradient and weight buffers (fp32: 8 B/parameter), room to stage the
     # largest update, and half the optimizer state: the other half goes to SSD
-    budget = 8 * n + 24 * largest + state_bytes(model) // 2 + (128 << 10)
+    budget = 8 * n + 36 * largest + state_bytes(model) // 2 + (128 << 10)
     previous = hosttier.current_if_set()
     opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=limit, overlap=overlap)
     cm = torch.compile(model, backend="lohan",
@@ -56,6 +56,7 @@ def test_state_spills_to_ssd_with_exact_adamw(tmp_path, overlap):
         assert on_ssd, "no state went to SSD"
         stats = tier.stats()
         assert stats.ssd_bytes_written > 0 and stats.ssd_bytes_read > 0
+        assert opt.state_reads_ahead > 0  # later steps read state ahead of its update
         assert stats.peak_in_use_bytes <= budget
         folder = tier.ssd.folder
         assert os.path.isdir(folder) and os.listdir(folder)

@@ -291,7 +291,8 @@ def _spilling_allocator(tier: Any, opt: Any):
     three state tensors read from SSD); on SSD beyond."""
     params = [p for g in opt.param_groups for p in g["params"]]
     largest = max((p.numel() for p in params), default=0)
-    reserve = sum((4 + p.element_size()) * p.numel() for p in params) + 2 * 3 * 4 * largest + (64 << 10)
+    # staging: the update running, the previous one's write-back, the next one read ahead
+    reserve = sum((4 + p.element_size()) * p.numel() for p in params) + 3 * 3 * 4 * largest + (64 << 10)
     budget = tier.stats().budget_bytes
 
     def alloc(shape, dtype):
@@ -323,6 +324,7 @@ class OffloadRuntime:
                 opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
         self.params: dict[int, torch.Tensor] = {}
         self._state_moved: set[int] = set()  # keys whose optimizer state is the runtime's own
+        self._update_order: tuple[list[int], list[int]] = ([], [])  # this step's, the last step's
         self.weight_bufs: dict[int, torch.Tensor] = {}
         self.single_producer: dict[int, bool] = {}  # learned from earlier steps
         self.fw_order: list[int] = []  # keys in the order forward first reads them
@@ -734,10 +736,25 @@ class OffloadRuntime:
         self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
                                weights_out=[self._weight_buf(k) for k in keys], groups=groups)
         end = time.perf_counter()
+        if self.opt.state_tier is not None:
+            self._read_ahead(keys)
         for k in keys:
             st.hyper[k] = hyper[k]
             st.updated.add(k)
             self.events.append(Event("update", k, start, end))
+
+    def _read_ahead(self, keys) -> None:
+        """Optimizer state on SSD: start reading what the next update will need, in the order
+        the updates ran last step (an update of a key already updated starts a new order)."""
+        order, prev = self._update_order
+        if any(k in order for k in keys):
+            prev[:] = order
+            order.clear()
+        order.extend(keys)
+        if keys[-1] in prev:
+            i = prev.index(keys[-1]) + 1
+            nxt = [self.params[k] for k in prev[i:i + max(1, len(keys))] if k in self.params]
+            self.opt.prefetch_state(nxt)
 
     def _writeback(self, key: int, st: _Step | None = None) -> None:
         """Copy an updated weight to the device once its update and its last use are both done."""
