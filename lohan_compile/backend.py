@@ -5,7 +5,9 @@
 hands it an FX graph and example inputs (the real parameters); the backend
 builds AOTAutograd with its own partition function, so the joint
 forward+backward graph goes through the pass pipeline, then runs the forward
-and backward graphs as plain fx or compiled by Inductor (``executor``).
+and backward graphs (``executor``): by default Inductor compiles the compute
+between lohan's ops, which run in the planned order (``segments.py``);
+``executor="fx"`` runs them as plain fx.
 
 ``mode=``: torch passes its compile mode to custom backends. With the
 Inductor executor the mode selects Inductor's options (max-autotune and so on)
@@ -302,14 +304,15 @@ class GraphCompiler:
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
         try:
-            return aot_autograd(
-                fw_compiler=self._compile_forward,
-                bw_compiler=self._compile_backward,
-                inference_compiler=self._compile_inference,
-                partition_fn=self._partition,
-                keep_inference_input_mutations=True,
-                **kwargs,
-            )(self.gm, self.example_inputs)
+            with _no_donated_buffers(self.opts.executor):
+                return aot_autograd(
+                    fw_compiler=self._compile_forward,
+                    bw_compiler=self._compile_backward,
+                    inference_compiler=self._compile_inference,
+                    partition_fn=self._partition,
+                    keep_inference_input_mutations=True,
+                    **kwargs,
+                )(self.gm, self.example_inputs)
         finally:
             # the compiled code keeps this object (for the lazily compiled backward): it must
             # not keep the parameters, the batch or the optimizer alive
@@ -374,9 +377,12 @@ class GraphCompiler:
         return graphs
 
     def _executable(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, phase: str):
-        if self.opts.executor == "inductor":
+        # explain() traces on the meta device: nothing runs there worth compiling
+        on_meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in example_inputs)
+        if self.opts.executor == "inductor" and not on_meta:
             fn = self._inductor(gm, example_inputs, phase)
         else:
+            self.record.executor = "fx"
             from torch.fx.graph import _BoxedCodeGen
 
             # Boxed calling lets the graph free its inputs as soon as it has used them.
@@ -388,27 +394,61 @@ class GraphCompiler:
         return _tracked(fn, self.record, phase)
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: Sequence[Any], phase: str):
+        """Inductor compiles the compute between lohan's ops (``segments.py`` says why and how)."""
         from torch._inductor import config as inductor_config
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx_inner
 
+        from .segments import compile_segments, symbols_of
+
         patches = {k: v for k, v in list_mode_options(self.opts.mode).items() if "cudagraphs" not in k}
-        if phase != "backward":
-            # Inductor keeps the strides of user-visible outputs as eager would.
-            out = gm.graph.output_node()
-            info = out.meta.get("lohan")
-            kinds = getattr(info, "outputs", ())
-            out.meta["user_visible_output_idxs"] = [
-                i for i, k in enumerate(kinds) if k in (Kind.USER_OUTPUT, Kind.MUTATION)
-            ]
-        with inductor_config.patch(patches):
-            return compile_fx_inner(
-                gm,
-                example_inputs,
-                is_backward=phase == "backward",
-                is_inference=phase == "inference",
-                graph_id=self.graph_id,
-            )
+        # inside a segment the plan's order is the order that runs (fusion aside)
+        patches["reorder_for_peak_memory"] = False
+
+        def compile_one(sub: fx.GraphModule, inputs: Sequence[Any]):
+            # A segment with symbolic sizes shares the graph's shape environment, whose guards
+            # also name sizes of other segments; a cached entry's guards then cannot be checked
+            # against this segment's inputs alone (torch 2.13 fails looking them up): such
+            # segments skip the FX graph cache (Inductor's kernel cache still applies).
+            no_fx_cache = {"fx_graph_cache": False} if any(symbols_of(v) for v in inputs) else {}
+            with inductor_config.patch({**patches, **no_fx_cache}):
+                return compile_fx_inner(
+                    sub,
+                    inputs,
+                    is_backward=phase == "backward",
+                    is_inference=phase == "inference",
+                    graph_id=self.graph_id,
+                )
+
+        # Inductor reports a graph's output strides to AOTAutograd through the tracing
+        # context, which restrides backward's inputs with them; each segment would report its
+        # own. Segments keep every output's planned strides, so nothing needs reporting.
+        context = torch._guards.TracingContext.try_get()
+        reported = context.output_strides if context is not None else None
+        if context is not None:
+            context.output_strides = None
+        try:
+            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}")
+        finally:
+            if context is not None:
+                context.output_strides = reported
+        self.record.segments[phase] = driver.describe()
+        if self.dump_dir:
+            from .dump import dump_driver
+
+            dump_driver(self.dump_dir, self.record, phase, driver.source)
+        return driver
+
+
+def _no_donated_buffers(executor: str):
+    """AOTAutograd marks backward inputs it thinks Inductor may overwrite ("donated buffers",
+    by their index in the backward graph). Segments number their inputs differently, and a
+    saved value may be a buffer a copy still reads: nothing is donated."""
+    import contextlib
+
+    if executor != "inductor":
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
 
 
 def describe_compile(record: GraphRecord, graphs: Graphs) -> str:

@@ -55,6 +55,8 @@ class GraphRecord:
     # input storages the device counter does not see, found at the first run: ptr -> bytes
     uncounted_inputs: dict[int, int] | None = None
     predicted_host_peak_bytes: int | None = None
+    # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
+    segments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def apply_plan_totals(self, plan: Any, problem: Any) -> None:
         """Move the plan's swapped and recomputed storages out of the kept total."""
