@@ -86,6 +86,10 @@ class Replanning:
         self.optimizer_ref = weakref.ref(opts.optimizer) if opts.optimizer is not None else None
         self.opts = opts.replace(optimizer=None) if opts.optimizer is not None else opts
         self.replans = 0
+        # compute seconds by node, once the Inductor executor has timed some steps: they
+        # calibrate this plan's prediction and replace the estimates when re-planning
+        self.measured: dict[str, float] = {}
+        self.drivers: dict = {}
         self.tracing = torch._guards.TracingContext.try_get()
         self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         self.size_slots = _size_slots(self.fakes)
@@ -99,9 +103,13 @@ class Replanning:
             if optimizer is None:
                 raise LohanError("the CPUAdamW this model was compiled with no longer exists")
             opts = opts.replace(optimizer=optimizer)
-        compiler = GraphCompiler(self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes)
+        compiler = GraphCompiler(
+            self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured
+        )
         self.fn = compiler.compile()
         self.record = compiler.record
+        self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
+        self.calibrated = False
         self.planned_level = device_memory.allocated(self.record.device)
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
@@ -131,7 +139,30 @@ class Replanning:
         growth = device_memory.allocated(self.record.device) - self.planned_level
         return growth > 0.01 * budget and predicted + growth > budget
 
+    def _timed(self) -> bool:
+        drivers = self.drivers
+        if not drivers or (self.record.training and "backward" not in drivers):
+            return False
+        return all(d.timed for d in drivers.values())
+
+    def _calibrate(self) -> None:
+        """Once the executor has timed its compute: the measured seconds per node, and the
+        plan's step simulated again with them (``calibrated_step_s`` in the report)."""
+        from .costmodel import CostModel
+        from .hardware import resolve
+
+        self.calibrated = True
+        estimate = CostModel(resolve(self.opts.hardware)).node_seconds
+        measured: dict[str, float] = {}
+        for driver in self.drivers.values():
+            measured.update(driver.node_seconds(estimate))
+        if measured:
+            self.measured = measured
+            self.record.calibrate(measured)
+
     def __call__(self, *args: Any) -> Any:
+        if not self.calibrated and self._timed():
+            self._calibrate()
         if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
@@ -270,6 +301,7 @@ class GraphCompiler:
         *,
         real_inputs: Sequence[Any] | None = None,
         planning_sizes: dict | None = None,
+        measured: dict[str, float] | None = None,
     ):
         from .passes import default_pipeline
 
@@ -278,6 +310,8 @@ class GraphCompiler:
         self.gm = gm
         self.example_inputs = example_inputs
         self.planning_sizes = planning_sizes
+        self.measured = dict(measured or {})
+        self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
         self.inputs = describe_inputs(gm, real_inputs)
@@ -329,6 +363,7 @@ class GraphCompiler:
             options=self.opts,
             resident_outside_bytes=self.resident_outside,
             real_inputs=self.real_inputs,
+            measured_seconds=self.measured,
             **extra,
         )
 
@@ -428,10 +463,13 @@ class GraphCompiler:
         if context is not None:
             context.output_strides = None
         try:
-            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}")
+            # the CPU stand-in's compute is synchronous: a host clock times it
+            timing = self.record.device is None and phase != "inference"
+            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}", timing=timing)
         finally:
             if context is not None:
                 context.output_strides = reported
+        self.drivers[phase] = driver
         self.record.segments[phase] = driver.describe()
         if self.dump_dir:
             from .dump import dump_driver

@@ -35,6 +35,8 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -242,14 +244,54 @@ class Driver:
     """Runs a split graph: segments (boxed) and direct op calls, in order, releasing each
     value right after its last use. Built as generated Python, like fx's own code."""
 
-    def __init__(self, gm: fx.GraphModule, items: list[Segment | fx.Node], name: str):
+    # calls whose compute is timed (the first one touches fresh memory and warms caches)
+    TIMED_CALLS = range(1, 4)
+
+    def __init__(self, gm: fx.GraphModule, items: list[Segment | fx.Node], name: str, *, timing: bool = False):
         self.gm = gm
         self.items = items
         self.name = name
-        self.source, self.fn = self._generate()
+        self.source, self.fn = self._generate(timed=False)
+        self.timing = timing
+        self.calls = 0
+        self.samples: list[list[float]] = []  # per timed call: seconds of each item
+        if timing:
+            self._timed_fn = self._generate(timed=True)[1]
 
     def __call__(self, args: list) -> Any:
+        n = self.calls
+        self.calls += 1
+        if self.timing and n in self.TIMED_CALLS:
+            seconds = [0.0] * len(self.items)
+            out = self._timed_fn(args, seconds)
+            self.samples.append(seconds)
+            return out
         return self.fn(args)
+
+    @property
+    def timed(self) -> bool:
+        """Whether every timed call has run."""
+        return self.timing and len(self.samples) >= len(self.TIMED_CALLS)
+
+    def node_seconds(self, estimate: Callable[[fx.Node], float]) -> dict[str, float]:
+        """Measured seconds of each compute node, by name (median over the timed calls): a
+        direct op's own time; a segment's time shared among its nodes in proportion to
+        ``estimate`` (Inductor fuses them: only the segment's total is measured)."""
+        out: dict[str, float] = {}
+        if not self.samples:
+            return out
+        for i, item in enumerate(self.items):
+            measured = statistics.median(sample[i] for sample in self.samples)
+            if isinstance(item, Segment):
+                nodes = [n for n in item.nodes if n.op == "call_function"]
+                weights = [estimate(n) for n in nodes]
+                total = sum(weights)
+                if total <= 0:
+                    weights, total = [1.0] * len(nodes), float(len(nodes) or 1)
+                out.update({n.name: measured * w / total for n, w in zip(nodes, weights)})
+            elif not is_lohan_op(item):
+                out[item.name] = measured
+        return out
 
     def describe(self) -> dict[str, Any]:
         """For the report and dumps: how many segments and direct ops, and the driver's code."""
@@ -264,7 +306,8 @@ class Driver:
             "driver": self.source,
         }
 
-    def _generate(self) -> tuple[str, Callable[[list], Any]]:
+    def _generate(self, *, timed: bool) -> tuple[str, Callable[..., Any]]:
+        """The driver's code; ``timed`` adds each compute item's seconds to ``seconds[i]``."""
         graph = self.gm.graph
         names: dict[fx.Node, str] = {}
         counter = itertools.count()
@@ -310,7 +353,17 @@ class Driver:
         for n, i in last_use.items():
             dies_at.setdefault(i, []).append(n)
 
-        lines = [f"def {self.name}(args):"]
+        lines = [f"def {self.name}(args{', seconds' if timed else ''}):"]
+        if timed:
+            globals_["clock"] = time.perf_counter
+
+        def call_line(i: int, line: str) -> None:
+            if timed:
+                lines.append("    start = clock()")
+            lines.append(line)
+            if timed:
+                lines.append(f"    seconds[{i}] += clock() - start")
+
         if placeholders:
             lines.append(f"    {', '.join(var(p) for p in placeholders)}, = args")
         lines.append("    args.clear()")
@@ -327,7 +380,7 @@ class Driver:
                 if dying:
                     lines.append(f"    del {', '.join(dying)}")  # the segment frees them at its own last use
                 outs = ", ".join(var(o) for o in item.outputs)
-                lines.append(f"    {outs + ', = ' if item.outputs else ''}{fn}(inputs)")
+                call_line(i, f"    {outs + ', = ' if item.outputs else ''}{fn}(inputs)")
             else:
                 node = item
                 target = f"op{i}"
@@ -335,8 +388,11 @@ class Driver:
                 call = f"{target}(" + ", ".join(
                     [render(a) for a in node.args] + [f"{k}={render(v)}" for k, v in node.kwargs.items()]
                 ) + ")"
-                comment = f"  # {node.target}" if is_lohan_op(node) else ""
-                lines.append(f"    {var(node) + ' = ' if node.users else ''}{call}{comment}")
+                line = f"    {var(node) + ' = ' if node.users else ''}{call}"
+                if is_lohan_op(node):
+                    lines.append(f"{line}  # {node.target}")
+                else:
+                    call_line(i, line)
                 if dying:
                     lines.append(f"    del {', '.join(dying)}")
         lines.append(f"    return {render(output.args[0])}")
@@ -363,11 +419,14 @@ def compile_segments(
     gm: fx.GraphModule,
     compile_one: Callable[[fx.GraphModule, Sequence[Any]], Callable[[list], Any]],
     name: str,
+    *,
+    timing: bool = False,
 ) -> Driver:
     """Split ``gm``, compile each segment with ``compile_one(segment_gm, example_inputs)``
-    (a boxed callable), and return the driver that runs them."""
+    (a boxed callable), and return the driver that runs them (``timing``: timing the compute
+    of a few calls, which only a host clock can do where compute is synchronous: the CPU)."""
     items = split(gm.graph)
     for seg in (i for i in items if isinstance(i, Segment)):
         sub = segment_module(gm, seg)
         seg.fn = compile_one(sub, [example_value(n) for n in seg.inputs])
-    return Driver(gm, items, name)
+    return Driver(gm, items, name, timing=timing)

@@ -159,3 +159,34 @@ def test_gradient_offload_and_clipping_match_adamw():
     assert_same_state(eager, model, exact=False, atol=1e-4)
     bw = lohan.last_report().graphs[0].segments["backward"]
     assert bw["lohan_ops"] > 0 and bw["segments"] >= 1
+
+
+def test_measured_compute_calibrates_the_prediction_and_the_next_plan():
+    """On the CPU stand-in the executor times its segments in the first steps: the report
+    simulates the plan again with those times, and a re-plan estimates nothing it measured."""
+    torch.manual_seed(0)
+    model = MLP(256, 1024, 8)
+    x = torch.randn(512, 256)
+    cm = torch.compile(model, backend="lohan", options={"executor": "inductor"})
+    cm(x).sum().backward()
+    keep_all = lohan.last_report().summary()["predicted_peak_bytes"]
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="lohan", options={"executor": "inductor", "memory_budget": int(keep_all * 1.3)})
+    for _ in range(6):
+        model.zero_grad(set_to_none=True)
+        cm(x).sum().backward()
+    first = lohan.last_report().graphs[0]
+    summary = lohan.last_report().summary()
+    assert first.measured_compute_s > 0 and summary["calibrated_step_s"] > 0
+    assert summary["calibrated_step_s"] != summary["predicted_step_s"]
+
+    hog = torch.empty(int(keep_all * 0.35) // 4)  # the device holds more: the graph is planned again
+    model.zero_grad(set_to_none=True)
+    cm(x).sum().backward()
+    second = lohan.last_report().graphs[0]
+    assert second is not first
+    before = {op.name: op.seconds for op in first.pass_report("plan_memory")["problem"].ops}
+    after = {op.name: op.seconds for op in second.pass_report("plan_memory")["problem"].ops}
+    mm = [name for name in before if name.startswith("addmm")]
+    assert mm and all(after[name] != before[name] for name in mm)  # measured, no longer estimated
+    del hog
