@@ -61,7 +61,9 @@ MIN_SEGMENT_OPS = 2  # a run with fewer ops that compute runs eagerly in the dri
 
 
 def _is_cheap(node: fx.Node) -> bool:
-    """Ops with no kernel to compile: views, tuple access, size arithmetic."""
+    """Ops with no kernel to compile: constants, views, tuple access, size arithmetic."""
+    if node.op == "get_attr":
+        return True
     if node.op != "call_function":
         return False
     if node.target is operator.getitem or is_view(node):
@@ -381,6 +383,9 @@ class Driver:
                     lines.append(f"    del {', '.join(dying)}")  # the segment frees them at its own last use
                 outs = ", ".join(var(o) for o in item.outputs)
                 call_line(i, f"    {outs + ', = ' if item.outputs else ''}{fn}(inputs)")
+            elif item.op == "get_attr":  # a constant of the graph, outside any segment
+                globals_[f"attr{i}"] = _fetch_attr(self.gm, item.target)
+                lines.append(f"    {var(item)} = attr{i}")
             else:
                 node = item
                 target = f"op{i}"
@@ -400,6 +405,13 @@ class Driver:
         namespace = dict(globals_)
         exec(compile(source, f"<lohan driver {self.name}>", "exec"), namespace)
         return source, namespace[self.name]
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
 
 
 def _op_record(node: fx.Node) -> tuple[str, int]:
