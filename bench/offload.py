@@ -157,4 +157,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from lohan_compile import settings
+
+    with settings.EXECUTOR.override("fx"):  # the fx executor, as bench/results/offload.json was taken (Inductor: bench/e2e.py)
+        main()

@@ -91,4 +91,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lohan_compile import settings
+
+    with settings.EXECUTOR.override("fx"):  # lohan's pipeline against aot_eager: both run plain fx
+        main()

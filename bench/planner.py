@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lohan_compile as lohan  # noqa: E402
+from lohan_compile import settings  # noqa: E402
 from lohan_compile.errors import BudgetError  # noqa: E402
 
 POLICIES = ("auto", "swap-all", "recompute-all", "torch-min-cut", "keep-all")
@@ -150,13 +151,17 @@ def main():
     ap.add_argument("--fractions", default="0.3,0.5,0.7")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--executor", default="fx", choices=["fx", "inductor"],
+                    help="lohan's executor (fx: what bench/results/planner-* were taken with; "
+                         "inductor compiles 45 plans for tens of seconds each)")
     args = ap.parse_args()
     lohan.hardware.auto()
     table = models()
     results = []
-    for name in args.models.split(","):
-        make, loss, batch = table[name]
-        results += measure(name, make, loss, batch, [float(f) for f in args.fractions.split(",")], args.rounds)
+    with settings.EXECUTOR.override(args.executor):
+        for name in args.models.split(","):
+            make, loss, batch = table[name]
+            results += measure(name, make, loss, batch, [float(f) for f in args.fractions.split(",")], args.rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -5,7 +5,9 @@
 hands it an FX graph and example inputs (the real parameters); the backend
 builds AOTAutograd with its own partition function, so the joint
 forward+backward graph goes through the pass pipeline, then runs the forward
-and backward graphs as plain fx or compiled by Inductor (``executor``).
+and backward graphs (``executor``): by default Inductor compiles the compute
+between lohan's ops, which run in the planned order (``segments.py``);
+``executor="fx"`` runs them as plain fx.
 
 ``mode=``: torch passes its compile mode to custom backends. With the
 Inductor executor the mode selects Inductor's options (max-autotune and so on)
@@ -110,6 +112,10 @@ class Replanning:
         self.optimizer_ref = weakref.ref(opts.optimizer) if opts.optimizer is not None else None
         self.opts = opts.replace(optimizer=None) if opts.optimizer is not None else opts
         self.replans = 0
+        # compute seconds by node, once the Inductor executor has timed some steps: they
+        # calibrate this plan's prediction and replace the estimates when re-planning
+        self.measured: dict[str, float] = {}
+        self.drivers: dict = {}
         self.tracing = torch._guards.TracingContext.try_get()
         self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         self.size_slots = _size_slots(self.fakes)
@@ -123,9 +129,13 @@ class Replanning:
             if optimizer is None:
                 raise LohanError("the CPUAdamW this model was compiled with no longer exists")
             opts = opts.replace(optimizer=optimizer)
-        compiler = GraphCompiler(self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes)
+        compiler = GraphCompiler(
+            self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured
+        )
         self.fn = compiler.compile()
         self.record = compiler.record
+        self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
+        self.calibrated = False
         self.planned_level = device_memory.allocated(self.record.device)
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
@@ -155,7 +165,30 @@ class Replanning:
         growth = device_memory.allocated(self.record.device) - self.planned_level
         return growth > 0.01 * budget and predicted + growth > budget
 
+    def _timed(self) -> bool:
+        drivers = self.drivers
+        if not drivers or (self.record.training and "backward" not in drivers):
+            return False
+        return all(d.timed for d in drivers.values())
+
+    def _calibrate(self) -> None:
+        """Once the executor has timed its compute: the measured seconds per node, and the
+        plan's step simulated again with them (``calibrated_step_s`` in the report)."""
+        from .costmodel import CostModel
+        from .hardware import resolve
+
+        self.calibrated = True
+        estimate = CostModel(resolve(self.opts.hardware)).node_seconds
+        measured: dict[str, float] = {}
+        for driver in self.drivers.values():
+            measured.update(driver.node_seconds(estimate))
+        if measured:
+            self.measured = measured
+            self.record.calibrate(measured)
+
     def __call__(self, *args: Any) -> Any:
+        if not self.calibrated and self._timed():
+            self._calibrate()
         if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
@@ -292,6 +325,7 @@ class GraphCompiler:
         *,
         real_inputs: Sequence[Any] | None = None,
         planning_sizes: dict | None = None,
+        measured: dict[str, float] | None = None,
     ):
         from .passes import default_pipeline
 
@@ -300,6 +334,8 @@ class GraphCompiler:
         self.gm = gm
         self.example_inputs = example_inputs
         self.planning_sizes = planning_sizes
+        self.measured = dict(measured or {})
+        self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
         self.inputs = describe_inputs(gm, real_inputs)
@@ -326,14 +362,15 @@ class GraphCompiler:
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
         try:
-            return aot_autograd(
-                fw_compiler=self._compile_forward,
-                bw_compiler=self._compile_backward,
-                inference_compiler=self._compile_inference,
-                partition_fn=self._partition,
-                keep_inference_input_mutations=True,
-                **kwargs,
-            )(self.gm, self.example_inputs)
+            with _no_donated_buffers(self.opts.executor):
+                return aot_autograd(
+                    fw_compiler=self._compile_forward,
+                    bw_compiler=self._compile_backward,
+                    inference_compiler=self._compile_inference,
+                    partition_fn=self._partition,
+                    keep_inference_input_mutations=True,
+                    **kwargs,
+                )(self.gm, self.example_inputs)
         finally:
             # the compiled code keeps this object (for the lazily compiled backward): it must
             # not keep the parameters, the batch or the optimizer alive
@@ -350,6 +387,7 @@ class GraphCompiler:
             options=self.opts,
             resident_outside_bytes=self.resident_outside,
             real_inputs=self.real_inputs,
+            measured_seconds=self.measured,
             **extra,
         )
 
@@ -398,9 +436,12 @@ class GraphCompiler:
         return graphs
 
     def _executable(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, phase: str):
-        if self.opts.executor == "inductor":
+        # explain() traces on the meta device: nothing runs there worth compiling
+        on_meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in example_inputs)
+        if self.opts.executor == "inductor" and not on_meta:
             fn = self._inductor(gm, example_inputs, phase)
         else:
+            self.record.executor = "fx"
             from torch.fx.graph import _BoxedCodeGen
 
             # Boxed calling lets the graph free its inputs as soon as it has used them.
@@ -412,27 +453,64 @@ class GraphCompiler:
         return _tracked(fn, self.record, phase)
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: Sequence[Any], phase: str):
+        """Inductor compiles the compute between lohan's ops (``segments.py`` says why and how)."""
         from torch._inductor import config as inductor_config
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx_inner
 
+        from .segments import compile_segments, symbols_of
+
         patches = {k: v for k, v in list_mode_options(self.opts.mode).items() if "cudagraphs" not in k}
-        if phase != "backward":
-            # Inductor keeps the strides of user-visible outputs as eager would.
-            out = gm.graph.output_node()
-            info = out.meta.get("lohan")
-            kinds = getattr(info, "outputs", ())
-            out.meta["user_visible_output_idxs"] = [
-                i for i, k in enumerate(kinds) if k in (Kind.USER_OUTPUT, Kind.MUTATION)
-            ]
-        with inductor_config.patch(patches):
-            return compile_fx_inner(
-                gm,
-                example_inputs,
-                is_backward=phase == "backward",
-                is_inference=phase == "inference",
-                graph_id=self.graph_id,
-            )
+        # inside a segment the plan's order is the order that runs (fusion aside)
+        patches["reorder_for_peak_memory"] = False
+
+        def compile_one(sub: fx.GraphModule, inputs: Sequence[Any]):
+            # A segment with symbolic sizes shares the graph's shape environment, whose guards
+            # also name sizes of other segments; a cached entry's guards then cannot be checked
+            # against this segment's inputs alone (torch 2.13 fails looking them up): such
+            # segments skip the FX graph cache (Inductor's kernel cache still applies).
+            no_fx_cache = {"fx_graph_cache": False} if any(symbols_of(v) for v in inputs) else {}
+            with inductor_config.patch({**patches, **no_fx_cache}):
+                return compile_fx_inner(
+                    sub,
+                    inputs,
+                    is_backward=phase == "backward",
+                    is_inference=phase == "inference",
+                    graph_id=self.graph_id,
+                )
+
+        # Inductor reports a graph's output strides to AOTAutograd through the tracing
+        # context, which restrides backward's inputs with them; each segment would report its
+        # own. Segments keep every output's planned strides, so nothing needs reporting.
+        context = torch._guards.TracingContext.try_get()
+        reported = context.output_strides if context is not None else None
+        if context is not None:
+            context.output_strides = None
+        try:
+            # the CPU stand-in's compute is synchronous: a host clock times it
+            timing = self.record.device is None and phase != "inference"
+            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}", timing=timing)
+        finally:
+            if context is not None:
+                context.output_strides = reported
+        self.drivers[phase] = driver
+        self.record.segments[phase] = driver.describe()
+        if self.dump_dir:
+            from .dump import dump_driver
+
+            dump_driver(self.dump_dir, self.record, phase, driver.source)
+        return driver
+
+
+def _no_donated_buffers(executor: str):
+    """AOTAutograd marks backward inputs it thinks Inductor may overwrite ("donated buffers",
+    by their index in the backward graph). Segments number their inputs differently, and a
+    saved value may be a buffer a copy still reads: nothing is donated."""
+    import contextlib
+
+    if executor != "inductor":
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
 
 
 def describe_compile(record: GraphRecord, graphs: Graphs) -> str:

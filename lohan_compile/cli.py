@@ -80,7 +80,9 @@ def demo(args: argparse.Namespace) -> int:
     # 1. the unplanned peak: the same step with every saved activation kept, gradients on the device
     t0 = time.perf_counter()
     probe = copy.deepcopy(model)
-    _loss(torch.compile(probe, backend="lohan", options={"policy": "keep-all"}), batch()).backward()
+    # (plain fx: only its peak is wanted, and Inductor would compile it for tens of seconds)
+    _loss(torch.compile(probe, backend="lohan", options={"policy": "keep-all", "executor": "fx"}),
+          batch()).backward()
     unplanned = lohan.last_report().summary()["measured_peak_bytes"]
     del probe
     budget = int(args.budget * unplanned)
@@ -89,7 +91,10 @@ def demo(args: argparse.Namespace) -> int:
 
     # 2. the same model under the budget, gradients offloaded to CPUAdamW, clipping on
     opt = lohan.CPUAdamW(model.parameters(), lr=args.lr, weight_decay=0.01, max_grad_norm=1.0)
-    cm = torch.compile(model, backend="lohan", options={"memory_budget": budget, "optimizer": opt})
+    options = {"memory_budget": budget, "optimizer": opt}
+    if args.executor is not None:
+        options["executor"] = args.executor
+    cm = torch.compile(model, backend="lohan", options=options)
     losses, peaks, tokens, train_s = [], [], 0, 0.0
     print("training:")
     for step in range(1, args.steps + 1):
@@ -292,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.5, help="memory budget as a fraction of the unplanned peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    p.add_argument("--executor", choices=["inductor", "fx"], default=None,
+                   help="how lohan runs the compute (default: Inductor, or LOHAN_EXECUTOR)")
     p.set_defaults(func=demo)
     p = sub.add_parser("hw", help="measure this machine's HardwareProfile, print it and save it")
     p.add_argument("--preset", help="print a preset instead (rtx4090, a100, h100, lohan-testbed)")

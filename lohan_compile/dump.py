@@ -11,7 +11,10 @@ For each compiled graph, into the folder:
   and prefetch points;
 - ``graph{N}_trace.json``: the predicted timeline as a Chrome/Perfetto trace
   (open it at https://ui.perfetto.dev or chrome://tracing), one track per
-  resource: compute, host->device, device->host, CPU optimizer, SSD.
+  resource: compute, host->device, device->host, CPU optimizer, SSD;
+- with the Inductor executor, ``graph{N}_forward_driver.py`` and
+  ``_backward_driver.py``: the generated function that calls the compiled segments
+  and lohan's ops in order (``segments.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ TRACKS = {
     "ssd_read": "SSD read",
     "ssd_write": "SSD write",
 }
+
+
+def dump_driver(dump_dir: str, record: GraphRecord, phase: str, source: str) -> None:
+    os.makedirs(dump_dir, exist_ok=True)
+    path = os.path.join(dump_dir, f"graph{record.graph_id}_{phase}_driver.py")
+    with open(path, "w") as f:
+        f.write(f"# {record.name} {phase}: compute segments compiled by Inductor, lohan's ops between them\n")
+        f.write(source)
 
 
 def _fmt(a: Any) -> str:

@@ -51,7 +51,9 @@ def explain(
     opts = Options.coerce(options)
     _register_meta_kernels()
     meta_model, mapping = _meta_copy(model)
-    compile_options = opts.as_dict()
+    # the plan, not the code: nothing is compiled (and Inductor's decompositions would turn
+    # the flash attention traced below back into the math path)
+    compile_options = {**opts.as_dict(), "executor": "fx"}
     meta_opt = None
     if opts.optimizer is not None:
         real = opts.optimizer

@@ -113,8 +113,9 @@ class Options:
 
     Keys (DESIGN.md): ``memory_budget``, ``optimizer``, ``hardware``,
     ``offload_params``, ``ssd_dir``, ``host_memory_budget``, ``policy``,
-    ``dump_dir``; and ``executor`` (``"fx"`` runs the rewritten graphs as
-    plain fx, ``"inductor"`` compiles them with Inductor), ``mode`` (torch's
+    ``dump_dir``; and ``executor`` (``"inductor"`` compiles the compute of the
+    rewritten graphs with Inductor, ``"fx"`` runs them as plain fx, for
+    debugging; left out: ``LOHAN_EXECUTOR``, else ``"inductor"``), ``mode`` (torch's
     compile mode, passed to Inductor), ``disable_passes`` (names of passes
     to skip, to bisect), ``debug`` (check graphs after every pass).
     """
@@ -127,7 +128,7 @@ class Options:
     host_memory_budget: int | None = None
     policy: str = "auto"
     dump_dir: str | None = None
-    executor: str = "fx"
+    executor: str | None = None  # resolved when constructed (settings.EXECUTOR)
     mode: str = "default"
     disable_passes: tuple[str, ...] = ()
     debug: bool | None = None
@@ -155,7 +156,9 @@ class Options:
             else parse_bytes(values["host_memory_budget"], name="host_memory_budget"),
             "policy": _one_of("policy", values["policy"], POLICIES),
             "dump_dir": _folder("dump_dir", values["dump_dir"], must_exist=False),
-            "executor": _one_of("executor", values["executor"], EXECUTORS),
+            "executor": _default_executor()
+            if values["executor"] is None
+            else _one_of("executor", values["executor"], EXECUTORS),
             "mode": _one_of("mode", "default" if values["mode"] is None else values["mode"], TORCH_MODES),
             "disable_passes": _check_names("disable_passes", values["disable_passes"]),
             "debug": _check_optional_bool("debug", values["debug"]),
@@ -189,6 +192,12 @@ class Options:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _default_executor() -> str:
+    from . import settings
+
+    return settings.EXECUTOR.get()
 
 
 def _check_optimizer(value: Any) -> Any:

@@ -72,6 +72,10 @@ class CompileFacts:
     partition_kwargs: dict[str, Any] = field(default_factory=dict)
     # reports of the passes that ran before, by name (a later pass may read an earlier one's)
     pass_reports: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    # seconds of compute nodes, by name, measured while an earlier plan of this graph ran
+    # (the Inductor executor times its segments on the CPU stand-in): the cost model's
+    # estimates give way to them
+    measured_seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

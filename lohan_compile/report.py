@@ -55,6 +55,11 @@ class GraphRecord:
     # input storages the device counter does not see, found at the first run: ptr -> bytes
     uncounted_inputs: dict[int, int] | None = None
     predicted_host_peak_bytes: int | None = None
+    # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
+    segments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the plan's step simulated again with the compute times the executor measured
+    calibrated_step_s: float | None = None
+    measured_compute_s: float | None = None
 
     def apply_plan_totals(self, plan: Any, problem: Any) -> None:
         """Move the plan's swapped and recomputed storages out of the kept total."""
@@ -71,6 +76,27 @@ class GraphRecord:
         self.predicted_step_s = plan.prediction.step_seconds
         self.predicted_peak_bytes = plan.prediction.peak_device_bytes
         self.predicted_host_peak_bytes = plan.prediction.peak_host_bytes
+
+    def calibrate(self, measured: dict[str, float]) -> None:
+        """Simulate the plan again with measured op times (``measured``: seconds by node name;
+        ops not in it keep their estimate)."""
+        from dataclasses import replace
+
+        from .planner import predict
+
+        planned = self.pass_report("plan_memory")
+        if planned is None or not measured:
+            return
+        problem = planned["problem"]
+        ops = [replace(op, seconds=measured.get(op.name, op.seconds)) for op in problem.ops]
+        calibrated = replace(
+            problem,
+            ops=ops,
+            fw_seconds=sum(op.seconds for op in ops if op.phase == "fw"),
+            bw_seconds=sum(op.seconds for op in ops if op.phase == "bw"),
+        )
+        self.calibrated_step_s = predict(calibrated, planned["plan"].decisions, planned["rates"]).step_seconds
+        self.measured_compute_s = sum(measured.values())
 
     @property
     def name(self) -> str:
@@ -161,6 +187,8 @@ class Report:
             "swapped_bytes": self._forward_total("swapped_bytes_expr"),
             "recomputed_bytes": self._forward_total("recomputed_bytes_expr"),
             "predicted_step_s": self._predicted_sum("predicted_step_s"),
+            # the same, with the compute times the Inductor executor measured (None until then)
+            "calibrated_step_s": self._predicted_sum("calibrated_step_s"),
             "host_peak_bytes": self.host_peak_bytes if measured else None,
             "d2h_bytes": self.d2h_bytes if measured else None,
             "h2d_bytes": self.h2d_bytes if measured else None,

@@ -85,4 +85,19 @@ EXT_SANITIZE: Setting[str | None] = Setting(
     "the process must preload the sanitizer's runtime.",
 )
 
-ALL: tuple[Setting, ...] = (DEBUG, DISABLE_PASSES, DUMP_DIR, EXT_VERBOSE, EXT_SANITIZE)
+def _parse_executor(name: str, text: str) -> str:
+    from .options import EXECUTORS
+
+    value = text.strip().lower()
+    if value not in EXECUTORS:
+        raise ValueError(f"{name}={text!r}: expected one of {', '.join(EXECUTORS)}")
+    return value
+
+
+EXECUTOR: Setting[str] = Setting(
+    "LOHAN_EXECUTOR", "inductor", _parse_executor,
+    "The executor when options do not name one: 'inductor' (compute compiled by Inductor) or "
+    "'fx' (plain fx, for debugging; the tests pin it except where they test Inductor).",
+)
+
+ALL: tuple[Setting, ...] = (DEBUG, DISABLE_PASSES, DUMP_DIR, EXECUTOR, EXT_VERBOSE, EXT_SANITIZE)

@@ -7,6 +7,9 @@ estimated times from the cost model), the chosen ``Plan`` and its simulated
 ``Prediction`` (step time, device peak, traffic). The graphs are unchanged:
 applying the plan is the rewrite passes' job.
 
+Op times are the cost model's estimates, or what an earlier plan of the same graph
+measured (``facts.measured_seconds``, when the graph is planned again).
+
 The device peak is predicted from what is resident when the graph starts: its
 own inputs (parameters, buffers, the batch) and what the backend found held
 outside them when it compiled the graph (other graphs' saved values, optimizer
@@ -46,7 +49,7 @@ def resident_input_bytes(fw: fx.GraphModule) -> int:
 
 def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
     hw = resolve(facts.options.hardware)
-    cost = CostModel(hw)
+    cost = CostModel(hw, facts.measured_seconds)
     problem = build_problem(graphs.fw, graphs.bw, cost)
     problem.resident_bytes = resident_input_bytes(graphs.fw) + facts.resident_outside_bytes
     if not swap_ops_available():

@@ -9,13 +9,20 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/models.py
 from lohan_compile import settings  # noqa: E402
 from lohan_compile.runtime.step import TRACKER  # noqa: E402
 
+TEST_EXECUTOR = os.environ.get("LOHAN_TEST_EXECUTOR", "fx")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_compile_state():
-    """Each test compiles from scratch, checks graphs after every pass, and sees its own steps."""
+    """Each test compiles from scratch, checks graphs after every pass, and sees its own steps.
+
+    Tests run the fx executor unless they name another (an Inductor compile costs tens of
+    seconds on 2 cores): those marked ``inductor`` pass ``executor="inductor"`` themselves.
+    ``LOHAN_TEST_EXECUTOR=inductor`` runs the others under Inductor too (to look for crashes:
+    their bitwise comparisons with eager then fail by design)."""
     torch._dynamo.reset()
     TRACKER.reset()
-    with settings.DEBUG.override(True):
+    with settings.DEBUG.override(True), settings.EXECUTOR.override(TEST_EXECUTOR):
         yield
     torch._dynamo.reset()
 

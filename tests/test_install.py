@@ -24,8 +24,10 @@ print("OK", lohan_compile.__file__, lohan_compile.last_report().summary()["kept_
 
 
 def test_backend_found_by_name_without_importing_the_package(tmp_path):
+    env = dict(os.environ, LOHAN_EXECUTOR="fx")  # finding the backend is the point, not Inductor
     out = subprocess.run(
-        [sys.executable, "-c", USE_BACKEND_BY_NAME], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        [sys.executable, "-c", USE_BACKEND_BY_NAME], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("OK")
@@ -51,7 +53,7 @@ import lohan_compile.passes, lohan_compile.ops, torch
 assert "site-packages" in lohan_compile.__file__ and "site-packages" in lohan_compile.passes.__file__
 print("FP", lohan_compile.ops.fingerprint(torch.arange(8)))
 """
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), LOHAN_EXECUTOR="fx")
     env.pop("PYTHONPATH", None)
     out = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -53,7 +53,14 @@ def test_defaults_and_parsed_values(tmp_path):
     assert o.ssd_dir == str(tmp_path) and o.policy == "keep-all"
     d = Options()
     assert d.memory_budget is None and d.optimizer is None and d.hardware == "auto"
-    assert d.offload_params == "auto" and d.policy == "auto" and d.executor == "fx"
+    assert d.offload_params == "auto" and d.policy == "auto"
+    # the tests pin the fx executor (conftest); users get Inductor unless LOHAN_EXECUTOR says fx
+    assert d.executor == "fx"
+    from lohan_compile import settings
+
+    with settings.EXECUTOR.override("inductor"):
+        assert Options().executor == "inductor"
+    assert settings.EXECUTOR.default == "inductor"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,444 @@
+"""The Inductor executor: Inductor compiles the compute, lohan's ops run between it in plan order.
+
+A rewritten forward or backward graph is a sequence of compute runs separated by
+lohan's ops (``torch.ops.lohan.*``: swap-outs, swap-ins, waits, gradient
+hand-offs, weight waits). Each run of compute is compiled by Inductor as a graph
+of its own (a *segment*); a small generated Python function (the *driver*) calls
+the segments and lohan's ops in exactly the graph's order. So:
+
+- **Order.** Inductor never sees lohan's ops, so it can neither move nor remove
+  them: every transfer, wait and hand-off runs where ``apply_plan`` put it,
+  between the same two compute runs (by construction, not by constraints that a
+  later Inductor pass could ignore). Compute cannot cross them either.
+- **Memory.** A value that crosses a boundary is a segment output, allocated by
+  the segment and released by the driver right after its last use (inputs are
+  handed over boxed, so a segment frees an input at its own last use). Inside a
+  segment Inductor fuses and frees intermediates at their last use; it may reuse
+  the memory of its own intermediates, never of its inputs (no input is marked
+  donated), so a buffer an asynchronous copy still reads is never overwritten.
+  Inductor keeps the node order inside a segment (``reorder_for_peak_memory`` off):
+  the plan's liveness is what runs, less the intermediates fusion removes.
+- **Strides.** Every segment output keeps the strides of its ``meta["val"]``
+  (Inductor's user-visible outputs), so the next segment, lohan's ops and the
+  backward graph see the layouts the passes planned with.
+- **Cache.** Segments are plain aten graphs; no lohan pass runs inside Inductor,
+  so Inductor's FX graph cache keys (graph code, input metadata, config) describe
+  them completely, and identical segments (the layers of a transformer) hit it.
+
+Runs with at most one op to compute (and any number of views, ``getitem`` and size
+arithmetic) are not worth a compile: a single op gains nothing from Inductor (no
+fusion; a matmul is an extern call either way), so the driver runs them directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .fxutil import is_view
+
+
+def is_lohan_op(node: fx.Node) -> bool:
+    """A call of one of lohan's ops (``torch.ops.lohan.*``): runs in the driver, in graph order."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    ns = getattr(target, "namespace", None)
+    if ns is None and isinstance(target, torch._ops.OpOverload):
+        ns = target.namespace
+    return ns == "lohan"
+
+
+MIN_SEGMENT_OPS = 2  # a run with fewer ops that compute runs eagerly in the driver
+
+
+def _is_cheap(node: fx.Node) -> bool:
+    """Ops with no kernel to compile: constants, views, tuple access, size arithmetic."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem or is_view(node):
+        return True
+    val = node.meta.get("val")
+    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+@dataclass
+class Segment:
+    """A run of compute nodes compiled as one Inductor graph."""
+
+    index: int
+    nodes: list[fx.Node]
+    inputs: list[fx.Node] = field(default_factory=list)
+    outputs: list[fx.Node] = field(default_factory=list)
+    fn: Callable[[list], Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"segment{self.index}"
+
+
+def split(graph: fx.Graph) -> list[Segment | fx.Node]:
+    """The graph's non-placeholder, non-output nodes in order: runs of compute as ``Segment``s,
+    lohan's ops and cheap ops as nodes of their own. A ``getitem`` of a compute node goes with
+    its source, so that no tuple crosses a boundary."""
+    items: list[Segment | fx.Node] = []
+    segment_of: dict[fx.Node, Segment] = {}
+    current: list[fx.Node] = []
+
+    def close() -> None:
+        nonlocal current
+        if current:
+            if sum(1 for n in current if not _is_cheap(n)) < MIN_SEGMENT_OPS:
+                items.extend(current)
+            else:
+                seg = Segment(len([i for i in items if isinstance(i, Segment)]), current)
+                for n in current:
+                    segment_of[n] = seg
+                items.append(seg)
+        current = []
+
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "get_attr":
+            current.append(node)
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            src = node.args[0]
+            if src in segment_of:
+                segment_of[src].nodes.append(node)
+                segment_of[node] = segment_of[src]
+                continue
+            if src in current:
+                current.append(node)
+                continue
+            if is_lohan_op(src) or src.op == "placeholder" or not isinstance(src.meta.get("val"), torch.Tensor):
+                close()
+                items.append(node)
+                continue
+        if is_lohan_op(node):
+            close()
+            items.append(node)
+        else:
+            current.append(node)
+    close()
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for seg in (i for i in items if isinstance(i, Segment)):
+        inside = set(seg.nodes)
+        seg.inputs = list(dict.fromkeys(a for n in seg.nodes for a in n.all_input_nodes if a not in inside))
+        seg.outputs = [n for n in seg.nodes if any(u not in inside for u in n.users)]
+    for seg in (i for i in items if isinstance(i, Segment)):
+        seg.inputs += _size_binders(graph, seg, position, segment_of)
+    return items
+
+
+def symbols_of(val: Any) -> set:
+    """Free size symbols of a fake value (its sizes, strides and offset; a SymInt's expression)."""
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return set(val.node.expr.free_symbols)
+    if isinstance(val, torch.Tensor):
+        out: set = set()
+        for s in (*val.shape, *val.stride(), val.storage_offset()):
+            if isinstance(s, torch.SymInt):
+                out |= s.node.expr.free_symbols
+        return out
+    if isinstance(val, (list, tuple)):
+        return set().union(*(symbols_of(v) for v in val)) if val else set()
+    return set()
+
+
+def _binds(val: Any) -> set:
+    """The symbols Inductor can read off an input with this value: a SymInt that is a plain
+    symbol, or a tensor size or stride that is one."""
+    import sympy
+
+    if isinstance(val, torch.SymInt):
+        return {val.node.expr} if isinstance(val.node.expr, sympy.Symbol) else set()
+    if isinstance(val, torch.Tensor):
+        return {
+            s.node.expr for s in (*val.shape, *val.stride())
+            if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)
+        }
+    return set()
+
+
+def _size_binders(
+    graph: fx.Graph, seg: Segment, position: dict[fx.Node, int], segment_of: dict[fx.Node, Segment]
+) -> list[fx.Node]:
+    """Extra inputs that tell Inductor the value of every size symbol the segment uses.
+
+    A segment may read a tensor of size ``4*s0`` with nothing of size ``s0`` among its inputs
+    (the whole graph had ``s0`` as an input of its own): it then also takes the earliest value
+    of the graph, a SymInt or a tensor, that carries ``s0`` as a plain symbol and that the
+    driver holds (an input of the graph, a direct op's result, an earlier segment's output)."""
+    needed: set = set()
+    for n in (*seg.inputs, *seg.nodes):
+        needed |= symbols_of(n.meta.get("val"))
+    if not needed:
+        return []
+    bound: set = set()
+    for n in seg.inputs:
+        bound |= _binds(n.meta.get("val"))
+    start = position[seg.nodes[0]]
+    extra: list[fx.Node] = []
+    for sym in sorted(needed - bound, key=str):
+        binder = None
+        for n in graph.nodes:
+            if position[n] >= start:
+                break
+            if n.op == "output" or is_lohan_op(n):
+                continue
+            if n in segment_of and n not in segment_of[n].outputs:
+                continue  # lives inside an earlier segment only
+            if sym in _binds(n.meta.get("val")):
+                binder = n
+                if isinstance(n.meta.get("val"), torch.SymInt):
+                    break  # an int is the cheapest input
+        if binder is None:
+            continue  # an unbacked symbol: Inductor binds it (or says why it cannot)
+        if binder not in extra:
+            extra.append(binder)
+            bound |= _binds(binder.meta.get("val"))
+    return extra
+
+
+def segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
+    """``seg`` as a graph of its own: its inputs as placeholders, its outputs returned.
+
+    Nodes get names from their position (``in0``, ``n3``), not the graph's (``mm_12``): the
+    segments of identical layers then have identical code, and Inductor's FX graph cache,
+    keyed on the code and the inputs' metadata, compiles one and finds it for the others."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(seg.inputs):
+        p = g.placeholder(f"in{i}")
+        p.meta.update({k: v for k, v in n.meta.items() if k in ("val", "tensor_meta")})
+        env[n] = p
+    for i, n in enumerate(seg.nodes):
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+        new = g.create_node(n.op, n.target, args, kwargs, name=f"n{i}")
+        new.meta = dict(n.meta)
+        env[n] = new
+    out = g.output(tuple(env[n] for n in seg.outputs))
+    # every output keeps eager's strides: the next segment and lohan's ops were planned with them
+    out.meta["user_visible_output_idxs"] = list(range(len(seg.outputs)))
+    return fx.GraphModule(gm, g)
+
+
+def example_value(node: fx.Node) -> Any:
+    val = node.meta.get("val")
+    if val is None:
+        raise RuntimeError(f"{node.format_node()} has no meta['val']: cannot compile a segment that reads it")
+    return val
+
+
+class Driver:
+    """Runs a split graph: segments (boxed) and direct op calls, in order, releasing each
+    value right after its last use. Built as generated Python, like fx's own code."""
+
+    # calls whose compute is timed (the first one touches fresh memory and warms caches)
+    TIMED_CALLS = range(1, 4)
+
+    def __init__(self, gm: fx.GraphModule, items: list[Segment | fx.Node], name: str, *, timing: bool = False):
+        self.gm = gm
+        self.items = items
+        self.name = name
+        self.source, self.fn = self._generate(timed=False)
+        self.timing = timing
+        self.calls = 0
+        self.samples: list[list[float]] = []  # per timed call: seconds of each item
+        if timing:
+            self._timed_fn = self._generate(timed=True)[1]
+
+    def __call__(self, args: list) -> Any:
+        n = self.calls
+        self.calls += 1
+        if self.timing and n in self.TIMED_CALLS:
+            seconds = [0.0] * len(self.items)
+            out = self._timed_fn(args, seconds)
+            self.samples.append(seconds)
+            return out
+        return self.fn(args)
+
+    @property
+    def timed(self) -> bool:
+        """Whether every timed call has run."""
+        return self.timing and len(self.samples) >= len(self.TIMED_CALLS)
+
+    def node_seconds(self, estimate: Callable[[fx.Node], float]) -> dict[str, float]:
+        """Measured seconds of each compute node, by name (median over the timed calls): a
+        direct op's own time; a segment's time shared among its nodes in proportion to
+        ``estimate`` (Inductor fuses them: only the segment's total is measured)."""
+        out: dict[str, float] = {}
+        if not self.samples:
+            return out
+        for i, item in enumerate(self.items):
+            measured = statistics.median(sample[i] for sample in self.samples)
+            if isinstance(item, Segment):
+                nodes = [n for n in item.nodes if n.op == "call_function"]
+                weights = [estimate(n) for n in nodes]
+                total = sum(weights)
+                if total <= 0:
+                    weights, total = [1.0] * len(nodes), float(len(nodes) or 1)
+                out.update({n.name: measured * w / total for n, w in zip(nodes, weights)})
+            elif not is_lohan_op(item):
+                out[item.name] = measured
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """For the report and dumps: how many segments and direct ops, and the driver's code."""
+        segs = [i for i in self.items if isinstance(i, Segment)]
+        return {
+            "segments": len(segs),
+            "segment_nodes": sum(len(s.nodes) for s in segs),
+            "lohan_ops": sum(1 for i in self.items if isinstance(i, fx.Node) and is_lohan_op(i)),
+            "direct_ops": sum(1 for i in self.items if isinstance(i, fx.Node) and not is_lohan_op(i)),
+            # lohan's ops in the order the driver calls them: (op, elements of its first tensor)
+            "lohan_op_sequence": [_op_record(i) for i in self.items if isinstance(i, fx.Node) and is_lohan_op(i)],
+            "driver": self.source,
+        }
+
+    def _generate(self, *, timed: bool) -> tuple[str, Callable[..., Any]]:
+        """The driver's code; ``timed`` adds each compute item's seconds to ``seconds[i]``."""
+        graph = self.gm.graph
+        names: dict[fx.Node, str] = {}
+        counter = itertools.count()
+        globals_: dict[str, Any] = {}
+
+        def var(n: fx.Node) -> str:
+            if n not in names:
+                names[n] = f"v{next(counter)}_{n.name}"
+            return names[n]
+
+        def const(value: Any) -> str:
+            if value is None or isinstance(value, (bool, int, str)):
+                return repr(value)
+            if isinstance(value, float) and math.isfinite(value):
+                return repr(value)
+            key = f"c{len(globals_)}"  # dtypes, devices, inf and nan: referred to by name
+            globals_[key] = value
+            return key
+
+        def render(a: Any) -> str:
+            if isinstance(a, fx.Node):
+                return var(a)
+            if isinstance(a, (list, tuple)):
+                inner = ", ".join(render(x) for x in a)
+                if isinstance(a, tuple):
+                    return f"({inner},)" if len(a) == 1 else f"({inner})"
+                return f"[{inner}]"
+            if isinstance(a, dict):
+                return "{" + ", ".join(f"{k!r}: {render(v)}" for k, v in a.items()) + "}"
+            return const(a)
+
+        # the step (line group) of each item, and each value's last use
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        output = graph.output_node()
+        last_use: dict[fx.Node, int] = {}
+        for i, item in enumerate(self.items):
+            reads = item.inputs if isinstance(item, Segment) else item.all_input_nodes
+            for a in reads:
+                last_use[a] = i
+        for a in output.all_input_nodes:
+            last_use[a] = len(self.items)
+        dies_at: dict[int, list[fx.Node]] = {}
+        for n, i in last_use.items():
+            dies_at.setdefault(i, []).append(n)
+
+        lines = [f"def {self.name}(args{', seconds' if timed else ''}):"]
+        if timed:
+            globals_["clock"] = time.perf_counter
+
+        def call_line(i: int, line: str) -> None:
+            if timed:
+                lines.append("    start = clock()")
+            lines.append(line)
+            if timed:
+                lines.append(f"    seconds[{i}] += clock() - start")
+
+        if placeholders:
+            lines.append(f"    {', '.join(var(p) for p in placeholders)}, = args")
+        lines.append("    args.clear()")
+        unused = [p for p in placeholders if p not in last_use]
+        if unused:
+            lines.append(f"    del {', '.join(var(p) for p in unused)}")
+        for i, item in enumerate(self.items):
+            dying = [var(n) for n in dies_at.get(i, [])]
+            if isinstance(item, Segment):
+                fn = f"seg{item.index}"
+                globals_[fn] = item.fn
+                lines.append(f"    # {item.name}: {len(item.nodes)} nodes, {len(item.inputs)} in, {len(item.outputs)} out")
+                lines.append(f"    inputs = [{', '.join(var(a) for a in item.inputs)}]")
+                if dying:
+                    lines.append(f"    del {', '.join(dying)}")  # the segment frees them at its own last use
+                outs = ", ".join(var(o) for o in item.outputs)
+                call_line(i, f"    {outs + ', = ' if item.outputs else ''}{fn}(inputs)")
+            elif item.op == "get_attr":  # a constant of the graph, outside any segment
+                globals_[f"attr{i}"] = _fetch_attr(self.gm, item.target)
+                lines.append(f"    {var(item)} = attr{i}")
+            else:
+                node = item
+                target = f"op{i}"
+                globals_[target] = node.target
+                call = f"{target}(" + ", ".join(
+                    [render(a) for a in node.args] + [f"{k}={render(v)}" for k, v in node.kwargs.items()]
+                ) + ")"
+                line = f"    {var(node) + ' = ' if node.users else ''}{call}"
+                if is_lohan_op(node):
+                    lines.append(f"{line}  # {node.target}")
+                else:
+                    call_line(i, line)
+                if dying:
+                    lines.append(f"    del {', '.join(dying)}")
+        lines.append(f"    return {render(output.args[0])}")
+        source = "\n".join(lines) + "\n"
+        namespace = dict(globals_)
+        exec(compile(source, f"<lohan driver {self.name}>", "exec"), namespace)
+        return source, namespace[self.name]
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _op_record(node: fx.Node) -> tuple[str, int]:
+    from .shapes import hint_int
+
+    target = node.target
+    name = f"{target.namespace}::{target._opname}" if isinstance(target, torch._ops.OpOverload) else str(target)
+    first = next((a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)), None)
+    numel = 1
+    if first is not None:
+        for d in first.meta["val"].shape:
+            numel *= hint_int(d)
+    return name, numel
+
+
+def compile_segments(
+    gm: fx.GraphModule,
+    compile_one: Callable[[fx.GraphModule, Sequence[Any]], Callable[[list], Any]],
+    name: str,
+    *,
+    timing: bool = False,
+) -> Driver:
+    """Split ``gm``, compile each segment with ``compile_one(segment_gm, example_inputs)``
+    (a boxed callable), and return the driver that runs them (``timing``: timing the compute
+    of a few calls, which only a host clock can do where compute is synchronous: the CPU)."""
+    items = split(gm.graph)
+    for seg in (i for i in items if isinstance(i, Segment)):
+        sub = segment_module(gm, seg)
+        seg.fn = compile_one(sub, [example_value(n) for n in seg.inputs])
+    return Driver(gm, items, name, timing=timing)
