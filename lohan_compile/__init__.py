@@ -25,6 +25,22 @@ from .report import Report
 __version__ = "0.2.0"
 
 
+def materialized(module):
+    """Context manager: inside it, the streamed parameters of ``module`` (``offload_params``)
+    hold their current values on the device (evaluation without compiling, ``save_pretrained``).
+    See ``lohan_compile.runtime.stream.materialized``."""
+    from .runtime import stream
+
+    return stream.materialized(module)
+
+
+def state_dict(module, *args, **kwargs) -> dict:
+    """``module.state_dict()`` with the current value of every streamed parameter (host copies)."""
+    from .runtime import stream
+
+    return stream.state_dict(module, *args, **kwargs)
+
+
 def last_report() -> Report | None:
     """Report of the most recent completed training step (None before the first)."""
     from .runtime.step import TRACKER
@@ -45,6 +61,8 @@ __all__ = [
     "StorageError",
     "explain",
     "last_report",
+    "materialized",
+    "state_dict",
     "parse_bytes",
     "__version__",
 ]

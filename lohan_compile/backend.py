@@ -259,8 +259,6 @@ def check_supported(opts: Options) -> None:
     Accepting them would silently run something other than what was asked.
     """
     unsupported = []
-    if opts.offload_params is True:
-        unsupported.append("offload_params=True (parameter streaming)")
     if opts.policy in ("zero-infinity", "zero-offload"):
         unsupported.append(f"policy={opts.policy!r} (a baseline of `lohan plan`, simulated only)")
     if opts.policy == "swap-all":

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from .errors import LohanError
 from .backend import check_supported
 from .optim import CPUAdamW
 from .options import Options
@@ -113,6 +114,14 @@ def prepare(trainer: Any, *, overlap: str = "auto", skip_nonfinite: bool = True,
     # unknown keys, malformed values and what this version cannot honour fail here, not
     # wrapped by torch at the first step
     check_supported(Options(**options))
+    if options.get("offload_params") is True:
+        # the Trainer saves checkpoints with model.state_dict(), which would read streamed
+        # weights between steps, where they have no device memory
+        raise LohanError(
+            "hf.prepare cannot honour offload_params=True yet: the Trainer's checkpoints read the "
+            "weights between steps, where streamed weights have no device memory. Compile the model "
+            "yourself with offload_params=True and save with lohan_compile.state_dict(model)."
+        )
     _check_trainer(trainer)
     cls = _lohan_class(type(trainer))
     opt = _optimizer(trainer, overlap=overlap, skip_nonfinite=skip_nonfinite)

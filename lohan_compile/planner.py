@@ -158,6 +158,13 @@ def program_for(
                Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0))
             at("free", c.last_bw_use, Free(f"re:{c.key}"))
 
+    # streamed parameters share the h2d link with swap-ins
+    for f in problem.fetches:
+        issue = min(f.issue_at if f.issue_at is not None else f.first_use, f.first_use)
+        at("prefetch", issue, Alloc(f.key, f.bytes), Issue(f"fetch:{f.key}", "h2d", f.bytes * rates.h2d_seconds_per_byte))
+        at("wait", f.first_use, Wait(f"fetch:{f.key}"))
+        at("free", f.last_use, Free(f.key))
+
     for where, ops in (extra or {}).items():
         slots.setdefault(where, []).extend(ops)
     program: list[Op] = []
@@ -184,7 +191,7 @@ def predict(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates)
         exposed_seconds=t.exposed_seconds,
         recompute_seconds=recompute,
         d2h_bytes=sum(c.bytes for c in swapped),
-        h2d_bytes=sum(c.bytes for c in swapped),
+        h2d_bytes=sum(c.bytes for c in swapped) + sum(f.bytes for f in problem.fetches),
         timeline=t,
     )
 
@@ -260,6 +267,30 @@ def schedule_swaps(
             at -= 1
         out[c.key] = replace(out[c.key], prefetch_at=at)
     return out
+
+
+def schedule_fetches(problem: Problem, rates: Rates) -> list:
+    """Issue points of the streamed parameters' fetches: each as late as the link (one fetch at a
+    time, in order of first use) lets it finish before its first use, one op earlier for slack,
+    and never before its phase begins (a backward fetch is an op of the backward graph)."""
+    starts, now = [], 0.0
+    for op in problem.ops:
+        starts.append(now)
+        now += op.seconds
+    out = []
+    next_start = math.inf
+    for f in sorted(problem.fetches, key=lambda f: f.first_use, reverse=True):
+        floor = 0 if f.phase == "fw" else problem.n_fw
+        end = min(starts[f.first_use], next_start)
+        start = end - f.bytes * rates.h2d_seconds_per_byte
+        next_start = start
+        at = f.first_use
+        while at > floor and starts[at - 1] >= start:
+            at -= 1
+        if at > floor:
+            at -= 1
+        out.append(replace(f, issue_at=at))
+    return sorted(out, key=lambda f: (f.first_use, f.input_index))
 
 
 # -- policies ----------------------------------------------------------------------------

@@ -58,6 +58,23 @@ class Candidate:
     bytes_expr: sympy.Expr | None = None  # ``bytes`` as a possibly symbolic expression
 
 
+@dataclass(frozen=True)
+class Fetch:
+    """A streamed parameter brought to the device for one phase: allocated and copied in
+    (host -> device) when issued, waited for before ``first_use``, freed after ``last_use``."""
+
+    input_index: int
+    phase: str  # "fw" or "bw"
+    bytes: int
+    first_use: int
+    last_use: int
+    issue_at: int | None = None  # the op before which the fetch is issued (None: first_use)
+
+    @property
+    def key(self) -> str:
+        return f"param:{self.input_index}:{self.phase}"
+
+
 @dataclass
 class Problem:
     ops: list[OpInfo]
@@ -74,6 +91,8 @@ class Problem:
     input_bytes: dict[int, int] = field(default_factory=dict)
     params: tuple[int, ...] = ()  # which example inputs are parameters
     grad_key: dict[int, str] = field(default_factory=dict)  # input index -> its gradient's buffer
+    # streamed parameters (not resident: ``resident_bytes`` leaves them out), fetched per phase
+    fetches: list[Fetch] = field(default_factory=list)
 
     def candidate(self, key: str) -> Candidate:
         for c in self.candidates:
@@ -261,6 +280,18 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
         fw_seconds=fw_seconds,
         bw_seconds=sum(o.seconds for o in ops[n_fw:]),
     )
+
+
+def fetches_for(problem: Problem, streamed: dict[int, int]) -> list[Fetch]:
+    """One fetch per phase that reads each streamed input (index -> bytes), issued at first use."""
+    out = []
+    for idx, nbytes in sorted(streamed.items()):
+        uses = problem.input_uses.get(idx, [])
+        for phase, mine in (("fw", [u for u in uses if u < problem.n_fw]),
+                            ("bw", [u for u in uses if u >= problem.n_fw])):
+            if mine:
+                out.append(Fetch(idx, phase, nbytes, min(mine), max(mine)))
+    return sorted(out, key=lambda f: (f.first_use, f.input_index))
 
 
 def _input_facts(

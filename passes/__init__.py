@@ -13,6 +13,7 @@ from .classify_saved import classify_saved
 from .offload_grads import offload_grads
 from .partition_graph import partition_graph
 from .plan_memory import plan_memory
+from .stream_params import stream_params
 
 
 def default_passes() -> list[Pass]:
@@ -23,6 +24,7 @@ def default_passes() -> list[Pass]:
         Pass("offload_grads", offload_grads, requires=("classify_roles",)),
         Pass("plan_memory", plan_memory, requires=("classify_saved",)),
         Pass("apply_plan", apply_plan, requires=("plan_memory",)),
+        Pass("stream_params", stream_params, inference=True, requires=("classify_roles",)),
     ]
 
 
@@ -42,4 +44,5 @@ __all__ = [
     "offload_grads",
     "partition_graph",
     "plan_memory",
+    "stream_params",
 ]

@@ -28,9 +28,11 @@ import torch.fx as fx
 from ..costmodel import CostModel
 from ..fxutil import tensor_val
 from ..hardware import resolve
-from ..planner import Rates, solve
+from ..errors import BudgetError
+from ..planner import Rates, schedule_fetches, solve
 from ..pipeline import CompileFacts, Graphs
-from ..problem import build_problem
+from ..problem import Problem, build_problem, fetches_for
+from .stream_params import streamable_params, streamed_elsewhere
 from ..shapes import nbytes_hint
 
 NAME = "plan_memory"
@@ -60,7 +62,22 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         sharing=hw.sharing,
     )
     policy = "keep-all" if facts.options.policy == "auto" and facts.options.memory_budget is None else facts.options.policy
-    plan = solve(policy, problem, rates, facts.options.memory_budget)
+    budget = facts.options.memory_budget
+    candidates = streamable_params(graphs.fw, facts)
+    mode = facts.options.offload_params
+    streamed = streamed_elsewhere(graphs.fw, facts)  # another graph streams them: so must this one
+    resident = problem.resident_bytes
+    if mode is True or (mode == "auto" and budget is not None and candidates
+                        and problem.resident_bytes >= budget):
+        streamed.update(candidates)
+    try:
+        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident)
+    except BudgetError:
+        if mode != "auto" or not set(candidates) - set(streamed):
+            raise
+        # the weights fit, but not beside what the step needs: stream them
+        streamed.update(candidates)
+        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident)
     p = plan.prediction
     report = {
         "hardware": hw.name,
@@ -72,5 +89,19 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         "predicted_step_s": p.step_seconds,
         "predicted_peak_bytes": p.peak_device_bytes,
         "predicted_host_peak_bytes": p.peak_host_bytes,
+        # streamed parameters (input index -> bytes) and where each fetch is issued (op name)
+        "streamed": streamed,
+        "fetch_at": {(f.input_index, f.phase): problem.ops[f.issue_at].name for f in problem.fetches},
     }
     return graphs, report
+
+
+def _solve_streaming(policy: str, problem: Problem, rates: Rates, budget: int | None,
+                     streamed: dict[int, int], resident: int):
+    """Plan with ``streamed`` parameters fetched per phase instead of resident (``resident``:
+    the device bytes at the start with every input resident; ``problem`` is changed to match
+    the plan that is returned)."""
+    problem.resident_bytes = resident - sum(streamed.values())
+    problem.fetches = fetches_for(problem, streamed)
+    problem.fetches = schedule_fetches(problem, rates)
+    return solve(policy, problem, rates, budget)

@@ -235,6 +235,15 @@ def _install_guards() -> None:
 _install_guards()
 
 
+def key_of(param: torch.Tensor) -> int | None:
+    """The key of ``param`` if an optimizer runtime offloads its gradient, else None."""
+    with _keys_lock:
+        key = _keys.get(id(param))
+        if key is None or _entries[key][0]() is not param or _entries[key][1]() is None:
+            return None
+        return key
+
+
 def runtime_for(key: int) -> "OffloadRuntime":
     runtime = _entries[key][1]()
     if runtime is None:
@@ -675,7 +684,15 @@ class OffloadRuntime:
         return (g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], g["decoupled_weight_decay"],
                 g["maximize"])
 
+    def _streamed(self, key: int):
+        from . import stream
+
+        return stream.lookup(self.params[key])
+
     def _weight_buf(self, key: int) -> torch.Tensor:
+        s = self._streamed(key)
+        if s is not None:
+            return s.spare  # a streamed weight's update goes beside the value fetches read
         buf = self.weight_bufs.get(key)
         if buf is None:
             p = self.params[key]
@@ -712,8 +729,12 @@ class OffloadRuntime:
             st.updated.discard(key)
             st.hyper.pop(key, None)
             if restore_weights and key in st.written:
-                opt.read_state(state["master"], self._weight_buf(key))
-                st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
+                s = self._streamed(key)
+                if s is not None:
+                    opt.read_state(state["master"], s.host)  # the value the next fetch reads
+                else:
+                    opt.read_state(state["master"], self._weight_buf(key))
+                    st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
             st.written.discard(key)
 
     def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event,
@@ -763,6 +784,12 @@ class OffloadRuntime:
             if key in st.written or key not in st.weight_free or key not in st.updated:
                 return
             st.written.add(key)
+            s = self._streamed(key)
+            if s is not None:
+                # streamed: the device holds no copy at rest; the next fetch reads the new value
+                # (backward no longer reads this weight, and the update that wrote it is done)
+                s.swap_buffers()
+                return
             copy = self.tier.copy_(self.params[key].detach(), self._weight_buf(key))
             st.copies.append(copy)
             st.copy_of[key] = copy

@@ -1,0 +1,284 @@
+"""Parameter streaming: the runtime behind the graph ops of ``stream_params``.
+
+A streamed parameter keeps its shape, strides and identity (compiled graphs and
+dynamo's guards see the same tensor) but not its device memory: between uses
+its storage is resized to zero bytes, and its value lives in a host-tier
+buffer. The graph ops bring it back where the plan says:
+
+- ``lohan::fetch_param(key)`` gives the storage its bytes back (device memory,
+  allocated on the step thread) and starts copying the host value in (copy
+  engine). A deferred optimizer update of the parameter still running is
+  waited for first: it writes the host value the copy reads.
+- ``lohan::param_wait(t, key)`` waits for that copy before the first use of
+  ``t`` (the parameter, or a view of it that forward saved for backward: views
+  share the storage, so they see the bytes again) and returns ``t``.
+- ``lohan::release_param(key)`` resizes the storage to zero after the last use.
+
+A parameter the optimizer updates has two host buffers: ``host`` (the value
+fetches read) and ``spare`` (where an update writes the new weight). Once the
+update is done and backward no longer reads the weight, the two trade places
+(``OffloadRuntime._writeback``), so a fetch never reads a half-written weight
+and an update never waits for backward. Frozen parameters have one buffer.
+
+Outside the compiled model a streamed parameter has no data: ``materialized``
+brings all of a module's back for a block of code (evaluation without
+compiling, ``save_pretrained``), ``state_dict`` returns a full state dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import LohanError
+
+_lib = torch.library.Library("lohan", "FRAGMENT")
+_lib.define("fetch_param(int key) -> ()")
+_lib.define("param_wait(Tensor(a) t, int key) -> Tensor(a)")
+_lib.define("release_param(int key) -> ()")
+
+
+def _fetch_impl(key: int) -> None:
+    if key >= 0:  # (-1: planned by explain() on meta, never run)
+        entry(key).fetch()
+
+
+def _wait_impl(t: torch.Tensor, key: int) -> torch.Tensor:
+    if key >= 0:
+        entry(key).wait()
+    return torch.ops.aten.alias.default(t)
+
+
+def _release_impl(key: int) -> None:
+    if key >= 0:
+        entry(key).release()
+
+
+_lib.impl("fetch_param", _fetch_impl, "CompositeExplicitAutograd")
+_lib.impl("param_wait", _wait_impl, "CompositeExplicitAutograd")
+_lib.impl("release_param", _release_impl, "CompositeExplicitAutograd")
+for _op in (torch.ops.lohan.fetch_param.default, torch.ops.lohan.param_wait.default,
+            torch.ops.lohan.release_param.default):
+    torch.fx.node.has_side_effect(_op)
+    torch.fx.node.has_side_effect(_op.overloadpacket)
+
+
+@torch.library.register_fake("lohan::fetch_param")
+def _fetch_fake(key: int) -> None:
+    return None
+
+
+@torch.library.register_fake("lohan::param_wait")
+def _wait_fake(t: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.ops.aten.alias.default(t)
+
+
+@torch.library.register_fake("lohan::release_param")
+def _release_fake(key: int) -> None:
+    return None
+
+
+@dataclass(eq=False)
+class Streamed:
+    """One streamed parameter: where its value lives and whether the device has it now."""
+
+    key: int
+    param_ref: weakref.ref
+    nbytes: int
+    host: torch.Tensor  # the value fetches read (host tier)
+    spare: torch.Tensor | None = None  # an update's output (trainable parameters only)
+    copy: Any = None  # the fetch in flight (a CopyEvent), or None
+    tier: Any = None
+    offload_key: int | None = None  # the optimizer runtime's key, when an optimizer updates it
+
+    @property
+    def param(self) -> torch.Tensor:
+        p = self.param_ref()
+        if p is None:
+            raise LohanError("a streamed parameter was garbage collected while a compiled graph uses it")
+        return p
+
+    @property
+    def resident(self) -> bool:
+        return self.param.untyped_storage().nbytes() > 0
+
+    def fetch(self) -> None:
+        p = self.param
+        if p.untyped_storage().nbytes() > 0:
+            return  # already on the device (another graph of the step fetched it)
+        if self.offload_key is not None:
+            from .offload import runtime_for
+
+            # a deferred update of this weight writes the host value this copy reads
+            runtime_for(self.offload_key).wait_weight(self.offload_key)
+        # the device memory comes from the step thread (DESIGN: device tier allocated where
+        # the step runs); the copy engine only writes into it
+        p.untyped_storage().resize_(self.nbytes)
+        self.copy = self.tier.copy_(p.detach(), self.host)
+        with _lock:
+            _counters["fetches"] += 1
+            _counters["fetched_bytes"] += self.nbytes
+
+    def wait(self) -> None:
+        if self.copy is not None:
+            self.copy.wait()
+            self.copy = None
+        if self.param.untyped_storage().nbytes() == 0:
+            raise LohanError("internal: a streamed parameter is read before it was fetched")
+
+    def release(self) -> None:
+        # a copy still writing into the storage must finish before the storage goes
+        self.wait()
+        self.param.untyped_storage().resize_(0)
+
+    def swap_buffers(self) -> None:
+        """After an update wrote ``spare``: it becomes the value fetches read."""
+        self.host, self.spare = self.spare, self.host
+
+    def value(self) -> torch.Tensor:
+        """The parameter's current value (the host buffer; wait for nothing else)."""
+        return self.host
+
+
+_lock = threading.Lock()
+_by_key: dict[int, Streamed] = {}
+_key_of: dict[int, int] = {}  # id(param) -> key
+_counters = {"fetches": 0, "fetched_bytes": 0}
+
+
+def entry(key: int) -> Streamed:
+    s = _by_key.get(key)
+    if s is None:
+        raise LohanError(f"internal: no streamed parameter has key {key}")
+    return s
+
+
+def lookup(param: torch.Tensor) -> Streamed | None:
+    key = _key_of.get(id(param))
+    if key is None:
+        return None
+    s = _by_key.get(key)
+    return s if s is not None and s.param_ref() is param else None
+
+
+_resident: dict[int, weakref.ref] = {}  # id(param) -> param (tensors compare by value: not a set)
+
+
+def keep_resident(param: torch.Tensor) -> None:
+    """A compiled graph reads ``param`` without fetching it: later compiles must not stream it."""
+    if param.device.type != "meta" and lookup(param) is None:
+        with _lock:
+            _resident[id(param)] = weakref.ref(param)
+
+
+def kept_resident(param: torch.Tensor) -> bool:
+    ref = _resident.get(id(param))
+    return ref is not None and ref() is param
+
+
+def counters() -> dict[str, int]:
+    with _lock:
+        return dict(_counters)
+
+
+def register(param: torch.Tensor, *, trainable: bool, offload_key: int | None = None) -> Streamed:
+    """Stream ``param`` from now on (compile time): copy its value to the host tier. Its device
+    memory goes at the first ``release_param``. Registering again returns the same entry."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from . import hosttier
+
+    existing = lookup(param)
+    if existing is not None:
+        if trainable and existing.spare is None:
+            existing.spare = existing.tier.empty(tuple(param.shape), param.dtype)
+        if offload_key is not None:
+            existing.offload_key = offload_key
+        return existing
+    if not param.is_contiguous():
+        raise LohanError(f"offload_params: a parameter of shape {tuple(param.shape)} is not contiguous")
+    tier = hosttier.current()
+    nbytes = param.numel() * param.element_size()
+    with unset_fake_temporarily(), torch.no_grad():
+        if param.untyped_storage().nbytes() != nbytes or param.storage_offset() != 0:
+            raise LohanError(
+                "offload_params: a parameter shares its storage with other tensors (a view of a larger "
+                "buffer); streaming it would free memory they use. Make it a parameter of its own."
+            )
+        host = tier.empty(tuple(param.shape), param.dtype).copy_(param.detach())
+        spare = tier.empty(tuple(param.shape), param.dtype) if trainable else None
+    with _lock:
+        key = len(_by_key)
+        s = Streamed(key, weakref.ref(param, _forget(key)), nbytes, host, spare, None, tier, offload_key)
+        _by_key[key] = s
+        _key_of[id(param)] = key
+    return s
+
+
+def _forget(key: int):
+    def drop(_ref) -> None:
+        with _lock:
+            s = _by_key.pop(key, None)
+            if s is not None:
+                _key_of.pop(next((i for i, k in _key_of.items() if k == key), None), None)
+
+    return drop
+
+
+def _streamed_of(module: torch.nn.Module) -> list[tuple[str, Streamed]]:
+    out = []
+    for name, p in module.named_parameters(remove_duplicate=True):
+        s = lookup(p)
+        if s is not None:
+            out.append((name, s))
+    return out
+
+
+@contextlib.contextmanager
+def materialized(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block, every streamed parameter of ``module`` holds its current value on the
+    device, as if it were never streamed: evaluate the model without compiling it, read its
+    weights, ``save_pretrained``. Read-only: changes made to the weights inside the block are
+    dropped at its end (load new weights before compiling, or into the optimizer's state)."""
+    from .offload import _runtimes
+
+    for runtime in list(_runtimes):
+        if runtime.pending_weights:
+            runtime.finish_pending()  # deferred updates write the values read here
+    fetched = []
+    try:
+        for _, s in _streamed_of(module):
+            if not s.resident:
+                s.fetch()
+                fetched.append(s)
+        for s in fetched:
+            s.wait()
+        yield module
+    finally:
+        for s in fetched:
+            s.release()
+
+
+def state_dict(module: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every streamed parameter's current value (a host copy),
+    so it can be saved (``torch.save``, safetensors) while the weights are streamed."""
+    from .offload import _runtimes
+
+    for runtime in list(_runtimes):
+        if runtime.pending_weights:
+            runtime.finish_pending()
+    streamed = {id(s.param): s for _, s in _streamed_of(module)}
+    sd = module.state_dict(*args, keep_vars=True, **kwargs)
+    out = {}
+    for name, t in sd.items():
+        s = streamed.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if s is not None:
+            out[name] = s.value().clone()
+        else:
+            out[name] = t.detach() if isinstance(t, torch.Tensor) else t
+    return out
