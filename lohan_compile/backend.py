@@ -347,6 +347,7 @@ class GraphCompiler:
         )
         self.record.dump_dir = self.dump_dir
         self.resident_outside = resident_outside_bytes(real_inputs)
+        self.record.resident_outside_bytes = self.resident_outside
         self.record.device = next(
             (t.device for t in real_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None
         )

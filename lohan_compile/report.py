@@ -55,6 +55,9 @@ class GraphRecord:
     # input storages the device counter does not see, found at the first run: ptr -> bytes
     uncounted_inputs: dict[int, int] | None = None
     predicted_host_peak_bytes: int | None = None
+    # device bytes held outside the graph's inputs when it was planned (measured; counted in
+    # its predicted peak)
+    resident_outside_bytes: int = 0
     # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the plan's step simulated again with the compute times the executor measured
@@ -166,15 +169,18 @@ class Report:
         return None if not values or any(v is None for v in values) else sum(values)
 
     def _predicted_peak(self) -> int | None:
-        """One graph: its prediction. Several: each graph's peak with what the others keep
-        for backward added (an upper bound until steps are planned as a whole)."""
+        """One graph: its prediction. Several, in the order their forwards ran: while a graph
+        runs, the graphs before it keep their saved values (their backward comes after its
+        own). Its prediction already counts what the device held when it was planned (a real
+        run measures the earlier graphs' saved values then); what it did not see is added."""
         graphs = self.graphs
         if not graphs or any(g.predicted_peak_bytes is None for g in graphs):
             return None
-        if len(graphs) == 1:
-            return graphs[0].predicted_peak_bytes
-        kept = {g.graph_id: evaluate(g.kept_bytes_expr, {}) or 0 for g in graphs}
-        return max(g.predicted_peak_bytes + sum(v for k, v in kept.items() if k != g.graph_id) for g in graphs)
+        peak, earlier = 0, 0
+        for g in graphs:
+            peak = max(peak, g.predicted_peak_bytes + max(0, earlier - g.resident_outside_bytes))
+            earlier += evaluate(g.kept_bytes_expr, {}) or 0
+        return peak
 
     def summary(self) -> dict[str, Any]:
         budgets = {g.budget_bytes for g in self.graphs}

@@ -24,6 +24,9 @@ the segments and lohan's ops in exactly the graph's order. So:
 - **Cache.** Segments are plain aten graphs; no lohan pass runs inside Inductor,
   so Inductor's FX graph cache keys (graph code, input metadata, config) describe
   them completely, and identical segments (the layers of a transformer) hit it.
+- **Timing.** Where compute is synchronous (the CPU stand-in) the driver times each
+  segment and direct op in a few calls (``Driver.node_seconds``): the backend
+  simulates the plan again with those times and plans with them when it re-plans.
 
 Runs with at most one op to compute (and any number of views, ``getitem`` and size
 arithmetic) are not worth a compile: a single op gains nothing from Inductor (no

@@ -73,26 +73,46 @@ def test_executed_transfer_order_equals_the_plan(executor):
 
 
 @pytest.mark.inductor
-def test_inductor_runs_every_lohan_op_in_graph_order():
-    """Swaps, waits, gradient hand-offs and weight waits (swap-all and a CPUAdamW): the Inductor
-    executor runs every lohan op of the rewritten graphs, on the same tensors, in the graphs'
-    order (which is the plan's: apply_plan orders the nodes, test above), forward then backward."""
+def test_inductor_runs_every_lohan_op_in_graph_order_and_offloads_as_adamw():
+    """Swaps, waits, gradient hand-offs and weight waits (swap-all and a CPUAdamW that clips):
+    the Inductor executor runs every lohan op of the rewritten graphs, on the same tensors, in
+    the graphs' order (which is the plan's: apply_plan orders the nodes, test above), forward
+    then backward; and the training equals torch's AdamW with clip_grad_norm_ within tolerance."""
+    from models import assert_same_state
+
     torch.manual_seed(0)
-    model = tiny_llama(layers=2)
-    ids = torch.randint(0, 128, (2, 64))
-    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, overlap="deferred")
+    eager = tiny_llama(layers=2)
+    model = copy.deepcopy(eager)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, weight_decay=0.01, max_grad_norm=0.5)
     cm = torch.compile(model, backend="lohan", options={"policy": "swap-all", "optimizer": opt, "executor": "inductor"})
+    g = torch.Generator().manual_seed(1)
+    events = None
+    for i in range(3):
+        ids = torch.randint(0, 128, (2, 64), generator=g)
+        expected = eager(input_ids=ids, labels=ids).loss
+        expected.backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.5)
+        opt_e.step()
+        opt_e.zero_grad()
+        losses = []
 
-    def step():
-        cm(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+        def step():
+            losses.append(cm(input_ids=ids, labels=ids).loss)
+            losses[-1].backward()
+            opt.step()
+            opt.zero_grad()
 
-    step()  # compile outside the recording
-    events = executed_events(step, GRAPH_OPS)
+        if i == 1:  # compiled in the first step, outside the recording
+            events = executed_events(step, GRAPH_OPS)
+        else:
+            step()
+        torch.testing.assert_close(losses[-1].detach(), expected.detach(), rtol=1e-4, atol=1e-5)
     opt.synchronize()
+    assert_same_state(eager, model, exact=False, atol=1e-4)
     graph = lohan.last_report().graphs[-1]
     planned = [tuple(e) for phase in ("forward", "backward") for e in graph.segments[phase]["lohan_op_sequence"]]
     assert {"lohan::swap_in", "lohan::grad_ready", "lohan::weight_wait"} <= {name for name, _ in events}
     assert events == planned
     assert graph.segments["backward"]["segments"] > 1  # compute really runs between them
+    assert lohan.last_report().summary()["swapped_bytes"] > 0

@@ -92,11 +92,10 @@ def test_budget_is_met_and_predicted(unplanned, fraction):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("fraction", [0.86, 0.6])
-def test_budget_is_met_under_inductor(unplanned, fraction):
+def test_budget_is_met_under_inductor(unplanned):
     """Inductor fuses and frees inside its segments; lohan's ops and what crosses them stay
     where the plan put them: the measured peak stays within the budget."""
-    budget = int(unplanned[0] * fraction)
+    budget = int(unplanned[0] * 0.6)
     peak, report = measured_peak({"memory_budget": budget, "executor": "inductor"})
     summary = report.summary()
     assert all(g.executor == "inductor" and g.segments for g in report.graphs)
@@ -298,3 +297,29 @@ def test_recomputation_that_reads_a_swapped_value_is_exact():
             for need in c.recompute_needs if plan.decisions[need].action is Action.SWAP
         ]
     assert reads_swapped, "the plan no longer recomputes from a swapped value: this test needs another budget"
+
+
+def test_a_graph_breaking_model_predicts_its_step_peak_within_the_budget():
+    """GPT-2 runs two graphs per step (its loss is the second): each graph's prediction counts
+    what the device held when it was planned, so the step's predicted peak is the highest of
+    them, within the budget, and close to the measured peak (the sum of every graph's peak and
+    the others' saved values overstated it past the budget)."""
+    def run(options):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_gpt2(layers=2)
+        cm = torch.compile(model, backend="lohan", options=options)
+        ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            lm_loss(cm, ids).backward()
+        return lohan.last_report()
+
+    unplanned = run({}).summary()["measured_peak_bytes"]
+    budget = int(0.8 * unplanned)
+    report = run({"memory_budget": budget})
+    summary = report.summary()
+    assert summary["graphs"] == 2
+    assert summary["predicted_peak_bytes"] <= budget
+    assert summary["measured_peak_bytes"] <= 1.05 * budget
+    assert abs(summary["predicted_peak_bytes"] - summary["measured_peak_bytes"]) <= 0.10 * summary["measured_peak_bytes"]
