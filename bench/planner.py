@@ -80,7 +80,8 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
         for policy in POLICIES:
             torch._dynamo.reset()
             try:
-                r = Runner(make, loss, batch, {"memory_budget": budget, "policy": policy})
+                # activations only (this compares the activation policies): the weights stay resident
+                r = Runner(make, loss, batch, {"memory_budget": budget, "policy": policy, "offload_params": False})
                 for _ in range(warmup):
                     r.step()
             except Exception as e:  # noqa: BLE001 - BudgetError arrives wrapped by torch

@@ -185,3 +185,41 @@ def test_just_in_time_prefetch_is_never_late_without_contention():
         if d[c.key].prefetch_at > p.n_fw:
             assert math.isclose(t.exposed[f"swap_in:{c.key}"], 0.0, abs_tol=1e-9)
     assert sum(1 for c in p.candidates if d[c.key].prefetch_at > p.n_fw) >= len(p.candidates) - 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layers=st.integers(2, 6),
+    weight=st.integers(1, 400),
+    rate=st.sampled_from([1e-6, 1e-3, 1e-2]),
+)
+def test_streamed_weights_are_fetched_in_time_on_the_h2d_link_and_counted(layers, weight, rate):
+    """Each layer's weight, streamed, is fetched once per phase: issued within its phase and
+    before its first use, on the h2d link beside the swap-ins, its bytes on the device from
+    issue to last use; not resident."""
+    from dataclasses import replace
+
+    from lohan_compile.planner import predict, schedule_fetches
+    from lohan_compile.problem import Fetch
+
+    p = layered_problem(layers=layers)
+    p.resident_bytes = 50  # the streamed weights are not resident
+    n = 2 * layers
+    p.fetches = [Fetch(i, "fw", weight, i, i) for i in range(layers)] + [
+        Fetch(i, "bw", weight, n - 1 - i, n - 1 - i) for i in range(layers)]
+    rates = Rates(d2h_seconds_per_byte=rate, h2d_seconds_per_byte=rate)
+    p.fetches = schedule_fetches(p, rates)
+    for f in p.fetches:
+        floor = 0 if f.phase == "fw" else p.n_fw
+        assert floor <= f.issue_at <= f.first_use
+    keep = {c.key: keep_all(p, rates, None).decisions[c.key] for c in p.candidates}
+    pred = predict(p, keep, rates)
+    assert pred.h2d_bytes == 2 * layers * weight
+    # the device holds at least one weight beside what keep-all keeps, never all of them at once
+    # unless the link forces early fetches
+    no_stream = replace(p, fetches=[])
+    base = predict(no_stream, keep, rates).peak_device_bytes
+    assert base + weight <= pred.peak_device_bytes <= base + 2 * layers * weight
+    if rate == 1e-6:  # a fast link: fetches hide behind compute, just in time
+        assert pred.step_seconds == pytest.approx(predict(no_stream, keep, rates).step_seconds, abs=1e-3)
+        assert pred.peak_device_bytes <= base + 2 * weight
