@@ -47,7 +47,9 @@ def models():
         # shapes where activations dominate the parameters
         "llama": (lambda: tiny_llama(layers=4), lm, torch.randint(0, 128, (8, 256), generator=g)),
         "gpt2": (lambda: tiny_gpt2(layers=4), lm, torch.randint(0, 128, (32, 64), generator=g)),  # 64 positions
-        "block": (lambda: Block(256, 4), block_loss, torch.randn(16, 256, 256, generator=g)),
+        # a stack of blocks: one block alone has nothing to move (its peak is its own backward)
+        "block": (lambda: torch.nn.Sequential(*(Block(128, 4) for _ in range(4))), block_loss,
+                  torch.randn(16, 256, 128, generator=g)),
     }
 
 
