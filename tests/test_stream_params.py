@@ -326,3 +326,18 @@ def test_streaming_on_cuda_within_the_budget():
     ref, _ = _train(streamy_llama().cuda(), data, {"offload_params": False})
     for a, b in zip(ref, losses):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_auto_streams_only_when_the_weights_do_not_fit():
+    """offload_params="auto" (the default): weights above the budget are streamed; with room
+    for them, nothing is."""
+    data = batches(2)
+    budget = weights_of(streamy_llama) // 2
+    model = streamy_llama()
+    _train(model, data, {"memory_budget": budget})
+    assert streamed_params(model)
+    assert lohan.last_report().summary()["measured_peak_bytes"] <= 1.05 * budget
+    torch._dynamo.reset()
+    roomy = streamy_llama()
+    _train(roomy, data, {"memory_budget": 8 * weights_of(streamy_llama)})
+    assert not streamed_params(roomy)

@@ -41,9 +41,13 @@ def _compiled_backward_node(outputs: Any):
 def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
     """Input storages the device counter does not see (allocated before it was installed):
     they are resident all the same, and the measured peak adds them."""
+    from . import stream
+
     out: dict[int, int] = {}
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not device_memory.counted(a):
+            if stream.lookup(a) is not None:
+                continue  # streamed: no device memory at rest; each fetch is counted when made
             storage = a.untyped_storage()
             out[storage.data_ptr()] = storage.nbytes()
     return out
