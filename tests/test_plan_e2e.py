@@ -115,9 +115,11 @@ def test_planned_training_equals_eager_bitwise():
         assert torch.equal(a, b)
     assert_same_state(eager, compiled)
     report = lohan.last_report()
-    plan = report.graphs[-1].pass_report("plan_memory")["plan"]
-    assert plan.count(Action.RECOMPUTE) + plan.count(Action.SWAP) > 0
-    assert report.summary()["measured_peak_bytes"] <= 1.05 * budget
+    summary = report.summary()
+    # something moved: swapped or recomputed by the plan, or recomputed by the min-cut partition
+    # that auto also considers (which one is faster depends on this machine's profile)
+    assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
+    assert summary["measured_peak_bytes"] <= 1.05 * budget
 
 
 def test_budget_below_any_plan_raises_budget_error_with_the_smallest(unplanned):

@@ -44,7 +44,7 @@ def test_weights_twice_the_budget_train_exactly_within_the_budget(overlap):
     # the budget covers everything on the device (the CPU stand-in counts every c10 allocation):
     # no eager model may be alive while lohan runs, so eager runs before (for the clipping
     # limit) and after (the reference), each time from the same seed
-    data = batches(4)
+    data = batches(3)
     _, norms = eager_reference(streamy_llama(), data, lm_loss, lr=1e-3, max_grad_norm=None)
     limit = sorted(norms)[len(norms) // 2]  # some steps clip, some do not
     budget = weights_of(streamy_llama) // 2
@@ -69,7 +69,7 @@ def test_weights_twice_the_budget_train_exactly_within_the_budget(overlap):
         box["losses"].append(loss.detach())
         box["norms"].append(opt.last_grad_norm)
 
-    peak = measure_device_peak(build, step, steps=4)
+    peak = measure_device_peak(build, step, steps=3)
     model, opt = box["model"], box["opt"]
     assert weight_bytes(model) >= 2 * budget
     assert peak.peak_bytes <= 1.05 * budget, (peak.step_peaks, budget)
@@ -87,6 +87,16 @@ def test_weights_twice_the_budget_train_exactly_within_the_budget(overlap):
     assert box["norms"] == pytest.approx(ne, rel=1e-4)
     with lohan.materialized(model):
         assert_close_models(eager, model)
+
+
+def test_auto_streams_when_the_weights_do_not_fit():
+    """offload_params="auto" (the default): weights above the budget are streamed."""
+    data = batches(2)
+    budget = weights_of(streamy_llama) // 2
+    model = streamy_llama()
+    _train(model, data, {"memory_budget": budget})
+    assert streamed_params(model)
+    assert lohan.last_report().summary()["measured_peak_bytes"] <= 1.05 * budget
 
 
 class Adapted(torch.nn.Module):
@@ -268,11 +278,12 @@ def test_bf16_weights_streamed_train_bitwise_as_resident_ones():
     """Low-precision weights in the host tier, fp32 masters in the optimizer: streaming moves
     the same bytes the resident run reads, so the two runs are bitwise equal."""
     data = batches(3)
-    resident = streamy_llama(layers=2).to(torch.bfloat16)
-    lr_, _ = _train(resident, data, {"offload_params": False})
-    torch._dynamo.reset()
     streamed = streamy_llama(layers=2).to(torch.bfloat16)
     ls, opt = _train(streamed, data, {"offload_params": True})
+    torch._dynamo.reset()
+    resident = streamy_llama(layers=2).to(torch.bfloat16)
+    lr_, opt_r = _train(resident, data, {"offload_params": False})
+    opt_r.synchronize()  # its last deferred updates write the resident weights
     assert streamed_params(streamed)
     assert all(stream.lookup(p).host.dtype == torch.bfloat16 for p in streamed_params(streamed))
     assert all(opt.state[p]["master"].dtype == torch.float32 for p in streamed_params(streamed))
@@ -287,14 +298,13 @@ def test_bf16_weights_streamed_train_bitwise_as_resident_ones():
 def test_streaming_under_inductor_within_the_budget():
     """The default executor: Inductor compiles the compute between the fetches and releases."""
     data = batches(3)
-    budget = weights_of(streamy_llama) // 2
-    model = streamy_llama()
+    budget = int(0.6 * weights_of(lambda: streamy_llama(layers=2)))
+    model = streamy_llama(layers=2)
     losses, _ = _train(model, data, {"memory_budget": budget, "offload_params": True, "executor": "inductor"})
     report = lohan.last_report().summary()
     assert streamed_params(model)
     assert report["measured_peak_bytes"] <= 1.05 * budget
-    torch._dynamo.reset()
-    ref, _ = _train(streamy_llama(), data, {"offload_params": False, "executor": "fx"})
+    ref, _ = eager_reference(streamy_llama(layers=2), data, lm_loss, lr=1e-3, max_grad_norm=0.5)
     for a, b in zip(ref, losses):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
@@ -328,16 +338,10 @@ def test_streaming_on_cuda_within_the_budget():
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
 
 
-def test_auto_streams_only_when_the_weights_do_not_fit():
-    """offload_params="auto" (the default): weights above the budget are streamed; with room
-    for them, nothing is."""
-    data = batches(2)
-    budget = weights_of(streamy_llama) // 2
-    model = streamy_llama()
-    _train(model, data, {"memory_budget": budget})
-    assert streamed_params(model)
-    assert lohan.last_report().summary()["measured_peak_bytes"] <= 1.05 * budget
-    torch._dynamo.reset()
-    roomy = streamy_llama()
-    _train(roomy, data, {"memory_budget": 8 * weights_of(streamy_llama)})
+def test_auto_does_not_stream_weights_that_fit():
+    """offload_params="auto" with room for the weights: nothing is streamed. (Last in this file:
+    the resident model it trains outlives the test inside torch's tracing state, and would count
+    against the budgets of the tests above.)"""
+    roomy = streamy_llama(layers=1)
+    _train(roomy, batches(1), {"memory_budget": 8 * weights_of(streamy_llama)})
     assert not streamed_params(roomy)

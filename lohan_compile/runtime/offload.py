@@ -331,7 +331,8 @@ class OffloadRuntime:
                 opt.state_allocator = _spilling_allocator(tier, opt)
             else:
                 opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
-        self.params: dict[int, torch.Tensor] = {}
+        # weakly: a runtime outliving its model (a stray reference) must not keep the weights alive
+        self.params: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
         self._state_moved: set[int] = set()  # keys whose optimizer state is the runtime's own
         self._update_order: tuple[list[int], list[int]] = ([], [])  # this step's, the last step's
         self.weight_bufs: dict[int, torch.Tensor] = {}

@@ -239,17 +239,22 @@ def _streamed_of(module: torch.nn.Module) -> list[tuple[str, Streamed]]:
     return out
 
 
+def _wait_for_updates(module: torch.nn.Module) -> None:
+    """Deferred optimizer updates of ``module``'s streamed weights, still running, finish first."""
+    from .offload import runtime_for
+
+    for _, s in _streamed_of(module):
+        if s.offload_key is not None:
+            runtime_for(s.offload_key).wait_weight(s.offload_key)
+
+
 @contextlib.contextmanager
 def materialized(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Inside the block, every streamed parameter of ``module`` holds its current value on the
     device, as if it were never streamed: evaluate the model without compiling it, read its
     weights, ``save_pretrained``. Read-only: changes made to the weights inside the block are
     dropped at its end (load new weights before compiling, or into the optimizer's state)."""
-    from .offload import _runtimes
-
-    for runtime in list(_runtimes):
-        if runtime.pending_weights:
-            runtime.finish_pending()  # deferred updates write the values read here
+    _wait_for_updates(module)  # deferred updates write the values read here
     fetched = []
     try:
         for _, s in _streamed_of(module):
@@ -267,11 +272,7 @@ def materialized(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def state_dict(module: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with every streamed parameter's current value (a host copy),
     so it can be saved (``torch.save``, safetensors) while the weights are streamed."""
-    from .offload import _runtimes
-
-    for runtime in list(_runtimes):
-        if runtime.pending_weights:
-            runtime.finish_pending()
+    _wait_for_updates(module)
     streamed = {id(s.param): s for _, s in _streamed_of(module)}
     sd = module.state_dict(*args, keep_vars=True, **kwargs)
     out = {}
