@@ -7,6 +7,11 @@ estimated times from the cost model), the chosen ``Plan`` and its simulated
 ``Prediction`` (step time, device peak, traffic). The graphs are unchanged:
 applying the plan is the rewrite passes' job.
 
+With ``offload_params`` (``True``; ``"auto"`` when the resident inputs reach the budget or no
+plan fits with them resident), parameters that ``stream_params`` can stream leave the resident
+bytes and become fetches: one per phase that reads them, on the host-to-device link, issued just
+in time (``schedule_fetches``); the report says which (``streamed``) and where (``fetch_at``).
+
 Op times are the cost model's estimates, or what an earlier plan of the same graph
 measured (``facts.measured_seconds``, when the graph is planned again).
 
