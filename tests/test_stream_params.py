@@ -34,6 +34,18 @@ def streamed_params(model):
     return [p for p in model.parameters() if stream.lookup(p) is not None]
 
 
+def train_steps(cm, opt, data):
+    """One optimizer step per batch; the losses."""
+    losses = []
+    for ids in data:
+        loss = lm_loss(cm, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
 def weights_of(make):
     with torch.device("meta"):
         return weight_bytes(make())
@@ -132,13 +144,7 @@ def test_frozen_streamed_weights_with_trained_adapters():
     cm = torch.compile(model, backend="lohan",
                        options={"optimizer": opt, "memory_budget": weight_bytes(model) // 2,
                                 "offload_params": True})
-    losses = []
-    for ids in data:
-        loss = lm_loss(cm, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
+    losses = train_steps(cm, opt, data)
     streamed = streamed_params(model)
     assert streamed and all(not p.requires_grad for p in streamed)
     assert all(stream.lookup(p).spare is None for p in streamed)  # frozen: no update buffer
@@ -232,13 +238,7 @@ def test_streamed_weights_with_optimizer_state_on_ssd(tmp_path):
         "optimizer": opt, "memory_budget": budget, "offload_params": True,
         "host_memory_budget": host_budget, "ssd_dir": str(tmp_path)})
     try:
-        losses = []
-        for ids in data:
-            loss = lm_loss(cm, ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
+        losses = train_steps(cm, opt, data)
         assert streamed_params(model)
         tier = opt.state_tier
         assert any(opt._on_ssd(t) for p in model.parameters() for t in opt.state[p].values())
@@ -264,14 +264,7 @@ def test_streamed_weights_with_optimizer_state_on_ssd(tmp_path):
 def _train(model, data, options):
     opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=0.5, overlap="deferred")
     cm = torch.compile(model, backend="lohan", options={"optimizer": opt, **options})
-    losses = []
-    for ids in data:
-        loss = lm_loss(cm, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
-    return losses, opt
+    return train_steps(cm, opt, data), opt
 
 
 def test_bf16_weights_streamed_train_bitwise_as_resident_ones():
