@@ -1,4 +1,4 @@
-"""lohan end to end against torch's own ways to train, side by side in one run (CPU stand-in).
+"""lohan end to end against torch's own ways to train, side by side in one run (CPU stand-in or GPU).
 
 One small Hugging Face LLaMA (``tests/models.py``'s config), one batch, a training step
 (forward and backward, gradients set to None before each) under:
@@ -19,9 +19,15 @@ Compile time is the first step's (each variant compiles in a fresh, empty Induct
 none reuses another's kernels). Step times are medians of interleaved rounds, so drift on a
 shared machine hits every variant alike. Device peak is each variant's own: the highest
 device bytes during a step, less what the other variants hold, plus its own parameters
-(the counting allocator, ``lohan_compile/runtime/device.py``; the CPU stand-in's device).
+(the counting allocator, ``lohan_compile/runtime/device.py``, on the CPU stand-in;
+``torch.cuda.max_memory_allocated`` on a GPU).
+
+On a GPU (``--device cuda``, the default when there is one) step times are taken after
+``torch.cuda.synchronize()``, and ``--hidden`` makes the model wide enough for the GPU to
+have work (the tests' config is 64 wide: a GPU would time kernel launches).
 
     python bench/e2e.py [--layers 3 --batch 4 --seq 96] [--rounds 7] [--json out.json] [--png out.png]
+    python bench/e2e.py --device cuda --hidden 1024 --layers 4 --batch 8 --seq 1024
 """
 
 from __future__ import annotations
@@ -56,6 +62,14 @@ def own_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class Variant:
     """One way to run the training step: a model copy, how it is compiled, its measurements."""
 
@@ -65,7 +79,7 @@ class Variant:
         self.name = name
         self.batch = batch
         torch.manual_seed(0)
-        self.model = make()
+        self.model = make().to(DEVICE)
         self.fn = compile_fn(self.model)
         self.compile_ctx = compile_ctx
         self.lohan_report = lohan_report
@@ -74,12 +88,29 @@ class Variant:
         self.peak: int | None = None
         self.report: dict | None = None
         self.loss: float | None = None
+        self.failed: str | None = None
+
+    def guarded(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn``; a BudgetError (a run-time re-plan that found no fit: every variant's
+        model is alive beside this one, and the budget is for the whole device) stops this
+        variant instead of the bench."""
+        try:
+            fn()
+        except Exception as e:
+            inner = e
+            while inner is not None and not isinstance(inner, lohan.BudgetError):
+                inner = inner.__cause__ or inner.__context__
+            if inner is None:
+                raise
+            self.failed = str(inner)
 
     def step(self) -> float:
         self.model.zero_grad(set_to_none=True)
+        sync()
         start = time.perf_counter()
         loss = lm_loss(self.fn, self.batch)
         loss.backward()
+        sync()
         elapsed = time.perf_counter() - start
         self.loss = float(loss.detach())
         if self.lohan_report:
@@ -95,10 +126,10 @@ class Variant:
     def measure_peak(self) -> int:
         self.model.zero_grad(set_to_none=True)
         gc.collect()
-        start = device.allocated()
-        device.reset_peak()
+        start = device.allocated(DEVICE)
+        device.reset_peak(DEVICE)
         self.step()
-        self.peak = device.peak() - start + own_bytes(self.model)
+        self.peak = device.peak(DEVICE) - start + own_bytes(self.model)
         return self.peak
 
 
@@ -106,10 +137,19 @@ def build(args, cache_root: str) -> list[Variant]:
     from models import tiny_llama
 
     def make():
-        return tiny_llama(layers=args.layers)
+        if args.hidden is None:
+            return tiny_llama(layers=args.layers)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        h = args.hidden
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=args.vocab, hidden_size=h, intermediate_size=h * 11 // 4 // 64 * 64,
+            num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
+            num_key_value_heads=max(1, h // 64), max_position_embeddings=max(64, args.seq)))
 
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 128, (args.batch, args.seq), generator=g)
+    vocab = 128 if args.hidden is None else args.vocab
+    batch = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(DEVICE)
 
     def checkpointed():
         m = make()
@@ -135,7 +175,7 @@ def build(args, cache_root: str) -> list[Variant]:
     # the budget: what the other variants hold now, plus a fraction of lohan's own peak
     unplanned = variants[-1].measure_peak()
     gc.collect()
-    budget = device.allocated() + int(args.budget * unplanned)
+    budget = device.allocated(DEVICE) + int(args.budget * unplanned)
     own_budget = int(args.budget * unplanned)
     v = Variant(f"lohan budget {args.budget:g}", make, batch,
                 lambda m: torch.compile(m, backend="lohan",
@@ -158,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.6, help="lohan's budget: a fraction of its unplanned peak")
     ap.add_argument("--torch-budget", type=float, default=0.5, help="torch's activation_memory_budget")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="cuda when there is a GPU, else the CPU stand-in")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="a wider LLaMA (heads of 64, MLP 2.75x; default: the tests' 64-wide config)")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary with --hidden")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--png", type=str, default=None)
     args = ap.parse_args(argv)
@@ -165,20 +210,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from tabulate import tabulate
 
-    device.install()  # count every allocation from here on, parameters included
-    lohan.hardware.auto()  # measured once, before anything is timed
-    print(f"LLaMA {args.layers} layers, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads; "
+    global DEVICE
+    DEVICE = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if DEVICE.type == "cpu":
+        device.install()  # count every allocation from here on, parameters included
+    lohan.hardware.auto(device=DEVICE.type)  # measured once, before anything is timed
+    print(f"{DEVICE.type}: LLaMA {args.layers} layers (hidden {args.hidden or 64}), batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads; "
           "compiling (each in a fresh Inductor cache):", flush=True)
     with tempfile.TemporaryDirectory(prefix="lohan_e2e_") as cache_root:
         variants = build(args, cache_root)
         for v in variants:  # warm up
             for _ in range(2):
-                v.step()
+                v.guarded(v.step)
         for _ in range(args.rounds):
             for v in variants:
-                v.times.append(statistics.median(v.step() for _ in range(args.steps)))
+                if v.failed is None:
+                    v.guarded(lambda: v.times.append(statistics.median(v.step() for _ in range(args.steps))))
         for v in variants:
-            v.measure_peak()
+            if v.failed is None:
+                v.guarded(v.measure_peak)
+    failed = [v for v in variants if v.failed is not None]
+    for v in failed:
+        print(f"  {v.name}: stopped: {v.failed}")
+    variants = [v for v in variants if v.failed is None and v.times]
     base = {v.name: v for v in variants}
     ref = base["torch.compile"]
     rows, out = [], []
@@ -213,19 +267,22 @@ def main(argv: list[str] | None = None) -> int:
                                   "calibrated ms", "compile s (cold)", "device peak", "budget", "swapped"]))
     lohan_nothing = base["lohan"]
     ratio = statistics.median(lohan_nothing.times) / statistics.median(ref.times)
-    budgeted = variants[-1]
     print(f"\nlohan (nothing to move) / torch.compile step time: {ratio:.3f} (target <= 1.05)")
-    print(f"lohan compile / torch.compile compile: {lohan_nothing.compile_s / ref.compile_s:.2f}x, "
-          f"with the budget {budgeted.compile_s / ref.compile_s:.2f}x")
-    calibrated = budgeted.report.get("calibrated_step_s")
-    print(f"lohan budget: measured step {statistics.median(budgeted.times) * 1e3:.2f} ms, simulator predicted "
-          f"{budgeted.report['predicted_step_s'] * 1e3:.2f} ms"
-          + (f" ({calibrated * 1e3:.2f} ms with the compute times measured in its first steps)" if calibrated else "")
-          + f"; device peak {budgeted.peak / budgeted.own_budget:.3f} x its budget")
+    budgeted = variants[-1] if hasattr(variants[-1], "own_budget") else None
+    if budgeted is not None:
+        print(f"lohan compile / torch.compile compile: {lohan_nothing.compile_s / ref.compile_s:.2f}x, "
+              f"with the budget {budgeted.compile_s / ref.compile_s:.2f}x")
+        calibrated = budgeted.report.get("calibrated_step_s")
+        print(f"lohan budget: measured step {statistics.median(budgeted.times) * 1e3:.2f} ms, simulator predicted "
+              f"{budgeted.report['predicted_step_s'] * 1e3:.2f} ms"
+              + (f" ({calibrated * 1e3:.2f} ms with the compute times measured in its first steps)" if calibrated else "")
+              + f"; device peak {budgeted.peak / budgeted.own_budget:.3f} x its budget")
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "config": vars(args) | {"threads": torch.get_num_threads(), "torch": torch.__version__},
+        "config": vars(args) | {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"},
         "variants": out,
+        "stopped": {v.name: v.failed for v in failed},
         "lohan_over_torch_compile_step": ratio,
     }
     if args.json:

@@ -55,6 +55,10 @@ def lohan_backend(
 ) -> Callable[..., Any]:
     """torch.compile backend entry point (see the module docstring)."""
     opts = Options.coerce(options, mode=mode)
+    if opts.hardware == "auto" and any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs):
+        from .hardware import auto
+
+        opts = opts.replace(hardware=auto(device="cuda"))  # plan a GPU's graph with the GPU's speeds
     check_supported(opts)
     use_host_tier(opts)
     return Replanning(gm, example_inputs, opts)

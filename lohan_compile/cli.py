@@ -42,6 +42,10 @@ def _demo_model(name: str, layers: int, hidden: int):
     return TinyLlama(vocab=256, d=hidden, layers=layers, hidden=int(hidden * 2.6875)), "built-in TinyLlama"
 
 
+_CPU_SIZES = {"layers": 4, "hidden": 128, "batch": 8, "seq": 256}
+_GPU_SIZES = {"layers": 8, "hidden": 512, "batch": 16, "seq": 512}
+
+
 def _loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
@@ -62,6 +66,12 @@ def demo(args: argparse.Namespace) -> int:
     if not 0.0 < args.budget <= 1.0:
         sys.exit(f"--budget {args.budget}: give a fraction of the unplanned peak in (0, 1]")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    # a GPU gets a wider model: at the CPU's size its fixed memory (cuBLAS workspaces, tens of
+    # MiB that no plan can move) would be a third of the peak, and its step a few launches
+    sizes = _GPU_SIZES if device == "cuda" else _CPU_SIZES
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     torch.manual_seed(args.seed)
     model, source = _demo_model(args.model, args.layers, args.hidden)
     model.to(device)
@@ -189,8 +199,15 @@ def hw(args: argparse.Namespace) -> int:
         profile = hardware.preset(args.preset)
         where = f"preset {profile.name}: {profile.source}"
     else:
-        profile = hardware.auto(refresh=not args.cached)
-        where = f"measured on this machine, saved to {hardware.cache_path()} (used by hardware='auto')"
+        import torch
+
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and not torch.cuda.is_available():
+            sys.exit("lohan hw --device cuda: torch sees no CUDA device here")
+        profile = hardware.auto(refresh=not args.cached, device=dev)
+        what = "this machine's GPU" if dev == "cuda" else "this machine's CPU standing in for a GPU"
+        where = (f"measured on {what}, saved to {hardware.cache_path(dev)} "
+                 f"(used by hardware='auto' for graphs on the {dev.upper()})")
     if args.json:
         print(json.dumps(profile.to_json(), indent=2))
         return 0
@@ -288,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="fine-tune a small model through lohan and show what it decided")
     p.add_argument("--model", choices=["auto", "hf", "builtin"], default="auto",
                    help="Hugging Face LLaMA when transformers is installed (auto), or the built-in one")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--layers", type=int, default=None, help="default 4 on the CPU, 8 on a GPU")
+    p.add_argument("--hidden", type=int, default=None, help="default 128 on the CPU, 512 on a GPU")
+    p.add_argument("--batch", type=int, default=None, help="default 8 on the CPU, 16 on a GPU")
+    p.add_argument("--seq", type=int, default=None, help="default 256 on the CPU, 512 on a GPU")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--budget", type=float, default=0.5, help="memory budget as a fraction of the unplanned peak")
@@ -304,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", help="print a preset instead (rtx4090, a100, h100, lohan-testbed)")
     p.add_argument("--cached", action="store_true", help="print the saved profile when there is one")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="measure the GPU (default when there is one) or the CPU stand-in")
     p.set_defaults(func=hw)
     p = sub.add_parser("plan", help="plan a model's training step on described hardware (no GPU needed)")
     p.add_argument("--model", required=True,

@@ -150,49 +150,57 @@ def preset(name: str) -> HardwareProfile:
 CACHE_VERSION = 1
 
 
-def cache_path() -> Path:
+def cache_path(device: str = "cpu") -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lohan_compile"
     import torch
 
     key = f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}"
+    if device == "cuda":
+        key += f"|{torch.cuda.get_device_name()}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return root / f"hardware-v{CACHE_VERSION}-{digest}.json"
 
 
-_measured: HardwareProfile | None = None
+_measured: dict[str, HardwareProfile] = {}
 _measure_lock = threading.Lock()
 
 
-def auto(*, refresh: bool = False) -> HardwareProfile:
-    """This machine's profile: measured once, then read from the cache file."""
-    global _measured
+def auto(*, refresh: bool = False, device: str = "cpu") -> HardwareProfile:
+    """This machine's profile: measured once, then read from the cache file.
+
+    ``device="cpu"`` measures the CPU standing in for a GPU; ``"cuda"`` the current GPU
+    and its host link (what a graph whose tensors are on the GPU is planned with).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"hardware.auto(device={device!r}): 'cpu' or 'cuda'")
     with _measure_lock:
-        if _measured is not None and not refresh:
-            return _measured
-        path = cache_path()
+        if device in _measured and not refresh:
+            return _measured[device]
+        path = cache_path(device)
         if path.exists() and not refresh:
             try:
-                _measured = HardwareProfile.from_json(json.loads(path.read_text()))
-                return _measured
+                _measured[device] = HardwareProfile.from_json(json.loads(path.read_text()))
+                return _measured[device]
             except (ValueError, TypeError, OSError):
                 pass  # a corrupt or old cache is measured again
-        _measured = measure()
+        profile = _measured[device] = measure_cuda() if device == "cuda" else measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(_measured.to_json(), indent=2))
+            tmp.write_text(json.dumps(profile.to_json(), indent=2))
             tmp.replace(path)
         except OSError:
             pass  # no writable cache: measure again next time
-        return _measured
+        return profile
 
 
-def resolve(hardware: Any) -> HardwareProfile:
-    """A profile from an option value: "auto", a preset name, or a HardwareProfile."""
+def resolve(hardware: Any, device: str = "cpu") -> HardwareProfile:
+    """A profile from an option value: "auto" (this machine's ``device``: the CPU stand-in
+    or the GPU), a preset name, or a HardwareProfile."""
     if isinstance(hardware, HardwareProfile):
         return hardware
     if hardware == "auto":
-        return auto()
+        return auto(device=device)
     return preset(hardware)
 
 
@@ -261,6 +269,62 @@ def _measure(*, quick: bool) -> HardwareProfile:
         queue_slowdown={q: copy_slow for q in ("d2h", "h2d")},
         source=f"measured on {platform.node()} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})",
     )
+
+
+def measure_cuda(*, quick: bool = False) -> HardwareProfile:
+    """Measure the current GPU: fp32 matmul FLOP/s (at the process's matmul precision),
+    device-memory bandwidth, pinned-host copy bandwidth each way, launch overhead; the host
+    side (memory bandwidth, CPU AdamW rate) as ``measure`` finds it. Copies run on the GPU's
+    copy engines, so they do not slow compute (no sharing terms)."""
+    import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        dev = torch.device("cuda", torch.cuda.current_device())
+
+        def timed(fn, repeat: int = 5) -> float:
+            fn()  # warm up (cuBLAS picks its kernel, lazy allocations)
+            torch.cuda.synchronize(dev)
+            times = []
+            for _ in range(repeat):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e-3)
+            return statistics.median(times)
+
+        n = 2048 if quick else 8192
+        a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+        matmul_flops = 2 * n**3 / timed(lambda: torch.mm(a, b))
+        del a, b
+        size = (64 if quick else 512) * 2**20
+        x = torch.ones(size // 4, device=dev)
+        y = torch.full((size // 4,), 2.0, device=dev)
+        memory_bandwidth = 3 * size / timed(lambda: torch.add(x, y, out=x))
+        host = torch.empty(size // 4, pin_memory=True)
+        d2h = size / timed(lambda: host.copy_(x, non_blocking=True))
+        h2d = size / timed(lambda: x.copy_(host, non_blocking=True))
+        small = torch.zeros(1, device=dev)
+        overhead = timed(lambda: [torch.add(small, small) for _ in range(100)]) / 100
+        del x, y, host, small
+        torch.cuda.empty_cache()
+        cpu = measure(quick=True)
+        props = torch.cuda.get_device_properties(dev)
+        return HardwareProfile(
+            name="auto",
+            matmul_flops=matmul_flops,
+            memory_bandwidth=memory_bandwidth,
+            d2h_bandwidth=d2h,
+            h2d_bandwidth=h2d,
+            device_memory=props.total_memory,
+            host_memory_bandwidth=cpu.host_memory_bandwidth,
+            cpu_adam_params_per_s=cpu.cpu_adam_params_per_s,
+            host_memory=_physical_memory(),
+            op_overhead_s=overhead,
+            source=f"measured on {platform.node()}: {props.name}, host {os.cpu_count()} CPUs",
+        )
 
 
 def _measure_overhead() -> float:

@@ -266,7 +266,10 @@ def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Nod
     old_users = list(host_in_bw.users)
     # backward: issue the copy in at the prefetch point, wait just before the first use
     with bw.graph.inserting_before(prefetch):
-        dev = bw.graph.call_function(ops.swap_in.default, (host_in_bw,))
+        # the device the value was on (a GPU's); on the CPU stand-in swap_in's default
+        target = base.meta["val"].device
+        args = (host_in_bw,) if target.type in ("cpu", "meta") else (host_in_bw, target)
+        dev = bw.graph.call_function(ops.swap_in.default, args)
         _copy_meta(dev, base)
         _mark(dev, Role.BACKWARD, "swap_in", base.name)
     with bw.graph.inserting_before(first):

@@ -29,7 +29,7 @@ def test_json_round_trip():
 
 def test_measure_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(hardware, "_measured", None)
+    monkeypatch.setattr(hardware, "_measured", {})
     calls = []
     real = hardware.measure
     monkeypatch.setattr(hardware, "measure", lambda: calls.append(1) or real(quick=True))
@@ -37,6 +37,6 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert p.matmul_flops > 1e8 and p.memory_bandwidth > 1e8 and p.h2d_bandwidth > 1e8
     assert all(v >= 0 for v in p.compute_slowdown.values())
     assert hardware.cache_path().exists()
-    monkeypatch.setattr(hardware, "_measured", None)
+    monkeypatch.setattr(hardware, "_measured", {})
     assert hardware.auto() == p and calls == [1]  # read back from the cache, not measured again
     assert hardware.resolve("auto") == p and hardware.resolve("a100") is hardware.A100

@@ -306,9 +306,17 @@ def test_streaming_under_inductor_within_the_budget():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_streaming_on_cuda_within_the_budget():
     """The same on a GPU: fetches are host-to-device copies on the copy engine's stream, the
-    peak is what torch.cuda.max_memory_allocated counts. (Not yet run on a GPU.)"""
+    peak is what torch.cuda.max_memory_allocated counts. The budget counts every allocated
+    byte, cuBLAS's workspaces too (tens of MiB on a recent GPU, one per thread that runs
+    matmuls: forward's and autograd's): it is what the process holds before the model, plus
+    half the weights."""
+    warm = torch.nn.Linear(8, 8).cuda()
+    warm(torch.randn(4, 8, device="cuda")).sum().backward()  # both threads' cuBLAS workspaces
+    del warm
     data = [b.cuda() for b in batches(3)]
-    budget = weights_of(streamy_llama) // 2
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    budget = base + weights_of(streamy_llama) // 2
     model = streamy_llama().cuda()
     opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=0.5, overlap="deferred")
     cm = torch.compile(model, backend="lohan",
@@ -324,7 +332,10 @@ def test_streaming_on_cuda_within_the_budget():
         opt.zero_grad()
         losses.append(loss.detach())
     assert streamed_params(model)
-    assert torch.cuda.max_memory_allocated() <= 1.05 * budget
+    peak = torch.cuda.max_memory_allocated()
+    print(f"cuda streaming: base {base} B, budget {budget} B, peak {peak} B "
+          f"(peak above base / budget above base: {(peak - base) / (budget - base):.3f})")
+    assert peak <= 1.05 * budget
     torch._dynamo.reset()
     ref, _ = _train(streamy_llama().cuda(), data, {"offload_params": False})
     for a, b in zip(ref, losses):

@@ -238,6 +238,10 @@ class HostTier:
         if copy_threads is None:
             copy_threads = 2 if (os.cpu_count() or 1) >= 4 else 1
         _ops()
+        if pin:
+            # torch's CUDA state first: the arenas are registered through the CUDA runtime, and
+            # torch answers is_pinned() only once it has initialised CUDA itself
+            torch.cuda.init()
         with translate_errors():
             obj = torch.classes.lohan.HostTier(
                 budget,
