@@ -120,6 +120,7 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
         for p in runners:
             med = statistics.median(times[p])
             info[p]["step_s"] = med
+            info[p]["round_s"] = list(times[p])
             info[p]["predicted_over_measured_step"] = info[p]["predicted_step_s"] / med
         fixed = [p for p in runners if p != "auto"]
         best_fixed = min(fixed, key=lambda p: info[p]["step_s"]) if fixed else None
@@ -129,6 +130,12 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
             "auto_over_best_fixed": (info["auto"]["step_s"] / info[best_fixed]["step_s"])
             if best_fixed and "step_s" in info.get("auto", {}) else None,
         }
+        if row["auto_over_best_fixed"] is not None:
+            # rounds are interleaved: the ratio within a round cancels the machine's drift; its
+            # quartiles say how far apart the two are beyond the noise
+            paired = sorted(a / b for a, b in zip(times["auto"], times[best_fixed]))
+            q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
+            row["auto_over_best_fixed_paired"] = {"median": statistics.median(paired), "q1": q[0], "q3": q[2]}
         results.append(row)
         print_row(row)
     return results
@@ -155,7 +162,10 @@ def print_row(row):
     print(tabulate(lines, headers=["policy", "step ms (median)", "peak / budget", "predicted ms",
                                    "pred / meas step", "pred / meas peak"]))
     if row["auto_over_best_fixed"] is not None:
-        print(f"auto / best fixed ({row['best_fixed']}): {row['auto_over_best_fixed']:.3f}")
+        paired = row.get("auto_over_best_fixed_paired")
+        spread = (f"; round by round: median {paired['median']:.3f}, quartiles {paired['q1']:.3f}-{paired['q3']:.3f}"
+                  if paired else "")
+        print(f"auto / best fixed ({row['best_fixed']}): {row['auto_over_best_fixed']:.3f}{spread}")
 
 
 def main():
