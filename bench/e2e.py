@@ -97,9 +97,7 @@ class Variant:
         try:
             fn()
         except Exception as e:
-            inner = e
-            while inner is not None and not isinstance(inner, lohan.BudgetError):
-                inner = inner.__cause__ or inner.__context__
+            inner = lohan.BudgetError.within(e)
             if inner is None:
                 raise
             self.failed = str(inner)

@@ -118,8 +118,8 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
                 for _ in range(warmup):
                     r.step()
             except Exception as e:  # noqa: BLE001 - BudgetError arrives wrapped by torch
-                inner = getattr(e, "inner_exception", e)
-                if not isinstance(inner, BudgetError):
+                inner = BudgetError.within(e)
+                if inner is None:
                     raise
                 info[policy] = {"feasible": False, "smallest_feasible_bytes": inner.smallest_feasible_bytes}
                 del runners[policy]
@@ -141,8 +141,8 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
                 try:
                     times[p].append(r.step())
                 except Exception as e:  # noqa: BLE001
-                    inner = getattr(e, "inner_exception", e)
-                    if not isinstance(inner, BudgetError):
+                    inner = BudgetError.within(e)
+                    if inner is None:
                         raise
                     # the other policies' copies, alive beside it, count against its budget too
                     # (the budget is for the whole device): its re-plan found no fit

@@ -52,12 +52,6 @@ def build(name: str):
     return model
 
 
-def inner_budget_error(e: BaseException) -> BudgetError | None:
-    while e is not None and not isinstance(e, BudgetError):
-        e = e.__cause__ or getattr(e, "inner_exception", None)
-    return e
-
-
 def run(name: str, batch: int, seq: int, budget: int) -> dict:
     model = build(name)
     n_params = sum(p.numel() for p in model.parameters())
@@ -101,7 +95,7 @@ def run(name: str, batch: int, seq: int, budget: int) -> dict:
                             "tflops": 6 * n_params * tokens / s["predicted_step_s"] / 1e12,
                             "partitioner": r.graphs[0].pass_report("partition_graph")["partitioner"]}
         except Exception as e:  # noqa: BLE001 - torch wraps the BudgetError
-            err = inner_budget_error(e)
+            err = BudgetError.within(e)
             if err is None:  # a compiler failure: recorded, so the table shows it
                 rows[policy] = {"feasible": None, "error": str(e).splitlines()[1][:300]}
                 print(f"{policy}: {rows[policy]['error']}")

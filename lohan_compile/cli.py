@@ -114,9 +114,7 @@ def demo(args: argparse.Namespace) -> int:
             loss = _loss(cm, ids)
             loss.backward()
         except Exception as e:  # torch wraps errors raised while compiling
-            inner = e
-            while inner is not None and not isinstance(inner, lohan.BudgetError):
-                inner = inner.__cause__ or inner.__context__
+            inner = lohan.BudgetError.within(e)
             if inner is None:
                 raise
             print(f"\n{inner}\nTry a larger --budget.")

@@ -18,6 +18,18 @@ class BudgetError(LohanError):
         super().__init__(message)
         self.smallest_feasible_bytes = smallest_feasible_bytes
 
+    @staticmethod
+    def within(exc: BaseException) -> "BudgetError | None":
+        """The BudgetError an exception carries: itself, or the one torch wrapped while compiling
+        (``BackendCompilerFailed``: its cause / ``inner_exception``); None if there is none."""
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            if isinstance(exc, BudgetError):
+                return exc
+            seen.add(id(exc))
+            exc = exc.__cause__ or getattr(exc, "inner_exception", None) or exc.__context__
+        return None
+
 
 class PassError(LohanError):
     """A pass failed or left a broken graph; the message names pass and node."""

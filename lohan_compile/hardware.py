@@ -194,13 +194,14 @@ def auto(*, refresh: bool = False, device: str = "cpu") -> HardwareProfile:
         return profile
 
 
-def resolve(hardware: Any, device: str = "cpu") -> HardwareProfile:
-    """A profile from an option value: "auto" (this machine's ``device``: the CPU stand-in
-    or the GPU), a preset name, or a HardwareProfile."""
+def resolve(hardware: Any) -> HardwareProfile:
+    """A profile from an option value: "auto" (this machine's CPU standing in for a GPU; the
+    backend turns "auto" into the GPU's own profile for graphs on a GPU), a preset name, or a
+    HardwareProfile."""
     if isinstance(hardware, HardwareProfile):
         return hardware
     if hardware == "auto":
-        return auto(device=device)
+        return auto()
     return preset(hardware)
 
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from lohan_compile import hardware
 from lohan_compile.hardware import HardwareProfile
@@ -40,3 +41,13 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "_measured", {})
     assert hardware.auto() == p and calls == [1]  # read back from the cache, not measured again
     assert hardware.resolve("auto") == p and hardware.resolve("a100") is hardware.A100
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_is_measured_for_graphs_on_the_gpu():
+    """hardware="auto" on a GPU graph plans with the GPU's speeds, not the CPU's."""
+    gpu = hardware.measure_cuda(quick=True)
+    assert gpu.matmul_flops > 1e12 and gpu.h2d_bandwidth > 1e9 and gpu.d2h_bandwidth > 1e9
+    assert gpu.device_memory == torch.cuda.get_device_properties(0).total_memory
+    assert not gpu.compute_slowdown  # copy engines do not slow compute
