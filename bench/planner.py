@@ -105,8 +105,9 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
         for r in runners.values():
             r.eager_grads()
         gc.collect()
-        # the others' weights and gradients (this copy's gradients are freed as its step starts)
-        budget_base = device.allocated() - own
+        # the others' weights and gradients: less this copy's weights (counted in its unplanned
+        # peak) and its gradients (freed as its step starts; all copies are alike)
+        budget_base = device.allocated() - 2 * own
         budget = budget_base + int(unplanned * fraction)
         info = {}
         for policy in POLICIES:

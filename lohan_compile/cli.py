@@ -205,7 +205,7 @@ def hw(args: argparse.Namespace) -> int:
         profile = hardware.auto(refresh=not args.cached, device=dev)
         what = "this machine's GPU" if dev == "cuda" else "this machine's CPU standing in for a GPU"
         where = (f"measured on {what}, saved to {hardware.cache_path(dev)} "
-                 f"(used by hardware='auto' for graphs on the {dev.upper()})")
+                 f"(used by hardware='auto' for graphs on the {'GPU' if dev == 'cuda' else 'CPU'})")
     if args.json:
         print(json.dumps(profile.to_json(), indent=2))
         return 0
