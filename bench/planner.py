@@ -9,8 +9,11 @@ the fraction: every policy plans against what it runs beside. Printed and writte
 
 - per policy: median step time, measured device peak above what the other copies hold
   against its share of the budget, and the
-  simulator's predicted step time and peak (fidelity: predicted / measured);
-- per (model, budget): auto's step time over the best fixed policy's.
+  simulator's predicted step time and peak (fidelity: predicted / measured), and the step
+  simulated again with the op times the executor measured in its first steps (calibrated);
+- per (model, budget): auto's step time over the best fixed policy's, and which plan auto
+  runs (after its trial of the plans predicted close to its first choice, which it runs
+  through before the timed rounds).
 
     python bench/planner.py [--models llama,gpt2,block] [--fractions 0.3,0.5,0.7] [--rounds 7]
 """
@@ -31,10 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lohan_compile as lohan  # noqa: E402
 from lohan_compile import settings  # noqa: E402
+from lohan_compile.backend import Replanning  # noqa: E402
 from lohan_compile.errors import BudgetError  # noqa: E402
 from lohan_compile.runtime import device  # noqa: E402
 
 POLICIES = ("auto", "swap-all", "recompute-all", "torch-min-cut", "keep-all")
+# the steps auto's trial of close plans can take (each compiled, warmed up, then run in turn)
+TRIAL_STEPS = Replanning.TRIAL_PLANS * (Replanning.TRIAL_WARMUP + Replanning.TRIAL_STEPS) + 1
 
 
 def models():
@@ -116,8 +122,8 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
             try:
                 # activations only (this compares the activation policies): the weights stay resident
                 r.compile({"memory_budget": budget, "policy": policy, "offload_params": False})
-                for _ in range(warmup):
-                    r.step()
+                for _ in range(warmup + (TRIAL_STEPS if policy == "auto" else 0)):
+                    r.step()  # auto: through its trial of close plans too, if it runs one
             except Exception as e:  # noqa: BLE001 - BudgetError arrives wrapped by torch
                 inner = BudgetError.within(e)
                 if inner is None:
@@ -133,8 +139,12 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
                 "own_peak_over_own_budget": (s["measured_peak_bytes"] - budget_base) / (budget - budget_base),
                 "predicted_peak_bytes": s["predicted_peak_bytes"],
                 "predicted_step_s": s["predicted_step_s"],
+                # simulated again with the op times the executor measured in its first steps
+                "calibrated_step_s": s["calibrated_step_s"],
                 "swapped_bytes": s["swapped_bytes"],
                 "recomputed_bytes": s["recomputed_bytes"],
+                "plans": s["plans"],  # auto: the plan each graph runs, and what its trial measured
+                "plan_trials": s["plan_trials"],
             }
         times = {p: [] for p in runners}
         for _ in range(rounds):
@@ -155,6 +165,8 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
             info[p]["step_s"] = med
             info[p]["round_s"] = list(times[p])
             info[p]["predicted_over_measured_step"] = info[p]["predicted_step_s"] / med
+            cal = info[p].get("calibrated_step_s")
+            info[p]["calibrated_over_measured_step"] = cal / med if cal is not None else None
         fixed = [p for p in runners if p != "auto"]
         best_fixed = min(fixed, key=lambda p: info[p]["step_s"]) if fixed else None
         row = {
@@ -187,20 +199,25 @@ def print_row(row):
         if i is None:
             continue
         if not i["feasible"]:
-            lines.append([p, "BudgetError", "", "", "", ""])
+            lines.append([p, "BudgetError", "", "", "", "", ""])
             continue
         lines.append([
             p, f"{i['step_s'] * 1e3:.1f}", f"{i['own_peak_over_own_budget']:.3f}",
             f"{i['predicted_step_s'] * 1e3:.1f}", f"{i['predicted_over_measured_step']:.2f}",
+            "" if i.get("calibrated_over_measured_step") is None else f"{i['calibrated_over_measured_step']:.2f}",
             f"{i['predicted_peak_bytes'] / i['measured_peak_bytes']:.3f}",
         ])
     print(tabulate(lines, headers=["policy", "step ms (median)", "own peak / own budget", "predicted ms",
-                                   "pred / meas step", "pred / meas peak"]))
+                                   "pred / meas step", "calibrated / meas", "pred / meas peak"]))
     if row["auto_over_best_fixed"] is not None:
         paired = row.get("auto_over_best_fixed_paired")
         spread = (f"; round by round: median {paired['median']:.3f}, quartiles {paired['q1']:.3f}-{paired['q3']:.3f}"
                   if paired else "")
         print(f"auto / best fixed ({row['best_fixed']}): {row['auto_over_best_fixed']:.3f}{spread}")
+    a = row["policies"].get("auto") or {}
+    if a.get("plans"):
+        trials = "; ".join(", ".join(f"{v} {t * 1e3:.1f} ms" for v, t in g.items()) for g in a["plan_trials"] if g)
+        print(f"auto runs {', '.join(str(p) for p in a['plans'])}" + (f" (its trial timed {trials})" if trials else ""))
 
 
 def main():

@@ -21,6 +21,7 @@ import gc
 import itertools
 import weakref
 import logging
+import statistics
 import time
 from typing import Any, Callable, Sequence
 
@@ -108,6 +109,15 @@ class Replanning:
 
     MAX_REPLANS = 8
     HEADROOM = 1.5
+    # trials (policy "auto" under a budget, ``tune_plans``): the simulator's error on this
+    # machine can exceed the differences between auto's plans, so the plans predicted within
+    # TRIAL_MARGIN of the chosen one (at most TRIAL_PLANS, the chosen one included) are each
+    # compiled and run TRIAL_WARMUP steps, then run in turn for TRIAL_STEPS rounds
+    # (interleaved: the machine's drift hits all alike); the fastest median graph time stays
+    TRIAL_MARGIN = 1.15
+    TRIAL_PLANS = 3
+    TRIAL_WARMUP = 2
+    TRIAL_STEPS = 4
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
         self.gm = gm
@@ -124,9 +134,12 @@ class Replanning:
         self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         self.size_slots = _size_slots(self.fakes)
         self.planned_sizes = {sym: hint_int(value) for sym, value in _symbol_values(self.fakes).items()}
+        self.trial: dict[str, Any] | None = None
         self._compile(example_inputs, example_inputs, None)
+        self._start_trial()
 
-    def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None) -> None:
+    def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None,
+                 variant: tuple[str, str] | None = None) -> None:
         opts = self.opts
         if self.optimizer_ref is not None:
             optimizer = self.optimizer_ref()
@@ -134,7 +147,8 @@ class Replanning:
                 raise LohanError("the CPUAdamW this model was compiled with no longer exists")
             opts = opts.replace(optimizer=optimizer)
         compiler = GraphCompiler(
-            self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured
+            self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
+            variant=variant,
         )
         self.fn = compiler.compile()
         self.record = compiler.record
@@ -190,7 +204,56 @@ class Replanning:
             self.measured = measured
             self.record.calibrate(measured)
 
+    def _start_trial(self) -> None:
+        """Queue auto's other plans whose predicted step is close to the chosen one's."""
+        rec, opts = self.record, self.opts
+        if (not opts.tune_plans or opts.policy != "auto" or opts.memory_budget is None or not rec.training
+                or self.size_slots or rec.variant is None or rec.variant not in rec.variants):
+            return  # (a graph with symbolic sizes re-plans as sizes change: its trials would not compare)
+        chosen = rec.variants[rec.variant]
+        close = sorted((s, v) for v, s in rec.variants.items() if v != rec.variant and s <= self.TRIAL_MARGIN * chosen)
+        if close:
+            self.trial = {"queue": [v for _, v in close[: self.TRIAL_PLANS - 1]], "compiled": {}}
+
+    def _trial_step(self, args: Sequence[Any]) -> None:
+        """Before a step of a trial: compile and warm up each plan in turn, then run them in
+        turn, one step each, and finally keep the fastest (compiled code is kept: going back
+        to a plan costs nothing)."""
+        trial, rec = self.trial, self.record
+        if "rounds" not in trial:
+            if rec.steps_run < self.TRIAL_WARMUP:
+                return
+            trial["compiled"][rec.variant] = (self.fn, rec, self.drivers, self.calibrated, self.planned_level)
+            while trial["queue"]:
+                variant = trial["queue"].pop(0)
+                try:
+                    self._compile(args, args, None, variant)
+                    return
+                except BudgetError as e:  # the device holds more than when the trial began
+                    log.info("lohan %s: trial of plan %s skipped: %s", rec.name, "/".join(variant), e)
+            trial["rounds"] = list(trial["compiled"]) * self.TRIAL_STEPS
+            trial["samples"] = {v: [] for v in trial["compiled"]}
+        else:
+            if rec.steps_run == trial["seen"]:
+                return  # the last call ran no backward (no_grad, or the loss was dropped): again
+            trial["samples"][rec.variant].append(rec.step_seconds_log[-1])
+        if trial["rounds"]:
+            variant = trial["rounds"].pop(0)
+            # with the level it was planned at: if the device holds more now, it re-plans
+            self.fn, self.record, self.drivers, self.calibrated, self.planned_level = trial["compiled"][variant]
+            trial["seen"] = self.record.steps_run
+            return
+        measured = {v: statistics.median(t) for v, t in trial["samples"].items() if t}
+        best = min(measured, key=measured.get)
+        self.fn, self.record, self.drivers, self.calibrated, self.planned_level = trial["compiled"][best]
+        self.record.trials = dict(measured)
+        self.trial = None
+        log.info("lohan %s: timed %d plans (%s); kept %s", self.record.name, len(measured),
+                 ", ".join(f"{'/'.join(v)} {s * 1e3:.2f} ms" for v, s in measured.items()), "/".join(best))
+
     def __call__(self, *args: Any) -> Any:
+        if self.trial is not None and torch.is_grad_enabled():
+            self._trial_step(args)
         if not self.calibrated and self._timed():
             self._calibrate()
         if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
@@ -213,6 +276,7 @@ class Replanning:
                 self.planned_sizes = sizes
             return
         self.replans += 1
+        self.trial = None  # the plans it was timing were made for less: a new trial below
         old = self.record.name
         if self.size_slots:
             # keep the graph symbolic: its fake inputs, under the first compile's tracing context;
@@ -230,6 +294,7 @@ class Replanning:
         else:
             self._compile(args, args, None)
         log.info("lohan %s re-planned as %s: %s", old, self.record.name, why)
+        self._start_trial()
 
 
 def _symbol_values(fakes: Sequence[Any]) -> dict:
@@ -328,6 +393,7 @@ class GraphCompiler:
         real_inputs: Sequence[Any] | None = None,
         planning_sizes: dict | None = None,
         measured: dict[str, float] | None = None,
+        variant: tuple[str, str] | None = None,
     ):
         from .passes import default_pipeline
 
@@ -337,6 +403,7 @@ class GraphCompiler:
         self.example_inputs = example_inputs
         self.planning_sizes = planning_sizes
         self.measured = dict(measured or {})
+        self.variant = variant  # policy "auto": which of its plans a trial asked for
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -391,6 +458,7 @@ class GraphCompiler:
             resident_outside_bytes=self.resident_outside,
             real_inputs=self.real_inputs,
             measured_seconds=self.measured,
+            variant=self.variant,
             **extra,
         )
 
@@ -424,6 +492,8 @@ class GraphCompiler:
         planned = self.record.pass_report("plan_memory")
         if planned is not None and self.record.pass_report("apply_plan") is not None:
             self.record.apply_plan_totals(planned["plan"], planned["problem"])
+        if self.opts.policy == "auto":
+            self.record.note_variants()
         if graphs.fw is not None:
             vals = [n.meta.get("val") for n in graphs.fw.graph.nodes if n.op == "placeholder"]
             self.record.fw_placeholder_vals = vals
@@ -451,9 +521,31 @@ class GraphCompiler:
             gm.graph.set_codegen(_BoxedCodeGen())
             gm.recompile()
             fn = gm
+            if self.record.device is None and phase != "inference" and not on_meta:
+                fn = self._timed_fx(gm, phase)
         if phase == "inference":
             return _boxed(fn)
         return _tracked(fn, self.record, phase)
+
+    def _timed_fx(self, gm: fx.GraphModule, phase: str) -> Callable[[list], Any]:
+        """The fx graph, whose first calls run through a driver that times every op (the
+        same generated code the Inductor executor runs, with no segments: each op a call of
+        its own, each value released at its last use), so that the fx executor's plans are
+        calibrated too; the other calls run the GraphModule itself."""
+        from .segments import Driver
+
+        items = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        driver = Driver(gm, items, f"graph{self.graph_id}_{phase}", timing=True)
+        self.drivers[phase] = driver
+        last_timed = max(Driver.TIMED_CALLS)
+
+        def run(args: list) -> Any:
+            if driver.calls <= last_timed:
+                return driver(args)
+            return gm(args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: Sequence[Any], phase: str):
         """Inductor compiles the compute between lohan's ops (``segments.py`` says why and how)."""
@@ -559,6 +651,7 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, phase: str) -> Call
                 return fn(args)
             finally:
                 TRACKER.end(step_run, start)
+                record.ran("forward", step_run.seconds)
     else:
         def run(args: list) -> Any:
             step_run = TRACKER.backward_begin(record)
@@ -567,6 +660,7 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, phase: str) -> Call
                 return fn(args)
             finally:
                 TRACKER.end(step_run, start)
+                record.ran("backward", step_run.seconds)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run

@@ -79,17 +79,22 @@ def prefer_min_cut(
     if keep_all(problem, rates, None).prediction.peak_device_bytes <= budget:
         return None  # nothing has to move: the default partition is exact and fastest
 
-    def auto_step(problem, rates) -> float:
+    def auto_plan(problem, rates):
         try:
-            return auto(problem, rates, budget).prediction.step_seconds
+            return auto(problem, rates, budget)
         except BudgetError:
-            return float("inf")
+            return None
 
-    default_s = auto_step(problem, rates)
+    default = auto_plan(problem, rates)
     mfw, mbw, info = partition_min_cut(joint, facts, finish)
-    min_cut_s = auto_step(*_problem(joint, mfw, mbw, facts))
+    min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
+    default_s = default.prediction.step_seconds if default is not None else float("inf")
+    min_cut_s = min_cut.prediction.step_seconds if min_cut is not None else float("inf")
+    # every plan auto could run, by (partition, plan family): a trial times the close ones
+    variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
+    variants.update({("min-cut", f): s for f, s in (min_cut.alternatives if min_cut else {}).items()})
     info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
-            "min_cut_activation_memory_budget": info["activation_memory_budget"]}
+            "min_cut_activation_memory_budget": info["activation_memory_budget"], "variants": variants}
     if min_cut_s < 0.99 * default_s:
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
     _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
@@ -127,7 +132,7 @@ def _problem(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, fact
 
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)
     hw = resolve(facts.options.hardware)
-    cost = CostModel(hw)
+    cost = CostModel(hw, facts.measured_seconds)  # what an earlier plan measured, as plan_memory does
     problem = build_problem(fw, bw, cost)
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes
     rates = Rates(cost.transfer_seconds(1, "d2h"), cost.transfer_seconds(1, "h2d"), sharing=hw.sharing)

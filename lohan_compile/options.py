@@ -117,7 +117,9 @@ class Options:
     rewritten graphs with Inductor, ``"fx"`` runs them as plain fx, for
     debugging; left out: ``LOHAN_EXECUTOR``, else ``"inductor"``), ``mode`` (torch's
     compile mode, passed to Inductor), ``disable_passes`` (names of passes
-    to skip, to bisect), ``debug`` (check graphs after every pass).
+    to skip, to bisect), ``debug`` (check graphs after every pass), ``tune_plans``
+    (policy ``"auto"`` under a budget: when other plans are predicted close to the one it
+    chose, run each for a few steps and keep the fastest measured; default True).
     """
 
     memory_budget: int | None = None
@@ -132,6 +134,7 @@ class Options:
     mode: str = "default"
     disable_passes: tuple[str, ...] = ()
     debug: bool | None = None
+    tune_plans: bool = True
 
     def __init__(self, **options: Any) -> None:
         valid = [f.name for f in fields(self)]
@@ -162,6 +165,7 @@ class Options:
             "mode": _one_of("mode", "default" if values["mode"] is None else values["mode"], TORCH_MODES),
             "disable_passes": _check_names("disable_passes", values["disable_passes"]),
             "debug": _check_optional_bool("debug", values["debug"]),
+            "tune_plans": _check_bool("tune_plans", values["tune_plans"]),
         }
         for key, value in parsed.items():
             object.__setattr__(self, key, value)
@@ -233,6 +237,12 @@ def _check_names(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{name}={value!r}: expected a list of pass names or a comma-separated string")
     return tuple(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name}={value!r}: expected True or False")
 
 
 def _check_optional_bool(name: str, value: Any) -> bool | None:

@@ -76,6 +76,9 @@ class CompileFacts:
     # (the Inductor executor times its segments on the CPU stand-in): the cost model's
     # estimates give way to them
     measured_seconds: Mapping[str, float] = field(default_factory=dict)
+    # policy "auto": the plan a trial asked for, (partition, plan family): "default" or
+    # "min-cut", and one of planner.AUTO_FAMILIES (or "keep-all"); None: auto chooses
+    variant: tuple[str, str] | None = None
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

@@ -80,6 +80,10 @@ class Plan:
     policy: str
     decisions: dict[str, Decision]
     prediction: Prediction | None = None
+    # auto: which of its plans this is (``AUTO_FAMILIES``), and the predicted step of each of
+    # them that fits the budget (the trials in backend.py time the close ones)
+    family: str | None = None
+    alternatives: dict[str, float] = field(default_factory=dict)
 
     def count(self, action: Action) -> int:
         return sum(1 for d in self.decisions.values() if d.action is action)
@@ -337,11 +341,21 @@ def _finish(policy: str, problem: Problem, decisions: dict[str, Decision], rates
     return Plan(policy, decisions, predict(problem, decisions, rates))
 
 
-def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
+# the plans auto compares under a budget: its own greedy plan, and the fixed ones
+AUTO_FAMILIES = ("greedy", "swap-all", "recompute-all", "minimal-memory")
+
+
+def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None = None) -> Plan:
+    """Keep everything if that fits; else the fastest predicted of ``AUTO_FAMILIES`` that fits
+    (``family``: that one, if it fits; a trial of plans asks for each)."""
+    if family is not None and family not in AUTO_FAMILIES + ("keep-all",):
+        raise ValueError(f"unknown auto plan family {family!r}; families: keep-all, {', '.join(AUTO_FAMILIES)}")
     best = keep_all(problem, rates, budget)
     if budget is None or best.prediction.peak_device_bytes <= budget:
         why = "no memory_budget" if budget is None else "everything kept fits the budget"
-        return _reasoned(replace(best, policy="auto"), {"keep-all policy": f"kept: {why}"})
+        plan = _reasoned(replace(best, policy="auto", family="keep-all"), {"keep-all policy": f"kept: {why}"})
+        plan.alternatives = {"keep-all": plan.prediction.step_seconds}
+        return plan
     decisions = dict(best.decisions)
     cands = {c.key: c for c in problem.candidates}
     pred = best.prediction
@@ -404,10 +418,20 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
                 break
         decisions = schedule_swaps(problem, decisions, rates)
         pred = predict(problem, decisions, rates)
-    plans = [Plan("auto", decisions, pred)]
-    for fixed in (swap_all, recompute_all, lambda p, r, b: minimal_memory_plan(p, r)):
-        plans.append(fixed(problem, rates, budget))
+    plans = [Plan("auto", decisions, pred, family="greedy")]
+    for fam, fixed in zip(AUTO_FAMILIES[1:], (swap_all, recompute_all, lambda p, r, b: minimal_memory_plan(p, r))):
+        plans.append(replace(fixed(problem, rates, budget), family=fam))
     feasible = [p for p in plans if p.prediction.peak_device_bytes <= budget]
+    alternatives = {p.family: p.prediction.step_seconds for p in feasible}
+    if family is not None and feasible:
+        feasible = [p for p in feasible if p.family == family]
+        if not feasible:
+            raise BudgetError(
+                f"auto's {family} plan does not fit memory_budget={format_bytes(budget)} "
+                f"(plans that fit: {', '.join(alternatives)})",
+                smallest_feasible_bytes=next((p.prediction.peak_device_bytes for p in plans if p.family == family),
+                                             best.prediction.peak_device_bytes),
+            )
     if not feasible:
         smallest = min(p.prediction.peak_device_bytes for p in plans + [minimal_memory_plan(problem, rates)])
         raise BudgetError(
@@ -415,10 +439,11 @@ def auto(problem: Problem, rates: Rates, budget: int | None) -> Plan:
             f"is {format_bytes(smallest)} ({smallest} bytes); raise the budget to at least that",
             smallest_feasible_bytes=smallest,
         )
-    best_plan = min(feasible, key=lambda p: p.prediction.step_seconds)
-    if best_plan is plans[0]:
+    best_plan = replace(min(feasible, key=lambda p: p.prediction.step_seconds), alternatives=alternatives)
+    if best_plan.family == "greedy":
         return _reasoned(best_plan, {"keep-all policy": "kept: the budget holds without moving it"})
-    chosen = f"auto chose the {best_plan.policy} plan: the fastest predicted step under the budget"
+    chosen = (f"auto chose the {best_plan.policy} plan: "
+              + ("the one asked for" if family is not None else "the fastest predicted step under the budget"))
     return _reasoned(replace(best_plan, policy="auto"), {f"{best_plan.policy} policy": chosen})
 
 
@@ -522,13 +547,14 @@ POLICIES: dict[str, Callable[[Problem, Rates, int | None], Plan]] = {
 }
 
 
-def solve(policy: str, problem: Problem, rates: Rates, budget: int | None) -> Plan:
-    """The plan of ``policy``; a fixed policy that misses the budget raises ``BudgetError``."""
+def solve(policy: str, problem: Problem, rates: Rates, budget: int | None, family: str | None = None) -> Plan:
+    """The plan of ``policy``; a fixed policy that misses the budget raises ``BudgetError``.
+    ``family``: for ``"auto"``, which of its plans (see ``auto``)."""
     try:
         fn = POLICIES[policy]
     except KeyError:
         raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}") from None
-    plan = fn(problem, rates, budget)
+    plan = auto(problem, rates, budget, family) if policy == "auto" and family is not None else fn(problem, rates, budget)
     if budget is not None and plan.prediction.peak_device_bytes > budget:
         smallest = min(plan.prediction.peak_device_bytes, minimal_memory_plan(problem, rates).prediction.peak_device_bytes)
         raise BudgetError(

@@ -63,6 +63,42 @@ class GraphRecord:
     # the plan's step simulated again with the compute times the executor measured
     calibrated_step_s: float | None = None
     measured_compute_s: float | None = None
+    # forward + backward seconds of the latest steps of this graph (trials read them), and
+    # the forwards whose backward has not run yet
+    step_seconds_log: list[float] = field(default_factory=list)
+    pending_forward_s: list[float] = field(default_factory=list)
+    steps_run: int = 0
+    # policy "auto" under a budget: the plan it runs, (partition, family), and every plan it
+    # could run with its predicted step; after a trial, each timed plan's measured graph seconds
+    variant: tuple[str, str] | None = None
+    variants: dict[tuple[str, str], float] = field(default_factory=dict)
+    trials: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def ran(self, phase: str, seconds: float) -> None:
+        if phase == "forward":
+            self.pending_forward_s.append(seconds)
+            del self.pending_forward_s[:-8]
+            return
+        # a backward goes with the latest forward (forwards under no_grad never get one)
+        fw = self.pending_forward_s.pop() if self.pending_forward_s else 0.0
+        self.pending_forward_s.clear()
+        self.step_seconds_log.append(fw + seconds)
+        del self.step_seconds_log[:-16]
+        self.steps_run += 1
+
+    def note_variants(self) -> None:
+        """Which of auto's plans runs, and which others it could run (from the passes' reports)."""
+        planned = self.pass_report("plan_memory")
+        part = self.pass_report("partition_graph")
+        if planned is None or part is None or planned.get("plan_family") is None:
+            return
+        partition = "min-cut" if part.get("partitioner", "").startswith("torch min-cut") else "default"
+        self.variant = (partition, planned["plan_family"])
+        variants = dict(part.get("variants") or {})
+        # the chosen partition's plans as plan_memory made them (parameter streaming included)
+        variants = {k: v for k, v in variants.items() if k[0] != partition}
+        variants.update({(partition, f): s for f, s in planned.get("alternatives", {}).items()})
+        self.variants = variants
 
     def apply_plan_totals(self, plan: Any, problem: Any) -> None:
         """Move the plan's swapped and recomputed storages out of the kept total."""
@@ -200,6 +236,10 @@ class Report:
             "h2d_bytes": self.h2d_bytes if measured else None,
             "measured_step_s": self.step_seconds if measured else None,
             "graphs": len(self.graphs),
+            # policy "auto": which of its plans each graph runs ("partition/family"), and the
+            # plans a trial timed, with their median graph seconds (empty before or without one)
+            "plans": [("/".join(g.variant) if g.variant else None) for g in self.graphs],
+            "plan_trials": [{"/".join(v): s for v, s in g.trials.items()} for g in self.graphs],
         }
 
     def trace_events(self, *, pid: int = 2) -> list[dict]:

@@ -38,10 +38,13 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         counts["repaired_output_descs"] |= repair_output_descs(graphs.joint, fw, bw, facts.num_fwd_outputs)
         counts["roles_given"] += give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
 
-    if facts.options.policy == "torch-min-cut":
+    trial = facts.variant[0] if facts.variant is not None and facts.options.policy == "auto" else None
+    if facts.options.policy == "torch-min-cut" or trial == "min-cut":
         from ..mincut import partition_min_cut
 
         fw, bw, report = partition_min_cut(graphs.joint, facts, finish)
+        if trial:
+            report["partitioner"] = "torch min-cut (auto: a trial asked for it)"
     else:
         fw, bw = default_partition(
             graphs.joint,
@@ -51,7 +54,9 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         )
         finish(fw, bw)
         report = {"partitioner": "default"}
-        if facts.options.policy == "auto" and facts.options.memory_budget is not None:
+        if trial:
+            report["partitioner"] = "default (auto: a trial asked for it)"
+        elif facts.options.policy == "auto" and facts.options.memory_budget is not None:
             from ..mincut import prefer_min_cut
 
             chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)

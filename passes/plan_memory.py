@@ -12,6 +12,8 @@ plan fits with them resident), parameters that ``stream_params`` can stream leav
 bytes and become fetches: one per phase that reads them, on the host-to-device link, issued just
 in time (``schedule_fetches``); the report says which (``streamed``) and where (``fetch_at``).
 
+Under policy ``"auto"``, ``facts.variant`` (set by a trial) names which of auto's plans to make.
+
 Op times are the cost model's estimates, or what an earlier plan of the same graph
 measured (``facts.measured_seconds``, when the graph is planned again).
 
@@ -75,14 +77,15 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
     if mode is True or (mode == "auto" and budget is not None and candidates
                         and problem.resident_bytes >= budget):
         streamed.update(candidates)
+    family = facts.variant[1] if facts.variant is not None and policy == "auto" else None
     try:
-        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident)
+        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident, family)
     except BudgetError:
         if mode != "auto" or not set(candidates) - set(streamed):
             raise
         # the weights fit, but not beside what the step needs: stream them
         streamed.update(candidates)
-        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident)
+        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident, family)
     p = plan.prediction
     report = {
         "hardware": hw.name,
@@ -91,6 +94,8 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         "plan": plan,
         "rates": rates,
         "candidates": len(problem.candidates),
+        "plan_family": plan.family,  # auto: which of its plans; alternatives: those that fit, predicted step
+        "alternatives": dict(plan.alternatives),
         "predicted_step_s": p.step_seconds,
         "predicted_peak_bytes": p.peak_device_bytes,
         "predicted_host_peak_bytes": p.peak_host_bytes,
@@ -102,11 +107,11 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
 
 
 def _solve_streaming(policy: str, problem: Problem, rates: Rates, budget: int | None,
-                     streamed: dict[int, int], resident: int):
+                     streamed: dict[int, int], resident: int, family: str | None = None):
     """Plan with ``streamed`` parameters fetched per phase instead of resident (``resident``:
     the device bytes at the start with every input resident; ``problem`` is changed to match
     the plan that is returned)."""
     problem.resident_bytes = resident - sum(streamed.values())
     problem.fetches = fetches_for(problem, streamed)
     problem.fetches = schedule_fetches(problem, rates)
-    return solve(policy, problem, rates, budget)
+    return solve(policy, problem, rates, budget, family)

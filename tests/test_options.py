@@ -75,6 +75,7 @@ def test_defaults_and_parsed_values(tmp_path):
         ("hardware", "rtx9090", "hardware="),
         ("disable_passes", 3, "pass names"),
         ("debug", "yes", "True, False or None"),
+        ("tune_plans", None, "expected True or False"),
     ],
 )
 def test_malformed_values_raise_value_error(key, value, fragment):

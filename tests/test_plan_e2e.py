@@ -326,3 +326,55 @@ def test_a_graph_breaking_model_predicts_its_step_peak_within_the_budget():
     assert summary["predicted_peak_bytes"] <= budget
     assert summary["measured_peak_bytes"] <= 1.05 * budget
     assert abs(summary["predicted_peak_bytes"] - summary["measured_peak_bytes"]) <= 0.10 * summary["measured_peak_bytes"]
+
+
+def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatch):
+    """A trial (``tune_plans``): every plan of auto's within the margin is compiled, warmed up
+    and run in turn; the one with the fastest median graph time stays. Switching plans between
+    steps changes nothing in the numbers, and each plan keeps the budget."""
+    from lohan_compile.backend import Replanning
+
+    # every plan that fits is close enough; one warm-up step and one timed step each
+    monkeypatch.setattr(Replanning, "TRIAL_MARGIN", 1e9)
+    monkeypatch.setattr(Replanning, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(Replanning, "TRIAL_STEPS", 1)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(8)]
+    # plain SGD: no optimizer state appears after the first step, so nothing re-plans
+    losses, models, plans_run, peaks = {}, {}, [], []
+    for name in ("eager", "unplanned", "tuned", "untuned"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = models[name] = make()
+        options = ({"memory_budget": budget, "tune_plans": name == "tuned"}
+                   if name in ("tuned", "untuned") else None)
+        run = model if name == "eager" else torch.compile(model, backend="lohan", options=options)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for ids in batches[: 1 if name == "unplanned" else None]:
+            loss = lm_loss(run, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.detach())
+            if name == "tuned":
+                s = lohan.last_report().summary()
+                plans_run.extend(s["plans"])
+                peaks.append(s["measured_peak_bytes"])
+        if name == "unplanned":
+            budget = int(lohan.last_report().summary()["measured_peak_bytes"] * 0.9)
+        elif name != "eager":
+            summary, (graph,) = lohan.last_report().summary(), lohan.last_report().graphs
+            for a, b in zip(losses["eager"], losses[name]):
+                assert torch.equal(a, b)
+            assert_same_state(models["eager"], model)
+        if name == "tuned":
+            (trials,) = summary["plan_trials"]
+            # the close plans in order of predicted step (less any that would no longer fit)
+            assert 2 <= len(trials) <= Replanning.TRIAL_PLANS <= len(graph.variants)
+            assert {tuple(v.split("/")) for v in trials} <= set(graph.variants) and set(trials) <= set(plans_run)
+            kept = min(trials, key=trials.get)
+            assert summary["plans"] == [kept] and plans_run[-1] == kept
+            assert max(peaks) <= 1.05 * budget, (list(zip(plans_run, peaks)), budget)
+        if name == "untuned":
+            assert summary["plan_trials"] == [{}] and graph.variants and not graph.trials

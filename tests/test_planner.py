@@ -92,6 +92,35 @@ def test_auto_prefers_recomputation_when_the_link_is_slow():
             assert plan.prediction.step_seconds <= other.prediction.step_seconds + 1e-9
 
 
+def test_auto_lists_the_plans_that_fit_and_makes_the_one_asked_for():
+    p = layered_problem()
+    budget = keep_all(p, SLOW, None).prediction.peak_device_bytes - 150
+    chosen = auto(p, SLOW, budget)
+    # every plan that fits, with its predicted step; the chosen one is the fastest of them
+    assert chosen.family in chosen.alternatives and len(chosen.alternatives) >= 2
+    assert chosen.prediction.step_seconds == pytest.approx(min(chosen.alternatives.values()))
+    for family, seconds in chosen.alternatives.items():
+        plan = solve("auto", p, SLOW, budget, family)
+        assert plan.family == family and plan.policy == "auto"
+        assert plan.prediction.step_seconds == pytest.approx(seconds)
+        assert plan.prediction.peak_device_bytes <= budget
+    with pytest.raises(ValueError, match="families"):
+        auto(p, SLOW, budget, family="fastest")
+    # no budget, or one that everything kept fits: keep-all is the only plan
+    assert auto(p, SLOW, None).alternatives.keys() == {"keep-all"}
+
+
+def test_a_plan_asked_for_that_misses_the_budget_raises():
+    p = layered_problem()
+    budget = keep_all(p, SLOW, None).prediction.peak_device_bytes - 150
+    missing = [f for f in ("greedy", "swap-all", "recompute-all", "minimal-memory")
+               if f not in auto(p, SLOW, budget).alternatives]
+    assert missing, "the problem should have a plan that misses this budget"
+    with pytest.raises(BudgetError, match=missing[0]) as e:
+        auto(p, SLOW, budget, family=missing[0])
+    assert e.value.smallest_feasible_bytes > budget
+
+
 def test_infeasible_budget_raises_with_the_smallest_feasible_budget():
     p = layered_problem()
     smallest = minimal_memory_plan(p, FAST).prediction.peak_device_bytes
