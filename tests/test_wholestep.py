@@ -77,17 +77,15 @@ def test_zero_infinity_is_calibrated_and_175b_is_feasible():
     hw = preset("lohan-testbed")
     # published: ZeRO-Infinity fine-tunes 13B at 45 TFLOPS on this kind of server (Fuyou); the
     # model's one fitted factor (bench/calibrate_zero_infinity.py) puts it within +-30% at batch
-    # 32 to 64, and auto at 2x or more of it at batch 32 (issue 8's gates)
-    for batch in (32, 64):
-        ws = wholestep.WholeStep(wholestep.trace(zoo.PRESETS["gpt3-13b"], batch, 1024, hw))
-        zi = ws.plan("zero-infinity")
-        assert zi.feasible and 45 * 0.7 <= zi.tflops <= 45 * 1.3, (batch, zi.tflops)
-        if batch == 32:
-            assert ws.plan("auto").tflops >= 2.0 * zi.tflops
-    for batch in (16, 32):
-        plan = wholestep.WholeStep(wholestep.trace(zoo.PRESETS["gpt3-175b"], batch, 1024, hw)).plan("auto")
-        assert plan.feasible, plan.why
-        assert plan.peaks["device"] <= hw.device_memory and plan.peaks["host"] <= hw.host_memory
+    # 32 to 64, and auto at 2x or more of it at batch 32 (issue 8's gates; batch 48 and 64, and
+    # 175B at batch 32, are in bench/paper.py's table: each trace here costs about a minute)
+    ws = wholestep.WholeStep(wholestep.trace(zoo.PRESETS["gpt3-13b"], 32, 1024, hw))
+    zi = ws.plan("zero-infinity")
+    assert zi.feasible and 45 * 0.7 <= zi.tflops <= 45 * 1.3, zi.tflops
+    assert ws.plan("auto").tflops >= 2.0 * zi.tflops
+    plan = wholestep.WholeStep(wholestep.trace(zoo.PRESETS["gpt3-175b"], 16, 1024, hw)).plan("auto")
+    assert plan.feasible, plan.why
+    assert plan.peaks["device"] <= hw.device_memory and plan.peaks["host"] <= hw.host_memory
 
 
 def test_lohan_plan_json(capsys):
