@@ -405,4 +405,8 @@ def _format_fact(key: str, value: Any) -> str:
         return format_bytes(value)
     if key.endswith("_s"):
         return f"{value:.4f} s"
+    if key == "plan_trials":  # per graph: plan -> median seconds of its forward + backward
+        return "; ".join(", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in g.items()) for g in value if g) or "-"
+    if key == "plans":
+        return ", ".join(str(p) for p in value) if any(value) else "-"
     return str(value)
