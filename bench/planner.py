@@ -39,6 +39,9 @@ from lohan_compile.errors import BudgetError  # noqa: E402
 from lohan_compile.runtime import device  # noqa: E402
 
 POLICIES = ("auto", "swap-all", "recompute-all", "torch-min-cut", "keep-all")
+# the copies share code objects (Hugging Face's forward wrappers): each has its own cache entry
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
 # the steps auto's trial of close plans can take (each compiled, warmed up, then run in turn)
 TRIAL_STEPS = Replanning.TRIAL_PLANS * (Replanning.TRIAL_WARMUP + Replanning.TRIAL_STEPS) + 1
 
@@ -86,7 +89,7 @@ class Runner:
         return time.perf_counter() - start
 
 
-def measure(name, make, loss, batch, fractions, rounds, warmup=3):
+def measure(name, make, loss, batch, fractions, rounds, warmup=5):
     """Every policy's copy is alive while each one compiles and runs (they are timed
     interleaved), and the budget counts the whole device: so all copies are made, with their
     gradients, before any compiles, and each policy's budget is what the others hold plus the
@@ -117,7 +120,8 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=3):
         budget = budget_base + int(unplanned * fraction)
         info = {}
         for policy in POLICIES:
-            torch._dynamo.reset()
+            # no torch._dynamo.reset() here: it would drop the copies compiled before, and each
+            # would compile again (a new plan, a new trial) at its first timed round
             r = runners[policy]
             try:
                 # activations only (this compares the activation policies): the weights stay resident
