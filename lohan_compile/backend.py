@@ -154,6 +154,7 @@ class Replanning:
         self.record = compiler.record
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
         self.calibrated = False
+        self.collected = False
         self.planned_level = device_memory.allocated(self.record.device)
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
@@ -252,6 +253,13 @@ class Replanning:
                  ", ".join(f"{'/'.join(v)} {s * 1e3:.2f} ms" for v, s in measured.items()), "/".join(best))
 
     def __call__(self, *args: Any) -> Any:
+        if not self.collected and self.record.steps_run:
+            # dynamo's trace of this graph (and of the graph after a break, which it compiles
+            # during the first step) leaves reference cycles that hold that step's real tensors
+            # (a Hugging Face model's outputs and cache) until Python's next full collection:
+            # device memory the plan never sees. Collect them once, after the first step.
+            self.collected = True
+            gc.collect()
         if self.trial is not None and torch.is_grad_enabled():
             self._trial_step(args)
         if not self.calibrated and self._timed():
