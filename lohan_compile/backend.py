@@ -232,6 +232,9 @@ class Replanning:
                     return
                 except BudgetError as e:  # the device holds more than when the trial began
                     log.info("lohan %s: trial of plan %s skipped: %s", rec.name, "/".join(variant), e)
+                except Exception as e:  # noqa: BLE001 - a trial only chooses: training goes on with the plans it has
+                    log.warning("lohan %s: plan %s could not be compiled for a trial (%s: %s); it is left out",
+                                rec.name, "/".join(variant), type(e).__name__, e)
             trial["rounds"] = list(trial["compiled"]) * self.TRIAL_STEPS
             trial["samples"] = {v: [] for v in trial["compiled"]}
         else:
