@@ -186,7 +186,7 @@ def auto(*, refresh: bool = False, device: str = "cpu") -> HardwareProfile:
         profile = _measured[device] = measure_cuda() if device == "cuda" else measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes measuring at once (pytest -n)
             tmp.write_text(json.dumps(profile.to_json(), indent=2))
             tmp.replace(path)
         except OSError:
