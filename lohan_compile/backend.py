@@ -18,6 +18,7 @@ optimizer; with the fx executor it has no effect (a log message says so).
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 import itertools
 import weakref
 import logging
@@ -135,6 +136,8 @@ class Replanning:
         self.size_slots = _size_slots(self.fakes)
         self.planned_sizes = {sym: hint_int(value) for sym, value in _symbol_values(self.fakes).items()}
         self.trial: dict[str, Any] | None = None
+        # forward outputs every backward so far found gone (None: no backward yet)
+        self.dropped: frozenset[int] | None = None
         self._compile(example_inputs, example_inputs, None)
         self._start_trial()
 
@@ -148,7 +151,7 @@ class Replanning:
             opts = opts.replace(optimizer=optimizer)
         compiler = GraphCompiler(
             self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
-            variant=variant,
+            variant=variant, dropped_outputs=self.dropped or frozenset(),
         )
         self.fn = compiler.compile()
         self.record = compiler.record
@@ -263,20 +266,53 @@ class Replanning:
             # device memory the plan never sees. Collect them once, after the first step.
             self.collected = True
             gc.collect()
+        seen, self.record.dropped_seen = self.record.dropped_seen, None
+        if seen is not None:  # an output held at any backward so far counts as held
+            self.dropped = seen if self.dropped is None else self.dropped & seen
         if self.trial is not None and torch.is_grad_enabled():
             self._trial_step(args)
         if not self.calibrated and self._timed():
             self._calibrate()
+        replanned = False
         if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
                 self._replan(args, sizes, "a size grew past the plan" if sizes else "the device holds more")
+                replanned = True
+        if not replanned and self.dropped is not None and torch.is_grad_enabled():
+            self._outputs_dropped(args)
         out = self.fn(*args)
         run = TRACKER.latest_forward
         if run is not None and run.graph is self.record and torch.is_grad_enabled():
             TRACKER.watch(run, out)
             TRACKER.latest_forward = None
         return out
+
+    def _outputs_dropped(self, args: Sequence[Any]) -> None:
+        """The plan assumed the user holds every forward output through the step; backward
+        found some gone (``self.dropped``). Simulate the plan again knowing it, and plan again
+        where that would change the plan: auto, told so, chooses other decisions, or the plan
+        no longer meets the budget (outputs the user began to hold). torch's min-cut partition
+        is not searched again."""
+        from .planner import predict, solve
+
+        planned = self.record.pass_report("plan_memory")
+        if planned is None or planned["problem"].dropped_outputs == self.dropped:
+            return
+        problem = planned["problem"].without_outputs(self.dropped)
+        plan, rates, budget = planned["plan"], planned["rates"], self.opts.memory_budget
+        prediction = predict(problem, plan.decisions, rates)
+        if budget is not None and prediction.peak_device_bytes > budget:
+            self._replan(args, None, "the step holds forward outputs it dropped before")
+            return
+        if plan.policy == "auto" and budget is not None and not self.size_slots:
+            again = solve("auto", problem, rates, budget, plan.family)
+            if not _same_decisions(again.decisions, plan.decisions):
+                self._replan(args, None, "the step drops forward outputs before backward")
+                return
+        self.record.repredict(problem, prediction)
+        if self.calibrated and self.measured:
+            self.record.calibrate(self.measured)
 
     def _replan(self, args: Sequence[Any], sizes: dict | None, why: str) -> None:
         if self.replans >= self.MAX_REPLANS:
@@ -306,6 +342,11 @@ class Replanning:
             self._compile(args, args, None)
         log.info("lohan %s re-planned as %s: %s", old, self.record.name, why)
         self._start_trial()
+
+
+def _same_decisions(a: dict, b: dict) -> bool:
+    """The same actions at the same points (the reasons given may differ)."""
+    return a.keys() == b.keys() and all(replace(a[k], reason="") == replace(b[k], reason="") for k in a)
 
 
 def _symbol_values(fakes: Sequence[Any]) -> dict:
@@ -405,6 +446,7 @@ class GraphCompiler:
         planning_sizes: dict | None = None,
         measured: dict[str, float] | None = None,
         variant: tuple[str, str] | None = None,
+        dropped_outputs: frozenset[int] = frozenset(),
     ):
         from .passes import default_pipeline
 
@@ -415,6 +457,7 @@ class GraphCompiler:
         self.planning_sizes = planning_sizes
         self.measured = dict(measured or {})
         self.variant = variant  # policy "auto": which of its plans a trial asked for
+        self.dropped_outputs = dropped_outputs  # forward outputs seen dropped before backward
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -470,6 +513,7 @@ class GraphCompiler:
             real_inputs=self.real_inputs,
             measured_seconds=self.measured,
             variant=self.variant,
+            dropped_outputs=self.dropped_outputs,
             **extra,
         )
 
@@ -503,6 +547,8 @@ class GraphCompiler:
         planned = self.record.pass_report("plan_memory")
         if planned is not None and self.record.pass_report("apply_plan") is not None:
             self.record.apply_plan_totals(planned["plan"], planned["problem"])
+        if planned is not None:
+            self.record.watch_outputs = tuple(sorted(planned["problem"].user_outputs))
         if self.opts.policy == "auto":
             self.record.note_variants()
         if graphs.fw is not None:
@@ -659,7 +705,9 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, phase: str) -> Call
             step_run = TRACKER.forward_begin(record, args)
             start = time.perf_counter()
             try:
-                return fn(args)
+                out = fn(args)
+                TRACKER.forward_outputs(step_run, out)
+                return out
             finally:
                 TRACKER.end(step_run, start)
                 record.ran("forward", step_run.seconds)

@@ -133,7 +133,7 @@ def _problem(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, fact
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)  # what an earlier plan measured, as plan_memory does
-    problem = build_problem(fw, bw, cost)
+    problem = build_problem(fw, bw, cost).without_outputs(facts.dropped_outputs)
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes
     rates = Rates(cost.transfer_seconds(1, "d2h"), cost.transfer_seconds(1, "h2d"), sharing=hw.sharing)
     return problem, rates

@@ -12,11 +12,18 @@ Indices: ops are numbered in execution order, forward first (``0 ..
 n_fw-1``), then backward (``n_fw ..``). A storage is allocated just before
 its ``alloc`` op and freed just after its ``free`` op (``None``: it outlives
 the step: gradients, the user's outputs).
+
+The forward's outputs are assumed held by the user through the step (the
+loss, logits). Often they are not: ``model(**batch).loss.backward()`` drops a
+Hugging Face model's logits and key/value cache before backward starts, and
+AOTAutograd drops the new value of a mutated input once it has copied it
+back. The runtime sees which outputs are gone when backward starts, and
+``Problem.without_outputs`` frees those at the end of forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 import torch
@@ -24,7 +31,7 @@ import torch.fx as fx
 
 from .costmodel import CostModel
 from .fxutil import is_dense, is_view, storage_base, tensor_val
-from .meta import Role, get_info
+from .meta import Kind, Role, get_info
 from .shapes import nbytes_expr, nbytes_hint
 
 
@@ -93,12 +100,29 @@ class Problem:
     grad_key: dict[int, str] = field(default_factory=dict)  # input index -> its gradient's buffer
     # streamed parameters (not resident: ``resident_bytes`` leaves them out), fetched per phase
     fetches: list[Fetch] = field(default_factory=list)
+    # forward outputs the user (or AOTAutograd's runtime) receives, by position in the forward
+    # graph's outputs: (their storage's buffer, the op after which it is freed if they are
+    # dropped before backward); outputs that are views of inputs or gradients are not here
+    user_outputs: dict[int, tuple[str, int]] = field(default_factory=dict)
+    dropped_outputs: frozenset[int] = frozenset()  # of those, the ones planned as dropped
 
     def candidate(self, key: str) -> Candidate:
         for c in self.candidates:
             if c.key == key:
                 return c
         raise KeyError(key)
+
+    def without_outputs(self, dropped: frozenset[int]) -> "Problem":
+        """This problem with the forward outputs at positions ``dropped`` released when forward
+        ends (seen gone when backward started) and the others held through the step; a
+        storage goes only when every output of it is dropped. ``self`` is unchanged."""
+        dropped = frozenset(dropped) & frozenset(self.user_outputs)
+        held = {key for pos, (key, _) in self.user_outputs.items() if pos not in dropped}
+        buffers = dict(self.buffers)
+        for key, free in self.user_outputs.values():
+            if key in buffers:
+                buffers[key] = replace(buffers[key], free=None if key in held else free)
+        return replace(self, buffers=buffers, dropped_outputs=dropped)
 
 
 def _recomputable(node: fx.Node) -> bool:
@@ -187,7 +211,8 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
     }
     out_info = get_info(fw_out)
     kinds = out_info.outputs if out_info is not None else ()
-    for value, kind in zip(fw_out.args[0], kinds):
+    outputs_at: dict[int, str] = {}
+    for pos, (value, kind) in enumerate(zip(fw_out.args[0], kinds)):
         if not isinstance(value, fx.Node):
             continue
         k = key_of.get(value)
@@ -198,9 +223,17 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
             saved_nodes.add(value)
         else:
             survives.add(k)  # the user holds forward outputs (logits, the loss) through the step
+            if kind in (Kind.USER_OUTPUT, Kind.MUTATION):
+                outputs_at[pos] = k
+    grads = set()
     for value in bw.graph.output_node().args[0]:
         if isinstance(value, fx.Node) and key_of.get(value) is not None:
-            survives.add(key_of[value])  # gradients outlive the backward graph
+            grads.add(key_of[value])  # gradients outlive the backward graph
+    survives |= grads
+    # a dropped output's storage goes when forward ends, or after backward's last read of it
+    user_outputs = {
+        pos: (k, max(last_use.get(k, n_fw - 1), n_fw - 1)) for pos, k in outputs_at.items() if k not in grads
+    }
 
     for key, buf in buffers.items():
         buf.free = None if key in survives else last_use.get(key, buf.alloc)
@@ -279,6 +312,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
         candidates=candidates,
         fw_seconds=fw_seconds,
         bw_seconds=sum(o.seconds for o in ops[n_fw:]),
+        user_outputs=user_outputs,
     )
 
 

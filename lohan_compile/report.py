@@ -73,6 +73,10 @@ class GraphRecord:
     variant: tuple[str, str] | None = None
     variants: dict[tuple[str, str], float] = field(default_factory=dict)
     trials: dict[tuple[str, str], float] = field(default_factory=dict)
+    # forward outputs handed to the user (positions in the forward's outputs) whose storage the
+    # runtime watches, and which of them were gone when the latest backward started
+    watch_outputs: tuple[int, ...] = ()
+    dropped_seen: frozenset[int] | None = None
 
     def ran(self, phase: str, seconds: float) -> None:
         if phase == "forward":
@@ -116,6 +120,18 @@ class GraphRecord:
         self.predicted_peak_bytes = plan.prediction.peak_device_bytes
         self.predicted_host_peak_bytes = plan.prediction.peak_host_bytes
 
+    def repredict(self, problem: Any, prediction: Any) -> None:
+        """The same plan simulated again on ``problem`` (the forward outputs the step drops,
+        learnt at run time): its predicted peak and step, in the record and its plan's report."""
+        from dataclasses import replace
+
+        planned = self.pass_report("plan_memory")
+        planned["problem"] = problem
+        planned["plan"] = replace(planned["plan"], prediction=prediction)
+        planned["predicted_step_s"] = self.predicted_step_s = prediction.step_seconds
+        planned["predicted_peak_bytes"] = self.predicted_peak_bytes = prediction.peak_device_bytes
+        planned["predicted_host_peak_bytes"] = self.predicted_host_peak_bytes = prediction.peak_host_bytes
+
     def calibrate(self, measured: dict[str, float]) -> None:
         """Simulate the plan again with measured op times (``measured``: seconds by node name;
         ops not in it keep their estimate)."""
@@ -155,6 +171,8 @@ class GraphRun:
     seconds: float
     bindings: dict = field(default_factory=dict)  # symbol -> size this run used
     backward_seen: bool = False  # a forward run: its backward ran (or its graph was dropped)
+    # a forward run: weak references to the storages of the outputs its graph watches
+    output_refs: list = field(default_factory=list)
     start: float = 0.0  # perf_counter() when it began
 
     def bytes_of(self, expr: sympy.Expr | None) -> int | None:

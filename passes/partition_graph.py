@@ -11,7 +11,10 @@ With nothing to plan, this is torch's default partitioner, which saves what
 the joint graph computed rather than recomputing it: results are bitwise
 those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
 partitioner, its activation budget searched to fit ``memory_budget``
-(``lohan_compile/mincut.py``).
+(``lohan_compile/mincut.py``). Under ``policy="auto"`` and a budget, with
+the fx executor, the min-cut partition is also planned and kept when auto
+predicts it faster (``prefer_min_cut``); with the Inductor executor it is not
+(Inductor runs it above its predicted peak).
 """
 
 from __future__ import annotations
@@ -57,11 +60,18 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         if trial:
             report["partitioner"] = "default (auto: a trial asked for it)"
         elif facts.options.policy == "auto" and facts.options.memory_budget is not None:
-            from ..mincut import prefer_min_cut
+            if facts.options.executor == "inductor":
+                # Inductor runs the min-cut partition's backward (recomputation chains fused
+                # with their users) above the peak the simulator predicts for it, by 5-11%
+                # measured: past the budget. Until that is modeled, auto under Inductor
+                # plans the default partition only.
+                report["min_cut"] = "not considered under the Inductor executor"
+            else:
+                from ..mincut import prefer_min_cut
 
-            chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)
-            if chosen is not None:
-                fw, bw, report = chosen
+                chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)
+                if chosen is not None:
+                    fw, bw, report = chosen
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes))
     return Graphs(joint=graphs.joint, fw=fw, bw=bw), report
 

@@ -15,7 +15,9 @@ in time (``schedule_fetches``); the report says which (``streamed``) and where (
 Under policy ``"auto"``, ``facts.variant`` (set by a trial) names which of auto's plans to make.
 
 Op times are the cost model's estimates, or what an earlier plan of the same graph
-measured (``facts.measured_seconds``, when the graph is planned again).
+measured (``facts.measured_seconds``, when the graph is planned again). The
+forward's outputs are held through the step, except those an earlier plan's
+steps dropped before backward (``facts.dropped_outputs``): freed when forward ends.
 
 The device peak is predicted from what is resident when the graph starts: its
 own inputs (parameters, buffers, the batch) and what the backend found held
@@ -59,7 +61,7 @@ def resident_input_bytes(fw: fx.GraphModule) -> int:
 def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)
-    problem = build_problem(graphs.fw, graphs.bw, cost)
+    problem = build_problem(graphs.fw, graphs.bw, cost).without_outputs(facts.dropped_outputs)
     problem.resident_bytes = resident_input_bytes(graphs.fw) + facts.resident_outside_bytes
     if not swap_ops_available():
         problem.candidates = [replace(c, swappable=False) for c in problem.candidates]

@@ -107,8 +107,8 @@ def test_budget_is_met_under_inductor(unplanned):
     peak, report = measured_peak({"memory_budget": budget, "executor": "inductor", "hardware": hw})
     summary = report.summary()
     assert all(g.executor == "inductor" and g.segments for g in report.graphs)
+    assert peak <= 1.05 * budget, (peak, budget, summary)
     assert summary["plans"] == ["default/greedy"]
-    assert peak <= 1.05 * budget, (peak, budget)
     assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
     assert summary["d2h_bytes"] == summary["h2d_bytes"] == summary["swapped_bytes"]
 
@@ -349,7 +349,9 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
     monkeypatch.setattr(Replanning, "TRIAL_WARMUP", 1)
     monkeypatch.setattr(Replanning, "TRIAL_STEPS", 1)
     g = torch.Generator().manual_seed(5)
-    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(8)]
+    # enough steps for a trial that starts again at the second step (planned again once the
+    # loop is seen dropping the logits): warm-up, compile and a timed step for each of 3 plans
+    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(10)]
     # plain SGD: no optimizer state appears after the first step, so nothing re-plans
     losses, models, plans_run, peaks = {}, {}, [], []
     for name in ("eager", "unplanned", "tuned", "untuned"):
@@ -423,3 +425,68 @@ def test_what_compiling_left_behind_holds_no_device_memory_into_later_steps():
     assert left < 64 << 10, left
     summary = lohan.last_report().summary()
     assert abs(summary["predicted_peak_bytes"] / summary["measured_peak_bytes"] - 1) <= 0.1
+
+
+class LossAndLogits(torch.nn.Module):
+    """Returns its loss and its logits, as a Hugging Face model does; the logits are nothing
+    backward needs (cross-entropy saves its own log-softmax)."""
+
+    def __init__(self, d=128, vocab=2048, layers=4):
+        super().__init__()
+        self.body = torch.nn.Sequential(*(
+            torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+            for _ in range(layers)))
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, x, y):
+        logits = self.head(self.body(x))
+        return torch.nn.functional.cross_entropy(logits, y), logits
+
+
+def test_outputs_the_step_drops_before_backward_are_planned_as_gone():
+    """The plan first assumes the user holds every forward output through backward; a loop
+    that keeps only the loss drops the logits (4 MiB here) before backward starts. The runtime
+    sees it at the first backward: the next steps predict their peak without them, within 10%
+    of the measured peak, and auto, whose first plan had to move activations for the logits'
+    room, plans again and keeps everything. A loop that holds the logits keeps the first plan."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 128, generator=g), torch.randint(0, 2048, (512,), generator=g)
+
+    def train(options, hold, steps=3):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = LossAndLogits()
+        cm = torch.compile(model, backend="lohan", options=options)
+        summaries = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            loss, logits = cm(x, y)
+            if not hold:
+                del logits
+            loss.backward()
+            summaries.append(lohan.last_report().summary())
+            logits = None
+        return summaries
+
+    logits_bytes = 512 * 2048 * 4
+    dropped = train({}, hold=False)
+    held = train({}, hold=True)
+    # nothing seen yet at the first step (what else the device holds differs by a few KiB)
+    assert dropped[0]["predicted_peak_bytes"] == pytest.approx(held[0]["predicted_peak_bytes"], rel=0.01)
+    assert dropped[-1]["predicted_peak_bytes"] <= held[-1]["predicted_peak_bytes"] - 0.9 * logits_bytes
+    assert held[-1]["measured_peak_bytes"] >= dropped[-1]["measured_peak_bytes"] + 0.9 * logits_bytes
+    for s in (dropped[-1], held[-1]):
+        assert abs(s["predicted_peak_bytes"] / s["measured_peak_bytes"] - 1) <= 0.10, s
+
+    # a budget keeping everything meets only once the logits are known to be gone
+    budget = int(dropped[-1]["predicted_peak_bytes"] * 1.02)
+    assert held[-1]["predicted_peak_bytes"] > budget
+    options = {"memory_budget": budget, "tune_plans": False}
+    first, *_, last = train(options, hold=False, steps=4)
+    assert first["swapped_bytes"] + first["recomputed_bytes"] > 0
+    assert last["swapped_bytes"] == last["recomputed_bytes"] == 0
+    assert last["measured_peak_bytes"] <= 1.05 * budget
+    assert abs(last["predicted_peak_bytes"] / last["measured_peak_bytes"] - 1) <= 0.10
+    held = train(options, hold=True, steps=3)
+    assert held[-1]["swapped_bytes"] + held[-1]["recomputed_bytes"] > 0
+    assert held[-1]["measured_peak_bytes"] <= 1.05 * budget

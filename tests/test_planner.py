@@ -252,3 +252,29 @@ def test_streamed_weights_are_fetched_in_time_on_the_h2d_link_and_counted(layers
     if rate == 1e-6:  # a fast link: fetches hide behind compute, just in time
         assert pred.step_seconds == pytest.approx(predict(no_stream, keep, rates).step_seconds, abs=1e-3)
         assert pred.peak_device_bytes <= base + 2 * weight
+
+
+def test_outputs_dropped_before_backward_are_freed_when_forward_ends():
+    """Forward outputs are held through the step unless the runtime saw them dropped; one
+    still held keeps a storage it shares with a dropped one; the problem asked is unchanged."""
+    from lohan_compile.planner import predict
+
+    ops = [OpInfo(f"op{i}", 1e-3, "fw" if i < 2 else "bw") for i in range(4)]
+    buffers = {
+        "fw:a": Buffer("fw:a", 100, 0, None),  # output 0, alone in its storage
+        "fw:b": Buffer("fw:b", 10, 1, None),  # outputs 1 and 2: views of one storage
+    }
+    p = Problem(ops=ops, n_fw=2, buffers=buffers, candidates=[],
+                user_outputs={0: ("fw:a", 1), 1: ("fw:b", 1), 2: ("fw:b", 1)})
+    rates = Rates(d2h_seconds_per_byte=1e-9, h2d_seconds_per_byte=1e-9)
+    assert predict(p, {}, rates).peak_device_bytes == 110
+    q = p.without_outputs(frozenset({0, 1, 7}))  # 7: not an output it watches
+    assert q.dropped_outputs == {0, 1}
+    assert q.buffers["fw:a"].free == 1 and q.buffers["fw:b"].free is None  # output 2 holds it
+    assert p.buffers["fw:a"].free is None and p.dropped_outputs == frozenset()
+    assert p.without_outputs(frozenset({0, 1, 2})).buffers["fw:b"].free == 1
+    # held again: planned as held again
+    assert p.without_outputs(frozenset({0})).without_outputs(frozenset()).buffers["fw:a"].free is None
+    assert predict(q, {}, rates).peak_device_bytes == 110  # both live while forward runs
+    program_end = predict(q, {}, rates).timeline.curves["device"][-1][1]
+    assert program_end == 10

@@ -21,6 +21,7 @@ import weakref
 from typing import Any, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..report import GraphRecord, GraphRun, Report
 from ..shapes import bind_symbols
@@ -181,12 +182,23 @@ class StepTracker:
         self.latest_forward = run
         return run
 
+    def forward_outputs(self, run: GraphRun, outputs: Sequence[Any]) -> None:
+        """Watch the storages of the outputs the user receives (weakly: watching keeps
+        nothing alive), to learn which the step drops before its backward."""
+        for pos in run.graph.watch_outputs:
+            t = outputs[pos] if pos < len(outputs) else None
+            if isinstance(t, torch.Tensor):
+                run.output_refs.append((pos, StorageWeakRef(t.untyped_storage())))
+
     def backward_begin(self, graph: GraphRecord) -> GraphRun:
         run = GraphRun(graph, "backward", 0.0)
         with self._lock:
             for r in self._runs:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
+                    if r.output_refs:
+                        graph.dropped_seen = frozenset(pos for pos, ref in r.output_refs if ref.expired())
+                        r.output_refs = []
                     break
             self._runs.append(run)
         return run
