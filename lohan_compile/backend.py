@@ -219,6 +219,14 @@ class Replanning:
         if close:
             self.trial = {"queue": [v for _, v in close[: self.TRIAL_PLANS - 1]], "compiled": {}}
 
+    def _current(self) -> tuple:
+        """The compiled plan running now, with what goes with it (a trial keeps several)."""
+        return (self.fn, self.record, self.drivers, self.calibrated, self.planned_level)
+
+    def _use(self, compiled: tuple) -> None:
+        # with the level it was planned at: if the device holds more now, it re-plans
+        self.fn, self.record, self.drivers, self.calibrated, self.planned_level = compiled
+
     def _trial_step(self, args: Sequence[Any]) -> None:
         """Before a step of a trial: compile and warm up each plan in turn, then run them in
         turn, one step each, and finally keep the fastest (compiled code is kept: going back
@@ -227,7 +235,7 @@ class Replanning:
         if "rounds" not in trial:
             if rec.steps_run < self.TRIAL_WARMUP:
                 return
-            trial["compiled"][rec.variant] = (self.fn, rec, self.drivers, self.calibrated, self.planned_level)
+            trial["compiled"][rec.variant] = self._current()
             while trial["queue"]:
                 variant = trial["queue"].pop(0)
                 try:
@@ -246,13 +254,12 @@ class Replanning:
             trial["samples"][rec.variant].append(rec.step_seconds_log[-1])
         if trial["rounds"]:
             variant = trial["rounds"].pop(0)
-            # with the level it was planned at: if the device holds more now, it re-plans
-            self.fn, self.record, self.drivers, self.calibrated, self.planned_level = trial["compiled"][variant]
+            self._use(trial["compiled"][variant])
             trial["seen"] = self.record.steps_run
             return
         measured = {v: statistics.median(t) for v, t in trial["samples"].items() if t}
         best = min(measured, key=measured.get)
-        self.fn, self.record, self.drivers, self.calibrated, self.planned_level = trial["compiled"][best]
+        self._use(trial["compiled"][best])
         self.record.trials = dict(measured)
         self.trial = None
         log.info("lohan %s: timed %d plans (%s); kept %s", self.record.name, len(measured),
@@ -266,6 +273,8 @@ class Replanning:
             # device memory the plan never sees. Collect them once, after the first step.
             self.collected = True
             gc.collect()
+            # what that step's backward saw of its outputs is that garbage's doing, not the loop's
+            self.record.dropped_seen = None
         seen, self.record.dropped_seen = self.record.dropped_seen, None
         if seen is not None:  # an output held at any backward so far counts as held
             self.dropped = seen if self.dropped is None else self.dropped & seen

@@ -164,7 +164,7 @@ class Options:
             else _one_of("executor", values["executor"], EXECUTORS),
             "mode": _one_of("mode", "default" if values["mode"] is None else values["mode"], TORCH_MODES),
             "disable_passes": _check_names("disable_passes", values["disable_passes"]),
-            "debug": _check_optional_bool("debug", values["debug"]),
+            "debug": _check_bool("debug", values["debug"], allow_none=True),
             "tune_plans": _check_bool("tune_plans", values["tune_plans"]),
         }
         for key, value in parsed.items():
@@ -239,13 +239,7 @@ def _check_names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
+def _check_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
+    if isinstance(value, bool) or (allow_none and value is None):
         return value
-    raise ValueError(f"{name}={value!r}: expected True or False")
-
-
-def _check_optional_bool(name: str, value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise ValueError(f"{name}={value!r}: expected True, False or None")
+    raise ValueError(f"{name}={value!r}: expected True{', False or None' if allow_none else ' or False'}")

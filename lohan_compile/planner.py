@@ -433,7 +433,7 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
                                              best.prediction.peak_device_bytes),
             )
     if not feasible:
-        smallest = min(p.prediction.peak_device_bytes for p in plans + [minimal_memory_plan(problem, rates)])
+        smallest = min(p.prediction.peak_device_bytes for p in plans)  # least memory among them
         raise BudgetError(
             f"no plan fits memory_budget={format_bytes(budget)}: the smallest predicted device peak "
             f"is {format_bytes(smallest)} ({smallest} bytes); raise the budget to at least that",
