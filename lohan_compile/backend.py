@@ -233,8 +233,8 @@ class Replanning:
         to a plan costs nothing)."""
         trial, rec = self.trial, self.record
         if "rounds" not in trial:
-            if rec.steps_run < self.TRIAL_WARMUP:
-                return
+            if rec.steps_run < self.TRIAL_WARMUP or self.dropped is None:
+                return  # (plans compiled before the step's dropped outputs are known would be made again)
             trial["compiled"][rec.variant] = self._current()
             while trial["queue"]:
                 variant = trial["queue"].pop(0)
@@ -278,18 +278,18 @@ class Replanning:
         seen, self.record.dropped_seen = self.record.dropped_seen, None
         if seen is not None:  # an output held at any backward so far counts as held
             self.dropped = seen if self.dropped is None else self.dropped & seen
+        if self.dropped is not None and torch.is_grad_enabled():
+            # before a trial goes on: a trial's plans are then all made knowing it (the trial
+            # waits for its warm-up steps, so the first that count come after this is known)
+            self._outputs_dropped(args)
         if self.trial is not None and torch.is_grad_enabled():
             self._trial_step(args)
         if not self.calibrated and self._timed():
             self._calibrate()
-        replanned = False
         if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
                 self._replan(args, sizes, "a size grew past the plan" if sizes else "the device holds more")
-                replanned = True
-        if not replanned and self.dropped is not None and torch.is_grad_enabled():
-            self._outputs_dropped(args)
         out = self.fn(*args)
         run = TRACKER.latest_forward
         if run is not None and run.graph is self.record and torch.is_grad_enabled():

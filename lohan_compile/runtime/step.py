@@ -196,9 +196,8 @@ class StepTracker:
             for r in self._runs:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
-                    if r.output_refs:
-                        graph.dropped_seen = frozenset(pos for pos, ref in r.output_refs if ref.expired())
-                        r.output_refs = []
+                    graph.dropped_seen = frozenset(pos for pos, ref in r.output_refs if ref.expired())
+                    r.output_refs = []
                     break
             self._runs.append(run)
         return run
