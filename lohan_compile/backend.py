@@ -158,7 +158,7 @@ class Replanning:
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
         self.calibrated = False
         self.collected = False
-        self.planned_level = device_memory.allocated(self.record.device)
+        self.planned_level = self.record.planned_level = device_memory.allocated(self.record.device)
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
         grown = False

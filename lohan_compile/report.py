@@ -56,8 +56,9 @@ class GraphRecord:
     uncounted_inputs: dict[int, int] | None = None
     predicted_host_peak_bytes: int | None = None
     # device bytes held outside the graph's inputs when it was planned (measured; counted in
-    # its predicted peak)
+    # its predicted peak), and all device bytes allocated then (a run compares its own start)
     resident_outside_bytes: int = 0
+    planned_level: int | None = None
     # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the plan's step simulated again with the compute times the executor measured
@@ -171,8 +172,10 @@ class GraphRun:
     seconds: float
     bindings: dict = field(default_factory=dict)  # symbol -> size this run used
     backward_seen: bool = False  # a forward run: its backward ran (or its graph was dropped)
-    # a forward run: weak references to the storages of the outputs its graph watches
+    # a forward run: weak references to the storages of the outputs its graph watches, and the
+    # device bytes allocated at its start less those when its graph was planned
     output_refs: list = field(default_factory=list)
+    level_growth: int | None = None
     start: float = 0.0  # perf_counter() when it began
 
     def bytes_of(self, expr: sympy.Expr | None) -> int | None:
@@ -223,13 +226,19 @@ class Report:
         return None if not values or any(v is None for v in values) else sum(values)
 
     def _predicted_peak(self) -> int | None:
-        """One graph: its prediction. Several, in the order their forwards ran: while a graph
-        runs, the graphs before it keep their saved values (their backward comes after its
-        own). Its prediction already counts what the device held when it was planned (a real
-        run measures the earlier graphs' saved values then); what it did not see is added."""
+        """Each graph's prediction counts what the device held when it was planned. In a run,
+        each forward's start read the device level: its graph's prediction moves by how much
+        more (or less) the device held then (another graph of the step kept more or less for
+        backward after a trial or a re-plan, an optimizer made its state); the step's is the
+        highest. Without those readings (a plan traced on ``meta``), in the order the forwards
+        ran: while a graph runs, the graphs before it keep their saved values, and what its
+        prediction did not see of them is added."""
         graphs = self.graphs
         if not graphs or any(g.predicted_peak_bytes is None for g in graphs):
             return None
+        forwards = [r for r in self.runs if r.phase == "forward"]
+        if forwards and all(r.level_growth is not None for r in forwards):
+            return max(r.graph.predicted_peak_bytes + r.level_growth for r in forwards)
         peak, earlier = 0, 0
         for g in graphs:
             peak = max(peak, g.predicted_peak_bytes + max(0, earlier - g.resident_outside_bytes))

@@ -167,6 +167,8 @@ class StepTracker:
         if graph.uncounted_inputs is None:
             graph.uncounted_inputs = uncounted_storages(args)
         run = GraphRun(graph, "forward", 0.0, bindings)
+        if graph.planned_level is not None:
+            run.level_growth = device_memory.allocated(graph.device) - graph.planned_level
         with self._lock:
             if self._step_start is None:
                 self._step_start = time.perf_counter()
