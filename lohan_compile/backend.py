@@ -558,6 +558,7 @@ class GraphCompiler:
             self.record.apply_plan_totals(planned["plan"], planned["problem"])
         if planned is not None:
             self.record.watch_outputs = tuple(sorted(planned["problem"].user_outputs))
+            self.record.watch_objects = planned["problem"].saved_outputs
         if self.opts.policy == "auto":
             self.record.note_variants()
         if graphs.fw is not None:

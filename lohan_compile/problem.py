@@ -105,6 +105,9 @@ class Problem:
     # dropped before backward); outputs that are views of inputs or gradients are not here
     user_outputs: dict[int, tuple[str, int]] = field(default_factory=dict)
     dropped_outputs: frozenset[int] = frozenset()  # of those, the ones planned as dropped
+    # of those, the ones whose storage forward also saves for backward: that it is still alive
+    # when backward starts says nothing of whether the user holds them
+    saved_outputs: frozenset[int] = frozenset()
 
     def candidate(self, key: str) -> Candidate:
         for c in self.candidates:
@@ -313,6 +316,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
         fw_seconds=fw_seconds,
         bw_seconds=sum(o.seconds for o in ops[n_fw:]),
         user_outputs=user_outputs,
+        saved_outputs=frozenset(pos for pos, (k, _) in user_outputs.items() if k in saved_keys),
     )
 
 

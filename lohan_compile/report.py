@@ -77,6 +77,7 @@ class GraphRecord:
     # forward outputs handed to the user (positions in the forward's outputs) whose storage the
     # runtime watches, and which of them were gone when the latest backward started
     watch_outputs: tuple[int, ...] = ()
+    watch_objects: frozenset[int] = frozenset()  # of those, watched as tensors (their storage is saved)
     dropped_seen: frozenset[int] | None = None
 
     def ran(self, phase: str, seconds: float) -> None:

@@ -185,12 +185,17 @@ class StepTracker:
         return run
 
     def forward_outputs(self, run: GraphRun, outputs: Sequence[Any]) -> None:
-        """Watch the storages of the outputs the user receives (weakly: watching keeps
-        nothing alive), to learn which the step drops before its backward."""
+        """Watch the outputs the user receives (weakly: watching keeps nothing alive), to
+        learn which the step drops before its backward: their storages, or, where backward
+        keeps the storage anyway (it is saved), the tensors handed out."""
         for pos in run.graph.watch_outputs:
             t = outputs[pos] if pos < len(outputs) else None
             if isinstance(t, torch.Tensor):
-                run.output_refs.append((pos, StorageWeakRef(t.untyped_storage())))
+                if pos in run.graph.watch_objects:
+                    ref = weakref.ref(t)
+                    run.output_refs.append((pos, lambda ref=ref: ref() is None))
+                else:
+                    run.output_refs.append((pos, StorageWeakRef(t.untyped_storage()).expired))
 
     def backward_begin(self, graph: GraphRecord) -> GraphRun:
         run = GraphRun(graph, "backward", 0.0)
@@ -198,7 +203,7 @@ class StepTracker:
             for r in self._runs:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
-                    graph.dropped_seen = frozenset(pos for pos, ref in r.output_refs if ref.expired())
+                    graph.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
                     r.output_refs = []
                     break
             self._runs.append(run)
