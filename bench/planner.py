@@ -13,11 +13,12 @@ the fraction: every policy plans against what it runs beside. Printed and writte
   against its share of the budget, and the
   simulator's predicted step time and peak (fidelity: predicted / measured), and the step
   simulated again with the op times the executor measured in its first steps (calibrated);
-- per (model, budget): auto's step time over the best fixed policy's, and which plan auto
-  runs (after its trial of the plans predicted close to its first choice, which it runs
-  through before the timed rounds).
+- per (model, budget): auto's step time over each fixed policy's, round by round (median,
+  a 95% bootstrap interval, and the verdict: faster, slower, or within noise), the best
+  fixed policy being the one auto fares worst against; and which plan auto runs (after its
+  trial of the plans predicted close to its first choice, run through before the timed rounds).
 
-    python bench/planner.py [--models llama,gpt2,block] [--fractions 0.3,0.5,0.7] [--rounds 7]
+    python bench/planner.py [--models llama,gpt2,block] [--fractions 0.3,0.5,0.7] [--rounds 21]
 """
 
 from __future__ import annotations
@@ -153,8 +154,11 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=5, steps_per_roun
                 "plan_trials": s["plan_trials"],
             }
         times = {p: [] for p in runners}
-        for _ in range(rounds):
-            for p, r in list(runners.items()):  # interleaved
+        for k in range(rounds):
+            # interleaved, and rotated: no copy always runs after the same other copy
+            order = list(runners.items())
+            order = order[k % len(order):] + order[:k % len(order)]
+            for p, r in order:
                 try:
                     # a few steps in a row, as training runs: the first after another copy's step
                     # finds the caches full of that copy's tensors, and is not counted
@@ -177,23 +181,39 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=5, steps_per_roun
             cal = info[p].get("calibrated_step_s")
             info[p]["calibrated_over_measured_step"] = cal / med if cal is not None else None
         fixed = [p for p in runners if p != "auto"]
-        best_fixed = min(fixed, key=lambda p: info[p]["step_s"]) if fixed else None
+        # rounds are interleaved: auto's time over a fixed policy's within one round cancels the
+        # machine's drift (a slow minute hits both). Auto against each fixed policy, round by
+        # round; the best fixed policy is the one auto fares worst against
+        paired = {p: paired_ratio(times["auto"], times[p]) for p in fixed if "auto" in runners}
+        best_fixed = max(paired, key=lambda p: paired[p]["median"]) if paired else None
         row = {
             "model": name, "fraction": fraction, "budget_bytes": budget, "unplanned_peak_bytes": unplanned,
             "others_bytes": budget_base,
             "policies": info, "best_fixed": best_fixed,
-            "auto_over_best_fixed": (info["auto"]["step_s"] / info[best_fixed]["step_s"])
-            if best_fixed and "step_s" in info.get("auto", {}) else None,
+            "auto_over_fixed_paired": paired,
+            # the ratio of the medians over all rounds (drift can move it: see the paired figure)
+            "auto_over_best_fixed": (info["auto"]["step_s"] / info[best_fixed]["step_s"]) if best_fixed else None,
+            "auto_over_best_fixed_paired": paired.get(best_fixed),
         }
-        if row["auto_over_best_fixed"] is not None:
-            # rounds are interleaved: the ratio within a round cancels the machine's drift; its
-            # quartiles say how far apart the two are beyond the noise
-            paired = sorted(a / b for a, b in zip(times["auto"], times[best_fixed]))
-            q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
-            row["auto_over_best_fixed_paired"] = {"median": statistics.median(paired), "q1": q[0], "q3": q[2]}
         results.append(row)
         print_row(row)
     return results
+
+
+def paired_ratio(a: list[float], b: list[float], resamples: int = 2000) -> dict:
+    """``a`` over ``b`` round by round: the median, quartiles, and a 95% bootstrap interval of
+    the median (rounds resampled); ``verdict``: "faster" or "slower" where the interval lies
+    wholly below or above 1, else "within noise"."""
+    import random
+
+    ratios = sorted(x / y for x, y in zip(a, b))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    lo, hi = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    verdict = "faster" if hi < 1 else "slower" if lo > 1 else "within noise"
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "ci95": [lo, hi], "verdict": verdict,
+            "rounds": len(ratios)}
 
 
 def print_row(row):
@@ -218,11 +238,13 @@ def print_row(row):
         ])
     print(tabulate(lines, headers=["policy", "step ms (median)", "own peak / own budget", "predicted ms",
                                    "pred / meas step", "calibrated / meas", "pred / meas peak"]))
+    for p, paired in row.get("auto_over_fixed_paired", {}).items():
+        best = " (best fixed: auto fares worst against it)" if p == row["best_fixed"] else ""
+        print(f"auto / {p}, round by round: median {paired['median']:.3f} (95% interval "
+              f"{paired['ci95'][0]:.3f}-{paired['ci95'][1]:.3f}, quartiles {paired['q1']:.3f}-{paired['q3']:.3f}): "
+              f"auto {paired['verdict']}{best}")
     if row["auto_over_best_fixed"] is not None:
-        paired = row.get("auto_over_best_fixed_paired")
-        spread = (f"; round by round: median {paired['median']:.3f}, quartiles {paired['q1']:.3f}-{paired['q3']:.3f}"
-                  if paired else "")
-        print(f"auto / best fixed ({row['best_fixed']}): {row['auto_over_best_fixed']:.3f}{spread}")
+        print(f"auto / best fixed, ratio of medians over all rounds: {row['auto_over_best_fixed']:.3f}")
     a = row["policies"].get("auto") or {}
     if a.get("plans"):
         trials = "; ".join(", ".join(f"{v} {t * 1e3:.1f} ms" for v, t in g.items()) for g in a["plan_trials"] if g)
@@ -233,7 +255,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama,gpt2,block")
     ap.add_argument("--fractions", default="0.3,0.5,0.7")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--steps-per-round", type=int, default=3,
                     help="consecutive steps of each policy per round; the first is not counted")
     ap.add_argument("--json", default=None)

@@ -134,6 +134,6 @@ def _problem(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, fact
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)  # what an earlier plan measured, as plan_memory does
     problem = build_problem(fw, bw, cost).without_outputs(facts.dropped_outputs)
-    problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes
+    problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     rates = Rates(cost.transfer_seconds(1, "d2h"), cost.transfer_seconds(1, "h2d"), sharing=hw.sharing)
     return problem, rates

@@ -82,6 +82,10 @@ class CompileFacts:
     # positions of forward outputs an earlier plan of this graph saw dropped before backward
     # started (the user kept only the loss): planned as released when forward ends
     dropped_outputs: frozenset[int] = frozenset()
+    # device bytes an earlier plan of this graph was measured to hold above its predicted peak
+    # (the executor allocates what the simulator does not model: Inductor, fusing torch's
+    # min-cut recomputation chains, keeps their inputs alive longer): planned as held all step
+    executor_excess_bytes: int = 0
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

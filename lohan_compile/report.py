@@ -79,6 +79,10 @@ class GraphRecord:
     watch_outputs: tuple[int, ...] = ()
     watch_objects: frozenset[int] = frozenset()  # of those, watched as tensors (their storage is saved)
     dropped_seen: frozenset[int] | None = None
+    # the most device bytes a run of this plan (after its first step) was measured above its
+    # predicted peak (moved by the run's level growth): what the executor holds that the
+    # simulator does not model
+    peak_excess: int = 0
 
     def ran(self, phase: str, seconds: float) -> None:
         if phase == "forward":
@@ -128,6 +132,7 @@ class GraphRecord:
         from dataclasses import replace
 
         planned = self.pass_report("plan_memory")
+        self.peak_excess = 0  # measured against the prediction this replaces
         planned["problem"] = problem
         planned["plan"] = replace(planned["plan"], prediction=prediction)
         planned["predicted_step_s"] = self.predicted_step_s = prediction.step_seconds
@@ -178,6 +183,7 @@ class GraphRun:
     output_refs: list = field(default_factory=list)
     level_growth: int | None = None
     start: float = 0.0  # perf_counter() when it began
+    peak_before: int | None = None  # the step's device peak so far when it began
 
     def bytes_of(self, expr: sympy.Expr | None) -> int | None:
         return None if expr is None else evaluate(expr, self.bindings)

@@ -62,7 +62,7 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)
     problem = build_problem(graphs.fw, graphs.bw, cost).without_outputs(facts.dropped_outputs)
-    problem.resident_bytes = resident_input_bytes(graphs.fw) + facts.resident_outside_bytes
+    problem.resident_bytes = resident_input_bytes(graphs.fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     if not swap_ops_available():
         problem.candidates = [replace(c, swappable=False) for c in problem.candidates]
     rates = Rates(
@@ -100,6 +100,8 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         "alternatives": dict(plan.alternatives),
         "predicted_step_s": p.step_seconds,
         "predicted_peak_bytes": p.peak_device_bytes,
+        # counted in it: what an earlier plan of this graph ran above its prediction
+        "executor_excess_bytes": facts.executor_excess_bytes,
         "predicted_host_peak_bytes": p.peak_host_bytes,
         # streamed parameters (input index -> bytes) and where each fetch is issued (op name)
         "streamed": streamed,

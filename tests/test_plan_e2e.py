@@ -113,6 +113,25 @@ def test_budget_is_met_under_inductor(unplanned):
     assert summary["d2h_bytes"] == summary["h2d_bytes"] == summary["swapped_bytes"]
 
 
+@pytest.mark.inductor
+def test_a_plan_the_executor_runs_past_the_budget_is_made_again_holding_the_excess(unplanned, caplog):
+    """Inductor, fusing torch's min-cut recomputation chains, holds their inputs longer than
+    the fx order the simulator follows: that plan runs above its prediction, past the budget.
+    The runtime measures the excess (where the step's peak rose during the graph's run), and
+    the graph is planned again holding it: the steps after are within the budget."""
+    budget = int(unplanned[0] * 0.7)
+    options = {"memory_budget": budget, "executor": "inductor", "policy": "torch-min-cut"}
+    with caplog.at_level("WARNING", logger="lohan_compile"):
+        peak, report = measured_peak(options, steps=6)
+    over = [r for r in caplog.records if "past memory_budget" in r.getMessage()]
+    assert len(over) == 1, [r.getMessage() for r in caplog.records]
+    planned = report.graphs[0].pass_report("plan_memory")
+    assert planned["executor_excess_bytes"] > 0.01 * budget
+    assert peak <= budget, (peak, budget)
+    # the prediction counts the excess: it is within 10% of what ran
+    assert abs(report.summary()["predicted_peak_bytes"] - peak) <= 0.10 * peak
+
+
 def test_planned_training_equals_eager_bitwise():
     batches = [batch() for _ in range(3)]
     # the budget covers the whole device, the eager copy trained beside it included
@@ -337,9 +356,23 @@ def test_a_graph_breaking_model_predicts_its_step_peak_within_the_budget():
     assert abs(summary["predicted_peak_bytes"] - summary["measured_peak_bytes"]) <= 0.10 * summary["measured_peak_bytes"]
 
 
+def test_a_trial_keeps_the_simulators_choice_unless_another_plan_wins_round_by_round():
+    from lohan_compile.backend import _trial_winner
+
+    a = [1.0, 1.0, 1.3, 1.3, 1.3]  # the machine slowed after two rounds
+    # b's median (1.05) is below a's (1.3), yet it was slower in four rounds of five
+    assert _trial_winner({"a": a, "b": [1.05, 1.05, 1.35, 1.35, 0.7]}, 0.97) == "a"
+    # faster in every round, by less than the margin: noise as far as a trial can tell
+    assert _trial_winner({"a": a, "b": [0.98 * t for t in a]}, 0.97) == "a"
+    c = [0.95 * t for t in a]
+    assert _trial_winner({"a": a, "b": [0.98 * t for t in a], "c": c}, 0.97) == "c"
+    assert _trial_winner({"a": a, "d": [0.5 * t for t in a], "c": c}, 0.97) == "d"
+    assert _trial_winner({"a": a}, 0.97) == "a"
+
+
 def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatch):
     """A trial (``tune_plans``): every plan of auto's within the margin is compiled, warmed up
-    and run in turn; the one with the fastest median graph time stays. Switching plans between
+    and run in turn; the simulator's choice stays unless another ran faster by a margin. Switching plans between
     steps changes nothing in the numbers, and each plan keeps the budget."""
     from lohan_compile.backend import Replanning
     from lohan_compile.planner import AUTO_FAMILIES
@@ -387,7 +420,9 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
             for v in trials:
                 partition, family = v.split("/")
                 assert partition in ("default", "min-cut") and family in AUTO_FAMILIES + ("keep-all",)
-            kept = min(trials, key=trials.get)
+            # the first (the simulator's choice) stays unless another ran faster by the margin
+            first, fastest = next(iter(trials)), min(trials, key=trials.get)
+            kept = fastest if trials[fastest] < Replanning.TRIAL_SWITCH * trials[first] else first
             assert summary["plans"] == [kept] and plans_run[-1] == kept
             assert max(peaks) <= 1.05 * budget, (list(zip(plans_run, peaks)), budget)
         if name == "untuned":

@@ -181,6 +181,7 @@ class StepTracker:
                 _host_step_begin()
             self._pending += 1
             self._runs.append(run)
+        run.peak_before = device_memory.peak(graph.device)
         self.latest_forward = run
         return run
 
@@ -203,11 +204,31 @@ class StepTracker:
             for r in self._runs:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
+                    run.level_growth = r.level_growth
                     graph.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
                     r.output_refs = []
                     break
             self._runs.append(run)
+        run.peak_before = device_memory.peak(graph.device)
         return run
+
+    def _note_excess(self, run: GraphRun) -> None:
+        """Where the step's device peak rose during ``run``, its highest point is known: the
+        bytes above what its plan predicted (moved by the level its forward found) are the
+        executor's excess. The first step's are not counted (dynamo's and AOTAutograd's
+        compile-time garbage is still held then)."""
+        graph = run.graph
+        if run.peak_before is None or graph.predicted_peak_bytes is None or graph.steps_run < 1:
+            return
+        after = device_memory.peak(graph.device)
+        if after <= run.peak_before:
+            return  # its highest point is below one the step reached before it
+        with self._lock:
+            uncounted: dict[int, int] = {}
+            for r in self._runs:
+                uncounted.update(r.graph.uncounted_inputs or {})
+        excess = after + sum(uncounted.values()) - graph.predicted_peak_bytes - (run.level_growth or 0)
+        graph.peak_excess = max(graph.peak_excess, excess)
 
     def watch(self, run: GraphRun, outputs: Any) -> None:
         """Notice when a forward's autograd graph is freed without its backward running (an
@@ -230,6 +251,7 @@ class StepTracker:
     def end(self, run: GraphRun, start: float) -> None:
         run.start = start
         run.seconds = time.perf_counter() - start
+        self._note_excess(run)
         if run.phase != "backward":
             return
         with self._lock:
