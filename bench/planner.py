@@ -154,7 +154,7 @@ def measure(name, make, loss, batch, fractions, rounds, warmup=5, steps_per_roun
                 "plan_trials": s["plan_trials"],
             }
         times = {p: [] for p in runners}
-        for k in range(rounds):
+        for k in range(rounds if runners else 0):
             # interleaved, and rotated: no copy always runs after the same other copy
             order = list(runners.items())
             order = order[k % len(order):] + order[:k % len(order)]

@@ -274,6 +274,10 @@ class Report:
             # plans a trial timed, with their median graph seconds (empty before or without one)
             "plans": [("/".join(g.variant) if g.variant else None) for g in self.graphs],
             "plan_trials": [{"/".join(v): s for v, s in g.trials.items()} for g in self.graphs],
+            # per graph: what an earlier plan was measured to hold above its prediction, which
+            # this plan holds room for (counted in predicted_peak_bytes; 0 almost always)
+            "executor_excess_bytes": [(g.pass_report("plan_memory") or {}).get("executor_excess_bytes", 0)
+                                      for g in self.graphs],
         }
 
     def trace_events(self, *, pid: int = 2) -> list[dict]:

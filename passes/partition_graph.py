@@ -19,6 +19,7 @@ predicts it faster (``prefer_min_cut``); with the Inductor executor it is not
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
     counts = {"filled_fake_values": 0, "repaired_output_descs": False, "roles_given": 0}
 
     def finish(fw: fx.GraphModule, bw: fx.GraphModule) -> None:
+        counts["dead_replays_removed"] = counts.get("dead_replays_removed", 0) + drop_dead_replays(bw)
         counts["filled_fake_values"] += fill_missing_vals(fw) + fill_missing_vals(bw)
         counts["repaired_output_descs"] |= repair_output_descs(graphs.joint, fw, bw, facts.num_fwd_outputs)
         counts["roles_given"] += give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
@@ -74,6 +76,33 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                     fw, bw, report = chosen
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes))
     return Graphs(joint=graphs.joint, fw=fw, bw=bw), report
+
+
+def drop_dead_replays(bw: fx.GraphModule) -> int:
+    """Remove forward ops the partitioner copied into backward whose results nothing uses.
+
+    torch 2.13's partitioners extract backward by copying every joint node whose inputs
+    backward has, then eliminate dead code; that elimination keeps ops it finds impure, and
+    whether it finds an op impure depends on state outside the graph: after a first compile of
+    a graph, a second partition of the same joint kept Hugging Face LLaMA's four attention
+    forwards (``_scaled_dot_product_flash_attention_for_cpu``, no users) in backward, computed
+    and dropped every step (auto's re-plans and trial plans ran 10% slower than the fixed
+    policies' plans, made at a first compile). Eager never replays forward ops in backward;
+    an op that writes nothing (its schema mutates no argument) and whose result nobody reads
+    can go."""
+    removed = 0
+    for node in reversed(list(bw.graph.nodes)):
+        if node.op != "call_function" or node.users or node.meta.get("partitioner_tag") != "is_forward":
+            continue
+        target = node.target
+        pure = target is operator.getitem or (isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable)
+        if not pure:
+            continue
+        bw.graph.erase_node(node)
+        removed += 1
+    if removed:
+        bw.recompile()
+    return removed
 
 
 def fill_missing_vals(gm: fx.GraphModule) -> int:

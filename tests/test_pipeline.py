@@ -131,3 +131,31 @@ def test_pipeline_runs_inference_passes_only_for_forward_only_graphs(tmp_path):
     text = (tmp_path / files[0]).read_text()
     assert text.count("# param") == 6 and "tangent" not in text
     compile(text, "dump", "exec")  # the dump is Python
+
+
+def test_forward_ops_replayed_in_backward_for_nothing_are_removed():
+    """partition_graph drops forward ops a partitioner left in backward with no user (torch
+    kept LLaMA's attention forwards there on a second partition of a graph); ops that are
+    used, backward's own ops, and ops that write an argument stay."""
+    import torch.fx as fx
+
+    from lohan_compile.passes.partition_graph import drop_dead_replays
+
+    g = fx.Graph()
+    a = g.placeholder("a")
+    dead = g.call_function(torch.ops.aten.mm.default, (a, a))  # a forward op nobody reads
+    dead_item = g.call_function(torch.ops.aten.max.dim, (a, 0))
+    item = g.call_function(__import__("operator").getitem, (dead_item, 0))  # a chain, dead at its end
+    used = g.call_function(torch.ops.aten.mul.Tensor, (a, a))
+    own = g.call_function(torch.ops.aten.sin.default, (a,))  # backward's own, unused: not ours to drop
+    writes = g.call_function(torch.ops.aten.add_.Tensor, (a, a))  # mutates a: kept
+    for n in (dead, dead_item, item, used, writes):
+        n.meta["partitioner_tag"] = "is_forward"
+    own.meta["partitioner_tag"] = "is_backward"
+    g.output((used,))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    assert drop_dead_replays(gm) == 3
+    left = {n.name for n in gm.graph.nodes}
+    assert {used.name, own.name, writes.name} <= left and not {dead.name, dead_item.name, item.name} & left
+    x = torch.randn(3, 3)
+    assert torch.equal(gm(x.clone())[0], x * x)
