@@ -440,6 +440,8 @@ def _format_fact(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key.endswith("_bytes"):
+        if isinstance(value, list):  # per graph
+            return ", ".join(format_bytes(v) for v in value) if any(value) else "-"
         return format_bytes(value)
     if key.endswith("_s"):
         return f"{value:.4f} s"

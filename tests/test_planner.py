@@ -110,6 +110,22 @@ def test_auto_lists_the_plans_that_fit_and_makes_the_one_asked_for():
     assert auto(p, SLOW, None).alternatives.keys() == {"keep-all"}
 
 
+def test_autos_swap_all_waits_earlier_for_the_copies_held_at_the_peak_to_fit():
+    """On a slow link swap-all's copies out are waited for late (after the ops that hide
+    them), so its peak holds them; auto's swap-all plan waits earlier for those at the peak
+    until it fits a budget the fixed policy misses, still swapping everything."""
+    p = layered_problem()
+    plain = swap_all(p, SLOW, None)
+    budget = plain.prediction.peak_device_bytes - 1
+    assert minimal_memory_plan(p, SLOW).prediction.peak_device_bytes <= budget
+    with pytest.raises(BudgetError):
+        solve("swap-all", p, SLOW, budget)
+    plan = auto(p, SLOW, budget, family="swap-all")
+    assert plan.prediction.peak_device_bytes <= budget and plan.count(Action.SWAP) == len(p.candidates)
+    changed = [k for k, d in plan.decisions.items() if d.early_release or d.late_prefetch]
+    assert 0 < len(changed) < len(p.candidates)  # only those at the peak, not minimal-memory's all
+
+
 def test_a_plan_asked_for_that_misses_the_budget_raises():
     p = layered_problem()
     budget = keep_all(p, SLOW, None).prediction.peak_device_bytes - 150
