@@ -382,16 +382,22 @@ class Replanning:
 
 
 def _trial_winner(samples: dict[Any, list[float]], switch: float) -> Any:
-    """The plan a trial keeps: the first (the one the simulator chose), unless another one's
-    times over the first's, round by round (the i-th sample of each ran in round i), have a
-    median below ``switch``; the lowest such median wins."""
+    """The plan a trial keeps. The i-th sample of each plan ran in round i; plans are compared
+    round by round (the median of one's times over the other's), so the machine's drift
+    cancels. The first plan (the simulator's choice) stays unless another beats it by the
+    margin ``switch``; the others are tried fastest median first, and one that beats the plan
+    kept so far (by the margin against the first, by any amount against another) replaces it.
+    (Each plan is compared with the one it would replace: ranking two plans by their ratios
+    to a third mixes in that third's noise.)"""
+    def ratio(a: list[float], b: list[float]) -> float:
+        pairs = [x / y for x, y in zip(a, b) if y > 0]
+        return statistics.median(pairs) if pairs else float("inf")
+
     first, *others = samples
-    best, best_ratio = first, switch
-    for v in others:
-        pairs = [a / b for a, b in zip(samples[v], samples[first]) if b > 0]
-        ratio = statistics.median(pairs) if pairs else float("inf")
-        if ratio < best_ratio:
-            best, best_ratio = v, ratio
+    best = first
+    for v in sorted(others, key=lambda v: statistics.median(samples[v]) if samples[v] else float("inf")):
+        if ratio(samples[v], samples[best]) < (switch if best == first else 1.0):
+            best = v
     return best
 
 

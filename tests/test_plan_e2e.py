@@ -369,6 +369,12 @@ def test_a_trial_keeps_the_simulators_choice_unless_another_plan_wins_round_by_r
     assert _trial_winner({"a": a, "b": [0.98 * t for t in a], "c": c}, 0.97) == "c"
     assert _trial_winner({"a": a, "d": [0.5 * t for t in a], "c": c}, 0.97) == "d"
     assert _trial_winner({"a": a}, 0.97) == "a"
+    # the first noisy: both others beat it, and the one faster than the other round by round
+    # (x: y over x has median 1.08) is kept; ranked by their ratios to the noisy first, y
+    # (0.67) would have beaten x (0.75)
+    first = [1.0, 1.0, 2.0, 1.0, 2.0]
+    x, y = [0.94, 0.78, 0.60, 0.75, 0.74], [0.68, 0.67, 0.77, 0.81, 0.81]
+    assert _trial_winner({"a": first, "y": y, "x": x}, 0.97) == "x"
 
 
 def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatch):
