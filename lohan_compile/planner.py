@@ -399,12 +399,7 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
             # a swapped storage on the device at the peak: wait for its copy out earlier, or
             # bring it back later
             stall = c.bytes * (rates.d2h_seconds_per_byte if where == "fw" else rates.h2d_seconds_per_byte)
-            old = decisions[c.key]
-            if where == "fw":
-                new = replace(old, early_release=True, reason="swapped; waited for right after its last forward use, at the peak")
-            else:
-                new = replace(old, late_prefetch=True, reason="swapped; brought back only when backward needs it, at the peak")
-            options.append(((stall / c.bytes, 0.0), c, new))
+            options.append(((stall / c.bytes, 0.0), c, _unheld(decisions[c.key], where)))
         if not options:
             break
         options.sort(key=lambda o: o[0])
@@ -473,19 +468,22 @@ def _tightened(
         per_byte = {"fw": rates.d2h_seconds_per_byte, "bw": rates.h2d_seconds_per_byte}
         freed = 0
         for c, where in sorted(held, key=lambda h: (per_byte[h[1]], -h[0].bytes)):
-            old = decisions[c.key]
-            if where == "fw":
-                decisions[c.key] = replace(old, early_release=True,
-                                           reason="swapped; waited for right after its last forward use, at the peak")
-            else:
-                decisions[c.key] = replace(old, late_prefetch=True,
-                                           reason="swapped; brought back only when backward needs it, at the peak")
+            decisions[c.key] = _unheld(decisions[c.key], where)
             freed += c.bytes
             if freed >= need:
                 break
         decisions = schedule_swaps(problem, decisions, rates, prefetch=prefetch)
         pred = predict(problem, decisions, rates)
     return decisions
+
+
+def _unheld(decision: Decision, where: str) -> Decision:
+    """A swap held on the device at the peak by when its copy is waited for ("fw": its copy
+    out, waited for after its last use; "bw": its copy in, issued before its first use),
+    waited for at once instead."""
+    if where == "fw":
+        return replace(decision, early_release=True, reason="swapped; waited for right after its last forward use, at the peak")
+    return replace(decision, late_prefetch=True, reason="swapped; brought back only when backward needs it, at the peak")
 
 
 def _reasoned(plan: Plan, reasons: dict[str, str]) -> Plan:
