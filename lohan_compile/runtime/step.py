@@ -212,6 +212,14 @@ class StepTracker:
         run.peak_before = device_memory.peak(graph.device)
         return run
 
+    def _uncounted_bytes(self) -> int:
+        """Device bytes of the open step's graphs' inputs the counter does not see (each storage
+        once); called with the lock held."""
+        uncounted: dict[int, int] = {}
+        for r in self._runs:
+            uncounted.update(r.graph.uncounted_inputs or {})
+        return sum(uncounted.values())
+
     def _note_excess(self, run: GraphRun) -> None:
         """Where the step's device peak rose during ``run``, its highest point is known: the
         bytes above what its plan predicted (moved by the level its forward found) are the
@@ -224,10 +232,8 @@ class StepTracker:
         if after <= run.peak_before:
             return  # its highest point is below one the step reached before it
         with self._lock:
-            uncounted: dict[int, int] = {}
-            for r in self._runs:
-                uncounted.update(r.graph.uncounted_inputs or {})
-        excess = after + sum(uncounted.values()) - graph.predicted_peak_bytes - (run.level_growth or 0)
+            uncounted = self._uncounted_bytes()
+        excess = after + uncounted - graph.predicted_peak_bytes - (run.level_growth or 0)
         graph.peak_excess = max(graph.peak_excess, excess)
 
     def watch(self, run: GraphRun, outputs: Any) -> None:
@@ -259,9 +265,7 @@ class StepTracker:
             if self._pending > 0:
                 return
             assert self._step_start is not None
-            uncounted: dict[int, int] = {}
-            for r in self._runs:
-                uncounted.update(r.graph.uncounted_inputs or {})
+            uncounted = self._uncounted_bytes()
             d2h, h2d = _engine_bytes()
             participants = self._participants
             self._extra_at_end = (self.d2h_bytes, self.h2d_bytes)
@@ -273,10 +277,10 @@ class StepTracker:
                 d2h_bytes=self.d2h_bytes + d2h - self._engine_base[0],
                 h2d_bytes=self.h2d_bytes + h2d - self._engine_base[1],
                 host_peak_bytes=_host_peak(),
-                measured_peak_bytes=device_memory.peak(self._device) + sum(uncounted.values()),
+                measured_peak_bytes=device_memory.peak(self._device) + uncounted,
                 copy_events=_copy_spans(self._step_start),
                 memory_timeline=_memory_timeline(self._device, self._step_start),
-                uncounted_bytes=sum(uncounted.values()),
+                uncounted_bytes=uncounted,
             )
             self._open_step()
         # weakly: a finished step must not keep an optimizer (and its parameters) alive
