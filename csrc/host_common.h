@@ -3,7 +3,8 @@
 // Everything under lohan::host (host_arena, copy_engine, ssd_tier, cuda_pin)
 // is plain C++17 with no torch dependency, so the sanitizer build
 // (scripts/sanitize.sh) can compile it with a standalone stress test.
-// host_tier_ops.cpp is the only file that turns these into tensors and ops.
+// host_tier.cpp is the only file that turns these into tensors and ops
+// (host_tier_ops.cpp registers them).
 
 #pragma once
 

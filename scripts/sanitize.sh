@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sanitizer builds of the host tier's C++ core (csrc/host_*.cpp, copy_engine,
-# ssd_tier, cuda_pin: plain C++, no torch) with a multithreaded stress test
-# (tests/cpp/stress_host_tier.cpp), run under AddressSanitizer +
+# Sanitizer builds of the host tier's C++ core (csrc/host_common, host_arena,
+# copy_engine, ssd_tier, cuda_pin: plain C++, no torch) with a multithreaded
+# stress test (tests/cpp/stress_host_tier.cpp), run under AddressSanitizer +
 # UndefinedBehaviorSanitizer and under ThreadSanitizer.
 #
 #   scripts/sanitize.sh [rounds]        # default 300; exit status 0 = all clean
