@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{rec['predicted_step_ms']:.2f}" if "predicted_step_ms" in rec else "",
             f"{rec['calibrated_step_ms']:.2f}" if rec.get("calibrated_step_ms") is not None else "",
             f"{v.compile_s:.1f}" if v.name != "eager" else "",
-            lohan.options.format_bytes(v.peak),
-            lohan.options.format_bytes(rec["budget_bytes"]) if "budget_bytes" in rec else "",
-            lohan.options.format_bytes(rec.get("swapped_bytes")) if "swapped_bytes" in rec else "",
+            lohan.units.format_bytes(v.peak),
+            lohan.units.format_bytes(rec["budget_bytes"]) if "budget_bytes" in rec else "",
+            lohan.units.format_bytes(rec.get("swapped_bytes")) if "swapped_bytes" in rec else "",
         ])
     print(tabulate(rows, headers=["variant", "step ms (median)", "/ torch.compile", "predicted ms",
                                   "calibrated ms", "compile s (cold)", "device peak", "budget", "swapped"]))

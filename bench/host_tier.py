@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lohan_compile.options import format_bytes, parse_bytes  # noqa: E402
+from lohan_compile.units import format_bytes, parse_bytes  # noqa: E402
 from lohan_compile.runtime.hosttier import HostTier  # noqa: E402
 
 GATE = 0.80

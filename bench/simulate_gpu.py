@@ -29,7 +29,7 @@ import torch
 
 import lohan_compile as lohan
 from lohan_compile.errors import BudgetError
-from lohan_compile.planner import solve
+from lohan_compile.plan.policies import solve
 
 GiB = 2**30
 SHAPES = {  # GPT-3 paper, table 2.1: layers, d_model, heads

@@ -4,9 +4,16 @@
 
 See README.md and DESIGN.md. Public names: ``Options``, ``BudgetError``,
 ``last_report``, ``Report``, ``CPUAdamW``.
+
+Importing the package imports torch only when a name that needs it is first used, so the
+graph-free planning wing (``lohan_compile.plan``) can be used without torch.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BudgetError,
@@ -16,13 +23,31 @@ from .errors import (
     PassError,
     StorageError,
 )
-from .explain import explain
-from .hardware import HardwareProfile
-from .optim import CPUAdamW
-from .options import Options, parse_bytes
-from .report import Report
+from .options import Options
+from .plan.profile import HardwareProfile
+from .units import parse_bytes
+
+if TYPE_CHECKING:
+    from .explain import explain
+    from .optim import CPUAdamW
+    from .report import Report
 
 __version__ = "0.2.0"
+
+# names whose modules import torch: imported on first use
+_LAZY = {"CPUAdamW": "optim", "Report": "report", "explain": "explain"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule: lohan.hardware, ...
+    else:
+        raise AttributeError(f"module 'lohan_compile' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def materialized(module):
@@ -41,7 +66,7 @@ def state_dict(module, *args, **kwargs) -> dict:
     return stream.state_dict(module, *args, **kwargs)
 
 
-def last_report() -> Report | None:
+def last_report() -> "Report | None":
     """Report of the most recent completed training step (None before the first)."""
     from .runtime.step import TRACKER
 

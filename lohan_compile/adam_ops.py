@@ -1,7 +1,7 @@
 """Python side of the CPU optimizer's C++ ops (csrc/adam_ops.cpp).
 
-Importing this module builds/loads the extension and registers the fake
-kernels, so the ops can also be traced (FakeTensor, torch.compile). The ops:
+Importing this module builds/loads the extension; the ops' fake kernels (in
+``lohan_compile.ops``) let them be traced (FakeTensor, torch.compile). The ops:
 
 ``torch.ops.lohan.adam_update(master, exp_avg, exp_avg_sq, grad, weight_out,
 step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay=True,
@@ -30,9 +30,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .ext import load
+from .ops import load
 
-load()  # the fake kernels below need the ops registered first
+load()  # the extension, and the fake kernels of its ops (lohan_compile.ops)
 
 ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
 
@@ -52,18 +52,6 @@ class GradStats(NamedTuple):
 
 
 NO_GRADS = GradStats(0.0, False)
-
-
-@torch.library.register_fake("lohan::adam_update")
-def _adam_update_fake(master, exp_avg, exp_avg_sq, grad, weight_out, step, lr, beta1, beta2,
-                      eps, weight_decay, decoupled_weight_decay=True, grad_scale=1.0,
-                      isa="auto", num_threads=0):
-    return torch.empty(2, dtype=torch.float64)
-
-
-@torch.library.register_fake("lohan::grad_stats")
-def _grad_stats_fake(grad, grad_scale=1.0, isa="auto", num_threads=0):
-    return torch.empty(2, dtype=torch.float64)
 
 
 def _stats(t: torch.Tensor) -> GradStats:

@@ -18,30 +18,34 @@ optimizer; with the fx executor it has no effect (a log message says so).
 from __future__ import annotations
 
 import gc
-from dataclasses import replace
 import itertools
-import weakref
 import logging
 import statistics
 import time
+import weakref
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import sympy
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import settings
 from .dump import dump_graphs
 from .errors import BudgetError, LohanError
-from .meta import Kind
-from .options import Options, format_bytes
-from .planner import Action
-from .pipeline import CompileFacts, Graphs, InputFact, Pipeline
+from .graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
+from .graph.shapes import expr_of, hint_int, planning_sizes
+from .optim import live_optimizers
+from .ops import swap_ops_available
+from .options import Options
+from .plan.problem import Action
 from .report import GraphRecord
 from .runtime import device as device_memory
+from .runtime import keys, offload, stream
 from .runtime.step import TRACKER
-from .shapes import expr_of, hint_int, planning_sizes
+from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +222,7 @@ class Replanning:
     def _calibrate(self) -> None:
         """Once the executor has timed its compute: the measured seconds per node, and the
         plan's step simulated again with them (``calibrated_step_s`` in the report)."""
-        from .costmodel import CostModel
+        from .graph.costmodel import CostModel
         from .hardware import resolve
 
         self.calibrated = True
@@ -331,7 +335,8 @@ class Replanning:
         where that would change the plan: auto, told so, chooses other decisions, or the plan
         no longer meets the budget (outputs the user began to hold). torch's min-cut partition
         is not searched again."""
-        from .planner import predict, solve
+        from .plan.program import predict
+        from .plan.policies import solve
 
         planned = self.record.pass_report("plan_memory")
         if planned is None or planned["problem"].dropped_outputs == self.dropped:
@@ -439,11 +444,8 @@ def check_supported(opts: Options) -> None:
     unsupported = []
     if opts.policy in ("zero-infinity", "zero-offload"):
         unsupported.append(f"policy={opts.policy!r} (a baseline of `lohan plan`, simulated only)")
-    if opts.policy == "swap-all":
-        from .passes.plan_memory import swap_ops_available
-
-        if not swap_ops_available():
-            unsupported.append("policy='swap-all' (the host tier's swap ops are not built)")
+    if opts.policy == "swap-all" and not swap_ops_available():
+        unsupported.append("policy='swap-all' (the host tier's swap ops are not built)")
     if unsupported:
         raise LohanError(
             "lohan_compile 0.2 cannot honour these options yet: "
@@ -469,8 +471,20 @@ def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
     return max(0, device_memory.allocated(dev) - sum(seen.values()))
 
 
-def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[InputFact, ...]:
-    """What each example input is: a parameter, a buffer, a user input or a symbolic size."""
+def find_optimizer(opts: Options, example_inputs: Sequence[Any]) -> Any:
+    """The CPUAdamW to offload to: the option, else a live one that owns a parameter of the graph."""
+    if opts.optimizer is not None:
+        return opts.optimizer
+    params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    for opt in live_optimizers():
+        if any(opt.owns(p) for p in params):
+            return opt
+    return None
+
+
+def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], optimizer: Any = None) -> tuple[InputFact, ...]:
+    """What each example input is: a parameter, a buffer, a user input or a symbolic size; for a
+    parameter, its key and what the runtime knows of it now."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     facts = []
     for i, ex in enumerate(example_inputs):
@@ -486,8 +500,42 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
         else:
             kind = "symint"
         is_tensor = isinstance(ex, torch.Tensor)
-        facts.append(InputFact(i, kind, source, bool(is_tensor and ex.requires_grad), is_tensor))
+        fact = InputFact(i, kind, source, bool(is_tensor and ex.requires_grad), is_tensor)
+        if kind == "param":
+            fact = replace(
+                fact,
+                key=keys.key_for(ex),
+                streamed=stream.lookup(ex) is not None,
+                kept_resident=stream.kept_resident(ex),
+                grad_offloaded=offload.key_of(ex) is not None,
+                optimizer_owns=optimizer is not None and optimizer.owns(ex),
+            )
+        facts.append(fact)
     return tuple(facts)
+
+
+def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], optimizer: Any) -> None:
+    """What the passes decided the runtime must take on, from their reports: the gradients the
+    optimizer's runtime takes during backward (``offload_grads``), the parameters streamed from
+    the host tier and those read resident (``stream_params``)."""
+    reports = {r.name: r.report for r in records if not r.skipped}
+    offloaded = reports.get("offload_grads", {}).get("offloaded_inputs", {})
+    if offloaded:
+        runtime = offload.runtime_of(optimizer)
+        for idx in offloaded:
+            runtime.register(real_inputs[idx])
+        runtime.note_forward_order(reports["offload_grads"]["forward_order"])
+    streaming = reports.get("stream_params", {})
+    for idx in streaming.get("resident_inputs", ()):
+        stream.keep_resident(real_inputs[idx])
+    for idx, trainable in streaming.get("streamed_inputs", {}).items():
+        param = real_inputs[idx]
+        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param))
+        if trainable:
+            # the optimizer's state (its fp32 master) is made now, while the parameter has its
+            # value: once streamed, the device copy is gone between steps
+            with unset_fake_temporarily(), torch.no_grad():
+                optimizer._state_of(param)
 
 
 class GraphCompiler:
@@ -520,7 +568,8 @@ class GraphCompiler:
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
-        self.inputs = describe_inputs(gm, real_inputs)
+        self.optimizer = find_optimizer(opts, real_inputs)
+        self.inputs = describe_inputs(gm, real_inputs, self.optimizer)
         self.pipeline: Pipeline = default_pipeline()
         disabled = opts.disable_passes or settings.DISABLE_PASSES.get()
         self.disabled = self.pipeline.validate_disabled(disabled)
@@ -558,6 +607,7 @@ class GraphCompiler:
             # the compiled code keeps this object (for the lazily compiled backward): it must
             # not keep the parameters, the batch or the optimizer alive
             self.example_inputs = self.real_inputs = ()
+            self.optimizer = None
             if self.opts.optimizer is not None:
                 self.opts = self.opts.replace(optimizer=None)
 
@@ -568,6 +618,7 @@ class GraphCompiler:
             graph_id=self.graph_id,
             inputs=self.inputs,
             options=self.opts,
+            optimizer=self.optimizer,
             resident_outside_bytes=self.resident_outside,
             real_inputs=self.real_inputs,
             measured_seconds=self.measured,
@@ -598,6 +649,7 @@ class GraphCompiler:
     def _run_pipeline(self, graphs: Graphs, facts: CompileFacts) -> Graphs:
         with planning_sizes(self.planning_sizes):
             graphs = self.pipeline.run(graphs, facts, debug=self.debug, disabled=self.disabled)
+        bind_runtime(self.pipeline.records, self.real_inputs, self.optimizer)
         self.record.passes = self.pipeline.records
         saved = self.record.pass_report("classify_saved")
         if saved is not None:
@@ -650,7 +702,7 @@ class GraphCompiler:
         same generated code the Inductor executor runs, with no segments: each op a call of
         its own, each value released at its last use), so that the fx executor's plans are
         calibrated too; the other calls run the GraphModule itself."""
-        from .segments import Driver
+        from .graph.segments import Driver
 
         items = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         driver = Driver(gm, items, f"graph{self.graph_id}_{phase}", timing=True)
@@ -671,7 +723,7 @@ class GraphCompiler:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx_inner
 
-        from .segments import compile_segments, symbols_of
+        from .graph.segments import compile_segments, symbols_of
 
         patches = {k: v for k, v in list_mode_options(self.opts.mode).items() if "cudagraphs" not in k}
         # inside a segment the plan's order is the order that runs (fusion aside)
@@ -728,7 +780,7 @@ def _no_donated_buffers(executor: str):
 
 def describe_compile(record: GraphRecord, graphs: Graphs) -> str:
     """One paragraph per compiled graph, for TORCH_LOGS="+lohan_compile"."""
-    from .options import format_bytes
+    from .units import format_bytes
 
     sizes = ", ".join(f"{name} {len(gm.graph.nodes)} nodes" for name, gm in graphs.items())
     text = f"lohan {record.name} ({'training' if not graphs.inference else 'forward only'}, {record.executor}): {sizes}"

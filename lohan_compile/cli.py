@@ -61,7 +61,7 @@ def demo(args: argparse.Namespace) -> int:
     import torch
 
     import lohan_compile as lohan
-    from .options import format_bytes
+    from .units import format_bytes
 
     if not 0.0 < args.budget <= 1.0:
         sys.exit(f"--budget {args.budget}: give a fraction of the unplanned peak in (0, 1]")
@@ -159,7 +159,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _profile_rows(profile) -> list[list[str]]:
-    from .options import format_bytes
+    from .units import format_bytes
 
     def rate(v: float) -> str:
         return f"{v / 1e9:.2f} GB/s" if v else "-"
@@ -222,7 +222,7 @@ def plan(args: argparse.Namespace) -> int:
 
     from . import wholestep, zoo
     from .hardware import preset
-    from .options import format_bytes, parse_bytes
+    from .units import format_bytes, parse_bytes
 
     try:
         spec = zoo.model_spec(args.model)

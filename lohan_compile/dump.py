@@ -26,20 +26,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .meta import get_info
-from .options import format_bytes
-from .pipeline import Graphs
-from .report import GraphRecord
-from .shapes import nbytes_hint
+from .graph.meta import get_info
+from .plan.problem import OpRef, Transfer
+from .units import format_bytes
+from .graph.pipeline import Graphs
+from .report import GraphRecord, plan_trace_events
+from .graph.shapes import nbytes_hint
 
-TRACKS = {
-    "compute": "compute",
-    "h2d": "host->device",
-    "d2h": "device->host",
-    "cpu": "CPU optimizer",
-    "ssd_read": "SSD read",
-    "ssd_write": "SSD write",
-}
 
 
 def dump_driver(dump_dir: str, record: GraphRecord, phase: str, source: str) -> None:
@@ -87,16 +80,13 @@ class Annotator:
         self.plan = plan
         self.problem = problem
         self.times: dict[tuple[str, str], tuple[float, float]] = {}
-        self.transfer_times: dict[str, tuple[float, float]] = {}
+        self.transfer_times: dict[Transfer, tuple[float, float]] = {}
         if plan is not None and problem is not None and plan.prediction is not None:
-            from .planner import op_index_of
-
             for iv in plan.prediction.timeline.intervals:
-                i = op_index_of(iv.name) if iv.resource == "compute" else None
-                if i is not None:
-                    op = problem.ops[i]
+                if iv.resource == "compute" and isinstance(iv.name, OpRef):
+                    op = problem.ops[iv.name.index]
                     self.times[(op.phase, op.name)] = (iv.start, iv.end)
-                else:
+                elif isinstance(iv.name, Transfer):
                     self.transfer_times[iv.name] = (iv.start, iv.end)
 
     def decision(self, storage: str | None) -> str | None:
@@ -134,7 +124,7 @@ class Annotator:
         return "  # " + ", ".join(parts) if parts else ""
 
     def _transfer(self, action: str, storage: str | None) -> str:
-        name = f"{action}:fw:{storage}"
+        name = Transfer(action, f"fw:{storage}")
         queue = "device->host" if action == "swap_out" else "host->device"
         t = self.transfer_times.get(name)
         text = f"on the {queue} copy queue"
@@ -187,20 +177,6 @@ def plan_table(plan: Any, problem: Any) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def trace_events(plan: Any, *, pid: int = 1, label: str = "predicted", offset_s: float = 0.0) -> list[dict]:
-    """Chrome trace events for a plan's predicted timeline, one thread (track) per resource."""
-    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": label}}]
-    for tid, (resource, track) in enumerate(TRACKS.items(), start=1):
-        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": track}})
-    tids = {r: i for i, r in enumerate(TRACKS, start=1)}
-    for iv in plan.prediction.timeline.intervals:
-        events.append({
-            "ph": "X", "name": iv.name, "pid": pid, "tid": tids.get(iv.resource, len(tids) + 1),
-            "ts": (offset_s + iv.start) * 1e6, "dur": max(iv.end - iv.start, 0.0) * 1e6,
-        })
-    return events
-
-
 def dump_graphs(folder: str, record: GraphRecord, graphs: Graphs) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     planned = record.pass_report("plan_memory")
@@ -220,5 +196,5 @@ def dump_graphs(folder: str, record: GraphRecord, graphs: Graphs) -> list[str]:
         write(f"graph{record.graph_id}_{kind}.py", render(gm, f"{record.name}, {kind} graph", annotate, name))
     if plan is not None:
         write(f"graph{record.graph_id}_plan.md", plan_table(plan, problem))
-        write(f"graph{record.graph_id}_trace.json", json.dumps({"traceEvents": trace_events(plan)}, indent=1))
+        write(f"graph{record.graph_id}_trace.json", json.dumps({"traceEvents": plan_trace_events(plan)}, indent=1))
     return written

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .options import Options
+from .optim import CPUAdamW
 from .report import Report
+from .runtime.step import TRACKER
 
 
 def explain(
@@ -44,12 +46,7 @@ def explain(
                                memory_budget="2GiB", hardware="rtx4090")
         print(report.plan_table(limit=None))
     """
-    from . import last_report
-    from .optim import CPUAdamW
-    from .runtime import offload  # noqa: F401  (its ops get their meta kernels below)
-
     opts = Options.coerce(options)
-    _register_meta_kernels()
     meta_model, mapping = _meta_copy(model)
     # the plan, not the code: nothing is compiled (and Inductor's decompositions would turn
     # the flash attention traced below back into the math path)
@@ -88,7 +85,7 @@ def explain(
                     "loss_fn= computing the loss from its output (e.g. cross-entropy of the logits)"
                 )
             loss.backward()
-        report = last_report()
+        report = TRACKER.last_report()
     finally:
         if meta_opt is not None:
             meta_opt.zero_grad()  # no step: the (empty) step is dropped
@@ -167,19 +164,3 @@ def flash_attention_on_meta():
         yield
     finally:
         F.scaled_dot_product_attention = original
-
-
-_registered = False
-
-
-def _register_meta_kernels() -> None:
-    """The offload ops do nothing on meta tensors: explain plans, it does not update."""
-    global _registered
-    if _registered:
-        return
-    from .runtime.offload import _lib
-
-    _lib.impl("grad_ready", lambda host_grad, key: None, "Meta")
-    _lib.impl("grads_ready", lambda host_bucket, keys: None, "Meta")
-    _lib.impl("weight_wait", lambda weight, key: torch.ops.aten.alias.default(weight), "Meta")
-    _registered = True

@@ -108,10 +108,10 @@ def load() -> None:
                 f"{cpp_extension._get_build_directory(name, verbose=False)}."
             ) from e
         _loaded = True
-    from . import ops  # noqa: F401  (registers the fake kernels of the ops just loaded)
 
 
 def cpp_ops():
-    """``torch.ops.lohan``, loading the extension first."""
+    """``torch.ops.lohan``, loading the extension first (``lohan_compile.ops.load`` also
+    registers the ops' fake kernels, for tracing)."""
     load()
     return torch.ops.lohan

@@ -37,6 +37,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
+from .options import OffloadOptimizer
+from .runtime.offload import default_state_allocator, runtime_of
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
 
@@ -48,10 +51,6 @@ def _ops():
     from . import adam_ops
 
     return adam_ops
-
-
-def _default_allocator(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="cpu")
 
 
 _live: "weakref.WeakSet[CPUAdamW]" = weakref.WeakSet()
@@ -66,7 +65,7 @@ def _describe(p: torch.Tensor) -> str:
     return f"shape {tuple(p.shape)}, {p.dtype}, on {p.device}"
 
 
-class CPUAdamW(Optimizer):
+class CPUAdamW(Optimizer, OffloadOptimizer):
     """AdamW (or Adam with an L2 penalty) over fp32 masters, fused in one pass per element.
 
     Args:
@@ -138,7 +137,7 @@ class CPUAdamW(Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.num_threads = None if num_threads is None else int(num_threads)
         self.isa = isa
-        self.state_allocator = state_allocator or _default_allocator
+        self.state_allocator = state_allocator or default_state_allocator
         # state beyond the host budget lives on SSD, as a HostTier's blocks (set by the offload
         # runtime when its tier has an SSD folder); see _stage() for how updates reach it
         self.state_tier = None
@@ -186,7 +185,7 @@ class CPUAdamW(Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("num_threads", None)
         self.__dict__.setdefault("isa", "auto")
-        self.__dict__.setdefault("state_allocator", _default_allocator)
+        self.__dict__.setdefault("state_allocator", default_state_allocator)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("found_inf", False)
         self.__dict__.setdefault("overlap", "auto")
@@ -226,6 +225,10 @@ class CPUAdamW(Optimizer):
         if not t.is_contiguous():
             raise ValueError("CPUAdamW: state_allocator returned a non-contiguous tensor")
         return t
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is in one of this optimizer's parameter groups."""
+        return param in self._group_of
 
     def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -411,8 +414,6 @@ class CPUAdamW(Optimizer):
             loss(batches[-1]).backward()
             opt.step()
         """
-        from .runtime.offload import runtime_of
-
         return runtime_of(self).accumulate()
 
     def synchronize(self) -> None:

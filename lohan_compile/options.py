@@ -8,14 +8,15 @@ compile errors into ``BackendCompilerFailed`` at the first call.
 from __future__ import annotations
 
 import difflib
-import math
 import os
-import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from .plan.profile import HardwareProfile, preset
+from .settings import EXECUTOR, EXECUTORS
+from .units import parse_bytes
+
 TORCH_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-EXECUTORS = ("fx", "inductor")
 POLICIES = (
     "auto",
     "keep-all",
@@ -26,57 +27,6 @@ POLICIES = (
     "zero-offload",
 )
 OFFLOAD_PARAMS = ("auto", True, False)
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
-_SIZE_HELP = (
-    "a number of bytes (int) or a string such as '6GiB', '512MB', '1.5 GB' or '4096' "
-    "(units: B, KB, MB, GB, TB in powers of 1000; KiB, MiB, GiB, TiB in powers of 1024)"
-)
-
-
-def parse_bytes(value: Any, *, name: str = "size") -> int:
-    """Parse a byte count: an int, or a string with a decimal or binary unit."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{name}={value!r}: expected {_SIZE_HELP}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.match(value)
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            hint = ""
-            if m is not None and unit in ("k", "m", "g", "t"):
-                hint = f" ('{m.group(2)}' is ambiguous: write '{m.group(2)}iB' or '{m.group(2)}B')"
-            raise ValueError(f"{name}={value!r}: expected {_SIZE_HELP}{hint}")
-        n = math.floor(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ValueError(f"{name}={value!r}: must be a positive number of bytes")
-    return n
-
-
-def format_bytes(n: int | float | None) -> str:
-    """Human-readable binary size, for messages and tables."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
 
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
@@ -105,6 +55,11 @@ def _folder(name: str, value: Any, *, must_exist: bool) -> str | None:
     if must_exist and not os.path.isdir(path):
         raise ValueError(f"{name}={path!r} does not exist; create the folder first (mkdir -p {path})")
     return path
+
+
+class OffloadOptimizer:
+    """Base of the optimizers the ``optimizer`` option accepts (``lohan.CPUAdamW``): optimizers
+    that take each gradient as backward makes it and update on the host."""
 
 
 @dataclass(frozen=True, init=False)
@@ -199,17 +154,11 @@ class Options:
 
 
 def _default_executor() -> str:
-    from . import settings
-
-    return settings.EXECUTOR.get()
+    return EXECUTOR.get()
 
 
 def _check_optimizer(value: Any) -> Any:
-    if value is None:
-        return None
-    from .optim import CPUAdamW
-
-    if isinstance(value, CPUAdamW):
+    if value is None or isinstance(value, OffloadOptimizer):
         return value
     raise ValueError(
         f"optimizer={type(value).__name__}: expected a lohan_compile.CPUAdamW or None. "
@@ -218,8 +167,6 @@ def _check_optimizer(value: Any) -> Any:
 
 
 def _check_hardware(value: Any) -> Any:
-    from .hardware import HardwareProfile, preset
-
     if value == "auto" or isinstance(value, HardwareProfile):
         return value
     if not isinstance(value, str):

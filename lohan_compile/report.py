@@ -14,9 +14,20 @@ from typing import Any, Sequence
 import sympy
 from tabulate import tabulate
 
-from .options import format_bytes
-from .pipeline import PassRecord
-from .shapes import evaluate
+from .units import format_bytes
+from .graph.pipeline import PassRecord
+from .graph.shapes import evaluate
+
+# the trace's tracks: one per resource of the simulator
+TRACKS = {
+    "compute": "compute",
+    "h2d": "host->device",
+    "d2h": "device->host",
+    "cpu": "CPU optimizer",
+    "ssd_read": "SSD read",
+    "ssd_write": "SSD write",
+}
+
 
 SUMMARY_KEYS = (
     "budget_bytes",
@@ -112,8 +123,8 @@ class GraphRecord:
 
     def apply_plan_totals(self, plan: Any, problem: Any) -> None:
         """Move the plan's swapped and recomputed storages out of the kept total."""
-        from .planner import Action
-        from .shapes import sum_exprs
+        from .plan.problem import Action
+        from .graph.shapes import sum_exprs
 
         def total(action: Action) -> sympy.Expr:
             return sum_exprs(c.bytes_expr for c in problem.candidates if plan.decisions[c.key].action is action)
@@ -144,7 +155,7 @@ class GraphRecord:
         ops not in it keep their estimate)."""
         from dataclasses import replace
 
-        from .planner import predict
+        from .plan.program import predict
 
         planned = self.pass_report("plan_memory")
         if planned is None or not measured:
@@ -285,7 +296,6 @@ class Report:
         forward and backward), one per copy direction and SSD queue (each chunk the copy
         engine or SSD tier moved), one for the CPU optimizer (updates, norms, roll-backs), and
         each graph's predicted timeline beside it, aligned to where the graph really began."""
-        from .dump import TRACKS, trace_events as predicted_events
 
         t0 = self._step_start()
         events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "measured"}}]
@@ -305,7 +315,7 @@ class Report:
             events.append({"ph": "X", "name": f"{e.kind} {e.key}", "pid": pid, "tid": tids["cpu"],
                            "ts": (e.start - t0) * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6})
         for r, plan in self._planned_runs():
-            events += predicted_events(plan, pid=10 + r.graph.graph_id,
+            events += plan_trace_events(plan, pid=10 + r.graph.graph_id,
                                        label=f"predicted, {r.graph.name}", offset_s=r.start - t0)
         return events
 
@@ -450,3 +460,17 @@ def _format_fact(key: str, value: Any) -> str:
     if key == "plans":
         return ", ".join(str(p) for p in value) if any(value) else "-"
     return str(value)
+
+
+def plan_trace_events(plan: Any, *, pid: int = 1, label: str = "predicted", offset_s: float = 0.0) -> list[dict]:
+    """Chrome trace events for a plan's predicted timeline, one thread (track) per resource."""
+    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": label}}]
+    for tid, (resource, track) in enumerate(TRACKS.items(), start=1):
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": track}})
+    tids = {r: i for i, r in enumerate(TRACKS, start=1)}
+    for iv in plan.prediction.timeline.intervals:
+        events.append({
+            "ph": "X", "name": str(iv.name), "pid": pid, "tid": tids.get(iv.resource, len(tids) + 1),
+            "ts": (offset_s + iv.start) * 1e6, "dur": max(iv.end - iv.start, 0.0) * 1e6,
+        })
+    return events

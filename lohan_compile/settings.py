@@ -85,9 +85,10 @@ EXT_SANITIZE: Setting[str | None] = Setting(
     "the process must preload the sanitizer's runtime.",
 )
 
-def _parse_executor(name: str, text: str) -> str:
-    from .options import EXECUTORS
+EXECUTORS = ("fx", "inductor")
 
+
+def _parse_executor(name: str, text: str) -> str:
     value = text.strip().lower()
     if value not in EXECUTORS:
         raise ValueError(f"{name}={text!r}: expected one of {', '.join(EXECUTORS)}")

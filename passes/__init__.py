@@ -6,14 +6,14 @@ passes in the order the backend runs them.
 
 from __future__ import annotations
 
-from ..pipeline import Pass, Pipeline
-from .apply_plan import apply_plan
-from .classify_roles import classify_roles
-from .classify_saved import classify_saved
-from .offload_grads import offload_grads
-from .partition_graph import partition_graph
-from .plan_memory import plan_memory
-from .stream_params import stream_params
+from lohan_compile.graph.pipeline import Pass, Pipeline
+from lohan_compile.passes.apply_plan import apply_plan
+from lohan_compile.passes.classify_roles import classify_roles
+from lohan_compile.passes.classify_saved import classify_saved
+from lohan_compile.passes.offload_grads import offload_grads
+from lohan_compile.passes.partition_graph import partition_graph
+from lohan_compile.passes.plan_memory import plan_memory
+from lohan_compile.passes.stream_params import stream_params
 
 
 def default_passes() -> list[Pass]:

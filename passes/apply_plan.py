@@ -26,12 +26,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..fxutil import is_view, storage_base, view_parent
-from ..meta import NodeInfo, Role, set_info
-from ..pipeline import CompileFacts, Graphs, NodeError
-from ..planner import Action, Plan, program_for
-from ..problem import Problem
-from ..saved import SavedValues
+from lohan_compile.graph.fxutil import is_view, storage_base, view_parent
+from lohan_compile.graph.meta import NodeInfo, Role, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
+from lohan_compile.plan.problem import Action, OpRef, Plan, Problem, Transfer
+from lohan_compile.plan.program import program_for
+from lohan_compile.graph.saved import SavedValues
 
 NAME = "apply_plan"
 
@@ -65,10 +65,10 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
             release = node_at[max(decision.release_at or c.last_fw_use, c.last_fw_use)]
             prefetch = node_at[decision.prefetch_at] if decision.prefetch_at is not None else None
             out, host, dev, ready = _swap(fw, bw, fw_nodes[c.name], release, prefetch)
-            transfers[("Issue", f"swap_out:{c.key}")] = out
-            transfers[("Wait", f"swap_out:{c.key}")] = host
-            transfers[("Issue", f"swap_in:{c.key}")] = dev
-            transfers[("Wait", f"swap_in:{c.key}")] = ready
+            transfers[("Issue", Transfer("swap_out", c.key))] = out
+            transfers[("Wait", Transfer("swap_out", c.key))] = host
+            transfers[("Issue", Transfer("swap_in", c.key))] = dev
+            transfers[("Wait", Transfer("swap_in", c.key))] = ready
             swapped += 1
     if transfers:
         _order_as_planned(program_for(problem, plan.decisions, report["rates"]), node_at, transfers, bw)
@@ -79,15 +79,13 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
 
 
 def _order_as_planned(
-    program: list, node_at: list[fx.Node], transfers: dict[tuple[str, str], fx.Node], bw: fx.GraphModule
+    program: list, node_at: list[fx.Node], transfers: dict[tuple[str, Transfer], fx.Node], bw: fx.GraphModule
 ) -> None:
     """Put the transfer nodes in exactly the plan's order: between two consecutive ops of
     the program, its issues and waits go right after the first op, in program order.
     (Prefetches into backward before its first op go right after backward's placeholders.)
     Nodes apply_plan built on a waited value (replayed views, recomputations) sit before
     the op that needs them, so they stay after the wait they read."""
-    from ..planner import op_index_of
-
     last_placeholder = [n for n in bw.graph.nodes if n.op == "placeholder"][-1]
     cursor: fx.Node | None = None
     pending: list[fx.Node] = []
@@ -106,11 +104,10 @@ def _order_as_planned(
     for op in program:
         kind = type(op).__name__
         if kind == "Compute":
-            i = op_index_of(op.name)
-            if i is None:
+            if not isinstance(op.name, OpRef):
                 continue  # a recomputation: not a node of its own in this order
-            flush(node_at[i])
-            cursor = node_at[i]
+            flush(node_at[op.name.index])
+            cursor = node_at[op.name.index]
         elif (kind, getattr(op, "name", None)) in transfers:
             pending.append(transfers[(kind, op.name)])
     flush(None)

@@ -19,9 +19,16 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..aot import grad_input_index, input_index, is_backward_node, output_descs, output_kind, placeholder_role
-from ..meta import NodeInfo, Role, get_info, set_info
-from ..pipeline import CompileFacts, Graphs, NodeError
+from lohan_compile.graph.aot import (
+    grad_input_index,
+    input_index,
+    is_backward_node,
+    output_descs,
+    output_kind,
+    placeholder_role,
+)
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
 
 NAME = "classify_roles"
 

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..aot import output_descs, output_kind
-from ..fxutil import storage_base
-from ..meta import NodeInfo, Role, get_info, set_info
-from ..pipeline import CompileFacts, Graphs, NodeError
-from ..saved import SavedValues
-from ..shapes import nbytes_expr, nbytes_hint, sum_exprs
+from lohan_compile.graph.aot import output_descs, output_kind
+from lohan_compile.graph.fxutil import storage_base
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
+from lohan_compile.graph.saved import SavedValues
+from lohan_compile.graph.shapes import nbytes_expr, nbytes_hint, sum_exprs
 
 NAME = "classify_saved"
 

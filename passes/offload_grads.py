@@ -1,8 +1,8 @@
 """offload_grads: each parameter's gradient leaves the device as soon as backward makes it.
 
 Requires: forward and backward graphs with roles (``classify_roles``), and a
-``CPUAdamW`` (the ``optimizer`` option, or one that owns the graph's
-parameters) together with the real parameters (in the facts).
+``CPUAdamW`` (``facts.optimizer``: the ``optimizer`` option, or one that owns the
+graph's parameters), with which parameters it updates and their keys (``facts.inputs``).
 Ensures, for every parameter the optimizer updates and the graph computes a
 gradient for:
 - right after the gradient is computed: ``h = lohan::swap_out(grad)``;
@@ -21,6 +21,10 @@ gradient for:
   ``lohan::weight_ready(key)``: from there the updated weight may be written;
 - the backward graph returns no gradient for it, so ``param.grad`` stays None.
 Parameters the optimizer does not own keep normal autograd behaviour.
+
+The report says what the runtime must take on (``offloaded_inputs``: input index -> key;
+``forward_order``: keys in the order forward first reads them): the backend binds it once
+the pipeline has run. The pass itself registers nothing.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..aot import grad_input_index, output_descs
-from ..fxutil import storage_base
-from ..meta import NodeInfo, Role, get_info, set_info
-from ..pipeline import CompileFacts, Graphs
+from lohan_compile.graph.aot import grad_input_index, output_descs
+from lohan_compile.graph.fxutil import storage_base
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
+from lohan_compile.graph.shapes import hint_int
+from lohan_compile.ops import swap_ops
 
 NAME = "offload_grads"
 
@@ -41,29 +47,14 @@ SMALL_GRAD_BYTES = 64 * 1024  # gradients below this travel in buckets
 BUCKET_BYTES = 1024 * 1024  # a bucket closes once it reaches this (device bytes held back stay small)
 
 
-def find_optimizer(facts: CompileFacts) -> Any:
-    """The CPUAdamW to offload to: the option, else a live one that owns the graph's parameters."""
-    if facts.options.optimizer is not None:
-        return facts.options.optimizer
-    from ..optim import live_optimizers
-
-    params = [facts.real_inputs[f.index] for f in facts.inputs if f.kind == "param"]
-    for opt in live_optimizers():
-        if any(p in opt._group_of for p in params):
-            return opt
-    return None
-
-
 def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
-    opt = find_optimizer(facts)
+    opt = facts.optimizer
     if opt is None:
         return graphs, {"optimizer": None, "offloaded": 0}
-    from ..runtime.offload import runtime_of
-
-    runtime = runtime_of(opt)
     bw = graphs.bw
     out = bw.graph.output_node()
     values = list(out.args[0])
+    swap_out, _, wait_tensor = swap_ops()
     ops = torch.ops.lohan
     order = {n: i for i, n in enumerate(bw.graph.nodes)}
     managed = []  # (position in outputs, gradient node, input index, key)
@@ -71,11 +62,9 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
         idx = grad_input_index(desc)
         if idx is None or not isinstance(value, fx.Node) or facts.inputs[idx].kind != "param":
             continue
-        param = facts.real_inputs[idx]
-        if param not in opt._group_of:
+        if not facts.inputs[idx].optimizer_owns:
             continue
-        opt._offloaded.add(id(param))
-        managed.append((j, value, idx, runtime.register(param)))
+        managed.append((j, value, idx, facts.inputs[idx].key))
     if not managed:
         return graphs, {"optimizer": type(opt).__name__, "offloaded": 0}
     managed.sort(key=lambda m: order[m[1]])
@@ -88,8 +77,8 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
             values[j] = None
         if len(group) == 1:
             with bw.graph.inserting_after(last):
-                h = bw.graph.call_function(ops.swap_out.default, (last,))
-            h.meta["val"] = _fake_call(ops.swap_out.default, last.meta["val"])
+                h = bw.graph.call_function(swap_out, (last,))
+            h.meta["val"] = _fake_call(swap_out, last.meta["val"])
             _mark(h, "grad_out")
         else:
             with bw.graph.inserting_before(last.next):  # in order, right after the last member
@@ -102,8 +91,8 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
                 cat = bw.graph.call_function(torch.ops.aten.cat.default, (flats,))
                 cat.meta["val"] = _fake_call(lambda *v: torch.cat(v), *[f.meta["val"] for f in flats])
                 _mark(cat, "grad_bucket")
-                h = bw.graph.call_function(ops.swap_out.default, (cat,))
-            h.meta["val"] = _fake_call(ops.swap_out.default, cat.meta["val"])
+                h = bw.graph.call_function(swap_out, (cat,))
+            h.meta["val"] = _fake_call(swap_out, cat.meta["val"])
             _mark(h, "grad_out")
         swaps.append((h, [(m[2], m[3]) for m in group]))
     # each copy is waited for where the next gradient leaves (its copy overlaps that
@@ -111,7 +100,7 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
     for n, (h, members) in enumerate(swaps):
         anchor = swaps[n + 1][0] if n + 1 < len(swaps) else out
         with bw.graph.inserting_before(anchor):
-            host = bw.graph.call_function(ops.wait_tensor.default, (h,))
+            host = bw.graph.call_function(wait_tensor, (h,))
             host.meta["val"] = h.meta["val"]
             _mark(host, "grad_out_wait")
             if len(members) == 1:
@@ -128,18 +117,17 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
     out.args = (tuple(values),)
     bw.recompile()
     fw_order = _wait_for_weights_in_forward(graphs.fw, {idx: key for _, _, idx, key in managed})
-    runtime.note_forward_order(fw_order)
     return graphs, {
         "optimizer": type(opt).__name__,
         "offloaded": len(managed),
+        "offloaded_inputs": {idx: key for _, _, idx, key in sorted(managed, key=lambda m: m[0])},  # output order
+        "forward_order": fw_order,
         "grad_copies": len(swaps),
         "offloaded_grad_bytes": sum(int(m[1].meta["val"].numel()) * m[1].meta["val"].element_size() for m in managed),
     }
 
 
 def _nbytes(node: fx.Node) -> int:
-    from ..shapes import hint_int
-
     val = node.meta["val"]
     return hint_int(val.numel()) * val.element_size()
 

@@ -11,24 +11,40 @@ With nothing to plan, this is torch's default partitioner, which saves what
 the joint graph computed rather than recomputing it: results are bitwise
 those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
 partitioner, its activation budget searched to fit ``memory_budget``
-(``lohan_compile/mincut.py``). Under ``policy="auto"`` and a budget, with
+(``partition_min_cut``, below). Under ``policy="auto"`` and a budget, with
 the fx executor, the min-cut partition is also planned and kept when auto
 predicts it faster (``prefer_min_cut``); with the Inductor executor it is not
 (Inductor runs it above its predicted peak).
+
+torch's min-cut partitioner under a budget in bytes: ``min_cut_rematerialization_partition``
+decides what forward saves and what backward recomputes, bounded by
+``torch._functorch.config.activation_memory_budget`` (a fraction of the activation memory
+that saving everything would keep). Our budget is a device peak in bytes, so the fraction is
+searched: from 1.0 down, the first fraction whose partition's predicted peak (lohan's
+simulator, every saved value kept) fits the budget. The chosen partition is then planned as
+keep-all; if no fraction fits, the partition with the smallest peak is kept and
+``plan_memory`` raises ``BudgetError`` for it. (Recomputing more does not always lower the
+peak: backward then holds the recomputed values at once.)
 """
 
 from __future__ import annotations
 
+import copy
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch._functorch.partitioners import default_partition
+from torch._functorch import config as functorch_config
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
-from ..aot import placeholder_role
-from ..meta import NodeInfo, Role, get_info, set_info
-from ..pipeline import CompileFacts, Graphs
+from lohan_compile.graph.aot import placeholder_role
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
+from lohan_compile.errors import BudgetError
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
+from lohan_compile.graph.problem import profile
+from lohan_compile.passes.classify_saved import classify_saved
+from lohan_compile.plan.policies import auto, keep_all
 
 NAME = "partition_graph"
 
@@ -45,8 +61,6 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
 
     trial = facts.variant[0] if facts.variant is not None and facts.options.policy == "auto" else None
     if facts.options.policy == "torch-min-cut" or trial == "min-cut":
-        from ..mincut import partition_min_cut
-
         fw, bw, report = partition_min_cut(graphs.joint, facts, finish)
         if trial:
             report["partitioner"] = "torch min-cut (auto: a trial asked for it)"
@@ -69,8 +83,6 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                 # plans the default partition only.
                 report["min_cut"] = "not considered under the Inductor executor"
             else:
-                from ..mincut import prefer_min_cut
-
                 chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)
                 if chosen is not None:
                     fw, bw, report = chosen
@@ -165,3 +177,106 @@ def give_roles(gm: fx.GraphModule, role: Role) -> int:
         set_info(n, NodeInfo(role=r, made_by=NAME))
         given += 1
     return given
+
+
+# -- torch's min-cut partitioner under a budget in bytes -----------------------------
+
+FRACTIONS = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.0)
+
+
+def partition_min_cut(
+    joint: fx.GraphModule,
+    facts: Any,
+    finish: Callable[[fx.GraphModule, fx.GraphModule], None],
+) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]]:
+    """``finish(fw, bw)`` repairs what a partitioner leaves (fake values, descriptors, roles)."""
+    budget = facts.options.memory_budget
+
+    def attempt(fraction: float) -> tuple[fx.GraphModule, fx.GraphModule]:
+        j = _copy(joint)  # the partitioner rewrites the graph it is given
+        with functorch_config.patch(activation_memory_budget=fraction):
+            fw, bw = min_cut_rematerialization_partition(
+                j, facts.joint_inputs, "inductor", num_fwd_outputs=facts.num_fwd_outputs, **facts.partition_kwargs
+            )
+        finish(fw, bw)
+        return fw, bw
+
+    tried = []
+    best = None  # (peak, fraction, fw, bw): the smallest peak, when no fraction fits
+    for fraction in FRACTIONS if budget is not None else (1.0,):
+        fw, bw = attempt(fraction)
+        if budget is None:
+            break
+        peak = _keep_all_peak(joint, fw, bw, facts)
+        tried.append((fraction, peak))
+        if peak <= budget:
+            break
+        if best is None or peak < best[0]:
+            best = (peak, fraction, fw, bw)
+    else:
+        # none fits: the partition with the smallest peak (plan_memory raises BudgetError for it)
+        _, fraction, fw, bw = best
+    return fw, bw, {"partitioner": "torch min-cut", "activation_memory_budget": fraction,
+                    "fractions_tried": tried}
+
+
+def prefer_min_cut(
+    joint: fx.GraphModule,
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    facts: Any,
+    finish: Callable[[fx.GraphModule, fx.GraphModule], None],
+) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
+    """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
+    partition and torch's min-cut partition with auto, and return the min-cut one when its
+    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
+    recomputes chains of cheap ops, which wins when much must be recomputed."""
+    budget = facts.options.memory_budget
+    problem, rates = _problem(joint, fw, bw, facts)
+    if keep_all(problem, rates, None).prediction.peak_device_bytes <= budget:
+        return None  # nothing has to move: the default partition is exact and fastest
+
+    def auto_plan(problem, rates):
+        try:
+            return auto(problem, rates, budget)
+        except BudgetError:
+            return None
+
+    default = auto_plan(problem, rates)
+    mfw, mbw, info = partition_min_cut(joint, facts, finish)
+    min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
+    default_s = default.prediction.step_seconds if default is not None else float("inf")
+    min_cut_s = min_cut.prediction.step_seconds if min_cut is not None else float("inf")
+    # every plan auto could run, by (partition, plan family): a trial times the close ones
+    variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
+    variants.update({("min-cut", f): s for f, s in (min_cut.alternatives if min_cut else {}).items()})
+    info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
+            "min_cut_activation_memory_budget": info["activation_memory_budget"], "variants": variants}
+    if min_cut_s < 0.99 * default_s:
+        return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
+    _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
+    return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", **info}
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph whose nodes' meta dicts are shallow copies (fake values are shared,
+    not deep-copied: a fake tensor cannot be)."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    node = graph.output(out)
+    node.meta = copy.copy(gm.graph.output_node().meta)
+    return fx.GraphModule(gm, graph)
+
+
+def _keep_all_peak(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> int:
+    """The simulator's device peak of this partition with everything it saves kept."""
+    problem, rates = _problem(joint, fw, bw, facts)
+    return keep_all(problem, rates, None).prediction.peak_device_bytes
+
+
+def _problem(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> tuple[Any, Any]:
+    """The planning problem of a partition (its saved values classified), and the link rates."""
+    classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)
+    profiled = profile(fw, bw, facts)
+    return profiled.problem, profiled.rates

@@ -30,46 +30,23 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import torch
-
-import torch.fx as fx
-
-from ..costmodel import CostModel
-from ..fxutil import tensor_val
-from ..hardware import resolve
-from ..errors import BudgetError
-from ..planner import Rates, schedule_fetches, solve
-from ..pipeline import CompileFacts, Graphs
-from ..problem import Problem, build_problem, fetches_for
-from .stream_params import streamable_params, streamed_elsewhere
-from ..shapes import nbytes_hint
+from lohan_compile.errors import BudgetError
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
+from lohan_compile.graph.problem import profile
+from lohan_compile.ops import swap_ops_available
+from lohan_compile.passes.stream_params import streamable_params, streamed_elsewhere
+from lohan_compile.plan.policies import solve
+from lohan_compile.plan.problem import Problem, Rates, fetches_for
+from lohan_compile.plan.schedule import schedule_fetches
 
 NAME = "plan_memory"
 
 
-def swap_ops_available() -> bool:
-    from ..ext import load
-
-    load()
-    return hasattr(torch.ops.lohan, "swap_out")
-
-
-def resident_input_bytes(fw: fx.GraphModule) -> int:
-    return sum(nbytes_hint(tensor_val(n)) for n in fw.graph.nodes if n.op == "placeholder" and tensor_val(n) is not None)
-
-
 def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
-    hw = resolve(facts.options.hardware)
-    cost = CostModel(hw, facts.measured_seconds)
-    problem = build_problem(graphs.fw, graphs.bw, cost).without_outputs(facts.dropped_outputs)
-    problem.resident_bytes = resident_input_bytes(graphs.fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
+    profiled = profile(graphs.fw, graphs.bw, facts)
+    problem, rates, hw = profiled.problem, profiled.rates, profiled.hardware
     if not swap_ops_available():
         problem.candidates = [replace(c, swappable=False) for c in problem.candidates]
-    rates = Rates(
-        d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),
-        h2d_seconds_per_byte=cost.transfer_seconds(1, "h2d"),
-        sharing=hw.sharing,
-    )
     policy = "keep-all" if facts.options.policy == "auto" and facts.options.memory_budget is None else facts.options.policy
     budget = facts.options.memory_budget
     candidates = streamable_params(graphs.fw, facts)

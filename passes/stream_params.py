@@ -17,6 +17,10 @@ the inference graph) that reads it:
 Parameters that are smaller than ``STREAM_MIN_BYTES`` stay resident (as
 LoHan keeps biases and norms on the GPU), and so do parameters a graph returns
 a view of to the user.
+
+The report says what the runtime must take on (``streamed_inputs``: input index -> whether
+the optimizer updates it; ``resident_inputs``: parameters this graph reads without fetching,
+which later graphs must not stream): the backend binds it once the pipeline has run.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..fxutil import aliased_input, storage_base, tensor_val
-from ..meta import NodeInfo, Role, get_info, set_info
-from ..pipeline import CompileFacts, Graphs
-from ..shapes import nbytes_hint
+from lohan_compile.graph.fxutil import aliased_input, storage_base, tensor_val
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
+from lohan_compile.graph.shapes import nbytes_hint
 
 NAME = "stream_params"
 
@@ -39,16 +43,20 @@ STREAM_MIN_BYTES = 64 * 1024
 def streamed_elsewhere(fw: fx.GraphModule, facts: CompileFacts) -> dict[int, int]:
     """Parameters of this graph that an earlier compile streams: every graph reading one must
     fetch it (the earlier graph releases its device memory)."""
-    from ..runtime import stream
-
     out = {}
     for n in fw.graph.nodes:
         info = get_info(n)
         if n.op == "placeholder" and info is not None and info.role is Role.PARAM and facts.real_inputs:
-            param = facts.real_inputs[info.input_index]
-            if isinstance(param, torch.Tensor) and stream.lookup(param) is not None:
+            if facts.inputs[info.input_index].streamed:
                 out[info.input_index] = nbytes_hint(tensor_val(n))
     return out
+
+
+def offloaded_inputs(facts: CompileFacts) -> set[int]:
+    """Parameters whose gradients the optimizer takes during backward: offloaded by an earlier
+    graph, or by this one (``offload_grads`` ran before)."""
+    this_graph = (facts.pass_reports.get("offload_grads") or {}).get("offloaded_inputs", {})
+    return {f.index for f in facts.inputs if f.grad_offloaded} | set(this_graph)
 
 
 def streamable_params(fw: fx.GraphModule, facts: CompileFacts, *, inference: bool = False) -> dict[int, int]:
@@ -58,11 +66,7 @@ def streamable_params(fw: fx.GraphModule, facts: CompileFacts, *, inference: boo
     mode = facts.options.offload_params
     if mode is False:
         return {}
-    from ..runtime import stream
-    from .offload_grads import find_optimizer
-
-    opt = find_optimizer(facts)
-    offloaded = opt._offloaded if opt is not None else set()
+    offloaded = offloaded_inputs(facts)
     user_views = _user_output_storages(fw)
     out: dict[int, int] = {}
     for n in fw.graph.nodes:
@@ -78,9 +82,10 @@ def streamable_params(fw: fx.GraphModule, facts: CompileFacts, *, inference: boo
         param = facts.real_inputs[info.input_index] if facts.real_inputs else None
         if not isinstance(param, torch.Tensor):
             continue
-        if stream.kept_resident(param):
+        fact = facts.inputs[info.input_index]
+        if fact.kept_resident:
             continue
-        if param.requires_grad and id(param) not in offloaded and stream.lookup(param) is None:
+        if param.requires_grad and info.input_index not in offloaded and not fact.streamed:
             if mode is True and not inference:
                 raise ValueError(
                     f"offload_params=True: the parameter {info.source or n.name} is trained, but no lohan "
@@ -108,27 +113,22 @@ def stream_params(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
                 chosen = {}
         chosen.update(streamed_elsewhere(graphs.fw, facts))
         fetch_at = {}
-    from ..runtime import stream
-
-    for n in graphs.fw.graph.nodes:
-        info = get_info(n)
-        if (n.op == "placeholder" and info is not None and info.role is Role.PARAM and facts.real_inputs
-                and info.input_index not in chosen):
-            stream.keep_resident(facts.real_inputs[info.input_index])
+    resident = [
+        info.input_index for n in graphs.fw.graph.nodes
+        if n.op == "placeholder" and (info := get_info(n)) is not None and info.role is Role.PARAM
+        and facts.real_inputs and info.input_index not in chosen
+    ]
     if not chosen:
-        return graphs, {"streamed": 0}
-    from ..runtime.offload import key_of
-
+        return graphs, {"streamed": 0, "resident_inputs": resident}
     keys: dict[int, int] = {}
+    streamed_inputs: dict[int, bool] = {}  # input index -> trainable (the optimizer updates it)
     for idx in chosen:
         param = facts.real_inputs[idx]
         if param.device.type == "meta":
             keys[idx] = -1  # explain(): planned, never run
             continue
-        trainable = param.requires_grad and not graphs.inference
-        keys[idx] = stream.register(param, trainable=trainable, offload_key=key_of(param)).key
-        if trainable:
-            _ensure_state(facts, param)
+        keys[idx] = facts.inputs[idx].key
+        streamed_inputs[idx] = param.requires_grad and not graphs.inference
     fw_names = {}
     for n in graphs.fw.graph.nodes:
         info = get_info(n)
@@ -155,6 +155,8 @@ def stream_params(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
         "streamed": len(chosen),
         "streamed_bytes": sum(chosen.values()),
         "param_ops": inserted,
+        "streamed_inputs": streamed_inputs,
+        "resident_inputs": resident,
     }
 
 
@@ -222,18 +224,6 @@ def _user_output_storages(fw: fx.GraphModule) -> set[fx.Node]:
         if not saved and base.op == "placeholder":
             held.add(base)
     return held
-
-
-def _ensure_state(facts: CompileFacts, param: torch.Tensor) -> None:
-    """The optimizer's state (its fp32 master) is made now, while the parameter has its value:
-    once streamed, the device copy is gone between steps."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from .offload_grads import find_optimizer
-
-    opt = find_optimizer(facts)
-    with unset_fake_temporarily(), torch.no_grad():
-        opt._state_of(param)
 
 
 def _mark(node: fx.Node, action: str, role: Role) -> None:

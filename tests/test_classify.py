@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import lohan_compile as lohan
-from lohan_compile.meta import Role, get_info
-from lohan_compile.pipeline import Pass, Pipeline
+from lohan_compile.graph.meta import Role, get_info
+from lohan_compile.graph.pipeline import Pass, Pipeline
 from lohan_compile.passes import default_passes
 from models import MLP, ConvBN, Block, tiny_llama
 
@@ -146,7 +146,7 @@ def test_inference_graph_roles():
 
 def test_saved_tensors_pair_with_backward_placeholders_under_dynamic_shapes():
     """Backward takes saved sizes before saved tensors: pairing must go by kind, not position."""
-    from lohan_compile.saved import SavedValues
+    from lohan_compile.graph.saved import SavedValues
 
     x = torch.randn(6, 32)
     torch._dynamo.mark_dynamic(x, 0)

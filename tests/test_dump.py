@@ -5,7 +5,7 @@ import json
 import torch
 
 import lohan_compile as lohan
-from lohan_compile.dump import TRACKS
+from lohan_compile.report import TRACKS
 from models import tiny_llama
 
 

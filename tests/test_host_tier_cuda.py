@@ -8,7 +8,9 @@ for memory registered before that)."""
 import pytest
 import torch
 
-import lohan_compile.ops  # noqa: F401
+from lohan_compile import ops
+
+ops.load()  # the extension, and its ops' fake kernels
 from hosttier_helpers import make_tier  # noqa: F401  (fixture)
 from lohan_compile.runtime import hosttier
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import lohan_compile as lohan
-from lohan_compile.options import Options, format_bytes, parse_bytes
+from lohan_compile.options import Options
+from lohan_compile.units import format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(

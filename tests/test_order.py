@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lohan_compile as lohan
-from lohan_compile.planner import Action, Rates, program_for
-from lohan_compile.simulate import Issue, Wait
+from lohan_compile.plan.problem import Action, Rates, Transfer
+from lohan_compile.plan.program import program_for
+from lohan_compile.plan.simulate import Issue, Wait
 from models import tiny_llama
 
 
@@ -39,8 +40,8 @@ def planned_events(plan, problem, rates):
     sizes = {c.key: c.bytes for c in problem.candidates}
     events = []
     for op in program_for(problem, plan.decisions, rates):
-        if isinstance(op, (Issue, Wait)) and op.name.startswith(("swap_out:", "swap_in:")):
-            kind, key = op.name.split(":", 1)
+        if isinstance(op, (Issue, Wait)) and isinstance(op.name, Transfer) and op.name.kind in ("swap_out", "swap_in"):
+            kind, key = op.name.kind, op.name.key
             direction = kind.split("_")[1]
             events.append((kind if isinstance(op, Issue) else f"wait_{direction}", sizes[key]))
     return events

@@ -5,7 +5,7 @@ import torch
 
 import lohan_compile as lohan
 from lohan_compile import settings
-from lohan_compile.pipeline import NodeError, Pass, Pipeline
+from lohan_compile.graph.pipeline import NodeError, Pass, Pipeline
 from lohan_compile.passes import PASS_NAMES, default_passes
 from models import MLP
 

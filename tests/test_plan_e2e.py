@@ -5,7 +5,7 @@ import torch
 
 import lohan_compile as lohan
 from lohan_compile.measure import measure_device_peak
-from lohan_compile.planner import Action
+from lohan_compile.plan.problem import Action
 from models import assert_same_state, tiny_gpt2, tiny_llama, train_side_by_side
 
 
@@ -382,7 +382,7 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
     and run in turn; the simulator's choice stays unless another ran faster by a margin. Switching plans between
     steps changes nothing in the numbers, and each plan keeps the budget."""
     from lohan_compile.backend import Replanning
-    from lohan_compile.planner import AUTO_FAMILIES
+    from lohan_compile.plan.policies import AUTO_FAMILIES
 
     # every plan that fits is close enough; one warm-up step and one timed step each
     monkeypatch.setattr(Replanning, "TRIAL_MARGIN", 1e9)

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lohan_compile.errors import BudgetError
-from lohan_compile.planner import (
-    Action, Rates, auto, keep_all, minimal_memory_plan, program_for, recompute_all, schedule_swaps, solve, swap_all,
-)
-from lohan_compile.problem import Buffer, Candidate, OpInfo, Problem
-from lohan_compile.simulate import Issue, Sharing, Wait
+from lohan_compile.plan.problem import Action, Buffer, Candidate, OpInfo, Problem, Rates, Transfer
+from lohan_compile.plan.policies import auto, keep_all, minimal_memory_plan, recompute_all, solve, swap_all
+from lohan_compile.plan.program import program_for
+from lohan_compile.plan.schedule import schedule_swaps
+from lohan_compile.plan.simulate import Issue, Sharing, Wait
 
 
 def layered_problem(layers=4, act_bytes=100, op_s=1.0, recompute_s=0.5, temp_bytes=10):
@@ -212,9 +212,9 @@ def test_swap_in_is_issued_after_its_swap_out_completes(problem, r):
             position.setdefault((type(op).__name__, op.name), i)
     for c in problem.candidates:
         if d[c.key].action is Action.SWAP:
-            out_wait = position[("Wait", f"swap_out:{c.key}")]
-            in_issue = position[("Issue", f"swap_in:{c.key}")]
-            in_wait = position[("Wait", f"swap_in:{c.key}")]
+            out_wait = position[("Wait", Transfer("swap_out", c.key))]
+            in_issue = position[("Issue", Transfer("swap_in", c.key))]
+            in_wait = position[("Wait", Transfer("swap_in", c.key))]
             assert out_wait < in_issue < in_wait
 
 
@@ -222,13 +222,13 @@ def test_just_in_time_prefetch_is_never_late_without_contention():
     p = layered_problem(layers=6)
     d = schedule_swaps(p, {c.key: swap_all(p, FAST, None).decisions[c.key] for c in p.candidates}, FAST)
     plan_pred = program_for(p, d, FAST)
-    from lohan_compile.simulate import simulate
+    from lohan_compile.plan.simulate import simulate
 
     t = simulate(plan_pred)
     # late only where it could not start earlier: the first thing backward needs
     for c in p.candidates:
         if d[c.key].prefetch_at > p.n_fw:
-            assert math.isclose(t.exposed[f"swap_in:{c.key}"], 0.0, abs_tol=1e-9)
+            assert math.isclose(t.exposed[Transfer("swap_in", c.key)], 0.0, abs_tol=1e-9)
     assert sum(1 for c in p.candidates if d[c.key].prefetch_at > p.n_fw) >= len(p.candidates) - 2
 
 
@@ -244,8 +244,9 @@ def test_streamed_weights_are_fetched_in_time_on_the_h2d_link_and_counted(layers
     issue to last use; not resident."""
     from dataclasses import replace
 
-    from lohan_compile.planner import predict, schedule_fetches
-    from lohan_compile.problem import Fetch
+    from lohan_compile.plan.program import predict
+    from lohan_compile.plan.schedule import schedule_fetches
+    from lohan_compile.plan.problem import Fetch
 
     p = layered_problem(layers=layers)
     p.resident_bytes = 50  # the streamed weights are not resident
@@ -273,7 +274,7 @@ def test_streamed_weights_are_fetched_in_time_on_the_h2d_link_and_counted(layers
 def test_outputs_dropped_before_backward_are_freed_when_forward_ends():
     """Forward outputs are held through the step unless the runtime saw them dropped; one
     still held keeps a storage it shares with a dropped one; the problem asked is unchanged."""
-    from lohan_compile.planner import predict
+    from lohan_compile.plan.program import predict
 
     ops = [OpInfo(f"op{i}", 1e-3, "fw" if i < 2 else "bw") for i in range(4)]
     buffers = {

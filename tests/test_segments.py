@@ -5,8 +5,10 @@ import operator
 import torch
 import torch.fx as fx
 
-import lohan_compile.ops  # noqa: F401  (lohan's ops and their fake kernels)
-from lohan_compile.segments import Segment, compile_segments, split
+from lohan_compile import ops
+
+ops.load()  # the extension, and its ops' fake kernels
+from lohan_compile.graph.segments import Segment, compile_segments, split
 
 aten, lohan = torch.ops.aten, torch.ops.lohan
 

@@ -3,8 +3,16 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lohan_compile.simulate import (
-    QUEUES, Alloc, Compute, Free, Issue, Sharing, SimulationError, Wait, simulate,
+from lohan_compile.plan.simulate import (
+    QUEUES,
+    Alloc,
+    Compute,
+    Free,
+    Issue,
+    Sharing,
+    SimulationError,
+    Wait,
+    simulate,
 )
 
 

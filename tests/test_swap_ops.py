@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-import lohan_compile.ops  # noqa: F401  (fake kernels)
+from lohan_compile import ops
+
+ops.load()  # the extension, and its ops' fake kernels
 from hosttier_helpers import allocation_events, make_tier, ssd_dir  # noqa: F401  (fixtures)
 from lohan_compile.runtime import hosttier
 from lohan_compile.runtime.step import TRACKER

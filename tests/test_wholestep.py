@@ -123,7 +123,7 @@ def test_swapped_activations_beyond_host_memory_go_to_ssd(tiny):
     ws = wholestep.WholeStep(deep, hardware=hw)
     plan = ws.fixed("swap-all", wholestep.OURS)
     assert plan.feasible, plan.why
-    spilled = {iv.name for iv in plan.timeline.intervals if iv.name.startswith("ssdw:")}
+    spilled = {iv.name for iv in plan.timeline.intervals if isinstance(iv.name, str) and iv.name.startswith("ssdw:")}
     assert spilled and plan.peaks["ssd"] > 0 and plan.peaks["host"] <= hw.host_memory
     # what went to SSD came back through it
     assert {n.replace("ssdw:", "ssdr:") for n in spilled} <= {iv.name for iv in plan.timeline.intervals}

@@ -44,7 +44,9 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import HostMemoryError, StorageError
-from ..options import format_bytes, parse_bytes
+from ..layout import dense_layout
+from ..ops import load
+from ..units import format_bytes, parse_bytes
 
 _ERRNO_RE = re.compile(r"\(errno (\d+)\)")
 
@@ -94,8 +96,7 @@ def _translated(fn):
 
 
 def _ops():
-    from .. import ops  # noqa: F401  (loads the extension and registers the fake kernels)
-
+    load()  # the extension and its ops' fake kernels
     return torch.ops.lohan
 
 
@@ -288,7 +289,7 @@ class HostTier:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if stride is None:
             stride = _contiguous_strides(shape)
-        elif not _dense_layout(shape, stride):
+        elif not dense_layout(shape, stride):
             raise ValueError(f"stride={stride}: host-tier tensors are dense (no gaps, no overlap)")
         if where not in ("host", "ssd"):
             raise ValueError(f"where={where!r}: expected 'host' or 'ssd'")
@@ -416,7 +417,7 @@ class _PendingEvent(CopyEvent):
 
 
 def _non_overlapping_dense(t: torch.Tensor) -> bool:
-    return _dense_layout(t.shape, t.stride())
+    return dense_layout(t.shape, t.stride())
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -425,20 +426,6 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _dense_layout(shape, stride) -> bool:
-    """c10's is_non_overlapping_and_dense, on plain sizes and strides."""
-    if len(shape) == 1:
-        return shape[0] < 2 or stride[0] == 1
-    required = 1
-    for i in sorted(range(len(shape)), key=lambda i: (1, 0) if shape[i] < 2 else (0, stride[i])):
-        if shape[i] < 2:
-            return True
-        if stride[i] != required:
-            return False
-        required *= shape[i]
-    return True
 
 
 # ---- the current tier (what the graph ops use) ------------------------------------

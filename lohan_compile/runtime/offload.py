@@ -52,14 +52,9 @@ from typing import Any, Callable
 
 import torch
 
+from .. import ops
 from ..errors import LohanError
-
-_lib = torch.library.Library("lohan", "FRAGMENT")
-_lib.define("grad_ready(Tensor host_grad, int key) -> ()")
-_lib.define("grads_ready(Tensor host_bucket, int[] keys) -> ()")
-_lib.define("weight_ready(int key) -> ()")
-_lib.define("weight_wait(Tensor(a) weight, int key) -> Tensor(a)")
-
+from . import hosttier, keys, stream
 
 def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
     runtime_for(key).grad_ready(key, host_grad)
@@ -87,42 +82,16 @@ def _weight_wait_impl(weight: torch.Tensor, key: int) -> torch.Tensor:
     return torch.ops.aten.alias.default(weight)
 
 
-_lib.impl("weight_wait", _weight_wait_impl, "CompositeExplicitAutograd")
-_lib.impl("grad_ready", _grad_ready_impl, "CompositeExplicitAutograd")
-_lib.impl("weight_ready", _weight_ready_impl, "CompositeExplicitAutograd")
-_lib.impl("grads_ready", _grads_ready_impl, "CompositeExplicitAutograd")
-for _op in (torch.ops.lohan.grad_ready.default, torch.ops.lohan.grads_ready.default,
-            torch.ops.lohan.weight_ready.default,
-            torch.ops.lohan.weight_wait.default):
-    torch.fx.node.has_side_effect(_op)
-    torch.fx.node.has_side_effect(_op.overloadpacket)
+ops.implement("grad_ready", _grad_ready_impl)
+ops.implement("grads_ready", _grads_ready_impl)
+ops.implement("weight_ready", _weight_ready_impl)
+ops.implement("weight_wait", _weight_wait_impl)
 
 
-@torch.library.register_fake("lohan::grad_ready")
-def _grad_ready_fake(host_grad: torch.Tensor, key: int) -> None:
-    return None
+# -- which runtime each key's gradient goes to (keys: runtime/keys.py) --------------------
 
-
-@torch.library.register_fake("lohan::grads_ready")
-def _grads_ready_fake(host_bucket: torch.Tensor, keys: list[int]) -> None:
-    return None
-
-
-@torch.library.register_fake("lohan::weight_ready")
-def _weight_ready_fake(key: int) -> None:
-    return None
-
-
-@torch.library.register_fake("lohan::weight_wait")
-def _weight_wait_fake(weight: torch.Tensor, key: int) -> torch.Tensor:
-    return torch.ops.aten.alias.default(weight)
-
-
-# -- keys: the graph ops name parameters by an int -------------------------------------
-
-_keys_lock = threading.Lock()
-_keys: dict[int, int] = {}  # id(param) -> key
-_entries: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # key -> (param, runtime)
+_runtime_lock = threading.Lock()
+_runtime_of_key: dict[int, weakref.ref] = {}  # key -> its OffloadRuntime
 
 
 _runtimes: "weakref.WeakSet[OffloadRuntime]" = weakref.WeakSet()
@@ -208,7 +177,10 @@ def _guard_grad_scaler(name: str, fn: Callable) -> Callable:
     return guarded
 
 
-def _install_guards() -> None:
+def install_guards() -> None:
+    """Wrap torch's gradient utilities (``clip_grad_norm_``, ``clip_grad_value_``,
+    ``GradScaler.unscale_``/``step``) so that on offloaded gradients they raise and say what to
+    use instead. Idempotent; called when the first offload runtime is made."""
     from torch.amp.grad_scaler import GradScaler
 
     for name in ("unscale_", "step"):
@@ -232,20 +204,24 @@ def _install_guards() -> None:
             setattr(utils, name, guarded)
 
 
-_install_guards()
-
-
 def key_of(param: torch.Tensor) -> int | None:
     """The key of ``param`` if an optimizer runtime offloads its gradient, else None."""
-    with _keys_lock:
-        key = _keys.get(id(param))
-        if key is None or _entries[key][0]() is not param or _entries[key][1]() is None:
-            return None
-        return key
+    key = keys.existing_key(param)
+    with _runtime_lock:
+        ref = _runtime_of_key.get(key) if key is not None else None
+    return key if ref is not None and ref() is not None else None
+
+
+def runtime_offloading(param: torch.Tensor) -> "OffloadRuntime | None":
+    """The live runtime that takes ``param``'s gradients, if one does."""
+    key = key_of(param)
+    return runtime_for(key) if key is not None else None
 
 
 def runtime_for(key: int) -> "OffloadRuntime":
-    runtime = _entries[key][1]()
+    with _runtime_lock:
+        ref = _runtime_of_key.get(key)
+    runtime = ref() if ref is not None else None
     if runtime is None:
         raise LohanError("the CPUAdamW this compiled graph offloads gradients to no longer exists")
     return runtime
@@ -314,15 +290,18 @@ def _spilling_allocator(tier: Any, opt: Any):
     return alloc
 
 
+def default_state_allocator(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Where ``CPUAdamW`` makes its state unless told otherwise: ordinary CPU memory (an offload
+    runtime moves it to the host tier)."""
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
 class OffloadRuntime:
     def __init__(self, opt: Any):
-        from . import hosttier
-
+        install_guards()
         self.opt_ref = weakref.ref(opt)
         self.tier = hosttier.current()
-        from ..optim import _default_allocator
-
-        if opt.state_allocator is _default_allocator:
+        if opt.state_allocator is default_state_allocator:
             # master weights and moments live in the host tier, not in device memory; with an SSD
             # folder, beyond the host budget on SSD (leaving the budget room to stage updates)
             tier = self.tier
@@ -373,13 +352,12 @@ class OffloadRuntime:
                 self.fw_order.append(k)
 
     def register(self, param: torch.Tensor) -> int:
-        """The key graph ops use for ``param`` (compile time)."""
-        with _keys_lock:
-            key = _keys.get(id(param))
-            if key is None or _entries[key][0]() is not param:
-                key = len(_entries)
-                _keys[id(param)] = key
-                _entries[key] = (weakref.ref(param), weakref.ref(self))
+        """This runtime takes ``param``'s gradients from the graph ops that name its key, and its
+        optimizer no longer expects them in ``.grad`` (compile time, once the passes ran)."""
+        key = keys.key_for(param)
+        with _runtime_lock:
+            _runtime_of_key[key] = weakref.ref(self)
+        self.opt._offloaded.add(id(param))
         self.params[key] = param
         state = self.opt.state.get(param)
         if state and key not in self._state_moved:
@@ -686,8 +664,6 @@ class OffloadRuntime:
                 g["maximize"])
 
     def _streamed(self, key: int):
-        from . import stream
-
         return stream.lookup(self.params[key])
 
     def _weight_buf(self, key: int) -> torch.Tensor:

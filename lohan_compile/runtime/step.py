@@ -24,7 +24,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..report import GraphRecord, GraphRun, Report
-from ..shapes import bind_symbols
+from ..graph.shapes import bind_symbols
 from . import device as device_memory
 
 

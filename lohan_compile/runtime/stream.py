@@ -34,14 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from .. import ops
 from ..errors import LohanError
-
-_lib = torch.library.Library("lohan", "FRAGMENT")
-_lib.define("fetch_param(int key) -> ()")
-_lib.define("param_wait(Tensor(a) t, int key) -> Tensor(a)")
-_lib.define("release_param(int key) -> ()")
-
+from . import hosttier, keys
 
 def _fetch_impl(key: int) -> None:
     if key >= 0:  # (-1: planned by explain() on meta, never run)
@@ -59,28 +56,9 @@ def _release_impl(key: int) -> None:
         entry(key).release()
 
 
-_lib.impl("fetch_param", _fetch_impl, "CompositeExplicitAutograd")
-_lib.impl("param_wait", _wait_impl, "CompositeExplicitAutograd")
-_lib.impl("release_param", _release_impl, "CompositeExplicitAutograd")
-for _op in (torch.ops.lohan.fetch_param.default, torch.ops.lohan.param_wait.default,
-            torch.ops.lohan.release_param.default):
-    torch.fx.node.has_side_effect(_op)
-    torch.fx.node.has_side_effect(_op.overloadpacket)
-
-
-@torch.library.register_fake("lohan::fetch_param")
-def _fetch_fake(key: int) -> None:
-    return None
-
-
-@torch.library.register_fake("lohan::param_wait")
-def _wait_fake(t: torch.Tensor, key: int) -> torch.Tensor:
-    return torch.ops.aten.alias.default(t)
-
-
-@torch.library.register_fake("lohan::release_param")
-def _release_fake(key: int) -> None:
-    return None
+ops.implement("fetch_param", _fetch_impl)
+ops.implement("param_wait", _wait_impl)
+ops.implement("release_param", _release_impl)
 
 
 @dataclass(eq=False)
@@ -94,7 +72,9 @@ class Streamed:
     spare: torch.Tensor | None = None  # an update's output (trainable parameters only)
     copy: Any = None  # the fetch in flight (a CopyEvent), or None
     tier: Any = None
-    offload_key: int | None = None  # the optimizer runtime's key, when an optimizer updates it
+    # the optimizer runtime that updates it (held weakly), when one does: ``wait_weight(key)``
+    # returns once no update of this weight is in flight
+    updater: weakref.ref | None = None
 
     @property
     def param(self) -> torch.Tensor:
@@ -111,11 +91,7 @@ class Streamed:
         p = self.param
         if p.untyped_storage().nbytes() > 0:
             return  # already on the device (another graph of the step fetched it)
-        if self.offload_key is not None:
-            from .offload import runtime_for
-
-            # a deferred update of this weight writes the host value this copy reads
-            runtime_for(self.offload_key).wait_weight(self.offload_key)
+        self.wait_for_update()  # a deferred update of this weight writes the host value this copy reads
         # the device memory comes from the step thread (DESIGN: device tier allocated where
         # the step runs); the copy engine only writes into it
         p.untyped_storage().resize_(self.nbytes)
@@ -136,6 +112,13 @@ class Streamed:
         self.wait()
         self.param.untyped_storage().resize_(0)
 
+    def wait_for_update(self) -> None:
+        updater = self.updater() if self.updater is not None else None
+        if self.updater is not None and updater is None:
+            raise LohanError("the CPUAdamW that updates a streamed parameter no longer exists")
+        if updater is not None:
+            updater.wait_weight(self.key)
+
     def swap_buffers(self) -> None:
         """After an update wrote ``spare``: it becomes the value fetches read."""
         self.host, self.spare = self.spare, self.host
@@ -146,8 +129,7 @@ class Streamed:
 
 
 _lock = threading.Lock()
-_by_key: dict[int, Streamed] = {}
-_key_of: dict[int, int] = {}  # id(param) -> key
+_by_key: dict[int, Streamed] = {}  # keys: runtime/keys.py
 _counters = {"fetches": 0, "fetched_bytes": 0}
 
 
@@ -159,7 +141,7 @@ def entry(key: int) -> Streamed:
 
 
 def lookup(param: torch.Tensor) -> Streamed | None:
-    key = _key_of.get(id(param))
+    key = keys.existing_key(param)
     if key is None:
         return None
     s = _by_key.get(key)
@@ -186,19 +168,17 @@ def counters() -> dict[str, int]:
         return dict(_counters)
 
 
-def register(param: torch.Tensor, *, trainable: bool, offload_key: int | None = None) -> Streamed:
-    """Stream ``param`` from now on (compile time): copy its value to the host tier. Its device
-    memory goes at the first ``release_param``. Registering again returns the same entry."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from . import hosttier
-
+def register(param: torch.Tensor, *, trainable: bool, updater: Any = None) -> Streamed:
+    """Stream ``param`` from now on (compile time, once the passes ran): copy its value to the
+    host tier. Its device memory goes at the first ``release_param``. ``updater``: the optimizer
+    runtime that updates it, if any (fetches wait for its update of the weight). Registering
+    again returns the same entry."""
     existing = lookup(param)
     if existing is not None:
         if trainable and existing.spare is None:
             existing.spare = existing.tier.empty(tuple(param.shape), param.dtype)
-        if offload_key is not None:
-            existing.offload_key = offload_key
+        if updater is not None:
+            existing.updater = weakref.ref(updater)
         return existing
     if not param.is_contiguous():
         raise LohanError(f"offload_params: a parameter of shape {tuple(param.shape)} is not contiguous")
@@ -212,20 +192,18 @@ def register(param: torch.Tensor, *, trainable: bool, offload_key: int | None = 
             )
         host = tier.empty(tuple(param.shape), param.dtype).copy_(param.detach())
         spare = tier.empty(tuple(param.shape), param.dtype) if trainable else None
+    key = keys.key_for(param)
     with _lock:
-        key = len(_by_key)
-        s = Streamed(key, weakref.ref(param, _forget(key)), nbytes, host, spare, None, tier, offload_key)
+        s = Streamed(key, weakref.ref(param, _forget(key)), nbytes, host, spare, None, tier,
+                     weakref.ref(updater) if updater is not None else None)
         _by_key[key] = s
-        _key_of[id(param)] = key
     return s
 
 
 def _forget(key: int):
     def drop(_ref) -> None:
         with _lock:
-            s = _by_key.pop(key, None)
-            if s is not None:
-                _key_of.pop(next((i for i, k in _key_of.items() if k == key), None), None)
+            _by_key.pop(key, None)
 
     return drop
 
@@ -241,11 +219,8 @@ def _streamed_of(module: torch.nn.Module) -> list[tuple[str, Streamed]]:
 
 def _wait_for_updates(module: torch.nn.Module) -> None:
     """Deferred optimizer updates of ``module``'s streamed weights, still running, finish first."""
-    from .offload import runtime_for
-
     for _, s in _streamed_of(module):
-        if s.offload_key is not None:
-            runtime_for(s.offload_key).wait_weight(s.offload_key)
+        s.wait_for_update()
 
 
 @contextlib.contextmanager

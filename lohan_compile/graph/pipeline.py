@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import BudgetError, PassError
+from ..errors import BudgetError, PassError
 from .meta import get_info
-from .options import Options
+from ..options import Options
 
 
 @dataclass
@@ -52,6 +52,15 @@ class InputFact:
     source: str | None
     requires_grad: bool
     is_tensor: bool
+    # parameters: the key the graph ops name it by (lohan_compile.runtime.keys), and what the
+    # runtime knew of it when this graph was compiled: streamed by an earlier graph, read by an
+    # earlier graph without fetching (so never streamed), its gradient offloaded by an earlier
+    # graph, updated by the graph's lohan optimizer (``CompileFacts.optimizer``)
+    key: int | None = None
+    streamed: bool = False
+    kept_resident: bool = False
+    grad_offloaded: bool = False
+    optimizer_owns: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,9 @@ class CompileFacts:
     graph_id: int
     inputs: tuple[InputFact, ...]
     options: Options
+    # the lohan optimizer that updates the graph's parameters (the option, else a live one that
+    # owns them), or None; passes only name it: what it owns is in ``inputs``
+    optimizer: Any = None
     # device bytes held outside this graph's inputs when it was compiled (other graphs'
     # saved values, optimizer state, ...)
     resident_outside_bytes: int = 0

@@ -1,10 +1,9 @@
 """Keep, swap or recompute each saved activation: policies over a ``Problem``.
 
-Graph-free: a policy takes a ``Problem`` (problem.py), a ``CostModel``'s
-transfer rates and the hardware's sharing, and returns a ``Plan``: one
-``Decision`` per candidate. ``program_for`` turns a plan into the step
-program the simulator runs (simulate.py), and ``predict`` simulates it:
-the planner optimises against exactly the prediction the report shows.
+Graph-free: a policy takes a ``Problem`` (problem.py), the transfer ``Rates``
+and returns a ``Plan``: one ``Decision`` per candidate, with the prediction
+of its program (program.py), when its copies run decided by the one
+scheduler (schedule.py).
 
 Policies (``POLICIES``): ``keep-all``; ``swap-all`` (every candidate swapped
 out after it is produced and prefetched one swap ahead in backward);
@@ -24,279 +23,16 @@ returned, so ``auto`` is never predicted slower than a fixed policy.
 
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
-from .errors import BudgetError
-from .options import format_bytes
-from .problem import Candidate, Problem
-from .simulate import Alloc, Compute, Free, Issue, Op, Sharing, Timeline, Wait, simulate
-
-
-class Action(str, enum.Enum):
-    KEEP = "keep"
-    SWAP = "swap"
-    RECOMPUTE = "recompute"
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    release_at: int | None = None  # SWAP: forward op after which the swap-out is waited for
-    prefetch_at: int | None = None  # SWAP: backward op before which the swap-in is issued
-    reason: str = ""
-    # SWAP: wait for the copy right after the last forward use, even if that stalls compute
-    # (the storage is needed off the device there); otherwise wait when the copy should be done
-    early_release: bool = False
-    # SWAP: issue the copy back only at the first backward use (no prefetch: least memory)
-    late_prefetch: bool = False
-
-
-@dataclass(frozen=True)
-class Rates:
-    """What the plan's transfers cost: seconds per byte on each link, and compute/copy sharing."""
-
-    d2h_seconds_per_byte: float
-    h2d_seconds_per_byte: float
-    sharing: Sharing = field(default_factory=Sharing)
-
-
-@dataclass
-class Prediction:
-    step_seconds: float
-    peak_device_bytes: int
-    peak_host_bytes: int
-    exposed_seconds: float
-    recompute_seconds: float
-    d2h_bytes: int
-    h2d_bytes: int
-    timeline: Timeline
-
-
-@dataclass
-class Plan:
-    policy: str
-    decisions: dict[str, Decision]
-    prediction: Prediction | None = None
-    # auto: which of its plans this is (``AUTO_FAMILIES``), and the predicted step of each of
-    # them that fits the budget (the trials in backend.py time the close ones)
-    family: str | None = None
-    alternatives: dict[str, float] = field(default_factory=dict)
-
-    def count(self, action: Action) -> int:
-        return sum(1 for d in self.decisions.values() if d.action is action)
-
-    def bytes(self, problem: Problem, action: Action) -> int:
-        return sum(c.bytes for c in problem.candidates if self.decisions[c.key].action is action)
-
-
-# -- from a plan to a program ---------------------------------------------------------
-
-
-def _effective_first_use(problem: Problem, decisions: dict[str, Decision]) -> dict[str, int]:
-    """First backward use of each candidate, counting recomputations that read it."""
-    first = {c.key: c.first_bw_use for c in problem.candidates}
-    for c in problem.candidates:
-        if decisions[c.key].action is Action.RECOMPUTE:
-            for need in c.recompute_needs:
-                if need in first:  # (a value the caller moves itself is not among the candidates)
-                    first[need] = min(first[need], first[c.key])
-    return first
-
-
-# Slots around op i, in the order they run. Before: prefetches start the link early,
-# then waits for data op i needs, then recomputations, then op i's own outputs.
-# After: frees of what died, then new swap-outs, then swap-out waits with their frees.
-_BEFORE = ("prefetch", "wait", "recompute", "alloc")
-_AFTER = ("free", "swap_out", "release")
-
-
-def op_label(i: int, name: str) -> str:
-    """The simulator's name for op ``i`` (op names repeat between forward and backward)."""
-    return f"{i}:{name}"
-
-
-def op_index_of(label: str) -> int | None:
-    head, sep, _ = label.partition(":")
-    return int(head) if sep and head.isdigit() else None
-
-
-def program_for(
-    problem: Problem,
-    plan_decisions: dict[str, Decision],
-    rates: Rates,
-    extra: dict[tuple[str, int], list[Op]] | None = None,
-) -> list[Op]:
-    """The step program of a plan. ``extra`` adds other work at slots around ops (after the
-    plan's own): parameter fetches, gradient copies, optimizer updates (wholestep.py)."""
-    slots: dict[tuple[str, int], list[Op]] = {}
-    first_use = _effective_first_use(problem, plan_decisions)
-
-    def at(slot: str, i: int, *ops: Op) -> None:
-        slots.setdefault((slot, i), []).extend(ops)
-
-    for key, buf in problem.buffers.items():
-        at("alloc", buf.alloc, Alloc(key, buf.bytes))
-        decision = plan_decisions.get(key)
-        if (decision is None or decision.action is Action.KEEP) and buf.free is not None:
-            at("free", buf.free, Free(key))
-    # the h2d link serves swap-ins in issue order: issue them in order of first use
-    for c in sorted(problem.candidates, key=lambda c: (first_use[c.key], c.produced_at)):
-        d = plan_decisions[c.key]
-        if d.action is Action.SWAP:
-            out, inn = f"swap_out:{c.key}", f"swap_in:{c.key}"
-            at("swap_out", c.produced_at, Issue(out, "d2h", c.bytes * rates.d2h_seconds_per_byte),
-               Alloc(f"host:{c.key}", c.bytes, "host"))
-            release = max(d.release_at if d.release_at is not None else c.last_fw_use, c.last_fw_use)
-            at("release", release, Wait(out), Free(c.key))
-            prefetch = min(d.prefetch_at if d.prefetch_at is not None else first_use[c.key], first_use[c.key])
-            at("prefetch", prefetch, Alloc(f"dev:{c.key}", c.bytes),
-               Issue(inn, "h2d", c.bytes * rates.h2d_seconds_per_byte))
-            at("wait", first_use[c.key], Wait(inn), Free(f"host:{c.key}"))
-            at("free", c.last_bw_use, Free(f"dev:{c.key}"))
-        elif d.action is Action.RECOMPUTE:
-            at("free", c.last_fw_use, Free(c.key))
-            at("recompute", first_use[c.key], Alloc(f"re:{c.key}", c.bytes),
-               Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0))
-            at("free", c.last_bw_use, Free(f"re:{c.key}"))
-
-    # streamed parameters share the h2d link with swap-ins
-    for f in problem.fetches:
-        issue = min(f.issue_at if f.issue_at is not None else f.first_use, f.first_use)
-        at("prefetch", issue, Alloc(f.key, f.bytes), Issue(f"fetch:{f.key}", "h2d", f.bytes * rates.h2d_seconds_per_byte))
-        at("wait", f.first_use, Wait(f"fetch:{f.key}"))
-        at("free", f.last_use, Free(f.key))
-
-    for where, ops in (extra or {}).items():
-        slots.setdefault(where, []).extend(ops)
-    program: list[Op] = []
-    for i, op in enumerate(problem.ops):
-        for slot in _BEFORE:
-            program.extend(slots.get((slot, i), ()))
-        program.append(Compute(op_label(i, op.name), op.seconds))
-        for slot in _AFTER:
-            program.extend(slots.get((slot, i), ()))
-    return program
-
-
-def predict(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates) -> Prediction:
-    program = program_for(problem, plan_decisions, rates)
-    t = simulate(program, sharing=rates.sharing, initial={"device": problem.resident_bytes})
-    swapped = [c for c in problem.candidates if plan_decisions[c.key].action is Action.SWAP]
-    recompute = sum(
-        c.recompute_seconds or 0.0 for c in problem.candidates if plan_decisions[c.key].action is Action.RECOMPUTE
-    )
-    return Prediction(
-        step_seconds=t.step_seconds,
-        peak_device_bytes=t.peaks["device"],
-        peak_host_bytes=t.peaks["host"],
-        exposed_seconds=t.exposed_seconds,
-        recompute_seconds=recompute,
-        d2h_bytes=sum(c.bytes for c in swapped),
-        h2d_bytes=sum(c.bytes for c in swapped) + sum(f.bytes for f in problem.fetches),
-        timeline=t,
-    )
-
-
-# -- scheduling swaps: when to wait for swap-outs, when to issue swap-ins ---------------
-
-
-def _op_times(problem: Problem, decisions: dict[str, Decision]) -> tuple[list[float], list[float]]:
-    """Estimated start and end of every op, counting recomputations (no transfer stalls)."""
-    extra = [0.0] * len(problem.ops)
-    first_use = _effective_first_use(problem, decisions)
-    for c in problem.candidates:
-        if decisions[c.key].action is Action.RECOMPUTE:
-            extra[first_use[c.key]] += c.recompute_seconds or 0.0
-    starts, ends, now = [], [], 0.0
-    for i, op in enumerate(problem.ops):
-        now += extra[i]
-        starts.append(now)
-        now += op.seconds
-        ends.append(now)
-    return starts, ends
-
-
-def schedule_swaps(
-    problem: Problem, decisions: dict[str, Decision], rates: Rates, *, prefetch: str = "just-in-time"
-) -> dict[str, Decision]:
-    """Fill in release and prefetch points of the swapped candidates.
-
-    ``just-in-time``: each swap-in is issued as late as the link (one transfer
-    at a time, in issue order) lets it finish before its first use.
-    ``one-ahead``: each swap-in is issued at the first use of the swapped
-    candidate used just before it (a one-deep prefetch queue).
-    """
-    starts, ends = _op_times(problem, decisions)
-    first_use = _effective_first_use(problem, decisions)
-    swapped = sorted(
-        (c for c in problem.candidates if decisions[c.key].action is Action.SWAP), key=lambda c: c.produced_at
-    )
-    out = dict(decisions)
-    # swap-outs leave in production order; wait for each once it is expected done
-    link_free = 0.0
-    for c in swapped:
-        t = c.bytes * rates.d2h_seconds_per_byte
-        done = max(ends[c.produced_at], link_free) + t
-        link_free = done
-        release = c.last_fw_use
-        while not out[c.key].early_release and release < problem.n_fw - 1 and ends[release] < done:
-            release += 1
-        out[c.key] = replace(out[c.key], release_at=release)
-    by_use = sorted(swapped, key=lambda c: first_use[c.key])
-    if prefetch == "one-ahead":
-        for prev, c in zip([None] + by_use[:-1], by_use):
-            at = problem.n_fw if prev is None else min(first_use[prev.key], first_use[c.key])
-            if out[c.key].late_prefetch:
-                at = first_use[c.key]
-            out[c.key] = replace(out[c.key], prefetch_at=at)
-        return out
-    # just in time, walking backward from the last use: each transfer must end before
-    # its own first use and before the next transfer (issued later) starts
-    next_start = math.inf
-    for c in reversed(by_use):
-        t = c.bytes * rates.h2d_seconds_per_byte
-        end = min(starts[first_use[c.key]], next_start)
-        start = end - t
-        next_start = start
-        at = first_use[c.key]
-        if out[c.key].late_prefetch:
-            out[c.key] = replace(out[c.key], prefetch_at=at)
-            next_start = starts[at]
-            continue
-        while at > problem.n_fw and starts[at - 1] >= start:
-            at -= 1
-        # issue one op earlier than the estimate when possible: estimates are not exact
-        if at > problem.n_fw and starts[at] > start:
-            at -= 1
-        out[c.key] = replace(out[c.key], prefetch_at=at)
-    return out
-
-
-def schedule_fetches(problem: Problem, rates: Rates) -> list:
-    """Issue points of the streamed parameters' fetches: each as late as the link (one fetch at a
-    time, in order of first use) lets it finish before its first use, one op earlier for slack,
-    and never before its phase begins (a backward fetch is an op of the backward graph)."""
-    starts, now = [], 0.0
-    for op in problem.ops:
-        starts.append(now)
-        now += op.seconds
-    out = []
-    next_start = math.inf
-    for f in sorted(problem.fetches, key=lambda f: f.first_use, reverse=True):
-        floor = 0 if f.phase == "fw" else problem.n_fw
-        end = min(starts[f.first_use], next_start)
-        start = end - f.bytes * rates.h2d_seconds_per_byte
-        next_start = start
-        at = f.first_use
-        while at > floor and starts[at - 1] >= start:
-            at -= 1
-        if at > floor:
-            at -= 1
-        out.append(replace(f, issue_at=at))
-    return sorted(out, key=lambda f: (f.first_use, f.input_index))
+from ..errors import BudgetError
+from ..units import format_bytes
+from .problem import Action, Candidate, Decision, OpRef, Plan, Problem, Rates, effective_first_use
+from .program import finish, predict
+from .schedule import schedule_swaps
+from .simulate import Timeline
 
 
 # -- policies ----------------------------------------------------------------------------
@@ -307,18 +43,18 @@ def _all(problem: Problem, action: Callable[[Candidate], Action], reason: str) -
 
 
 def keep_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
-    return _finish("keep-all", problem, _all(problem, lambda c: Action.KEEP, "keep-all policy"), rates)
+    return finish("keep-all", problem, _all(problem, lambda c: Action.KEEP, "keep-all policy"), rates)
 
 
 def swap_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
     d = _all(problem, lambda c: Action.SWAP if c.swappable else Action.KEEP, "swap-all policy")
-    return _finish("swap-all", problem, schedule_swaps(problem, d, rates, prefetch="one-ahead"), rates)
+    return finish("swap-all", problem, schedule_swaps(problem, d, rates, prefetch="one-ahead"), rates)
 
 
 def recompute_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
     recomputable = _recomputable_set(problem)
     d = _all(problem, lambda c: Action.RECOMPUTE if c.key in recomputable else Action.KEEP, "recompute-all policy")
-    return _finish("recompute-all", problem, d, rates)
+    return finish("recompute-all", problem, d, rates)
 
 
 def _recomputable_set(problem: Problem) -> set[str]:
@@ -337,10 +73,6 @@ def _recomputable_set(problem: Problem) -> set[str]:
             continue
         chosen.add(c.key)
     return chosen
-
-
-def _finish(policy: str, problem: Problem, decisions: dict[str, Decision], rates: Rates) -> Plan:
-    return Plan(policy, decisions, predict(problem, decisions, rates))
 
 
 # the plans auto compares under a budget: its own greedy plan, and the fixed ones
@@ -419,7 +151,7 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
     for fam, fixed in zip(AUTO_FAMILIES[1:], (swap_all, recompute_all, lambda p, r, b: minimal_memory_plan(p, r))):
         plan = fixed(problem, rates, budget)
         if fam == "swap-all" and plan.prediction.peak_device_bytes > budget:
-            plan = _finish("swap-all", problem, _tightened(problem, plan.decisions, rates, budget, "one-ahead"), rates)
+            plan = finish("swap-all", problem, _tightened(problem, plan.decisions, rates, budget, "one-ahead"), rates)
         plans.append(replace(plan, family=fam))
     feasible = [p for p in plans if p.prediction.peak_device_bytes <= budget]
     alternatives = {p.family: p.prediction.step_seconds for p in feasible}
@@ -512,9 +244,8 @@ def _reason(action: Action, c: Candidate) -> str:
 def _spans(timeline: Timeline) -> dict[int, tuple[float, float]]:
     span: dict[int, tuple[float, float]] = {}
     for iv in timeline.intervals:
-        i = op_index_of(iv.name) if iv.resource == "compute" else None
-        if i is not None:
-            span[i] = (iv.start, iv.end)
+        if iv.resource == "compute" and isinstance(iv.name, OpRef):
+            span[iv.name.index] = (iv.start, iv.end)
     return span
 
 
@@ -525,7 +256,7 @@ def _held_swaps_at(
     for: ("fw", a copy out waited for after its last use) or ("bw", a copy in issued before
     its first use)."""
     span = _spans(timeline)
-    first_use = _effective_first_use(problem, decisions)
+    first_use = effective_first_use(problem, decisions)
     result = []
     for c in problem.candidates:
         d = decisions[c.key]
@@ -571,7 +302,7 @@ def minimal_memory_plan(problem: Problem, rates: Rates) -> Plan:
         )
         for c in problem.candidates
     }
-    return _finish("minimal-memory", problem, schedule_swaps(problem, d, rates), rates)
+    return finish("minimal-memory", problem, schedule_swaps(problem, d, rates), rates)
 
 
 POLICIES: dict[str, Callable[[Problem, Rates, int | None], Plan]] = {
@@ -580,7 +311,7 @@ POLICIES: dict[str, Callable[[Problem, Rates, int | None], Plan]] = {
     "swap-all": swap_all,
     "recompute-all": recompute_all,
     # torch's min-cut partitioner already chose what to recompute (partition_graph): keep the rest
-    "torch-min-cut": lambda problem, rates, budget: _finish(
+    "torch-min-cut": lambda problem, rates, budget: finish(
         "torch-min-cut", problem,
         _all(problem, lambda c: Action.KEEP, "kept by torch's min-cut partition (it recomputes the rest)"), rates),
 }

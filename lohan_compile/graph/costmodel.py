@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from .fxutil import is_view, output_tensors
-from .hardware import HardwareProfile
+from ..hardware import HardwareProfile
 from .shapes import hint_int, nbytes_hint
 
 aten = torch.ops.aten

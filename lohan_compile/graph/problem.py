@@ -1,131 +1,35 @@
-"""The planning problem of one training graph, as plain data.
+"""The planning problem of one training graph, read from its forward and backward graphs.
 
-``build_problem`` reads the forward and backward graphs once and produces a
-``Problem``: the ops in execution order with their estimated times, every
-storage the step allocates with when it is allocated and freed, and the
-*candidates*: activation storages the forward keeps for backward, with
-where they are produced and used and what recomputing them would cost.
-Everything after this (solver, simulator, report) works on the ``Problem``
-alone and never looks at a graph.
+``build_problem`` reads the graphs once and produces a ``Problem``
+(``lohan_compile.plan.problem``): the ops in execution order with their estimated
+times, every storage the step allocates with when it is allocated and freed, and the
+*candidates*: activation storages the forward keeps for backward, with where they are
+produced and used and what recomputing them would cost. Everything after this (solver,
+simulator, report) works on the ``Problem`` alone and never looks at a graph.
 
-Indices: ops are numbered in execution order, forward first (``0 ..
-n_fw-1``), then backward (``n_fw ..``). A storage is allocated just before
-its ``alloc`` op and freed just after its ``free`` op (``None``: it outlives
-the step: gradients, the user's outputs).
+See ``lohan_compile.plan.problem`` for the indices and the outputs the user drops.
 
-The forward's outputs are assumed held by the user through the step (the
-loss, logits). Often they are not: ``model(**batch).loss.backward()`` drops a
-Hugging Face model's logits and key/value cache before backward starts, and
-AOTAutograd drops the new value of a mutated input once it has copied it
-back. The runtime sees which outputs are gone when backward starts, and
-``Problem.without_outputs`` frees those at the end of forward.
+``profile`` is the one place a graph's ``Problem`` is made for planning (``plan_memory``, and
+``partition_graph`` weighing torch's min-cut partition): the op times from the cost model (or
+what an earlier plan of the graph measured), the outputs the step drops, and what is resident
+on the device when the graph starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-import sympy
 import torch
 import torch.fx as fx
 
+from ..plan.problem import Buffer, Candidate, OpInfo, Problem
+from ..hardware import resolve
+from ..plan.problem import Rates
+from ..plan.profile import HardwareProfile
 from .costmodel import CostModel
 from .fxutil import is_dense, is_view, storage_base, tensor_val
 from .meta import Kind, Role, get_info
 from .shapes import nbytes_expr, nbytes_hint
-
-
-@dataclass(frozen=True)
-class OpInfo:
-    name: str
-    seconds: float
-    phase: str  # "fw" or "bw"
-
-
-@dataclass
-class Buffer:
-    key: str
-    bytes: int
-    alloc: int
-    free: int | None
-
-
-@dataclass(frozen=True)
-class Candidate:
-    key: str  # the storage (its Buffer key)
-    name: str  # the forward node that owns it
-    bytes: int
-    produced_at: int
-    last_fw_use: int
-    first_bw_use: int
-    last_bw_use: int
-    recompute_seconds: float | None  # None: cannot be recomputed (random op, mutation, ...)
-    recompute_needs: tuple[str, ...] = ()  # candidate keys its recomputation reads
-    swappable: bool = True
-    bytes_expr: sympy.Expr | None = None  # ``bytes`` as a possibly symbolic expression
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """A streamed parameter brought to the device for one phase: allocated and copied in
-    (host -> device) when issued, waited for before ``first_use``, freed after ``last_use``."""
-
-    input_index: int
-    phase: str  # "fw" or "bw"
-    bytes: int
-    first_use: int
-    last_use: int
-    issue_at: int | None = None  # the op before which the fetch is issued (None: first_use)
-
-    @property
-    def key(self) -> str:
-        return f"param:{self.input_index}:{self.phase}"
-
-
-@dataclass
-class Problem:
-    ops: list[OpInfo]
-    n_fw: int
-    buffers: dict[str, Buffer]
-    candidates: list[Candidate]
-    resident_bytes: int = 0  # device bytes held outside this graph when it starts (params, ...)
-    fw_seconds: float = 0.0
-    bw_seconds: float = 0.0
-    # the backend's example inputs (parameters, user inputs) by index: the ops that read each
-    # (directly or through a view; forward and backward), and the op that makes its gradient
-    input_uses: dict[int, list[int]] = field(default_factory=dict)
-    grad_at: dict[int, int] = field(default_factory=dict)
-    input_bytes: dict[int, int] = field(default_factory=dict)
-    params: tuple[int, ...] = ()  # which example inputs are parameters
-    grad_key: dict[int, str] = field(default_factory=dict)  # input index -> its gradient's buffer
-    # streamed parameters (not resident: ``resident_bytes`` leaves them out), fetched per phase
-    fetches: list[Fetch] = field(default_factory=list)
-    # forward outputs the user (or AOTAutograd's runtime) receives, by position in the forward
-    # graph's outputs: (their storage's buffer, the op after which it is freed if they are
-    # dropped before backward); outputs that are views of inputs or gradients are not here
-    user_outputs: dict[int, tuple[str, int]] = field(default_factory=dict)
-    dropped_outputs: frozenset[int] = frozenset()  # of those, the ones planned as dropped
-    # of those, the ones whose storage forward also saves for backward: that it is still alive
-    # when backward starts says nothing of whether the user holds them
-    saved_outputs: frozenset[int] = frozenset()
-
-    def candidate(self, key: str) -> Candidate:
-        for c in self.candidates:
-            if c.key == key:
-                return c
-        raise KeyError(key)
-
-    def without_outputs(self, dropped: frozenset[int]) -> "Problem":
-        """This problem with the forward outputs at positions ``dropped`` released when forward
-        ends (seen gone when backward started) and the others held through the step; a
-        storage goes only when every output of it is dropped. ``self`` is unchanged."""
-        dropped = frozenset(dropped) & frozenset(self.user_outputs)
-        held = {key for pos, (key, _) in self.user_outputs.items() if pos not in dropped}
-        buffers = dict(self.buffers)
-        for key, free in self.user_outputs.values():
-            if key in buffers:
-                buffers[key] = replace(buffers[key], free=None if key in held else free)
-        return replace(self, buffers=buffers, dropped_outputs=dropped)
 
 
 def _recomputable(node: fx.Node) -> bool:
@@ -320,18 +224,6 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Pr
     )
 
 
-def fetches_for(problem: Problem, streamed: dict[int, int]) -> list[Fetch]:
-    """One fetch per phase that reads each streamed input (index -> bytes), issued at first use."""
-    out = []
-    for idx, nbytes in sorted(streamed.items()):
-        uses = problem.input_uses.get(idx, [])
-        for phase, mine in (("fw", [u for u in uses if u < problem.n_fw]),
-                            ("bw", [u for u in uses if u >= problem.n_fw])):
-            if mine:
-                out.append(Fetch(idx, phase, nbytes, min(mine), max(mine)))
-    return sorted(out, key=lambda f: (f.first_use, f.input_index))
-
-
 def _input_facts(
     fw: fx.GraphModule, bw: fx.GraphModule, index: dict[fx.Node, int]
 ) -> tuple[dict[int, list[int]], dict[int, int], dict[int, int]]:
@@ -374,3 +266,33 @@ def _input_facts(
         for idx in info.grad_of:
             grad_at[idx] = index.get(base, index.get(n, max(index.values(), default=0)))
     return {k: sorted(v) for k, v in uses.items()}, grad_at, nbytes
+
+
+@dataclass
+class Profile:
+    """A graph's planning problem, the links' rates and the hardware they come from."""
+
+    problem: Problem
+    rates: Rates
+    hardware: HardwareProfile
+
+
+def resident_input_bytes(fw: fx.GraphModule) -> int:
+    """Device bytes of the graph's own inputs (parameters, buffers, the batch)."""
+    return sum(nbytes_hint(tensor_val(n)) for n in fw.graph.nodes if n.op == "placeholder" and tensor_val(n) is not None)
+
+
+def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
+    """The ``Profile`` of a partition whose saved values are classified (``classify_saved``),
+    planned with what ``facts`` (a ``CompileFacts``) says: hardware, measured op times, outputs
+    dropped before backward, device bytes held outside the graph and above an earlier plan."""
+    hw = resolve(facts.options.hardware)
+    cost = CostModel(hw, facts.measured_seconds)
+    problem = build_problem(fw, bw, cost).without_outputs(facts.dropped_outputs)
+    problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
+    rates = Rates(
+        d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),
+        h2d_seconds_per_byte=cost.transfer_seconds(1, "h2d"),
+        sharing=hw.sharing,
+    )
+    return Profile(problem, rates, hw)

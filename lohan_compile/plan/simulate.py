@@ -1,6 +1,8 @@
 """A discrete-event simulator of one training step. Graph-free.
 
-A step is a *program*: the operations the step thread runs, in order.
+A step is a *program*: the operations the step thread runs, in order. Items are
+named by any hashable value: a string, or a record (the planner names compute ops
+by ``OpRef`` and copies by ``Transfer``, so that nothing parses a name back).
 
 - ``Compute(name, seconds)``: work on the compute stream (``seconds`` is the
   time it takes with nothing running beside it).
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Hashable, Iterable, Mapping, Sequence, Union
 
 QUEUES = ("d2h", "h2d", "cpu", "ssd_read", "ssd_write")
 TIERS = ("device", "host", "ssd")
@@ -40,16 +42,16 @@ TIERS = ("device", "host", "ssd")
 
 @dataclass(frozen=True)
 class Compute:
-    name: str
+    name: Hashable
     seconds: float
 
 
 @dataclass(frozen=True)
 class Issue:
-    name: str
+    name: Hashable
     queue: str
     seconds: float  # time the item takes on its queue with nothing beside it
-    after: tuple[str, ...] = ()  # items that must complete before this one starts
+    after: tuple[Hashable, ...] = ()  # items that must complete before this one starts
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUES:
@@ -58,7 +60,7 @@ class Issue:
 
 @dataclass(frozen=True)
 class Wait:
-    name: str
+    name: Hashable
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Sharing:
 
 @dataclass(frozen=True)
 class Interval:
-    name: str
+    name: Hashable
     resource: str  # "compute" or a queue name
     start: float
     end: float
@@ -106,7 +108,7 @@ class Interval:
 class Timeline:
     intervals: list[Interval]
     step_seconds: float
-    exposed: dict[str, float]  # wait name -> seconds the step thread was blocked
+    exposed: dict[Hashable, float]  # wait name -> seconds the step thread was blocked
     peaks: dict[str, int]  # tier -> highest bytes in use
     curves: dict[str, list[tuple[float, int]]]  # tier -> (time, bytes in use) after each change
     peak_at: dict[str, float]  # tier -> first time the peak was reached
@@ -118,7 +120,7 @@ class Timeline:
     def busy(self, resource: str) -> float:
         return sum(i.end - i.start for i in self.intervals if i.resource == resource)
 
-    def interval(self, name: str) -> Interval:
+    def interval(self, name: Hashable) -> Interval:
         for i in self.intervals:
             if i.name == name:
                 return i
@@ -131,7 +133,7 @@ class SimulationError(ValueError):
 
 @dataclass
 class _Item:
-    name: str
+    name: Hashable
     queue: str
     remaining: float
     issued_at: float

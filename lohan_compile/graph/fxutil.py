@@ -7,6 +7,9 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..layout import dense_layout
+from .shapes import hint_int
+
 
 def aliased_input(node: fx.Node) -> fx.Node | None:
     """The input a view op's output aliases, from the op's schema alias annotations."""
@@ -76,20 +79,8 @@ def output_tensors(node: fx.Node) -> list[torch.Tensor]:
 
 
 def is_dense(val: torch.Tensor | None) -> bool:
-    """Non-overlapping and dense (contiguous up to a permutation of dimensions, as the output
-    of a fused attention kernel), judged on size hints (no guards on symbolic sizes): what a
-    swap can copy as one block and give back with the same strides."""
+    """``dense_layout`` judged on size hints (no guards on symbolic sizes): what a swap can copy
+    as one block and give back with the same strides."""
     if val is None:
         return False
-    from .shapes import hint_int
-
-    shape = [hint_int(s) for s in val.shape]
-    stride = [hint_int(s) for s in val.stride()]
-    required = 1
-    for i in sorted(range(len(shape)), key=lambda i: (1, 0) if shape[i] < 2 else (0, stride[i])):
-        if shape[i] < 2:
-            return True
-        if stride[i] != required:
-            return False
-        required *= shape[i]
-    return True
+    return dense_layout([hint_int(s) for s in val.shape], [hint_int(s) for s in val.stride()])
