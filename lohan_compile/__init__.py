@@ -31,11 +31,20 @@ if TYPE_CHECKING:
     from .explain import explain
     from .optim import CPUAdamW
     from .report import Report
+    from .runtime.step import last_report
+    from .runtime.stream import materialized, state_dict
 
 __version__ = "0.2.0"
 
 # names whose modules import torch: imported on first use
-_LAZY = {"CPUAdamW": "optim", "Report": "report", "explain": "explain"}
+_LAZY = {
+    "CPUAdamW": "optim",
+    "Report": "report",
+    "explain": "explain",
+    "last_report": "runtime.step",
+    "materialized": "runtime.stream",
+    "state_dict": "runtime.stream",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,29 +57,6 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'lohan_compile' has no attribute {name!r}")
     globals()[name] = value
     return value
-
-
-def materialized(module):
-    """Context manager: inside it, the streamed parameters of ``module`` (``offload_params``)
-    hold their current values on the device (evaluation without compiling, ``save_pretrained``).
-    See ``lohan_compile.runtime.stream.materialized``."""
-    from .runtime import stream
-
-    return stream.materialized(module)
-
-
-def state_dict(module, *args, **kwargs) -> dict:
-    """``module.state_dict()`` with the current value of every streamed parameter (host copies)."""
-    from .runtime import stream
-
-    return stream.state_dict(module, *args, **kwargs)
-
-
-def last_report() -> "Report | None":
-    """Report of the most recent completed training step (None before the first)."""
-    from .runtime.step import TRACKER
-
-    return TRACKER.last_report()
 
 
 __all__ = [

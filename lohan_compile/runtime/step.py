@@ -340,3 +340,8 @@ class StepTracker:
 
 
 TRACKER = StepTracker()
+
+
+def last_report() -> Report | None:
+    """Report of the most recent completed training step (None before the first)."""
+    return TRACKER.last_report()
