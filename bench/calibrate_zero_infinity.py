@@ -1,7 +1,7 @@
 """Fit the zero-infinity baseline's one free parameter to its published throughput.
 
 Fuyou's paper reports ZeRO-Infinity fine-tuning GPT-3 13B at 45 TFLOPS on an RTX 4090 server.
-Our model of ZeRO-Infinity (``lohan_compile/wholestep.py``, ``WholeStep.zero_infinity``)
+Our model of ZeRO-Infinity (``lohan_compile/wholestep/``, ``WholeStep.zero_infinity``)
 simulates what it does (checkpointed blocks with synchronous input offload, weights fetched one
 op ahead, the serial NVMe read / CPU update / write after backward); what it leaves out is a
 single factor, ``ZERO_INFINITY_COMPUTE_SCALE`` (its compute seconds per second our cost model

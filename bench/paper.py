@@ -5,7 +5,7 @@ meta device, repeated) on the ``lohan-testbed`` preset (RTX 4090 on PCIe 4.0
 x16, two Xeon Gold 5320 with DDR4-3200 x 16 channels, 256 GB of host memory,
 12 NVMe SSDs), at sequence 1024, for each batch size; lohan's ``auto`` against
 the ``zero-infinity`` and ``zero-offload`` baselines (modeled from what
-DeepSpeed does: see wholestep.py), and for 13B also against lohan's fixed
+DeepSpeed does: see lohan_compile/wholestep/), and for 13B also against lohan's fixed
 policies. Throughput is model TFLOPS: 6 x parameters x tokens / predicted step
 time, recomputation not counted.
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lohan_compile as lohan  # noqa: E402
 from lohan_compile import settings  # noqa: E402
-from lohan_compile.backend import Replanning  # noqa: E402
+from lohan_compile.backend.replan import Replanning  # noqa: E402
 from lohan_compile.errors import BudgetError  # noqa: E402
 from lohan_compile.runtime import device  # noqa: E402
 

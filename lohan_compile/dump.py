@@ -14,7 +14,7 @@ For each compiled graph, into the folder:
   resource: compute, host->device, device->host, CPU optimizer, SSD;
 - with the Inductor executor, ``graph{N}_forward_driver.py`` and
   ``_backward_driver.py``: the generated function that calls the compiled segments
-  and lohan's ops in order (``segments.py``).
+  and lohan's ops in order (``graph/segments.py``).
 """
 
 from __future__ import annotations

@@ -37,8 +37,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
+from .errors import HostMemoryError
 from .options import OffloadOptimizer
 from .runtime.offload import default_state_allocator, runtime_of
+from .runtime.step import TRACKER
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
@@ -288,8 +290,6 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         skipped when the host budget has no room for it now)."""
         if self.state_tier is None:
             return
-        from .errors import HostMemoryError
-
         with self._io_lock:
             for p in params:
                 for t in (self.state.get(p) or {}).values():
@@ -435,8 +435,6 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         if runtime is not None and runtime.in_step():
             # gradients of a step that step() did not finish (an exception interrupted it, or it
             # is discarded) are dropped, as zero_grad() drops them in eager: roll back what ran
-            from .runtime.step import TRACKER
-
             if not runtime.state.backward_done:
                 TRACKER.abandon_step()  # the interrupted backward will not finish its step
             runtime.abort()

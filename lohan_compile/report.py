@@ -14,9 +14,11 @@ from typing import Any, Sequence
 import sympy
 from tabulate import tabulate
 
-from .units import format_bytes
 from .graph.pipeline import PassRecord
-from .graph.shapes import evaluate
+from .graph.shapes import evaluate, sum_exprs
+from .plan.problem import Action
+from .plan.program import predict
+from .units import format_bytes
 
 # the trace's tracks: one per resource of the simulator
 TRACKS = {
@@ -75,37 +77,15 @@ class GraphRecord:
     # the plan's step simulated again with the compute times the executor measured
     calibrated_step_s: float | None = None
     measured_compute_s: float | None = None
-    # forward + backward seconds of the latest steps of this graph (trials read them), and
-    # the forwards whose backward has not run yet
-    step_seconds_log: list[float] = field(default_factory=list)
-    pending_forward_s: list[float] = field(default_factory=list)
-    steps_run: int = 0
     # policy "auto" under a budget: the plan it runs, (partition, family), and every plan it
     # could run with its predicted step; after a trial, each timed plan's measured graph seconds
     variant: tuple[str, str] | None = None
     variants: dict[tuple[str, str], float] = field(default_factory=dict)
     trials: dict[tuple[str, str], float] = field(default_factory=dict)
     # forward outputs handed to the user (positions in the forward's outputs) whose storage the
-    # runtime watches, and which of them were gone when the latest backward started
+    # runtime watches (what it sees is in runtime/observed.py)
     watch_outputs: tuple[int, ...] = ()
     watch_objects: frozenset[int] = frozenset()  # of those, watched as tensors (their storage is saved)
-    dropped_seen: frozenset[int] | None = None
-    # the most device bytes a run of this plan (after its first step) was measured above its
-    # predicted peak (moved by the run's level growth): what the executor holds that the
-    # simulator does not model
-    peak_excess: int = 0
-
-    def ran(self, phase: str, seconds: float) -> None:
-        if phase == "forward":
-            self.pending_forward_s.append(seconds)
-            del self.pending_forward_s[:-8]
-            return
-        # a backward goes with the latest forward (forwards under no_grad never get one)
-        fw = self.pending_forward_s.pop() if self.pending_forward_s else 0.0
-        self.pending_forward_s.clear()
-        self.step_seconds_log.append(fw + seconds)
-        del self.step_seconds_log[:-16]
-        self.steps_run += 1
 
     def note_variants(self) -> None:
         """Which of auto's plans runs, and which others it could run (from the passes' reports)."""
@@ -123,9 +103,6 @@ class GraphRecord:
 
     def apply_plan_totals(self, plan: Any, problem: Any) -> None:
         """Move the plan's swapped and recomputed storages out of the kept total."""
-        from .plan.problem import Action
-        from .graph.shapes import sum_exprs
-
         def total(action: Action) -> sympy.Expr:
             return sum_exprs(c.bytes_expr for c in problem.candidates if plan.decisions[c.key].action is action)
 
@@ -143,7 +120,6 @@ class GraphRecord:
         from dataclasses import replace
 
         planned = self.pass_report("plan_memory")
-        self.peak_excess = 0  # measured against the prediction this replaces
         planned["problem"] = problem
         planned["plan"] = replace(planned["plan"], prediction=prediction)
         planned["predicted_step_s"] = self.predicted_step_s = prediction.step_seconds
@@ -154,8 +130,6 @@ class GraphRecord:
         """Simulate the plan again with measured op times (``measured``: seconds by node name;
         ops not in it keep their estimate)."""
         from dataclasses import replace
-
-        from .plan.program import predict
 
         planned = self.pass_report("plan_memory")
         if planned is None or not measured:
@@ -195,6 +169,9 @@ class GraphRun:
     level_growth: int | None = None
     start: float = 0.0  # perf_counter() when it began
     peak_before: int | None = None  # the step's device peak so far when it began
+    # where the step tracker writes what it sees of the graph's plan (runtime/observed.py; the
+    # re-planner reads it): not part of the report
+    observed: Any = field(default=None, repr=False, compare=False)
 
     def bytes_of(self, expr: sympy.Expr | None) -> int | None:
         return None if expr is None else evaluate(expr, self.bindings)

@@ -8,7 +8,7 @@ untied head), layers, hidden size, heads, MLP width and vocabulary.
 
 ``block(spec)`` and ``head(spec)`` build one decoder layer and the final
 norm + LM head + loss as ordinary modules, so a planner can trace them on the
-``meta`` device: a 96-layer model is one block repeated (``wholestep.py``).
+``meta`` device: a 96-layer model is one block repeated (``wholestep/``).
 They compute what the families compute (the loss in fp32, as Hugging Face
 does); they are not loaders of real checkpoints.
 """

@@ -1,6 +1,6 @@
 """The Inductor executor (slow: each compile takes tens of seconds on 2 cores).
 
-Inductor compiles the compute between lohan's ops (``lohan_compile/segments.py``); these
+Inductor compiles the compute between lohan's ops (``lohan_compile/graph/segments.py``); these
 tests check what that must keep: eager's results within Inductor's tolerance under every
 policy, the plan's order of transfers and hand-offs, and the budget.
 """

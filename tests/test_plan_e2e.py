@@ -358,7 +358,7 @@ def test_a_graph_breaking_model_predicts_its_step_peak_within_the_budget():
 
 
 def test_a_trial_keeps_the_simulators_choice_unless_another_plan_wins_round_by_round():
-    from lohan_compile.backend import _trial_winner
+    from lohan_compile.backend.replan import _trial_winner
 
     a = [1.0, 1.0, 1.3, 1.3, 1.3]  # the machine slowed after two rounds
     # b's median (1.05) is below a's (1.3), yet it was slower in four rounds of five
@@ -381,7 +381,7 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
     """A trial (``tune_plans``): every plan of auto's within the margin is compiled, warmed up
     and run in turn; the simulator's choice stays unless another ran faster by a margin. Switching plans between
     steps changes nothing in the numbers, and each plan keeps the budget."""
-    from lohan_compile.backend import Replanning
+    from lohan_compile.backend.replan import Replanning
     from lohan_compile.plan.policies import AUTO_FAMILIES
 
     # every plan that fits is close enough; one warm-up step and one timed step each

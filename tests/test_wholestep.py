@@ -1,4 +1,4 @@
-"""Whole-step plans of large models from one traced block (wholestep.py, `lohan plan`)."""
+"""Whole-step plans of large models from one traced block (lohan_compile/wholestep, `lohan plan`)."""
 
 import json
 

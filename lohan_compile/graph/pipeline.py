@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from ..errors import BudgetError, PassError
 from .meta import get_info
+from .saved import SavedValues
 from ..options import Options
 
 
@@ -255,8 +256,6 @@ def _node_problem(node: fx.Node, known_passes: Sequence[str]) -> str | None:
 
 
 def _check_partition(graphs: Graphs, after: str, ran: Sequence[str]) -> None:
-    from .saved import SavedValues
-
     try:
         SavedValues(graphs.fw, graphs.bw)
     except ValueError as e:

@@ -47,6 +47,7 @@ import torch
 import torch.fx as fx
 
 from .fxutil import is_view
+from .shapes import hint_int
 
 
 def is_lohan_op(node: fx.Node) -> bool:
@@ -418,8 +419,6 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _op_record(node: fx.Node) -> tuple[str, int]:
-    from .shapes import hint_int
-
     target = node.target
     name = f"{target.namespace}::{target._opname}" if isinstance(target, torch._ops.OpOverload) else str(target)
     first = next((a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)), None)

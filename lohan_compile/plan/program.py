@@ -26,7 +26,7 @@ def program_for(
     extra: dict[tuple[str, int], list[Op]] | None = None,
 ) -> list[Op]:
     """The step program of a plan. ``extra`` adds other work at slots around ops (after the
-    plan's own): parameter fetches, gradient copies, optimizer updates (wholestep.py)."""
+    plan's own): parameter fetches, gradient copies, optimizer updates (lohan_compile/wholestep)."""
     slots: dict[tuple[str, int], list[Op]] = {}
     first_use = effective_first_use(problem, plan_decisions)
 

@@ -55,6 +55,7 @@ import torch
 from .. import ops
 from ..errors import LohanError
 from . import hosttier, keys, stream
+from .step import TRACKER
 
 def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
     runtime_for(key).grad_ready(key, host_grad)
@@ -389,8 +390,6 @@ class OffloadRuntime:
                 "backward ran again before opt.step(): the previous step's updates were rolled back. "
                 "Run micro-batches that should not step inside `with opt.accumulate():`"
             )
-        from .step import TRACKER
-
         TRACKER.join_step(self)
         st.begun = True
         st.producers[key] = st.producers.get(key, 0) + 1
@@ -501,8 +500,6 @@ class OffloadRuntime:
         opt.found_inf = st.nonfinite
         self.state = _Step()
         self._measure_design(design)
-        from .step import TRACKER
-
         TRACKER.optimizer_step_done()
 
     def abort(self) -> None:

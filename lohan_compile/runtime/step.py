@@ -23,9 +23,12 @@ from typing import Any, Sequence
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..report import GraphRecord, GraphRun, Report
+from .. import ext
 from ..graph.shapes import bind_symbols
+from ..report import GraphRecord, GraphRun, Report
 from . import device as device_memory
+from . import hosttier, stream
+from .observed import Observed
 
 
 def _compiled_backward_node(outputs: Any):
@@ -42,8 +45,6 @@ def _compiled_backward_node(outputs: Any):
 def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
     """Input storages the device counter does not see (allocated before it was installed):
     they are resident all the same, and the measured peak adds them."""
-    from . import stream
-
     out: dict[int, int] = {}
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not device_memory.counted(a):
@@ -56,12 +57,8 @@ def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
 
 def _hosttier():
     """The host-tier module if its extension is already loaded (a step never builds it)."""
-    from .. import ext
-
     if not ext._loaded:
         return None
-    from . import hosttier
-
     return hosttier
 
 
@@ -162,11 +159,11 @@ class StepTracker:
     def last_report(self) -> Report | None:
         return self._last
 
-    def forward_begin(self, graph: GraphRecord, args: Sequence[object]) -> GraphRun:
+    def forward_begin(self, graph: GraphRecord, observed: Observed, args: Sequence[object]) -> GraphRun:
         bindings = bind_symbols(graph.fw_placeholder_vals, args) if graph.symbolic else {}
         if graph.uncounted_inputs is None:
             graph.uncounted_inputs = uncounted_storages(args)
-        run = GraphRun(graph, "forward", 0.0, bindings)
+        run = GraphRun(graph, "forward", 0.0, bindings, observed=observed)
         if graph.planned_level is not None:
             run.level_growth = device_memory.allocated(graph.device) - graph.planned_level
         with self._lock:
@@ -198,14 +195,14 @@ class StepTracker:
                 else:
                     run.output_refs.append((pos, StorageWeakRef(t.untyped_storage()).expired))
 
-    def backward_begin(self, graph: GraphRecord) -> GraphRun:
-        run = GraphRun(graph, "backward", 0.0)
+    def backward_begin(self, graph: GraphRecord, observed: Observed) -> GraphRun:
+        run = GraphRun(graph, "backward", 0.0, observed=observed)
         with self._lock:
             for r in self._runs:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
                     run.level_growth = r.level_growth
-                    graph.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
+                    observed.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
                     r.output_refs = []
                     break
             self._runs.append(run)
@@ -225,8 +222,8 @@ class StepTracker:
         bytes above what its plan predicted (moved by the level its forward found) are the
         executor's excess. The first step's are not counted (dynamo's and AOTAutograd's
         compile-time garbage is still held then)."""
-        graph = run.graph
-        if run.peak_before is None or graph.predicted_peak_bytes is None or graph.steps_run < 1:
+        graph, observed = run.graph, run.observed
+        if run.peak_before is None or graph.predicted_peak_bytes is None or observed is None or observed.steps_run < 1:
             return
         after = device_memory.peak(graph.device)
         if after <= run.peak_before:
@@ -234,7 +231,7 @@ class StepTracker:
         with self._lock:
             uncounted = self._uncounted_bytes()
         excess = after + uncounted - graph.predicted_peak_bytes - (run.level_growth or 0)
-        graph.peak_excess = max(graph.peak_excess, excess)
+        observed.peak_excess = max(observed.peak_excess, excess)
 
     def watch(self, run: GraphRun, outputs: Any) -> None:
         """Notice when a forward's autograd graph is freed without its backward running (an

@@ -1,0 +1,409 @@
+"""Compiling one dynamo graph: AOTAutograd with lohan's partition function, the pass
+pipeline, binding what the passes decided to the runtime, then the executor (Inductor
+compiling the compute between lohan's ops, or plain fx)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .. import settings
+from ..dump import dump_driver, dump_graphs, plan_table
+from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
+from ..graph.segments import Driver, compile_segments, symbols_of
+from ..graph.shapes import expr_of, planning_sizes
+from ..optim import live_optimizers
+from ..options import Options
+from ..passes import default_pipeline
+from ..plan.problem import Action
+from ..report import GraphRecord
+from ..runtime import device as device_memory
+from ..runtime import keys, offload, stream
+from ..runtime.observed import Observed
+from ..runtime.step import TRACKER
+from ..units import format_bytes
+
+log = logging.getLogger(__name__)
+
+_graph_ids = itertools.count()
+
+
+def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
+    """Device bytes held now by anything but this graph's inputs: tensors other graphs of
+    the step keep for backward, optimizer state, the user's own tensors. The budget covers
+    them too (DESIGN.md)."""
+    gc.collect()  # unreachable cycles (an earlier compiled model, say) hold no lasting memory
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
+    device_memory.install()
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type in ("cpu", "cuda") and not isinstance(t, torch._subclasses.FakeTensor):
+            storage = t.untyped_storage()
+            if device_memory.counted(t):
+                seen[storage.data_ptr()] = storage.nbytes()
+    return max(0, device_memory.allocated(dev) - sum(seen.values()))
+
+
+def find_optimizer(opts: Options, example_inputs: Sequence[Any]) -> Any:
+    """The CPUAdamW to offload to: the option, else a live one that owns a parameter of the graph."""
+    if opts.optimizer is not None:
+        return opts.optimizer
+    params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    for opt in live_optimizers():
+        if any(opt.owns(p) for p in params):
+            return opt
+    return None
+
+
+def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], optimizer: Any = None) -> tuple[InputFact, ...]:
+    """What each example input is: a parameter, a buffer, a user input or a symbolic size; for a
+    parameter, its key and what the runtime knows of it now."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    facts = []
+    for i, ex in enumerate(example_inputs):
+        node = placeholders[i] if i < len(placeholders) else None
+        grapharg = node.meta.get("grapharg") if node is not None else None
+        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else None
+        if isinstance(ex, torch.nn.Parameter):
+            kind = "param"
+        elif isinstance(ex, torch.Tensor) and torch._dynamo.utils.get_static_address_type(ex) is not None:
+            kind = "buffer"  # dynamo marks module buffers (and params) as static-lifetime inputs
+        elif isinstance(ex, torch.Tensor):
+            kind = "input"
+        else:
+            kind = "symint"
+        is_tensor = isinstance(ex, torch.Tensor)
+        fact = InputFact(i, kind, source, bool(is_tensor and ex.requires_grad), is_tensor)
+        if kind == "param":
+            fact = replace(
+                fact,
+                key=keys.key_for(ex),
+                streamed=stream.lookup(ex) is not None,
+                kept_resident=stream.kept_resident(ex),
+                grad_offloaded=offload.key_of(ex) is not None,
+                optimizer_owns=optimizer is not None and optimizer.owns(ex),
+            )
+        facts.append(fact)
+    return tuple(facts)
+
+
+def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], optimizer: Any) -> None:
+    """What the passes decided the runtime must take on, from their reports: the gradients the
+    optimizer's runtime takes during backward (``offload_grads``), the parameters streamed from
+    the host tier and those read resident (``stream_params``)."""
+    reports = {r.name: r.report for r in records if not r.skipped}
+    offloaded = reports.get("offload_grads", {}).get("offloaded_inputs", {})
+    if offloaded:
+        runtime = offload.runtime_of(optimizer)
+        for idx in offloaded:
+            runtime.register(real_inputs[idx])
+        runtime.note_forward_order(reports["offload_grads"]["forward_order"])
+    streaming = reports.get("stream_params", {})
+    for idx in streaming.get("resident_inputs", ()):
+        stream.keep_resident(real_inputs[idx])
+    for idx, trainable in streaming.get("streamed_inputs", {}).items():
+        param = real_inputs[idx]
+        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param))
+        if trainable:
+            # the optimizer's state (its fp32 master) is made now, while the parameter has its
+            # value: once streamed, the device copy is gone between steps
+            with unset_fake_temporarily(), torch.no_grad():
+                optimizer._state_of(param)
+
+
+class GraphCompiler:
+    """Compiles one dynamo graph: AOTAutograd, our passes, then the executor."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        opts: Options,
+        *,
+        real_inputs: Sequence[Any] | None = None,
+        planning_sizes: dict | None = None,
+        measured: dict[str, float] | None = None,
+        variant: tuple[str, str] | None = None,
+        dropped_outputs: frozenset[int] = frozenset(),
+        executor_excess: int = 0,
+    ):
+        real_inputs = example_inputs if real_inputs is None else real_inputs
+        self.real_inputs = list(real_inputs)
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.planning_sizes = planning_sizes
+        self.measured = dict(measured or {})
+        self.variant = variant  # policy "auto": which of its plans a trial asked for
+        self.dropped_outputs = dropped_outputs  # forward outputs seen dropped before backward
+        self.executor_excess = executor_excess  # bytes an earlier plan ran above its prediction
+        self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
+        self.opts = opts
+        self.graph_id = next(_graph_ids)
+        self.optimizer = find_optimizer(opts, real_inputs)
+        self.inputs = describe_inputs(gm, real_inputs, self.optimizer)
+        self.pipeline: Pipeline = default_pipeline()
+        disabled = opts.disable_passes or settings.DISABLE_PASSES.get()
+        self.disabled = self.pipeline.validate_disabled(disabled)
+        self.debug = opts.debug if opts.debug is not None else settings.DEBUG.get()
+        self.dump_dir = opts.dump_dir or settings.DUMP_DIR.get()
+        self.record = GraphRecord(
+            graph_id=self.graph_id, training=False, executor=opts.executor, budget_bytes=opts.memory_budget
+        )
+        self.record.dump_dir = self.dump_dir
+        self.observed = Observed()  # what the runtime sees of this plan (the re-planner reads it)
+        self.resident_outside = resident_outside_bytes(real_inputs)
+        self.record.resident_outside_bytes = self.resident_outside
+        self.record.device = next(
+            (t.device for t in real_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None
+        )
+
+    def compile(self) -> Callable[..., Any]:
+        kwargs: dict[str, Any] = {}
+        if self.opts.executor == "inductor":
+            from torch._inductor.decomposition import select_decomp_table
+
+            kwargs["decompositions"] = select_decomp_table()
+        elif self.opts.mode != "default":
+            log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
+        try:
+            with _no_donated_buffers(self.opts.executor):
+                return aot_autograd(
+                    fw_compiler=self._compile_forward,
+                    bw_compiler=self._compile_backward,
+                    inference_compiler=self._compile_inference,
+                    partition_fn=self._partition,
+                    keep_inference_input_mutations=True,
+                    **kwargs,
+                )(self.gm, self.example_inputs)
+        finally:
+            # the compiled code keeps this object (for the lazily compiled backward): it must
+            # not keep the parameters, the batch or the optimizer alive
+            self.example_inputs = self.real_inputs = ()
+            self.optimizer = None
+            if self.opts.optimizer is not None:
+                self.opts = self.opts.replace(optimizer=None)
+
+    # -- AOTAutograd callbacks ------------------------------------------------
+
+    def _facts(self, **extra: Any) -> CompileFacts:
+        return CompileFacts(
+            graph_id=self.graph_id,
+            inputs=self.inputs,
+            options=self.opts,
+            optimizer=self.optimizer,
+            resident_outside_bytes=self.resident_outside,
+            real_inputs=self.real_inputs,
+            measured_seconds=self.measured,
+            variant=self.variant,
+            dropped_outputs=self.dropped_outputs,
+            executor_excess_bytes=self.executor_excess,
+            **extra,
+        )
+
+    def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
+        facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)
+        graphs = self._run_pipeline(Graphs(joint=joint), facts)
+        self.record.training = True
+        return graphs.fw, graphs.bw
+
+    def _compile_inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        graphs = self._run_pipeline(Graphs(fw=gm), self._facts())
+        return self._executable(graphs.fw, example_inputs, phase="inference")
+
+    def _compile_forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        return self._executable(gm, example_inputs, phase="forward")
+
+    def _compile_backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        return self._executable(gm, example_inputs, phase="backward")
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _run_pipeline(self, graphs: Graphs, facts: CompileFacts) -> Graphs:
+        with planning_sizes(self.planning_sizes):
+            graphs = self.pipeline.run(graphs, facts, debug=self.debug, disabled=self.disabled)
+        bind_runtime(self.pipeline.records, self.real_inputs, self.optimizer)
+        self.record.passes = self.pipeline.records
+        saved = self.record.pass_report("classify_saved")
+        if saved is not None:
+            self.record.kept_bytes_expr = saved["kept_bytes_expr"]
+            self.record.recomputed_bytes_expr = saved["recomputed_bytes_expr"]
+            self.record.swapped_bytes_expr = expr_of(0)
+        planned = self.record.pass_report("plan_memory")
+        if planned is not None and self.record.pass_report("apply_plan") is not None:
+            self.record.apply_plan_totals(planned["plan"], planned["problem"])
+        if planned is not None:
+            self.record.watch_outputs = tuple(sorted(planned["problem"].user_outputs))
+            self.record.watch_objects = planned["problem"].saved_outputs
+        if self.opts.policy == "auto":
+            self.record.note_variants()
+        if graphs.fw is not None:
+            vals = [n.meta.get("val") for n in graphs.fw.graph.nodes if n.op == "placeholder"]
+            self.record.fw_placeholder_vals = vals
+            self.record.symbolic = any(_is_symbolic(v) for v in vals)
+        if self.dump_dir:
+            dump_graphs(self.dump_dir, self.record, graphs)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", describe_compile(self.record, graphs))
+        if planned is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s plan:\n%s", self.record.name, plan_table(planned["plan"], planned["problem"]))
+        return graphs
+
+    def _executable(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, phase: str):
+        # explain() traces on the meta device: nothing runs there worth compiling
+        on_meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in example_inputs)
+        if self.opts.executor == "inductor" and not on_meta:
+            fn = self._inductor(gm, example_inputs, phase)
+        else:
+            self.record.executor = "fx"
+            from torch.fx.graph import _BoxedCodeGen
+
+            # Boxed calling lets the graph free its inputs as soon as it has used them.
+            gm.graph.set_codegen(_BoxedCodeGen())
+            gm.recompile()
+            fn = gm
+            if self.record.device is None and phase != "inference" and not on_meta:
+                fn = self._timed_fx(gm, phase)
+        if phase == "inference":
+            return _boxed(fn)
+        return _tracked(fn, self.record, self.observed, phase)
+
+    def _timed_fx(self, gm: fx.GraphModule, phase: str) -> Callable[[list], Any]:
+        """The fx graph, whose first calls run through a driver that times every op (the
+        same generated code the Inductor executor runs, with no segments: each op a call of
+        its own, each value released at its last use), so that the fx executor's plans are
+        calibrated too; the other calls run the GraphModule itself."""
+        items = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        driver = Driver(gm, items, f"graph{self.graph_id}_{phase}", timing=True)
+        self.drivers[phase] = driver
+        last_timed = max(Driver.TIMED_CALLS)
+
+        def run(args: list) -> Any:
+            if driver.calls <= last_timed:
+                return driver(args)
+            return gm(args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+    def _inductor(self, gm: fx.GraphModule, example_inputs: Sequence[Any], phase: str):
+        """Inductor compiles the compute between lohan's ops (``graph/segments.py`` says why and how)."""
+        from torch._inductor import config as inductor_config
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        patches = {k: v for k, v in list_mode_options(self.opts.mode).items() if "cudagraphs" not in k}
+        # inside a segment the plan's order is the order that runs (fusion aside)
+        patches["reorder_for_peak_memory"] = False
+
+        def compile_one(sub: fx.GraphModule, inputs: Sequence[Any]):
+            # A segment with symbolic sizes shares the graph's shape environment, whose guards
+            # also name sizes of other segments; a cached entry's guards then cannot be checked
+            # against this segment's inputs alone (torch 2.13 fails looking them up): such
+            # segments skip the FX graph cache (Inductor's kernel cache still applies).
+            no_fx_cache = {"fx_graph_cache": False} if any(symbols_of(v) for v in inputs) else {}
+            with inductor_config.patch({**patches, **no_fx_cache}):
+                return compile_fx_inner(
+                    sub,
+                    inputs,
+                    is_backward=phase == "backward",
+                    is_inference=phase == "inference",
+                    graph_id=self.graph_id,
+                )
+
+        # Inductor reports a graph's output strides to AOTAutograd through the tracing
+        # context, which restrides backward's inputs with them; each segment would report its
+        # own. Segments keep every output's planned strides, so nothing needs reporting.
+        context = torch._guards.TracingContext.try_get()
+        reported = context.output_strides if context is not None else None
+        if context is not None:
+            context.output_strides = None
+        try:
+            # the CPU stand-in's compute is synchronous: a host clock times it
+            timing = self.record.device is None and phase != "inference"
+            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}", timing=timing)
+        finally:
+            if context is not None:
+                context.output_strides = reported
+        self.drivers[phase] = driver
+        self.record.segments[phase] = driver.describe()
+        if self.dump_dir:
+            dump_driver(self.dump_dir, self.record, phase, driver.source)
+        return driver
+
+
+def _no_donated_buffers(executor: str):
+    """AOTAutograd marks backward inputs it thinks Inductor may overwrite ("donated buffers",
+    by their index in the backward graph). Segments number their inputs differently, and a
+    saved value may be a buffer a copy still reads: nothing is donated."""
+    if executor != "inductor":
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+def describe_compile(record: GraphRecord, graphs: Graphs) -> str:
+    """One paragraph per compiled graph, for TORCH_LOGS="+lohan_compile"."""
+    sizes = ", ".join(f"{name} {len(gm.graph.nodes)} nodes" for name, gm in graphs.items())
+    text = f"lohan {record.name} ({'training' if not graphs.inference else 'forward only'}, {record.executor}): {sizes}"
+    planned = record.pass_report("plan_memory")
+    if planned is not None:
+        plan = planned["plan"]
+        text += (
+            f"; policy {plan.policy}: {len(plan.decisions)} saved activations "
+            f"(keep {plan.count(Action.KEEP)}, swap {plan.count(Action.SWAP)}, "
+            f"recompute {plan.count(Action.RECOMPUTE)}); predicted step "
+            f"{plan.prediction.step_seconds * 1e3:.3f} ms, device peak {format_bytes(plan.prediction.peak_device_bytes)}"
+        )
+    timings = ", ".join(f"{r.name} {r.seconds * 1e3:.1f} ms" for r in record.passes if not r.skipped)
+    return text + f"; passes: {timings}"
+
+
+def _is_symbolic(val: Any) -> bool:
+    if isinstance(val, torch.SymInt):
+        return True
+    return isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape)
+
+
+def _boxed(fn: Callable[[list], Any]) -> Callable[[list], Any]:
+    def run(args: list) -> Any:
+        return fn(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def _tracked(fn: Callable[[list], Any], record: GraphRecord, observed: Observed, phase: str) -> Callable[[list], Any]:
+    """Tell the step tracker when this graph runs (boxed: ``fn`` may clear ``args``)."""
+    if phase == "forward":
+        def run(args: list) -> Any:
+            step_run = TRACKER.forward_begin(record, observed, args)
+            start = time.perf_counter()
+            try:
+                out = fn(args)
+                TRACKER.forward_outputs(step_run, out)
+                return out
+            finally:
+                TRACKER.end(step_run, start)
+                observed.ran("forward", step_run.seconds)
+    else:
+        def run(args: list) -> Any:
+            step_run = TRACKER.backward_begin(record, observed)
+            start = time.perf_counter()
+            try:
+                return fn(args)
+            finally:
+                TRACKER.end(step_run, start)
+                observed.ran("backward", step_run.seconds)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run

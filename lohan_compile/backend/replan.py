@@ -1,0 +1,373 @@
+"""The compiled callable dynamo runs: the plan of one graph, planned again when it no longer fits.
+
+``Replanning`` compiles a graph through ``GraphCompiler`` and, before each call, reads what the
+runtime observed of the plan running (``runtime.observed.Observed``): the device holding more
+than when it was planned, a size grown past the plan, outputs the step drops before backward,
+a run above the predicted peak. Where that would change the plan it plans again. Under policy
+``"auto"`` with a budget it also runs a trial of the plans predicted close to the chosen one
+and keeps the fastest measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import weakref
+from dataclasses import replace
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..errors import BudgetError, LohanError
+from ..graph.costmodel import CostModel
+from ..graph.shapes import hint_int
+from ..hardware import resolve
+from ..options import Options
+from ..plan.policies import solve
+from ..plan.program import predict
+from ..runtime import device as device_memory
+from ..runtime.step import TRACKER
+from ..units import format_bytes
+from .compiler import GraphCompiler
+
+log = logging.getLogger(__name__)
+
+
+class Replanning:
+    """The callable dynamo runs: the compiled graph, planned again when the plan no longer fits.
+
+    A plan is made when the graph is compiled, for what is resident then and for the sizes
+    seen then. Later steps can differ:
+    - the device holds more (a torch optimizer creates its state after the first step,
+      another model is loaded): before each forward, one counter read compares the device
+      level with the level the plan was made at; when the growth would push the predicted
+      peak past the budget, the graph is planned again;
+    - a graph with symbolic sizes (dynamo recompiled it for a second shape) runs with a
+      size larger than the plan was made for: it is planned again for 1.5x the new size,
+      so that a slowly growing size does not re-plan at every step.
+    Re-planning runs AOTAutograd and the passes again on the same dynamo graph (its fake
+    inputs, under the tracing context of the first compile, so symbolic sizes stay
+    symbolic); the new plan runs from this call on.
+    """
+
+    MAX_REPLANS = 8
+    HEADROOM = 1.5
+    # trials (policy "auto" under a budget, ``tune_plans``): the simulator's error on this
+    # machine can exceed the differences between auto's plans, so the plans predicted within
+    # TRIAL_MARGIN of the chosen one (at most TRIAL_PLANS, the chosen one included) are each
+    # compiled and run TRIAL_WARMUP steps, then run in turn for TRIAL_STEPS rounds
+    # (interleaved: the machine's drift hits all alike). Another plan replaces the chosen one
+    # only where its graph time over the chosen one's, round by round, has a median below
+    # TRIAL_SWITCH: on a busy machine single steps of one plan vary by a tenth, and a trial
+    # that followed its fastest median switched on noise (the planner bench: a plan 5%
+    # faster in its trial ran 14% slower after)
+    TRIAL_MARGIN = 1.15
+    TRIAL_PLANS = 3
+    TRIAL_WARMUP = 2
+    TRIAL_STEPS = 8
+    TRIAL_SWITCH = 0.97
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
+        self.gm = gm
+        # the optimizer weakly: dynamo may keep compiled code (and this object) alive
+        # longer than the model; it must not keep the optimizer's state alive with it
+        self.optimizer_ref = weakref.ref(opts.optimizer) if opts.optimizer is not None else None
+        self.opts = opts.replace(optimizer=None) if opts.optimizer is not None else opts
+        self.replans = 0
+        # compute seconds by node, once the Inductor executor has timed some steps: they
+        # calibrate this plan's prediction and replace the estimates when re-planning
+        self.measured: dict[str, float] = {}
+        self.drivers: dict = {}
+        self.tracing = torch._guards.TracingContext.try_get()
+        self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        self.size_slots = _size_slots(self.fakes)
+        self.planned_sizes = {sym: hint_int(value) for sym, value in _symbol_values(self.fakes).items()}
+        self.trial: dict[str, Any] | None = None
+        # forward outputs every backward so far found gone (None: no backward yet)
+        self.dropped: frozenset[int] | None = None
+        # device bytes a plan of this graph was measured to hold above its predicted peak, when
+        # that took the step past the budget: every plan from then on is made holding them
+        self.excess = 0
+        self._compile(example_inputs, example_inputs, None)
+        self._start_trial()
+
+    def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None,
+                 variant: tuple[str, str] | None = None) -> None:
+        opts = self.opts
+        if self.optimizer_ref is not None:
+            optimizer = self.optimizer_ref()
+            if optimizer is None:
+                raise LohanError("the CPUAdamW this model was compiled with no longer exists")
+            opts = opts.replace(optimizer=optimizer)
+        compiler = GraphCompiler(
+            self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
+            variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
+        )
+        self.fn = compiler.compile()
+        self.record = compiler.record
+        self.observed = compiler.observed
+        self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
+        self.calibrated = False
+        self.collected = False
+        self.planned_level = self.record.planned_level = device_memory.allocated(self.record.device)
+
+    def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
+        grown = False
+        now = dict(self.planned_sizes)
+        for i, dim, sym in self.size_slots:
+            a = args[i]
+            value = a if dim is None else a.shape[dim]
+            if isinstance(value, int) and value > now[sym]:
+                now[sym] = value
+                grown = True
+        if not grown:
+            return None
+        return {s: (int(v * self.HEADROOM) if v > self.planned_sizes[s] else v) for s, v in now.items()}
+
+    def _size_now(self, args: Sequence[Any], sym: Any) -> int:
+        for i, dim, s in self.size_slots:
+            if s == sym:
+                value = args[i] if dim is None else args[i].shape[dim]
+                return int(value)
+        return 0
+
+    def _stale(self) -> bool:
+        budget, predicted = self.opts.memory_budget, self.record.predicted_peak_bytes
+        if budget is None or predicted is None or not self.record.training:
+            return False
+        growth = device_memory.allocated(self.record.device) - self.planned_level
+        return growth > 0.01 * budget and predicted + growth > budget
+
+    def _ran_over(self) -> bool:
+        """A run of this plan held more than predicted, and that took it past the budget: learn
+        the excess (``self.excess``: what the executor holds beyond the simulated peak, the
+        plan's own allowance included), so the next plan is made holding it."""
+        rec, budget = self.record, self.opts.memory_budget
+        excess = self.observed.peak_excess
+        if budget is None or rec.predicted_peak_bytes is None or excess <= 0.01 * budget:
+            return False
+        growth = max(0, device_memory.allocated(rec.device) - self.planned_level)
+        if rec.predicted_peak_bytes + growth + excess <= budget:
+            return False
+        self.excess += excess
+        return True
+
+    def _timed(self) -> bool:
+        drivers = self.drivers
+        if not drivers or (self.record.training and "backward" not in drivers):
+            return False
+        return all(d.timed for d in drivers.values())
+
+    def _calibrate(self) -> None:
+        """Once the executor has timed its compute: the measured seconds per node, and the
+        plan's step simulated again with them (``calibrated_step_s`` in the report)."""
+        self.calibrated = True
+        estimate = CostModel(resolve(self.opts.hardware)).node_seconds
+        measured: dict[str, float] = {}
+        for driver in self.drivers.values():
+            measured.update(driver.node_seconds(estimate))
+        if measured:
+            self.measured = measured
+            self.record.calibrate(measured)
+
+    def _start_trial(self) -> None:
+        """Queue auto's other plans whose predicted step is close to the chosen one's."""
+        rec, opts = self.record, self.opts
+        if (not opts.tune_plans or opts.policy != "auto" or opts.memory_budget is None or not rec.training
+                or self.size_slots or rec.variant is None or rec.variant not in rec.variants):
+            return  # (a graph with symbolic sizes re-plans as sizes change: its trials would not compare)
+        chosen = rec.variants[rec.variant]
+        close = sorted((s, v) for v, s in rec.variants.items() if v != rec.variant and s <= self.TRIAL_MARGIN * chosen)
+        if close:
+            self.trial = {"queue": [v for _, v in close[: self.TRIAL_PLANS - 1]], "compiled": {}}
+
+    def _current(self) -> tuple:
+        """The compiled plan running now, with what goes with it (a trial keeps several)."""
+        return (self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level)
+
+    def _use(self, compiled: tuple) -> None:
+        # with the level it was planned at: if the device holds more now, it re-plans
+        self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level = compiled
+
+    def _trial_step(self, args: Sequence[Any]) -> None:
+        """Before a step of a trial: compile and warm up each plan in turn, then run them in
+        turn, one step each, and finally keep the fastest (compiled code is kept: going back
+        to a plan costs nothing)."""
+        trial, rec, observed = self.trial, self.record, self.observed
+        if "rounds" not in trial:
+            if observed.steps_run < self.TRIAL_WARMUP or self.dropped is None:
+                return  # (plans compiled before the step's dropped outputs are known would be made again)
+            trial["compiled"][rec.variant] = self._current()
+            while trial["queue"]:
+                variant = trial["queue"].pop(0)
+                try:
+                    self._compile(args, args, None, variant)
+                    return
+                except BudgetError as e:  # the device holds more than when the trial began
+                    log.info("lohan %s: trial of plan %s skipped: %s", rec.name, "/".join(variant), e)
+                except Exception as e:  # noqa: BLE001 - a trial only chooses: training goes on with the plans it has
+                    log.warning("lohan %s: plan %s could not be compiled for a trial (%s: %s); it is left out",
+                                rec.name, "/".join(variant), type(e).__name__, e)
+            trial["rounds"] = list(trial["compiled"]) * self.TRIAL_STEPS
+            trial["samples"] = {v: [] for v in trial["compiled"]}
+        else:
+            if observed.steps_run == trial["seen"]:
+                return  # the last call ran no backward (no_grad, or the loss was dropped): again
+            trial["samples"][rec.variant].append(observed.step_seconds_log[-1])
+        if trial["rounds"]:
+            variant = trial["rounds"].pop(0)
+            self._use(trial["compiled"][variant])
+            trial["seen"] = self.observed.steps_run
+            return
+        measured = {v: statistics.median(t) for v, t in trial["samples"].items() if t}
+        best = _trial_winner(trial["samples"], self.TRIAL_SWITCH)
+        self._use(trial["compiled"][best])
+        self.record.trials = dict(measured)
+        self.trial = None
+        log.info("lohan %s: timed %d plans (%s); kept %s", self.record.name, len(measured),
+                 ", ".join(f"{'/'.join(v)} {s * 1e3:.2f} ms" for v, s in measured.items()), "/".join(best))
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.collected and self.observed.steps_run:
+            # dynamo's trace of this graph (and of the graph after a break, which it compiles
+            # during the first step) leaves reference cycles that hold that step's real tensors
+            # (a Hugging Face model's outputs and cache) until Python's next full collection:
+            # device memory the plan never sees. Collect them once, after the first step.
+            self.collected = True
+            gc.collect()
+            # what that step's backward saw of its outputs is that garbage's doing, not the loop's
+            self.observed.dropped_seen = None
+        seen, self.observed.dropped_seen = self.observed.dropped_seen, None
+        if seen is not None:  # an output held at any backward so far counts as held
+            self.dropped = seen if self.dropped is None else self.dropped & seen
+        if self.dropped is not None and torch.is_grad_enabled():
+            # before a trial goes on: a trial's plans are then all made knowing it (the trial
+            # waits for its warm-up steps, so the first that count come after this is known)
+            self._outputs_dropped(args)
+        if self.trial is not None and torch.is_grad_enabled():
+            self._trial_step(args)
+        if not self.calibrated and self._timed():
+            self._calibrate()
+        if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
+            sizes = self._grown_sizes(args) if self.size_slots else None
+            if sizes is not None or self._stale():
+                self._replan(args, sizes, "a size grew past the plan" if sizes else "the device holds more")
+            elif self._ran_over():
+                why = (f"a step ran {format_bytes(self.observed.peak_excess)} above its predicted peak, past "
+                       f"memory_budget (the {self.opts.executor} executor holds what the simulator does not "
+                       f"model); planned again holding {format_bytes(self.excess)} more")
+                log.warning("lohan %s: %s", self.record.name, why)
+                self._replan(args, None, why)
+        out = self.fn(*args)
+        run = TRACKER.latest_forward
+        if run is not None and run.graph is self.record and torch.is_grad_enabled():
+            TRACKER.watch(run, out)
+            TRACKER.latest_forward = None
+        return out
+
+    def _outputs_dropped(self, args: Sequence[Any]) -> None:
+        """The plan assumed the user holds every forward output through the step; backward
+        found some gone (``self.dropped``). Simulate the plan again knowing it, and plan again
+        where that would change the plan: auto, told so, chooses other decisions, or the plan
+        no longer meets the budget (outputs the user began to hold). torch's min-cut partition
+        is not searched again."""
+        planned = self.record.pass_report("plan_memory")
+        if planned is None or planned["problem"].dropped_outputs == self.dropped:
+            return
+        problem = planned["problem"].without_outputs(self.dropped)
+        plan, rates, budget = planned["plan"], planned["rates"], self.opts.memory_budget
+        prediction = predict(problem, plan.decisions, rates)
+        if budget is not None and prediction.peak_device_bytes > budget:
+            self._replan(args, None, "the step holds forward outputs it dropped before")
+            return
+        if plan.policy == "auto" and budget is not None and not self.size_slots:
+            again = solve("auto", problem, rates, budget, plan.family)
+            if not _same_decisions(again.decisions, plan.decisions):
+                self._replan(args, None, "the step drops forward outputs before backward")
+                return
+        self.record.repredict(problem, prediction)
+        self.observed.peak_excess = 0  # measured against the prediction this replaces
+        if self.calibrated and self.measured:
+            self.record.calibrate(self.measured)
+
+    def _replan(self, args: Sequence[Any], sizes: dict | None, why: str) -> None:
+        if self.replans >= self.MAX_REPLANS:
+            log.warning("lohan %s: %s, but it was re-planned %d times already; the step may pass "
+                        "memory_budget", self.record.name, why, self.replans)
+            self.planned_level = device_memory.allocated(self.record.device)  # warn once per growth
+            if sizes:
+                self.planned_sizes = sizes
+            return
+        self.replans += 1
+        self.trial = None  # the plans it was timing were made for less: a new trial below
+        old = self.record.name
+        if self.size_slots:
+            # keep the graph symbolic: its fake inputs, under the first compile's tracing context;
+            # plan with headroom if that fits the budget, else for exactly the sizes of this call
+            exact = {s: max(v, self._size_now(args, s)) for s, v in self.planned_sizes.items()}
+            for candidate in ([sizes, exact] if sizes else [self.planned_sizes]):
+                try:
+                    with torch._guards.tracing(self.tracing):
+                        self._compile(self.fakes, args, candidate)
+                    self.planned_sizes = candidate
+                    break
+                except BudgetError:
+                    if candidate is not sizes or sizes == exact:
+                        raise
+        else:
+            self._compile(args, args, None)
+        log.info("lohan %s re-planned as %s: %s", old, self.record.name, why)
+        self._start_trial()
+
+
+def _trial_winner(samples: dict[Any, list[float]], switch: float) -> Any:
+    """The plan a trial keeps. The i-th sample of each plan ran in round i; plans are compared
+    round by round (the median of one's times over the other's), so the machine's drift
+    cancels. The first plan (the simulator's choice) stays unless another beats it by the
+    margin ``switch``; the others are tried fastest median first, and one that beats the plan
+    kept so far (by the margin against the first, by any amount against another) replaces it.
+    (Each plan is compared with the one it would replace: ranking two plans by their ratios
+    to a third mixes in that third's noise.)"""
+    def ratio(a: list[float], b: list[float]) -> float:
+        pairs = [x / y for x, y in zip(a, b) if y > 0]
+        return statistics.median(pairs) if pairs else float("inf")
+
+    first, *others = samples
+    best = first
+    for v in sorted(others, key=lambda v: statistics.median(samples[v]) if samples[v] else float("inf")):
+        if ratio(samples[v], samples[best]) < (switch if best == first else 1.0):
+            best = v
+    return best
+
+
+def _same_decisions(a: dict, b: dict) -> bool:
+    """The same actions at the same points (the reasons given may differ)."""
+    return a.keys() == b.keys() and all(replace(a[k], reason="") == replace(b[k], reason="") for k in a)
+
+
+def _symbol_values(fakes: Sequence[Any]) -> dict:
+    out = {}
+    for f in fakes:
+        values = [f] if isinstance(f, torch.SymInt) else (list(f.shape) if isinstance(f, torch.Tensor) else [])
+        for v in values:
+            if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+                out[v.node.expr] = v
+    return out
+
+
+def _size_slots(fakes: Sequence[Any]) -> list[tuple[int, int | None, Any]]:
+    """Where each free size symbol can be read from the call's arguments: (arg, dim or None, symbol)."""
+    slots, seen = [], set()
+    for i, f in enumerate(fakes):
+        if isinstance(f, torch.SymInt) and isinstance(f.node.expr, sympy.Symbol) and f.node.expr not in seen:
+            slots.append((i, None, f.node.expr))
+            seen.add(f.node.expr)
+        elif isinstance(f, torch.Tensor):
+            for d, s in enumerate(f.shape):
+                if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol) and s.node.expr not in seen:
+                    slots.append((i, d, s.node.expr))
+                    seen.add(s.node.expr)
+    return slots
