@@ -19,9 +19,9 @@
 //        (ATen writes self + value*t1*t2; its builds contract that into this fma)
 // * d  = fma(sqrt(v), 1/bc2_sqrt, eps)      (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
 //   p  = p + (-step_size*m) / d             param.addcdiv_(exp_avg, denom, value=-step_size)
-// (*) one division per element instead of two: a core updates about 13% more
-// elements per second in cache (AVX2, Zen 3), and the denominator moves by at
-// most an ulp. torch's own CPU sqrt is not correctly rounded either, so no
+// (*) one division per element instead of two: a core updates more elements
+// per second in cache, and the denominator moves by at most an ulp. torch's
+// own CPU sqrt is not correctly rounded either, so no
 // formula matches torch bit for bit; tests hold the result to 1e-6 of each
 // tensor's largest magnitude after 100 steps, as the issue asks.
 

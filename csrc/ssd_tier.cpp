@@ -552,8 +552,8 @@ void SsdTier::submit(std::vector<Task>& tasks, int file) {
 void SsdTier::run(int index) {
   char* staging = nullptr;
   if (direct_) {
-    // Huge pages: direct I/O into 4 KiB pages ran at half speed on this
-    // machine's virtual disk. Touched now: the tier's footprint is fixed from its start.
+    // Huge pages: direct I/O into 4 KiB pages is far slower on virtual disks that
+    // split requests per page. Touched now: the tier's footprint is fixed from its start.
     staging = static_cast<char*>(map_memory(opts_.chunk_bytes, /*touch=*/true));
     if (staging != nullptr) {
       std::lock_guard<std::mutex> g(m_);

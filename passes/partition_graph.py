@@ -78,9 +78,9 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         elif facts.options.policy == "auto" and facts.options.memory_budget is not None:
             if facts.options.executor == "inductor":
                 # Inductor runs the min-cut partition's backward (recomputation chains fused
-                # with their users) above the peak the simulator predicts for it, by 5-11%
-                # measured: past the budget. Until that is modeled, auto under Inductor
-                # plans the default partition only.
+                # with their users) above the peak the simulator predicts for it, past the
+                # budget; the simulator does not model that, so auto under Inductor plans
+                # the default partition only.
                 report["min_cut"] = "not considered under the Inductor executor"
             else:
                 chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)
@@ -95,11 +95,10 @@ def drop_dead_replays(bw: fx.GraphModule) -> int:
 
     torch 2.13's partitioners extract backward by copying every joint node whose inputs
     backward has, then eliminate dead code; that elimination keeps ops it finds impure, and
-    whether it finds an op impure depends on state outside the graph: after a first compile of
-    a graph, a second partition of the same joint kept Hugging Face LLaMA's four attention
-    forwards (``_scaled_dot_product_flash_attention_for_cpu``, no users) in backward, computed
-    and dropped every step (auto's re-plans and trial plans ran 10% slower than the fixed
-    policies' plans, made at a first compile). Eager never replays forward ops in backward;
+    whether it finds an op impure depends on state outside the graph: a second partition of
+    the same joint (a re-plan, a trial's plan) can keep forward ops with no users in backward
+    (Hugging Face LLaMA's attention forwards, ``_scaled_dot_product_flash_attention_for_cpu``),
+    computed and dropped every step. Eager never replays forward ops in backward;
     an op that writes nothing (its schema mutates no argument) and whose result nobody reads
     can go."""
     removed = 0

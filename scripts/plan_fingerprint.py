@@ -1,6 +1,6 @@
 """The plans the backend makes, as text to compare across changes of the code's structure.
 
-For each model of the planner bench (bench/planner.py) and each budget and policy, compiles a
+For each model of the planner bench (``bench/planner.py``, whose models it uses) and each budget and policy, compiles a
 fresh copy with a fixed hardware preset (no measurement: the same estimates every run), runs
 one training step (the plans made at compile time, before anything measured can change them)
 and prints every graph's plan: its family, predicted peak and step, and each candidate's
@@ -18,31 +18,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import lohan_compile as lohan  # noqa: E402
 from lohan_compile import settings  # noqa: E402
+from planner import models  # noqa: E402  (bench/planner.py: the same models and batches)
 
 POLICIES = ("auto", "swap-all", "recompute-all", "torch-min-cut", "keep-all")
 FRACTIONS = (0.3, 0.5, 0.7)
-
-
-def models():
-    from models import Block, tiny_gpt2, tiny_llama
-
-    def lm(m, ids):
-        return m(input_ids=ids, labels=ids).loss
-
-    def block_loss(m, x):
-        return m(x).pow(2).mean()
-
-    g = torch.Generator().manual_seed(0)
-    return {
-        "llama": (lambda: tiny_llama(layers=4), lm, torch.randint(0, 128, (8, 256), generator=g)),
-        "gpt2": (lambda: tiny_gpt2(layers=4), lm, torch.randint(0, 128, (32, 64), generator=g)),
-        "block": (lambda: torch.nn.Sequential(*(Block(128, 4) for _ in range(4))), block_loss,
-                  torch.randn(16, 256, 128, generator=g)),
-    }
 
 
 def one_step(make, loss, batch, options):

@@ -61,9 +61,8 @@ class Replanning:
     # compiled and run TRIAL_WARMUP steps, then run in turn for TRIAL_STEPS rounds
     # (interleaved: the machine's drift hits all alike). Another plan replaces the chosen one
     # only where its graph time over the chosen one's, round by round, has a median below
-    # TRIAL_SWITCH: on a busy machine single steps of one plan vary by a tenth, and a trial
-    # that followed its fastest median switched on noise (the planner bench: a plan 5%
-    # faster in its trial ran 14% slower after)
+    # TRIAL_SWITCH: on a busy machine single steps of one plan can vary by a tenth, so a
+    # trial that followed its fastest median would switch on noise
     TRIAL_MARGIN = 1.15
     TRIAL_PLANS = 3
     TRIAL_WARMUP = 2

@@ -186,8 +186,8 @@ def _tightened(
     on the device at the peak for that reason wait for their copy out right after their last
     forward use, or come back only when backward needs them (the cheaper stall per byte, and
     the larger, first), until it fits or none is left. (With op times measured on a busy
-    machine, swap-all's waits move later and its peak past budgets its estimated plan meets:
-    auto lost the family that ran fastest.)"""
+    machine, swap-all's waits can move later and its peak past budgets its estimated plan
+    meets: this keeps that family among auto's plans.)"""
     decisions = dict(decisions)
     pred = predict(problem, decisions, rates)
     for _ in range(2 * len(problem.candidates) + 2):
