@@ -28,7 +28,7 @@ from .plan.profile import HardwareProfile
 from .units import parse_bytes
 
 if TYPE_CHECKING:
-    from .explain import explain
+    from .explainer import explain
     from .optim import CPUAdamW
     from .report import Report
     from .runtime.step import last_report
@@ -40,7 +40,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "CPUAdamW": "optim",
     "Report": "report",
-    "explain": "explain",
+    "explain": "explainer",  # (a module named explain would shadow the function)
     "last_report": "runtime.step",
     "materialized": "runtime.stream",
     "state_dict": "runtime.stream",

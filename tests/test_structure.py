@@ -26,7 +26,7 @@ WINGS = [
     ("passes", ["passes"]),
     ("report", ["report"]),
     ("runtime", ["runtime", "adam_ops", "optim"]),
-    ("tools below the backend", ["dump", "explain", "measure", "zoo", "tinyllama", "wholestep"]),
+    ("tools below the backend", ["dump", "explainer", "measure", "zoo", "tinyllama", "wholestep"]),
     ("backend", ["backend"]),
     ("tools", ["cli", "hf", ""]),
 ]
@@ -159,3 +159,20 @@ def test_the_planning_wing_imports_no_torch():
 def test_a_wing_package_has_no_code_of_its_own(wing):
     tree = ast.parse((ROOT / "lohan_compile" / wing / "__init__.py").read_text())
     assert _only_reexports(tree)
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    """Importing a submodule sets it as an attribute of its package: a public name of the
+    package that is also a submodule's name would turn into that module."""
+    import importlib
+    import pkgutil
+    import types
+
+    import lohan_compile as lohan
+
+    for info in pkgutil.walk_packages(lohan.__path__, "lohan_compile."):
+        if info.name.split(".")[-1] != "hf":  # (needs transformers; its name is no public name)
+            importlib.import_module(info.name)
+    for name in lohan.__all__:
+        assert not isinstance(getattr(lohan, name), types.ModuleType), name
+    assert callable(lohan.explain) and callable(lohan.last_report) and callable(lohan.materialized)

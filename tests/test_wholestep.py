@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lohan_compile import cli, wholestep, zoo
-from lohan_compile.explain import explain
+from lohan_compile.explainer import explain
 from lohan_compile.hardware import preset
 
 GiB = 2**30

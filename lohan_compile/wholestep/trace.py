@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..explain import explain
+from ..explainer import explain
 from ..hardware import HardwareProfile, resolve
 from ..plan.problem import Problem
 from ..plan.profile import GiB

@@ -1,4 +1,4 @@
-"""``lohan_compile.explain``: what the compiler would do with a training step, without training.
+"""``lohan.explain``: what the compiler would do with a training step, without training.
 
 The step is traced and planned on a copy of the model on the meta device
 (no memory, no arithmetic, the user's model untouched), through the same
