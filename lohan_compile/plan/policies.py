@@ -52,12 +52,12 @@ def swap_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
 
 
 def recompute_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
-    recomputable = _recomputable_set(problem)
+    recomputable = recomputable_set(problem)
     d = _all(problem, lambda c: Action.RECOMPUTE if c.key in recomputable else Action.KEEP, "recompute-all policy")
     return finish("recompute-all", problem, d, rates)
 
 
-def _recomputable_set(problem: Problem) -> set[str]:
+def recomputable_set(problem: Problem) -> set[str]:
     """Candidates that can be recomputed together: none reads another recomputed one."""
     chosen: set[str] = set()
     cands = {c.key: c for c in problem.candidates}
@@ -292,7 +292,7 @@ def _live_kept_at(problem: Problem, decisions: dict[str, Decision], timeline: Ti
 
 def minimal_memory_plan(problem: Problem, rates: Rates) -> Plan:
     """Every candidate out of device memory (swap, else recompute, else keep), prefetched just in time."""
-    recomputable = _recomputable_set(problem)
+    recomputable = recomputable_set(problem)
     d = {
         c.key: Decision(
             Action.SWAP if c.swappable else (Action.RECOMPUTE if c.key in recomputable else Action.KEEP),

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..plan.profile import HardwareProfile
-from ..plan.policies import _recomputable_set
+from ..plan.policies import recomputable_set
 from ..plan.problem import Action, Candidate, Decision, Transfer
 from ..plan.simulate import Timeline, simulate
 from ..units import format_bytes
@@ -140,7 +140,7 @@ class WholeStep:
         self.budget = budget if budget is not None else self.hw.device_memory
         self.lay = layout(traced)
         self.bases = _bases(self.lay)
-        self.block_recomputable = _recomputable_set(traced.block.problem)
+        self.block_recomputable = recomputable_set(traced.block.problem)
 
     # one simulation
     def evaluate(self, policy: str, base_actions: dict[str, Decision], design: Design) -> StepPlan:
