@@ -24,7 +24,7 @@ from ..graph.segments import Driver, compile_segments, symbols_of
 from ..graph.shapes import expr_of, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
-from ..passes import default_pipeline
+from .. import passes
 from ..plan.problem import Action
 from ..report import GraphRecord
 from ..runtime import device as device_memory
@@ -152,7 +152,7 @@ class GraphCompiler:
         self.graph_id = next(_graph_ids)
         self.optimizer = find_optimizer(opts, real_inputs)
         self.inputs = describe_inputs(gm, real_inputs, self.optimizer)
-        self.pipeline: Pipeline = default_pipeline()
+        self.pipeline: Pipeline = passes.default_pipeline()
         disabled = opts.disable_passes or settings.DISABLE_PASSES.get()
         self.disabled = self.pipeline.validate_disabled(disabled)
         self.debug = opts.debug if opts.debug is not None else settings.DEBUG.get()
@@ -386,7 +386,7 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, observed: Observed,
     """Tell the step tracker when this graph runs (boxed: ``fn`` may clear ``args``)."""
     if phase == "forward":
         def run(args: list) -> Any:
-            step_run = TRACKER.forward_begin(record, observed, args)
+            step_run = TRACKER.forward_begin(record, args, observed)
             start = time.perf_counter()
             try:
                 out = fn(args)

@@ -159,7 +159,8 @@ class StepTracker:
     def last_report(self) -> Report | None:
         return self._last
 
-    def forward_begin(self, graph: GraphRecord, observed: Observed, args: Sequence[object]) -> GraphRun:
+    def forward_begin(self, graph: GraphRecord, args: Sequence[object], observed: Observed | None = None) -> GraphRun:
+        """A forward of ``graph`` begins (``observed``: where what is seen of its plan goes)."""
         bindings = bind_symbols(graph.fw_placeholder_vals, args) if graph.symbolic else {}
         if graph.uncounted_inputs is None:
             graph.uncounted_inputs = uncounted_storages(args)
@@ -195,14 +196,15 @@ class StepTracker:
                 else:
                     run.output_refs.append((pos, StorageWeakRef(t.untyped_storage()).expired))
 
-    def backward_begin(self, graph: GraphRecord, observed: Observed) -> GraphRun:
+    def backward_begin(self, graph: GraphRecord, observed: Observed | None = None) -> GraphRun:
         run = GraphRun(graph, "backward", 0.0, observed=observed)
         with self._lock:
             for r in self._runs:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
                     run.level_growth = r.level_growth
-                    observed.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
+                    if observed is not None:
+                        observed.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
                     r.output_refs = []
                     break
             self._runs.append(run)
