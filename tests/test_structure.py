@@ -176,3 +176,14 @@ def test_public_names_are_not_shadowed_by_submodules():
     for name in lohan.__all__:
         assert not isinstance(getattr(lohan, name), types.ModuleType), name
     assert callable(lohan.explain) and callable(lohan.last_report) and callable(lohan.materialized)
+
+
+def test_every_package_is_installed():
+    """A non-editable install ships only the packages pyproject.toml lists (tests/test_install.py
+    installs one; this says which folder is missing, in milliseconds)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lohan_compile").rglob("__init__.py")}
+    found |= {"lohan_compile.passes", "lohan_compile.csrc"}  # passes/ and csrc/ through package-dir
+    assert found <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
