@@ -79,3 +79,19 @@ def test_attention_is_planned_as_the_fused_kernel_a_gpu_runs():
     scores_bytes = b * heads * t * t * 4
     assert all(d["bytes"] < scores_bytes for d in report.decisions())
     assert report.summary()["predicted_peak_bytes"] < scores_bytes
+
+
+def test_a_plan_does_not_depend_on_unrelated_memory_of_the_process():
+    """explain() plans the model it was given: memory other objects of the process hold (on the
+    CPU standing in for the device) is not resident on the meta device it plans on."""
+    from lohan_compile.runtime import device
+
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(16, 32)
+    device.install()  # count every allocation from here on, as a test run after others does
+    alone = lohan.explain(model, x, memory_budget="1GiB").summary()["predicted_peak_bytes"]
+    unrelated = torch.ones(8 << 20)  # 32 MiB the plan has nothing to do with
+    beside = lohan.explain(model, x, memory_budget="1GiB").summary()["predicted_peak_bytes"]
+    del unrelated
+    assert beside == alone

@@ -41,7 +41,10 @@ _graph_ids = itertools.count()
 def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
     """Device bytes held now by anything but this graph's inputs: tensors other graphs of
     the step keep for backward, optimizer state, the user's own tensors. The budget covers
-    them too (DESIGN.md)."""
+    them too (DESIGN.md). Nothing, for a graph on the meta device (``lohan.explain``): the plan
+    is for the model it was given, and what the process holds elsewhere is not on that device."""
+    if planned_on_meta(example_inputs):
+        return 0
     gc.collect()  # unreachable cycles (an earlier compiled model, say) hold no lasting memory
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
@@ -53,6 +56,11 @@ def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
             if device_memory.counted(t):
                 seen[storage.data_ptr()] = storage.nbytes()
     return max(0, device_memory.allocated(dev) - sum(seen.values()))
+
+
+def planned_on_meta(example_inputs: Sequence[Any]) -> bool:
+    """The graph is traced on the meta device: planned (``lohan.explain``), never run for real."""
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in example_inputs)
 
 
 def find_optimizer(opts: Options, example_inputs: Sequence[Any]) -> Any:
@@ -162,6 +170,7 @@ class GraphCompiler:
         )
         self.record.dump_dir = self.dump_dir
         self.observed = Observed()  # what the runtime sees of this plan (the re-planner reads it)
+        self.on_meta = planned_on_meta(real_inputs)
         self.resident_outside = resident_outside_bytes(real_inputs)
         self.record.resident_outside_bytes = self.resident_outside
         self.record.device = next(

@@ -111,7 +111,10 @@ class Replanning:
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
         self.calibrated = False
         self.collected = False
-        self.planned_level = self.record.planned_level = device_memory.allocated(self.record.device)
+        # the device level the plan was made at (a plan on the meta device has none: nothing the
+        # process holds is on that device, so nothing it allocates moves the plan)
+        level = None if compiler.on_meta else device_memory.allocated(self.record.device)
+        self.planned_level = self.record.planned_level = level
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
         grown = False
@@ -135,7 +138,7 @@ class Replanning:
 
     def _stale(self) -> bool:
         budget, predicted = self.opts.memory_budget, self.record.predicted_peak_bytes
-        if budget is None or predicted is None or not self.record.training:
+        if budget is None or predicted is None or not self.record.training or self.planned_level is None:
             return False
         growth = device_memory.allocated(self.record.device) - self.planned_level
         return growth > 0.01 * budget and predicted + growth > budget
@@ -146,7 +149,7 @@ class Replanning:
         plan's own allowance included), so the next plan is made holding it."""
         rec, budget = self.record, self.opts.memory_budget
         excess = self.observed.peak_excess
-        if budget is None or rec.predicted_peak_bytes is None or excess <= 0.01 * budget:
+        if budget is None or rec.predicted_peak_bytes is None or excess <= 0.01 * budget or self.planned_level is None:
             return False
         growth = max(0, device_memory.allocated(rec.device) - self.planned_level)
         if rec.predicted_peak_bytes + growth + excess <= budget:
