@@ -67,6 +67,11 @@ void check_dense_cpu(const at::Tensor& t, const char* op, const char* what, size
   TORCH_CHECK(t.device().is_cpu(), "lohan::", op, ": ", what, "[", i,
               "] must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.is_contiguous(), "lohan::", op, ": ", what, "[", i, "] must be contiguous");
+  // A host-tier block spilled to the SSD tier has no host memory (its data pointer is null):
+  // it must be read back first. Reading it here would crash the process.
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.data_ptr() != nullptr, "lohan::", op, ": ", what, "[", i,
+                    "] has no host memory (a block of the host tier spilled to the SSD tier); "
+                    "read it into host memory first");
 }
 
 struct Chunk {

@@ -79,3 +79,56 @@ def test_state_spills_to_ssd_with_exact_adamw(tmp_path, overlap):
     opt.state.clear()
     opt_tier.close()
     assert not os.path.exists(folder)
+
+
+SMALL_HOST_BUDGET = r'''
+import re, sys, torch
+import lohan_compile as lohan
+
+def run(budget, ssd_dir):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3)
+    cm = torch.compile(model, backend="lohan", options={
+        "optimizer": opt, "host_memory_budget": budget, "ssd_dir": ssd_dir, "executor": "fx"})
+    x = torch.randn(8, 256)
+    for _ in range(2):
+        loss = cm(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return float(loss)
+
+def within(e):
+    while e is not None and not isinstance(e, lohan.HostMemoryError):
+        e = e.__cause__ or e.__context__
+    return e
+
+try:
+    run("1MiB", sys.argv[1])
+    print("trained within 1 MiB")
+except Exception as e:
+    err = within(e)
+    if err is None:
+        raise
+    print("ERROR", err)
+    needed = int(re.search(r"smallest workable host budget .* \((\d+) bytes", str(err)).group(1))
+    torch._dynamo.reset()
+    print("TRAINED", run(needed, sys.argv[2]))
+'''
+
+
+def test_a_host_budget_too_small_names_the_smallest_workable_one(tmp_path):
+    """Gradients the host tier spilled to SSD were read by the CPU optimizer as if in memory: the
+    process died (segmentation fault). Now a budget too small is refused with the smallest
+    workable one, and that one trains (in a subprocess: a crash fails this test alone)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    out = subprocess.run([sys.executable, "-c", SMALL_HOST_BUDGET, str(tmp_path / "a"), str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "LOHAN_EXECUTOR": "fx"})
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr[-3000:]}"
+    assert "ERROR host_memory_budget=1.00 MiB is too small" in out.stdout, out.stdout
+    assert "TRAINED" in out.stdout, out.stdout

@@ -405,3 +405,19 @@ def test_buffered_fallback_where_direct_io_is_refused(ramfs):
     with pytest.raises(StorageError, match="direct I/O was required"):
         HostTier(None, ssd_dir=ramfs, direct_io=True)
     assert os.listdir(ramfs) == [".lohan-ssd.lock"]  # the refused tier left nothing behind
+
+
+def test_the_cpu_optimizer_refuses_a_block_on_ssd_instead_of_crashing(make_tier, ssd_dir):
+    """An SSD-resident block has no host memory (a null data pointer): the optimizer's kernels
+    check for it and raise, where reading it would kill the process."""
+    from lohan_compile import adam_ops
+
+    tier = make_tier(None, ssd_dir=ssd_dir)
+    token = tier.empty((4096,), where="ssd")
+    assert tier.location(token) == "ssd"
+    with pytest.raises(ValueError, match="no host memory"):
+        adam_ops.grad_stats([token])
+    master, m, v = (torch.zeros(4096) for _ in range(3))
+    with pytest.raises(ValueError, match="no host memory"):
+        adam_ops.adam_update([master], [m], [v], [token], [], [1.0], lr=1e-3, beta1=0.9, beta2=0.999,
+                             eps=1e-8, weight_decay=0.0)

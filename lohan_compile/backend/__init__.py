@@ -64,7 +64,7 @@ def use_host_tier(opts: Options) -> None:
     key = (opts.host_memory_budget, opts.ssd_dir)
     tier = _tiers.get(key)
     if tier is None or tier.closed:
-        arena = None if opts.host_memory_budget is None else max(1 << 20, min(256 << 20, opts.host_memory_budget // 8))
+        arena = None if opts.host_memory_budget is None else hosttier.HostTier.arena_bytes_for(opts.host_memory_budget)
         kwargs = {} if arena is None else {"arena_bytes": arena}
         tier = _tiers[key] = hosttier.HostTier.from_options(opts, **kwargs)
     current = hosttier.current_if_set()

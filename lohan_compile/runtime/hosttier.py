@@ -270,6 +270,11 @@ class HostTier:
         self._init(obj)
         return self
 
+    @staticmethod
+    def arena_bytes_for(budget: int) -> int:
+        """The arena chunk a tier with host budget ``budget`` grows by (an eighth of it, 1 to 256 MiB)."""
+        return max(1 << 20, min(256 << 20, budget // 8))
+
     @classmethod
     def from_options(cls, options, **kwargs: Any) -> "HostTier":
         """A tier for ``lohan_compile.Options`` (``host_memory_budget``, ``ssd_dir``)."""

@@ -53,7 +53,8 @@ from typing import Any, Callable
 import torch
 
 from .. import ops
-from ..errors import LohanError
+from ..errors import HostMemoryError, LohanError
+from ..units import format_bytes
 from . import hosttier, keys, stream
 from .step import TRACKER
 
@@ -271,14 +272,47 @@ class _Step:
         return self.begun
 
 
-def _spilling_allocator(tier: Any, opt: Any):
-    """State tensors in the host tier while it keeps room for what the step itself puts there
-    (a host gradient and a weight buffer per parameter) and to stage the largest update (its
-    three state tensors read from SSD); on SSD beyond."""
+def host_reserve_bytes(opt: Any) -> int:
+    """Host-tier bytes an offload runtime needs beside the optimizer state it may put on SSD: a
+    host gradient and a weight buffer per parameter, and room to stage the largest update (its
+    three state tensors read from SSD while the previous one is written back and the next one
+    read ahead)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     largest = max((p.numel() for p in params), default=0)
-    # staging: the update running, the previous one's write-back, the next one read ahead
-    reserve = sum((4 + p.element_size()) * p.numel() for p in params) + 3 * 3 * 4 * largest + (64 << 10)
+    return sum((4 + p.element_size()) * p.numel() for p in params) + 3 * 3 * 4 * largest + (64 << 10)
+
+
+def smallest_host_budget(opt: Any) -> int:
+    """The smallest ``host_memory_budget`` whose tier holds ``host_reserve_bytes`` as blocks: each
+    buffer rounded to the tier's 4 KiB blocks and packed into the arena's chunks (an eighth of
+    the budget each), largest first, as a first-fit arena fills them."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    largest = max((p.numel() for p in params), default=0)
+    sizes = [4 * p.numel() for p in params] + [p.element_size() * p.numel() for p in params]
+    sizes += [4 * largest] * 9 + [64 << 10]
+    blocks = sorted((-(-n // 4096) * 4096 for n in sizes if n > 0), reverse=True)
+    budget = sum(blocks)
+    while True:
+        chunk = hosttier.HostTier.arena_bytes_for(budget)
+        free: list[int] = []  # room left in each chunk
+        total = 0
+        for b in blocks:
+            i = next((i for i, room in enumerate(free) if room >= b), None)
+            if i is None:
+                size = max(chunk, b)
+                free.append(size - b)
+                total += size
+            else:
+                free[i] -= b
+        if total <= budget:
+            return budget
+        budget = total
+
+
+def _spilling_allocator(tier: Any, opt: Any):
+    """State tensors in the host tier while it keeps room for what the step itself puts there
+    (``host_reserve_bytes``); on SSD beyond."""
+    reserve = host_reserve_bytes(opt)
     budget = tier.stats().budget_bytes
 
     def alloc(shape, dtype):
@@ -289,6 +323,15 @@ def _spilling_allocator(tier: Any, opt: Any):
         return tier.empty(tuple(shape), dtype)
 
     return alloc
+
+
+def _too_small(budget: int, needed: int, why: str) -> HostMemoryError:
+    return HostMemoryError(
+        f"host_memory_budget={format_bytes(budget)} is too small for gradient offloading: {why}. The "
+        f"smallest workable host budget for this optimizer's parameters is {format_bytes(needed)} "
+        f"({needed} bytes; the optimizer state beyond it goes to ssd_dir): raise host_memory_budget "
+        "to at least that"
+    )
 
 
 def default_state_allocator(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -306,7 +349,13 @@ class OffloadRuntime:
             # master weights and moments live in the host tier, not in device memory; with an SSD
             # folder, beyond the host budget on SSD (leaving the budget room to stage updates)
             tier = self.tier
-            if tier.ssd is not None and tier.stats().budget_bytes is not None:
+            budget = tier.stats().budget_bytes
+            if tier.ssd is not None and budget is not None:
+                needed = smallest_host_budget(opt)
+                if budget < needed:
+                    # gradients spilled to SSD could not be read by the update; refuse up front
+                    raise _too_small(budget, needed, "each parameter's gradient and updated weight stay "
+                                     "in host memory during a step")
                 opt.state_tier = tier
                 opt.state_allocator = _spilling_allocator(tier, opt)
             else:
@@ -390,11 +439,26 @@ class OffloadRuntime:
                 "backward ran again before opt.step(): the previous step's updates were rolled back. "
                 "Run micro-batches that should not step inside `with opt.accumulate():`"
             )
+        if host_grad.numel() > 0 and host_grad.data_ptr() == 0:
+            host_grad = self._into_host_memory(host_grad)
         TRACKER.join_step(self)
         st.begun = True
         st.producers[key] = st.producers.get(key, 0) + 1
         final = self.single_producer.get(key, False) and not self.accumulating
         self._submit(self._take_grad, key, host_grad, final)
+
+    def _into_host_memory(self, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient the copy out spilled to the SSD tier (the host memory was full of other
+        blocks: swapped activations): read back, as the update reads gradients from memory."""
+        budget = self.tier.stats().budget_bytes
+        try:
+            mem = self.tier.empty(tuple(grad.shape), grad.dtype)
+        except (HostMemoryError, torch.OutOfMemoryError) as e:
+            needed = smallest_host_budget(self.opt) + self.tier.stats().in_use_bytes
+            raise _too_small(budget or 0, needed, "a gradient did not fit in host memory beside the "
+                             f"blocks the step holds there ({e})") from e
+        self.tier.copy_(mem, grad).wait()
+        return mem
 
     def weight_ready(self, key: int) -> None:
         with self._lock:
