@@ -282,15 +282,21 @@ def host_reserve_bytes(opt: Any) -> int:
     return sum((4 + p.element_size()) * p.numel() for p in params) + 3 * 3 * 4 * largest + (64 << 10)
 
 
-def smallest_host_budget(opt: Any) -> int:
-    """The smallest ``host_memory_budget`` whose tier holds ``host_reserve_bytes`` as blocks: each
-    buffer rounded to the tier's 4 KiB blocks and packed into the arena's chunks (an eighth of
-    the budget each), largest first, as a first-fit arena fills them."""
+def _reserve_blocks(opt: Any) -> list[int]:
+    """``host_reserve_bytes`` as the tier's blocks (each rounded to 4 KiB), largest first."""
     params = [p for g in opt.param_groups for p in g["params"]]
     largest = max((p.numel() for p in params), default=0)
     sizes = [4 * p.numel() for p in params] + [p.element_size() * p.numel() for p in params]
     sizes += [4 * largest] * 9 + [64 << 10]
-    blocks = sorted((-(-n // 4096) * 4096 for n in sizes if n > 0), reverse=True)
+    return sorted((-(-n // 4096) * 4096 for n in sizes if n > 0), reverse=True)
+
+
+def smallest_host_budget(opt: Any) -> int:
+    """A ``host_memory_budget`` whose tier holds ``host_reserve_bytes`` as blocks however they
+    are placed: packed first-fit into the arena's chunks (an eighth of the budget each), with a
+    chunk's room to spare for each block (what a block that does not fit the rest of a chunk
+    leaves unused at worst)."""
+    blocks = _reserve_blocks(opt)
     budget = sum(blocks)
     while True:
         chunk = hosttier.HostTier.arena_bytes_for(budget)
@@ -351,11 +357,10 @@ class OffloadRuntime:
             tier = self.tier
             budget = tier.stats().budget_bytes
             if tier.ssd is not None and budget is not None:
-                needed = smallest_host_budget(opt)
-                if budget < needed:
-                    # gradients spilled to SSD could not be read by the update; refuse up front
-                    raise _too_small(budget, needed, "each parameter's gradient and updated weight stay "
-                                     "in host memory during a step")
+                if budget < sum(_reserve_blocks(opt)):
+                    # the step's gradients would spill to SSD, where the update cannot read them
+                    raise _too_small(budget, smallest_host_budget(opt), "each parameter's gradient and "
+                                     "updated weight stay in host memory during a step")
                 opt.state_tier = tier
                 opt.state_allocator = _spilling_allocator(tier, opt)
             else:
