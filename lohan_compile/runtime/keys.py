@@ -40,11 +40,6 @@ def existing_key(param: torch.Tensor) -> int | None:
         return key if key is not None and _param_of[key]() is param else None
 
 
-def param_of(key: int) -> torch.Tensor | None:
-    ref = _param_of.get(key)
-    return None if ref is None else ref()
-
-
 def _forget(ident: int, key: int):
     def drop(_ref) -> None:
         with _lock:
