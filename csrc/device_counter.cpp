@@ -10,6 +10,7 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <ATen/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -17,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <unordered_map>
@@ -104,6 +106,27 @@ struct DeviceCounter final : at::Allocator {
     return sizes_.count(reinterpret_cast<void*>(address)) != 0;
   }
 
+  // A storage made before the counter was installed (or outside c10: numpy, a memory map)
+  // moves into a block the counter allocates, with the same bytes, and resizes it later
+  // through the counter: what the runtime does to it (streaming resizes a parameter's
+  // storage to zero and back) is counted however old it is. False when already counted.
+  bool adopt(const at::Tensor& t) {
+    c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+    if (impl->allocator() == this && (impl->nbytes() == 0 || contains(reinterpret_cast<uintptr_t>(impl->data())))) {
+      return false;
+    }
+    const size_t n = impl->nbytes();
+    at::DataPtr fresh = allocate(n);
+    if (n > 0) std::memcpy(fresh.get(), impl->data(), n);
+    impl->set_data_ptr_noswap(std::move(fresh));  // the old block goes through its own deleter
+    impl->set_allocator(this);
+    impl->set_resizable(true);
+    return true;
+  }
+
+  // Tests: while paused, new CPU storages come from c10's allocator as before install.
+  void pause(bool on) { c10::SetCPUAllocator(on ? inner_ : static_cast<at::Allocator*>(this), /*priority=*/2); }
+
   static DeviceCounter*& slot() {
     static DeviceCounter* counter = nullptr;
     return counter;
@@ -157,6 +180,8 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
   m.def("device_counter_reset_peak() -> int", []() { return counter().reset_peak(); });
   m.def("device_counter_record(bool on) -> ()", [](bool on) { counter().record(on); });
   m.def("device_counter_take_timeline() -> int[]", []() { return counter().take_timeline(); });
+  m.def("device_counter_adopt(Tensor t) -> bool", [](const at::Tensor& t) { return counter().adopt(t); });
+  m.def("device_counter_pause(bool on) -> ()", [](bool on) { counter().pause(on); });
   m.def("device_counter_contains(int address) -> bool",
         [](int64_t address) { return counter().contains(static_cast<uintptr_t>(address)); });
 }

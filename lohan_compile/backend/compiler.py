@@ -28,7 +28,7 @@ from .. import passes
 from ..plan.problem import Action
 from ..report import GraphRecord
 from ..runtime import device as device_memory
-from ..runtime import keys, offload, stream
+from ..runtime import keys, modules, offload, stream
 from ..runtime.observed import Observed
 from ..runtime.step import TRACKER
 from ..units import format_bytes
@@ -242,6 +242,9 @@ class GraphCompiler:
         with planning_sizes(self.planning_sizes):
             graphs = self.pipeline.run(graphs, facts, debug=self.debug, disabled=self.disabled)
         bind_runtime(self.pipeline.records, self.real_inputs, self.optimizer)
+        if not self.on_meta:
+            # the modules that own what the runtime now manages wait for it outside the step
+            modules.watch(modules.roots_of_sources(f.source for f in self.inputs if f.kind == "param"))
         self.record.passes = self.pipeline.records
         saved = self.record.pass_report("classify_saved")
         if saved is not None:

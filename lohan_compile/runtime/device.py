@@ -10,6 +10,8 @@ the counted blocks, so a caller can add what was allocated earlier itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _installed = False
@@ -61,6 +63,27 @@ def counted(t: torch.Tensor) -> bool:
         return True
     install()
     return bool(_ops().device_counter_contains(t.untyped_storage().data_ptr()))
+
+
+def adopt(t: torch.Tensor) -> bool:
+    """CPU stand-in: move the storage of ``t`` into a block the counter sees (same bytes, same
+    storage object) and have its later resizes counted; False if it was counted already.
+    For a tensor made before the counter was installed that the runtime will resize."""
+    if t.device.type != "cpu":
+        return False
+    install()
+    return bool(_ops().device_counter_adopt(t))
+
+
+@contextlib.contextmanager
+def paused():
+    """Tests: inside the block, new CPU storages are made as before the counter was installed."""
+    install()
+    _ops().device_counter_pause(True)
+    try:
+        yield
+    finally:
+        _ops().device_counter_pause(False)
 
 
 def record_timeline(on: bool = True) -> None:

@@ -484,6 +484,22 @@ class OffloadRuntime:
         if copy is not None:
             copy.wait()
 
+    def adopt_weight(self, key: int, value: torch.Tensor) -> None:
+        """A weight was set from outside the step (``load_state_dict``): its fp32 master follows,
+        unless the master already rounds to it (a checkpoint's optimizer state loaded first
+        keeps its precision)."""
+        self.finish_pending()
+        param = self.params.get(key)
+        opt = self.opt
+        state = opt.state.get(param) if param is not None else None
+        if not state or "master" not in state:
+            return
+        master = state["master"]
+        value = value.detach().to("cpu")
+        current = opt.read_state(master, torch.empty(master.shape, dtype=master.dtype)) if opt._on_ssd(master) else master
+        if not current.to(value.dtype).equal(value):
+            opt.write_state(master, value.to(torch.float32))
+
     def finish_pending(self) -> None:
         """Complete a deferred step still running (before anything else touches the state)."""
         if not self.pending_weights:

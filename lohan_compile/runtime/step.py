@@ -49,7 +49,7 @@ def uncounted_storages(args: Sequence[object]) -> dict[int, int]:
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not device_memory.counted(a):
             if stream.lookup(a) is not None:
-                continue  # streamed: no device memory at rest; each fetch is counted when made
+                continue  # streamed: its storage is the counter's since registration (device.adopt)
             storage = a.untyped_storage()
             out[storage.data_ptr()] = storage.nbytes()
     return out

@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import ops
 from ..errors import LohanError
-from . import hosttier, keys
+from . import device, hosttier, keys
 
 def _fetch_impl(key: int) -> None:
     if key >= 0:  # (-1: planned by explain() on meta, never run)
@@ -190,6 +190,9 @@ def register(param: torch.Tensor, *, trainable: bool, updater: Any = None) -> St
                 "offload_params: a parameter shares its storage with other tensors (a view of a larger "
                 "buffer); streaming it would free memory they use. Make it a parameter of its own."
             )
+        # a storage made before the device counter was installed (the model is usually built
+        # first) moves into one the counter sees: every fetch resizes it, and is counted
+        device.adopt(param)
         host = tier.empty(tuple(param.shape), param.dtype).copy_(param.detach())
         spare = tier.empty(tuple(param.shape), param.dtype) if trainable else None
     key = keys.key_for(param)
