@@ -173,7 +173,11 @@ def test_the_measured_peak_counts_a_model_built_before_the_counter(policy, strea
         opt.step()
         opt.zero_grad()
 
+    import gc
+
+    gc.collect()
+    before = device.allocated()  # what earlier tests left: the counter sees it, the profiler not
     prof = measure_device_peak(build, step, steps=3)
-    summary = lohan.last_report().summary()
+    measured = lohan.last_report().summary()["measured_peak_bytes"] - before
     # the two differ by a few scalars the step thread makes outside the graphs (tens of bytes)
-    assert abs(summary["measured_peak_bytes"] - prof.peak_bytes) <= 1024, (summary["measured_peak_bytes"], prof)
+    assert abs(measured - prof.peak_bytes) <= 1024, (measured, prof)
