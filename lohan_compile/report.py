@@ -74,6 +74,9 @@ class GraphRecord:
     planned_level: int | None = None
     # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Inductor executor under a budget: the most device bytes a segment was measured to hold at
+    # its peak beyond its nodes run one by one (what the plan predicted), when it was compiled
+    segment_excess_bytes: int = 0
     # the plan's step simulated again with the compute times the executor measured
     calibrated_step_s: float | None = None
     measured_compute_s: float | None = None

@@ -112,10 +112,10 @@ def test_trainer_under_a_budget_trains_as_the_trainer_with_its_own_adamw(base, u
     assert len(norms) == 5 and any(n > limit for n in norms) and any(n <= limit for n in norms)
     assert sum("eval_loss" in h for h in logs) == 3  # evaluated during training (steps 2, 4, 5) too
     assert summary["budget_bytes"] == budget
-    assert summary["measured_peak_bytes"] <= 1.05 * budget, summary
+    assert summary["measured_peak_bytes"] <= budget, summary
     # the budget made the planner move activations
     assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0, summary
-    assert summary["measured_peak_bytes"] <= 1.05 * budget, summary
+    assert summary["measured_peak_bytes"] <= budget, summary
     assert eval_loss == pytest.approx(eager_eval, abs=1e-4)
 
 

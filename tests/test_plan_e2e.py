@@ -83,7 +83,7 @@ def test_budget_is_met_and_predicted(unplanned, fraction):
     budget = int(unplanned[0] * fraction)
     peak, report = measured_peak({"memory_budget": budget})
     summary = report.summary()
-    assert peak <= 1.05 * budget
+    assert peak <= budget
     assert abs(summary["predicted_peak_bytes"] - peak) <= 0.10 * peak
     assert summary["budget_bytes"] == budget
     assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
@@ -107,18 +107,50 @@ def test_budget_is_met_under_inductor(unplanned):
     peak, report = measured_peak({"memory_budget": budget, "executor": "inductor", "hardware": hw})
     summary = report.summary()
     assert all(g.executor == "inductor" and g.segments for g in report.graphs)
-    assert peak <= 1.05 * budget, (peak, budget, summary)
+    assert peak <= budget, (peak, budget, summary)
     assert summary["plans"] == ["default/greedy"]
     assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
     assert summary["d2h_bytes"] == summary["h2d_bytes"] == summary["swapped_bytes"]
 
 
 @pytest.mark.inductor
-def test_a_plan_the_executor_runs_past_the_budget_is_made_again_holding_the_excess(unplanned, caplog):
+def test_a_plan_inductor_would_run_past_the_budget_is_made_again_before_any_step(unplanned, caplog):
     """Inductor, fusing torch's min-cut recomputation chains, holds their inputs longer than
-    the fx order the simulator follows: that plan runs above its prediction, past the budget.
-    The runtime measures the excess (where the step's peak rose during the graph's run), and
-    the graph is planned again holding it: the steps after are within the budget."""
+    the fx order the simulator follows: that plan would run above its prediction, past the
+    budget. Each segment's peak is measured against its nodes run one by one when it is
+    compiled, and the graph is planned again holding the largest excess before the first
+    step: every step is within the budget (issue 22, defect 5)."""
+    budget = int(unplanned[0] * 0.7)
+    options = {"memory_budget": budget, "executor": "inductor", "policy": "torch-min-cut"}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = make()
+    cm = torch.compile(model, backend="lohan", options=options)
+    ids = batch()
+    peaks = []
+    with caplog.at_level("INFO", logger="lohan_compile"):
+        for _ in range(4):
+            model.zero_grad(set_to_none=True)
+            lm_loss(cm, ids).backward()
+            peaks.append(lohan.last_report().summary()["measured_peak_bytes"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("an Inductor segment holds" in m for m in messages), messages
+    assert not any("past memory_budget" in m for m in messages), messages  # no step ran over
+    report = lohan.last_report()
+    planned = report.graphs[0].pass_report("plan_memory")
+    assert planned["executor_excess_bytes"] > 0.01 * budget
+    assert report.graphs[0].segment_excess_bytes <= planned["executor_excess_bytes"]
+    assert max(peaks) <= budget, (peaks, budget)
+    # the prediction counts the excess as held all step: within 10% of what ran
+    assert abs(report.summary()["predicted_peak_bytes"] - peaks[-1]) <= 0.10 * peaks[-1]
+
+
+def test_without_the_compile_time_measurement_the_runtime_still_learns_the_excess(unplanned, caplog, monkeypatch):
+    """The backstop: a plan that runs above its prediction past the budget (here: segments not
+    measured when compiled) is made again holding the excess the runtime measured."""
+    from lohan_compile.backend.compiler import GraphCompiler
+
+    monkeypatch.setattr(GraphCompiler, "probes_segments", property(lambda self: False))
     budget = int(unplanned[0] * 0.7)
     options = {"memory_budget": budget, "executor": "inductor", "policy": "torch-min-cut"}
     with caplog.at_level("WARNING", logger="lohan_compile"):
@@ -127,10 +159,7 @@ def test_a_plan_the_executor_runs_past_the_budget_is_made_again_holding_the_exce
     assert len(over) == 1, [r.getMessage() for r in caplog.records]
     planned = report.graphs[0].pass_report("plan_memory")
     assert planned["executor_excess_bytes"] > 0.01 * budget
-    assert report.summary()["executor_excess_bytes"] == [planned["executor_excess_bytes"]]
     assert peak <= budget, (peak, budget)
-    # the prediction counts the excess: it is within 10% of what ran
-    assert abs(report.summary()["predicted_peak_bytes"] - peak) <= 0.10 * peak
 
 
 def test_planned_training_equals_eager_bitwise():
@@ -148,7 +177,7 @@ def test_planned_training_equals_eager_bitwise():
     # something moved: swapped or recomputed by the plan, or recomputed by the min-cut partition
     # that auto also considers (which one is faster depends on this machine's profile)
     assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
-    assert summary["measured_peak_bytes"] <= 1.05 * budget
+    assert summary["measured_peak_bytes"] <= budget
 
 
 def test_budget_below_any_plan_raises_budget_error_with_the_smallest(unplanned):
@@ -165,7 +194,7 @@ def test_budget_below_any_plan_raises_budget_error_with_the_smallest(unplanned):
     assert err.smallest_feasible_bytes > int(unplanned[0] * 0.3)
     # the budget it names is feasible
     peak, _ = measured_peak({"memory_budget": err.smallest_feasible_bytes})
-    assert peak <= 1.05 * err.smallest_feasible_bytes
+    assert peak <= err.smallest_feasible_bytes
 
 
 def test_recompute_all_on_a_graph_breaking_model_is_exact():
@@ -244,7 +273,7 @@ def test_sequence_lengths_that_change_every_step_stay_within_one_budget():
             else:
                 torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
         peaks.append(lohan.last_report().summary()["measured_peak_bytes"])
-    assert max(peaks) <= 1.05 * budget, (peaks, budget)
+    assert max(peaks) <= budget, (peaks, budget)
     assert_same_state(eager, model, exact=False, atol=1e-5)
     assert any(g.symbolic for g in lohan.last_report().graphs)
 
@@ -254,7 +283,7 @@ def test_torch_min_cut_baseline_meets_the_budget_and_equals_eager(unplanned):
     fit ours; gradients equal eager's, the peak within the budget; too small a budget raises."""
     budget = int(unplanned[0])  # min-cut saves little on this model: more than ~3% less misses
     peak, report = measured_peak({"memory_budget": budget, "policy": "torch-min-cut"})
-    assert peak <= 1.05 * budget
+    assert peak <= budget
     part = report.graphs[0].pass_report("partition_graph")
     assert part["partitioner"] == "torch min-cut"
     fraction, predicted = part["fractions_tried"][-1]
@@ -353,7 +382,7 @@ def test_a_graph_breaking_model_predicts_its_step_peak_within_the_budget():
     summary = report.summary()
     assert summary["graphs"] == 2
     assert summary["predicted_peak_bytes"] <= budget
-    assert summary["measured_peak_bytes"] <= 1.05 * budget
+    assert summary["measured_peak_bytes"] <= budget
     assert abs(summary["predicted_peak_bytes"] - summary["measured_peak_bytes"]) <= 0.10 * summary["measured_peak_bytes"]
 
 
@@ -431,7 +460,7 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
             first, fastest = next(iter(trials)), min(trials, key=trials.get)
             kept = fastest if trials[fastest] < Replanning.TRIAL_SWITCH * trials[first] else first
             assert summary["plans"] == [kept] and plans_run[-1] == kept
-            assert max(peaks) <= 1.05 * budget, (list(zip(plans_run, peaks)), budget)
+            assert max(peaks) <= budget, (list(zip(plans_run, peaks)), budget)
         if name == "untuned":
             assert summary["plan_trials"] == [{}] and graph.variants and not graph.trials
 
@@ -527,8 +556,8 @@ def test_outputs_the_step_drops_before_backward_are_planned_as_gone():
     first, *_, last = train(options, hold=False, steps=4)
     assert first["swapped_bytes"] + first["recomputed_bytes"] > 0
     assert last["swapped_bytes"] == last["recomputed_bytes"] == 0
-    assert last["measured_peak_bytes"] <= 1.05 * budget
+    assert last["measured_peak_bytes"] <= budget
     assert abs(last["predicted_peak_bytes"] / last["measured_peak_bytes"] - 1) <= 0.10
     held = train(options, hold=True, steps=3)
     assert held[-1]["swapped_bytes"] + held[-1]["recomputed_bytes"] > 0
-    assert held[-1]["measured_peak_bytes"] <= 1.05 * budget
+    assert held[-1]["measured_peak_bytes"] <= budget

@@ -181,3 +181,40 @@ def test_the_measured_peak_counts_a_model_built_before_the_counter(policy, strea
     measured = lohan.last_report().summary()["measured_peak_bytes"] - before
     # the two differ by a few scalars the step thread makes outside the graphs (tens of bytes)
     assert abs(measured - prof.peak_bytes) <= 1024, (measured, prof)
+
+
+@pytest.mark.parametrize("executor", ["fx", "inductor"])
+def test_debug_mode_checks_that_compute_reads_device_memory_only(executor):
+    # a plan that swaps and offloads gradients trains under the check without a complaint
+    torch._dynamo.reset()
+    model = tiny_llama(layers=2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3)
+    options = {"optimizer": opt, "policy": "swap-all", "executor": executor, "debug": True}
+    cm = torch.compile(model, backend="lohan", options=options)
+    for ids in token_batches(2):
+        lm_loss(cm, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    assert lohan.last_report().summary()["swapped_bytes"] > 0
+
+
+def test_the_debug_check_names_compute_that_reads_host_memory():
+    # what a GPU run once did: backward read a swapped tensor where it lay on the host
+    import torch.fx as fx
+
+    from lohan_compile.graph.segments import Driver
+    from lohan_compile.runtime import device, hosttier
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(4)
+    y = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    y.meta["val"] = torch.empty(4)
+    g.output((y,))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    items = [n for n in g.nodes if n.op not in ("placeholder", "output")]
+    driver = Driver(gm, items, "probe", check=lambda what, ts: device.check_reads(what, ts, None))
+    assert driver([torch.ones(4)])[0].equal(torch.full((4,), 2.0))
+    host = hosttier.current().empty((4,), torch.float32).fill_(1.0)
+    with pytest.raises(lohan.LohanError, match=r"probe mul.*host-tier memory"):
+        driver([host])

@@ -68,7 +68,7 @@ def test_weights_twice_the_budget_train_exactly_within_the_budget(overlap):
         opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=limit, overlap=overlap)
         cm = torch.compile(model, backend="lohan",
                            options={"optimizer": opt, "memory_budget": budget, "offload_params": True})
-        box.update(model=model, opt=opt, losses=[], norms=[])
+        box.update(model=model, opt=opt, losses=[], norms=[], peaks=[])
         return cm, opt
 
     def step(state):
@@ -80,11 +80,15 @@ def test_weights_twice_the_budget_train_exactly_within_the_budget(overlap):
         opt.zero_grad()
         box["losses"].append(loss.detach())
         box["norms"].append(opt.last_grad_norm)
+        box["peaks"].append(lohan.last_report().summary()["measured_peak_bytes"])
 
     peak = measure_device_peak(build, step, steps=3)
     model, opt = box["model"], box["opt"]
     assert weight_bytes(model) >= 2 * budget
-    assert peak.peak_bytes <= 1.05 * budget, (peak.step_peaks, budget)
+    # every step within the budget, the first included (the profiler's first step also holds
+    # the weights as the model was built, until compiling streams them)
+    assert max(box["peaks"]) <= budget, (box["peaks"], budget)
+    assert max(peak.step_peaks[1:]) <= budget, (peak.step_peaks, budget)
     big = [p for p in model.parameters() if p.numel() * p.element_size() >= 64 << 10]
     assert streamed_params(model) and set(map(id, streamed_params(model))) == set(map(id, big))
     assert all(p.untyped_storage().nbytes() == 0 for p in big)  # at rest: no device memory
@@ -108,7 +112,7 @@ def test_auto_streams_when_the_weights_do_not_fit():
     model = streamy_llama()
     _train(model, data, {"memory_budget": budget})
     assert streamed_params(model)
-    assert lohan.last_report().summary()["measured_peak_bytes"] <= 1.05 * budget
+    assert lohan.last_report().summary()["measured_peak_bytes"] <= budget
 
 
 class Adapted(torch.nn.Module):
@@ -296,7 +300,7 @@ def test_streaming_under_inductor_within_the_budget():
     losses, _ = _train(model, data, {"memory_budget": budget, "offload_params": True, "executor": "inductor"})
     report = lohan.last_report().summary()
     assert streamed_params(model)
-    assert report["measured_peak_bytes"] <= 1.05 * budget
+    assert report["measured_peak_bytes"] <= budget
     ref, _ = eager_reference(streamy_llama(layers=2), data, lm_loss, lr=1e-3, max_grad_norm=0.5)
     for a, b in zip(ref, losses):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
@@ -323,7 +327,7 @@ def test_streaming_on_cuda_within_the_budget():
                        options={"optimizer": opt, "memory_budget": budget, "offload_params": True})
     losses = []
     for i, ids in enumerate(data):
-        if i == 1:  # the first step starts with every weight resident, until released
+        if i == 0:  # every step, the first included
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         loss = lm_loss(cm, ids)
@@ -335,7 +339,7 @@ def test_streaming_on_cuda_within_the_budget():
     peak = torch.cuda.max_memory_allocated()
     print(f"cuda streaming: base {base} B, budget {budget} B, peak {peak} B "
           f"(peak above base / budget above base: {(peak - base) / (budget - base):.3f})")
-    assert peak <= 1.05 * budget
+    assert peak <= budget
     torch._dynamo.reset()
     ref, _ = _train(streamy_llama().cuda(), data, {"offload_params": False})
     for a, b in zip(ref, losses):

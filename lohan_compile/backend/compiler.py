@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .. import settings
 from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
-from ..graph.segments import Driver, compile_segments, symbols_of
+from ..graph.segments import Driver, compile_segments, excess_over_fx, symbols_of
 from ..graph.shapes import expr_of, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
@@ -122,12 +122,12 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
         stream.keep_resident(real_inputs[idx])
     for idx, trainable in streaming.get("streamed_inputs", {}).items():
         param = real_inputs[idx]
-        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param))
         if trainable:
             # the optimizer's state (its fp32 master) is made now, while the parameter has its
-            # value: once streamed, the device copy is gone between steps
+            # value: once registered, the device copy is gone between uses
             with unset_fake_temporarily(), torch.no_grad():
                 optimizer._state_of(param)
+        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param))
 
 
 class GraphCompiler:
@@ -186,7 +186,7 @@ class GraphCompiler:
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
         try:
-            with _no_donated_buffers(self.opts.executor):
+            with _no_donated_buffers(self.opts.executor), self._backward_compiled_now():
                 return aot_autograd(
                     fw_compiler=self._compile_forward,
                     bw_compiler=self._compile_backward,
@@ -202,6 +202,20 @@ class GraphCompiler:
             self.optimizer = None
             if self.opts.optimizer is not None:
                 self.opts = self.opts.replace(optimizer=None)
+
+    @property
+    def probes_segments(self) -> bool:
+        """Whether each Inductor segment's peak is measured against the plan's when compiled (a
+        training graph under a budget, for real): a fused segment can hold more than its nodes
+        run one by one, which the plan assumed."""
+        return (self.opts.executor == "inductor" and self.opts.memory_budget is not None and not self.on_meta)
+
+    def _backward_compiled_now(self):
+        """Segments are measured before the first step runs: backward compiles with forward then
+        (AOTAutograd would compile it at the first backward, after forward ran with the plan)."""
+        if not self.probes_segments:
+            return contextlib.nullcontext()
+        return torch._functorch.config.patch(force_non_lazy_backward_lowering=True)
 
     # -- AOTAutograd callbacks ------------------------------------------------
 
@@ -284,24 +298,27 @@ class GraphCompiler:
             gm.graph.set_codegen(_BoxedCodeGen())
             gm.recompile()
             fn = gm
-            if self.record.device is None and phase != "inference" and not on_meta:
-                fn = self._timed_fx(gm, phase)
+            timing = self.record.device is None and phase != "inference"
+            if (timing or self.debug) and not on_meta:
+                fn = self._fx_driver(gm, phase, timing)
         if phase == "inference":
             return _boxed(fn)
         return _tracked(fn, self.record, self.observed, phase)
 
-    def _timed_fx(self, gm: fx.GraphModule, phase: str) -> Callable[[list], Any]:
+    def _fx_driver(self, gm: fx.GraphModule, phase: str, timing: bool) -> Callable[[list], Any]:
         """The fx graph, whose first calls run through a driver that times every op (the
         same generated code the Inductor executor runs, with no segments: each op a call of
         its own, each value released at its last use), so that the fx executor's plans are
-        calibrated too; the other calls run the GraphModule itself."""
+        calibrated too; the other calls run the GraphModule itself. In debug mode every call
+        runs through the driver, checking that each op reads device memory only."""
         items = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-        driver = Driver(gm, items, f"graph{self.graph_id}_{phase}", timing=True)
-        self.drivers[phase] = driver
-        last_timed = max(Driver.TIMED_CALLS)
+        driver = Driver(gm, items, f"graph{self.graph_id}_{phase}", timing=timing, check=self._compute_check())
+        if timing:
+            self.drivers[phase] = driver
+        last_timed = max(Driver.TIMED_CALLS) if timing else -1
 
         def run(args: list) -> Any:
-            if driver.calls <= last_timed:
+            if driver.calls <= last_timed or self.debug:
                 return driver(args)
             return gm(args)
 
@@ -343,7 +360,9 @@ class GraphCompiler:
         try:
             # the CPU stand-in's compute is synchronous: a host clock times it
             timing = self.record.device is None and phase != "inference"
-            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}", timing=timing)
+            probe = self._probe if self.probes_segments and phase != "inference" else None
+            driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}", timing=timing, probe=probe,
+                                      check=self._compute_check())
         finally:
             if context is not None:
                 context.output_strides = reported
@@ -352,6 +371,27 @@ class GraphCompiler:
         if self.dump_dir:
             dump_driver(self.dump_dir, self.record, phase, driver.source)
         return driver
+
+
+    def _compute_check(self) -> Callable[[str, list], None] | None:
+        """Debug mode: the check that compute reads device memory only (``device.check_reads``)."""
+        if not self.debug:
+            return None
+        on = self.record.device
+
+        def check(what: str, tensors: list) -> None:
+            device_memory.check_reads(what, tensors, on)
+
+        return check
+
+    def _probe(self, sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any]) -> None:
+        try:
+            excess = excess_over_fx(sub, compiled, vals, self.record.device)
+        except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
+            log.info("lohan %s: a segment's peak could not be measured (%s: %s)", self.record.name,
+                     type(e).__name__, e)
+            return
+        self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)
 
 
 def _no_donated_buffers(executor: str):

@@ -54,6 +54,7 @@ class Replanning:
     """
 
     MAX_REPLANS = 8
+    SEGMENT_REPLANS = 2  # plans made again at compile time for what Inductor's segments hold
     HEADROOM = 1.5
     # trials (policy "auto" under a budget, ``tune_plans``): the simulator's error on this
     # machine can exceed the differences between auto's plans, so the plans predicted within
@@ -101,11 +102,14 @@ class Replanning:
             if optimizer is None:
                 raise LohanError("the CPUAdamW this model was compiled with no longer exists")
             opts = opts.replace(optimizer=optimizer)
-        compiler = GraphCompiler(
-            self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
-            variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
-        )
-        self.fn = compiler.compile()
+        for attempt in range(self.SEGMENT_REPLANS + 1):
+            compiler = GraphCompiler(
+                self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
+                variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
+            )
+            self.fn = compiler.compile()
+            if not self._segments_overrun(compiler.record) or attempt == self.SEGMENT_REPLANS:
+                break
         self.record = compiler.record
         self.observed = compiler.observed
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
@@ -115,6 +119,21 @@ class Replanning:
         # process holds is on that device, so nothing it allocates moves the plan)
         level = None if compiler.on_meta else device_memory.allocated(self.record.device)
         self.planned_level = self.record.planned_level = level
+
+    def _segments_overrun(self, rec) -> bool:
+        """Inductor's segments, measured when compiled, would take the plan past the budget: its
+        step peaks up to the largest segment excess above the prediction, which held
+        ``self.excess`` all step already. Then plan again holding that excess (before any step
+        runs: the budget holds from the first step)."""
+        budget, predicted, probed = self.opts.memory_budget, rec.predicted_peak_bytes, rec.segment_excess_bytes
+        if budget is None or predicted is None or not rec.training or probed <= self.excess:
+            return False
+        if predicted - self.excess + probed <= budget:
+            return False
+        log.info("lohan %s: an Inductor segment holds %s above what the plan predicted for its nodes; "
+                 "planned again holding it", rec.name, format_bytes(probed))
+        self.excess = probed
+        return True
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
         grown = False

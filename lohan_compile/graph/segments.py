@@ -253,10 +253,14 @@ class Driver:
     # calls whose compute is timed (the first one touches fresh memory and warms caches)
     TIMED_CALLS = range(1, 4)
 
-    def __init__(self, gm: fx.GraphModule, items: list[Segment | fx.Node], name: str, *, timing: bool = False):
+    def __init__(self, gm: fx.GraphModule, items: list[Segment | fx.Node], name: str, *, timing: bool = False,
+                 check: Callable[[str, list], None] | None = None):
         self.gm = gm
         self.items = items
         self.name = name
+        # ``check(what, tensors)`` before every compute item (a segment, a direct op) with the
+        # tensors it reads (LOHAN_DEBUG: they must be device memory)
+        self.check = check
         self.source, self.fn = self._generate(timed=False)
         self.timing = timing
         self.calls = 0
@@ -363,6 +367,14 @@ class Driver:
         if timed:
             globals_["clock"] = time.perf_counter
 
+        if self.check is not None:
+            globals_["check"] = self.check
+
+        def check_line(what: str, reads: Sequence[fx.Node]) -> None:
+            tensors = [var(a) for a in reads if isinstance(a.meta.get("val"), torch.Tensor)]
+            if self.check is not None and tensors:
+                lines.append(f"    check({what!r}, [{', '.join(tensors)}])")
+
         def call_line(i: int, line: str) -> None:
             if timed:
                 lines.append("    start = clock()")
@@ -382,6 +394,7 @@ class Driver:
                 fn = f"seg{item.index}"
                 globals_[fn] = item.fn
                 lines.append(f"    # {item.name}: {len(item.nodes)} nodes, {len(item.inputs)} in, {len(item.outputs)} out")
+                check_line(f"{self.name} {item.name}", item.inputs)
                 lines.append(f"    inputs = [{', '.join(var(a) for a in item.inputs)}]")
                 if dying:
                     lines.append(f"    del {', '.join(dying)}")  # the segment frees them at its own last use
@@ -398,6 +411,8 @@ class Driver:
                     [render(a) for a in node.args] + [f"{k}={render(v)}" for k, v in node.kwargs.items()]
                 ) + ")"
                 line = f"    {var(node) + ' = ' if node.users else ''}{call}"
+                if not is_lohan_op(node) and not _is_cheap(node):
+                    check_line(f"{self.name} {node.name}", node.all_input_nodes)
                 if is_lohan_op(node):
                     lines.append(f"{line}  # {node.target}")
                 else:
@@ -429,18 +444,76 @@ def _op_record(node: fx.Node) -> tuple[str, int]:
     return name, numel
 
 
+def _probe_inputs(vals: Sequence[Any]) -> list:
+    """Real inputs like ``vals`` (fake tensors, symbolic sizes at their hints): zeros, so that
+    indices stay in range."""
+    out = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            shape = [hint_int(d) for d in v.shape]
+            stride = [hint_int(d) for d in v.stride()]
+            out.append(torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device).zero_())
+        elif isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            out.append(hint_int(v) if isinstance(v, torch.SymInt) else v.node.hint)
+        else:
+            out.append(v)
+    return out
+
+
+def _transient(fn: Callable[[list], Any], inputs: list, device: Any) -> int:
+    """Device bytes a boxed ``fn`` holds at its highest point above the level it was called at
+    (its inputs included, which it may free as it goes)."""
+    from ..runtime import device as device_memory
+
+    level = device_memory.allocated(device)
+    device_memory.reset_peak(device)
+    out = fn(inputs)
+    peak = device_memory.peak(device)
+    del out
+    return peak - level
+
+
+def excess_over_fx(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], device: Any) -> int:
+    """How many device bytes the compiled segment holds at its highest point beyond what the same
+    nodes hold run one by one, each value freed at its last use (the fx executor, which the
+    simulator models exactly): a fused kernel keeps its inputs while it writes its outputs, so
+    a segment can peak higher than the plan predicted for its nodes. Both run once, on zeros.
+    Between segments the two hold the same values, so a step peaks at most the largest of these
+    above its prediction."""
+    import copy
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.graph import _BoxedCodeGen
+
+    with unset_fake_temporarily():
+        eager = copy.deepcopy(sub)
+        eager.graph.set_codegen(_BoxedCodeGen())
+        eager.recompile()
+        with torch.no_grad():
+            by_op = _transient(eager, _probe_inputs(vals), device)
+            fused = _transient(compiled, _probe_inputs(vals), device)
+    return max(0, fused - by_op)
+
+
 def compile_segments(
     gm: fx.GraphModule,
     compile_one: Callable[[fx.GraphModule, Sequence[Any]], Callable[[list], Any]],
     name: str,
     *,
     timing: bool = False,
+    probe: Callable[[fx.GraphModule, Callable[[list], Any], Sequence[Any]], None] | None = None,
+    check: Callable[[str, list], None] | None = None,
 ) -> Driver:
     """Split ``gm``, compile each segment with ``compile_one(segment_gm, example_inputs)``
     (a boxed callable), and return the driver that runs them (``timing``: timing the compute
-    of a few calls, which only a host clock can do where compute is synchronous: the CPU)."""
+    of a few calls, which only a host clock can do where compute is synchronous: the CPU).
+    ``probe(segment_gm, compiled, example_inputs)`` is called for each compiled segment;
+    ``check``: see ``Driver``."""
     items = split(gm.graph)
     for seg in (i for i in items if isinstance(i, Segment)):
         sub = segment_module(gm, seg)
-        seg.fn = compile_one(sub, [example_value(n) for n in seg.inputs])
-    return Driver(gm, items, name, timing=timing)
+        vals = [example_value(n) for n in seg.inputs]
+        seg.fn = compile_one(sub, vals)
+        if probe is not None:
+            probe(sub, seg.fn, vals)
+    return Driver(gm, items, name, timing=timing, check=check)

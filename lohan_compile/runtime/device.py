@@ -86,6 +86,33 @@ def paused():
         _ops().device_counter_pause(False)
 
 
+def check_reads(what: str, tensors: list, device: torch.device | None) -> None:
+    """LOHAN_DEBUG: compute (``what``: a segment or an op) reads device-tier memory only. On a
+    GPU run a CPU tensor with elements is refused (a 0-dim CPU scalar is fine: kernels take
+    it as an argument); on the CPU stand-in, a host-tier block (in memory or on SSD) is."""
+    from .hosttier import current_if_set
+
+    tier = current_if_set() if device is None or device.type != "cuda" else None
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        if device is not None and device.type == "cuda":
+            bad = t.device.type == "cpu" and t.dim() > 0
+            where = "CPU memory"
+        else:
+            where = tier.location(t) if tier is not None else "device"
+            bad = where != "device"
+            where = f"host-tier memory ({where})"
+        if bad:
+            from ..errors import LohanError
+
+            raise LohanError(
+                f"LOHAN_DEBUG: {what} reads its input {i} ({tuple(t.shape)}, {t.dtype}) from {where}, not "
+                "device memory: a plan moved a tensor to the host and compute read it there (a swap-in "
+                "missing or misplaced). Please report this with the dump of LOHAN_DUMP_DIR."
+            )
+
+
 def record_timeline(on: bool = True) -> None:
     """Start (or stop and clear) recording the counted bytes after every allocation and free
     (CPU stand-in; on CUDA nothing is recorded)."""

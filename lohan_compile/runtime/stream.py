@@ -170,7 +170,7 @@ def counters() -> dict[str, int]:
 
 def register(param: torch.Tensor, *, trainable: bool, updater: Any = None) -> Streamed:
     """Stream ``param`` from now on (compile time, once the passes ran): copy its value to the
-    host tier. Its device memory goes at the first ``release_param``. ``updater``: the optimizer
+    host tier and free its device memory (every use is preceded by a ``fetch_param``). ``updater``: the optimizer
     runtime that updates it, if any (fetches wait for its update of the weight). Registering
     again returns the same entry."""
     existing = lookup(param)
@@ -195,6 +195,9 @@ def register(param: torch.Tensor, *, trainable: bool, updater: Any = None) -> St
         device.adopt(param)
         host = tier.empty(tuple(param.shape), param.dtype).copy_(param.detach())
         spare = tier.empty(tuple(param.shape), param.dtype) if trainable else None
+        # the device copy goes now: the first step fetches it like every later one, so that a
+        # model whose weights exceed the budget is within it from the first step
+        param.untyped_storage().resize_(0)
     key = keys.key_for(param)
     with _lock:
         s = Streamed(key, weakref.ref(param, _forget(key)), nbytes, host, spare, None, tier,
