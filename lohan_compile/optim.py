@@ -40,7 +40,6 @@ from torch.optim import Optimizer
 from .errors import HostMemoryError
 from .options import OffloadOptimizer
 from .runtime.offload import default_state_allocator, runtime_of
-from .runtime.step import TRACKER
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
@@ -435,9 +434,8 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         if runtime is not None and runtime.in_step():
             # gradients of a step that step() did not finish (an exception interrupted it, or it
             # is discarded) are dropped, as zero_grad() drops them in eager: roll back what ran
-            if not runtime.state.backward_done:
-                TRACKER.abandon_step()  # the interrupted backward will not finish its step
-            runtime.abort()
+            if not runtime.roll_back_unfinished():
+                runtime.abort()
         super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:

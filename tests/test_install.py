@@ -39,6 +39,13 @@ def test_non_editable_install_builds_and_runs(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     py = env_dir / "bin" / "python"
+    # torch and the test dependencies come from the environment running the tests, which may be
+    # a virtual environment itself (the README's set-up): its site-packages is not the system's
+    import torch
+
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "outer_env.pth").write_text(str(Path(torch.__file__).resolve().parent.parent) + "\n")
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", ".venv*"))
     pip = subprocess.run(
@@ -54,6 +61,7 @@ assert "site-packages" in lohan_compile.__file__ and "site-packages" in lohan_co
 print("FP", lohan_compile.ops.fingerprint(torch.arange(8)))
 """
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), LOHAN_EXECUTOR="fx")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # ninja
     env.pop("PYTHONPATH", None)
     out = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -218,3 +218,194 @@ def test_the_debug_check_names_compute_that_reads_host_memory():
     host = hosttier.current().empty((4,), torch.float32).fill_(1.0)
     with pytest.raises(lohan.LohanError, match=r"probe mul.*host-tier memory"):
         driver([host])
+
+
+def _resources(ssd_dir):
+    import gc
+    import os
+    import threading
+
+    from lohan_compile.runtime import device, hosttier
+
+    gc.collect()
+    tier = hosttier.current_if_set()
+    on_ssd = sum(f.stat().st_size for f in ssd_dir.rglob("*") if f.is_file())
+    return {
+        "device bytes": device.allocated(),
+        "host-tier bytes": tier.stats().in_use_bytes if tier is not None else 0,
+        "ssd bytes": on_ssd,
+        "open files": len(os.listdir("/proc/self/fd")),
+        "threads": len(os.listdir("/proc/self/task")),
+        "python threads": threading.active_count(),
+    }
+
+
+@pytest.mark.slow
+def test_compile_train_delete_cycles_leak_nothing(tmp_path):
+    from test_stream_params import streamy_llama
+
+    def cycle(options, make):
+        model = make()
+        opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+        cm = torch.compile(model, backend="lohan", options={"optimizer": opt, **options})
+        for ids in token_batches(2, t=16):
+            lm_loss(cm, ids).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.synchronize()
+        del model, opt, cm
+        torch._dynamo.reset()
+
+    variants = [
+        ({}, lambda: tiny_llama(layers=2)),
+        ({"offload_params": True}, lambda: streamy_llama(layers=1)),
+        ({"ssd_dir": tmp_path, "host_memory_budget": "64MiB"}, lambda: tiny_llama(layers=2)),
+    ]
+    for options, make in variants:  # the first round starts what stays: thread pools, the tiers
+        cycle(options, make)
+    start = _resources(tmp_path)
+    for _ in range(2):
+        for options, make in variants:
+            cycle(options, make)
+        assert _resources(tmp_path) == start
+
+
+def _interrupt_at(phase, monkeypatch):
+    """Raise KeyboardInterrupt (Ctrl-C) once, in the main thread, at ``phase`` of the next step."""
+    import threading
+
+    from lohan_compile.optim import CPUAdamW
+    from lohan_compile.runtime.offload import OffloadRuntime
+    from lohan_compile.runtime.step import TRACKER
+
+    fired = []
+
+    def once():
+        if not fired and threading.current_thread() is threading.main_thread():
+            fired.append(phase)
+            raise KeyboardInterrupt
+
+    if phase == "forward":  # the forward graph ran; its outputs are being handed back
+        original = TRACKER.forward_outputs
+        monkeypatch.setattr(TRACKER, "forward_outputs", lambda *a: (once(), original(*a)))
+    elif phase == "backward":  # some gradients offloaded (and updated), others not yet
+        original = OffloadRuntime.grad_ready
+        calls = []
+
+        def grad_ready(self, *a):
+            calls.append(1)
+            if len(calls) == 3:
+                once()
+            return original(self, *a)
+
+        monkeypatch.setattr(OffloadRuntime, "grad_ready", grad_ready)
+    elif phase in ("step", "step-error"):  # inside opt.step(), in the updates it runs itself
+        import signal
+
+        original = CPUAdamW.update_params
+
+        def update_params(self, *a, **k):
+            if not fired and threading.current_thread() is threading.main_thread():
+                fired.append(phase)
+                if phase == "step":
+                    signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, delivered here
+                else:
+                    raise RuntimeError("injected: an update failed")
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(CPUAdamW, "update_params", update_params)
+    return fired
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward", "step", "step-error"])
+def test_ctrl_c_in_a_step_leaves_the_state_from_before_it(phase, monkeypatch):
+    """Ctrl-C in forward or backward: the state from before the step (what ran is rolled back).
+    Ctrl-C inside opt.step(): the step completes and the interrupt is raised after it (a step
+    is whole or not at all). An error inside opt.step(): the state from before the step."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from models import MLP
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(4)]
+
+    def train(interrupt):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = MLP()
+        # clipping makes step() redo the updates that ran during backward, itself
+        opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=0.01, overlap="speculative")
+        cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+
+        def step(x, y):
+            F.mse_loss(cm(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        for x, y in data[:2]:
+            step(x, y)
+        if interrupt:
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            before_opt = copy.deepcopy(opt.state_dict())
+            with monkeypatch.context() as m:
+                fired = _interrupt_at(phase, m)
+                with pytest.raises(RuntimeError if phase == "step-error" else KeyboardInterrupt):
+                    step(*data[2])
+            assert fired == [phase]
+            if phase != "step":
+                for k, v in model.state_dict().items():  # what a checkpoint saved now would hold
+                    assert v.equal(before[k]), k
+                for i, st in opt.state_dict()["state"].items():
+                    for name, t in st.items():
+                        assert torch.equal(t, before_opt["state"][i][name]), (i, name)
+            opt.zero_grad()
+        elif phase == "step":
+            step(*data[2])  # the interrupted step was taken whole
+        step(*data[3])
+        opt.synchronize()
+        return model.state_dict()
+
+    expected, got = train(False), train(True)
+    for k in expected:
+        assert got[k].equal(expected[k]), k
+
+
+@pytest.mark.slow
+def test_killed_mid_step_with_state_on_ssd_resumes_bit_for_bit_and_leaves_no_files(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "faults" / "train_and_die.py"
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(mode, ckpt, out):
+        return subprocess.run([sys.executable, str(script), mode, str(ckpt), str(ssd), str(out)],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    ref = run("reference", tmp_path / "ref.pt", tmp_path / "ref.out")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    expected = torch.load(tmp_path / "ref.out")
+    phases = ("forward", "backward", "deferred", "ssd-write")
+    for phase in phases:
+        ckpt = tmp_path / f"{phase}.pt"
+        killed = run(f"kill:{phase}", ckpt, tmp_path / "never.out")
+        assert killed.returncode == -9, (phase, killed.returncode, killed.stderr[-3000:])
+        assert ckpt.exists() and not (tmp_path / "never.out").exists()
+        # what the killed run left (its start removed what the run before it left)
+        assert len([p for p in ssd.iterdir() if p.name.startswith("lohan-ssd-")]) == 1, phase
+    resumed = run("resume", ",".join(str(tmp_path / f"{p}.pt") for p in phases),
+                  ",".join(str(tmp_path / f"{p}.out") for p in phases))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for phase in phases:
+        got = torch.load(tmp_path / f"{phase}.out")
+        assert got["losses"] == expected["losses"], phase
+        for k, v in expected["model"].items():
+            assert got["model"][k].equal(v), (phase, k)
+    # the resumed run removed the last killed run's files at its start, and its own at its exit
+    assert [p.name for p in ssd.iterdir() if p.name.startswith("lohan-ssd-")] == []

@@ -343,8 +343,10 @@ def test_corrupted_block_is_refused(make_tier, ssd_dir):
     with open(path, "r+b") as f:  # buffered write; the direct read sees it
         f.seek(offset + 70_000)
         f.write(b"\xff\xfe\xfd")
-    with pytest.raises(StorageError, match="checksum mismatch"):
+    with pytest.raises(StorageError, match="checksum mismatch") as info:
         tier.copy_(torch.empty_like(x), tok).wait()
+    # the error names the file and the offset of the 64 KiB chunk holding the flipped bytes
+    assert f"in {path} at offset {offset + 65536} " in str(info.value), str(info.value)
 
 
 def test_unwritten_block_cannot_be_read(make_tier, ssd_dir):

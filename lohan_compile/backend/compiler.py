@@ -386,7 +386,7 @@ class GraphCompiler:
 
     def _probe(self, sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any]) -> None:
         try:
-            excess = excess_over_fx(sub, compiled, vals, self.record.device)
+            excess = excess_over_fx(sub, compiled, vals, device_memory, self.record.device)
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.info("lohan %s: a segment's peak could not be measured (%s: %s)", self.record.name,
                      type(e).__name__, e)
@@ -444,6 +444,9 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, observed: Observed,
                 out = fn(args)
                 TRACKER.forward_outputs(step_run, out)
                 return out
+            except BaseException:
+                TRACKER.forward_dropped(step_run)  # (Ctrl-C, an error): no backward follows it
+                raise
             finally:
                 TRACKER.end(step_run, start)
                 observed.ran("forward", step_run.seconds)

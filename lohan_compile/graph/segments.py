@@ -460,26 +460,26 @@ def _probe_inputs(vals: Sequence[Any]) -> list:
     return out
 
 
-def _transient(fn: Callable[[list], Any], inputs: list, device: Any) -> int:
+def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: Any) -> int:
     """Device bytes a boxed ``fn`` holds at its highest point above the level it was called at
     (its inputs included, which it may free as it goes)."""
-    from ..runtime import device as device_memory
-
-    level = device_memory.allocated(device)
-    device_memory.reset_peak(device)
+    level = counter.allocated(device)
+    counter.reset_peak(device)
     out = fn(inputs)
-    peak = device_memory.peak(device)
+    peak = counter.peak(device)
     del out
     return peak - level
 
 
-def excess_over_fx(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], device: Any) -> int:
+def excess_over_fx(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
+                   device: Any) -> int:
     """How many device bytes the compiled segment holds at its highest point beyond what the same
     nodes hold run one by one, each value freed at its last use (the fx executor, which the
     simulator models exactly): a fused kernel keeps its inputs while it writes its outputs, so
-    a segment can peak higher than the plan predicted for its nodes. Both run once, on zeros.
-    Between segments the two hold the same values, so a step peaks at most the largest of these
-    above its prediction."""
+    a segment can peak higher than the plan predicted for its nodes. Both run once, on zeros,
+    measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of ``device``: the runtime's
+    device counters). Between segments the two hold the same values, so a step peaks at most
+    the largest of these above its prediction."""
     import copy
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -490,8 +490,8 @@ def excess_over_fx(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: S
         eager.graph.set_codegen(_BoxedCodeGen())
         eager.recompile()
         with torch.no_grad():
-            by_op = _transient(eager, _probe_inputs(vals), device)
-            fused = _transient(compiled, _probe_inputs(vals), device)
+            by_op = _transient(eager, _probe_inputs(vals), counter, device)
+            fused = _transient(compiled, _probe_inputs(vals), counter, device)
     return max(0, fused - by_op)
 
 

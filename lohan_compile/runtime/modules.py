@@ -43,9 +43,14 @@ def _managed(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _wait(params: Iterable[torch.Tensor]) -> None:
+    """The weights of ``params`` as the last finished step left them: updates still running
+    finish, and a step whose backward was interrupted (an exception, Ctrl-C) is rolled back."""
     for p in params:
         runtime = offload.runtime_offloading(p)
-        if runtime is not None and runtime.pending_weights:
+        if runtime is None:
+            continue
+        runtime.roll_back_unfinished()
+        if runtime.pending_weights:
             runtime.wait_weight(offload.key_of(p))
 
 

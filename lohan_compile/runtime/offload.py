@@ -43,6 +43,7 @@ import atexit
 import collections
 import math
 import queue
+import signal
 import statistics
 import threading
 import time
@@ -259,6 +260,8 @@ class _Step:
     hyper: dict[int, tuple] = field(default_factory=dict)  # hyperparameters each update used
     weight_free: set[int] = field(default_factory=set)  # keys past their last use in backward
     written: set[int] = field(default_factory=set)  # keys whose current update was written back
+    # keys whose device weight this step changed (a write-back, also of an update since undone)
+    weights_changed: set[int] = field(default_factory=set)
     copies: list[Any] = field(default_factory=list)
     copy_of: dict[int, Any] = field(default_factory=dict)  # key -> its writeback's copy event
     sumsq: float = 0.0
@@ -344,6 +347,31 @@ def default_state_allocator(shape: torch.Size, dtype: torch.dtype) -> torch.Tens
     """Where ``CPUAdamW`` makes its state unless told otherwise: ordinary CPU memory (an offload
     runtime moves it to the host tier)."""
     return torch.empty(shape, dtype=dtype, device="cpu")
+
+
+class CtrlCDeferred:
+    """Inside the block, Ctrl-C (SIGINT) is held back and raised as ``KeyboardInterrupt`` when
+    the block ends: what the block does to the training state happens whole or not at all (a
+    signal is handled between any two Python bytecodes, also right after a C++ update returned,
+    before the step recorded it). Only in the main thread, and only where SIGINT has Python's
+    default handler (a handler of the application's own is left alone)."""
+
+    def __enter__(self) -> "CtrlCDeferred":
+        self.received = False
+        self.previous = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.received and kind is None:
+                raise KeyboardInterrupt
 
 
 class OffloadRuntime:
@@ -500,6 +528,17 @@ class OffloadRuntime:
         if not current.to(value.dtype).equal(value):
             opt.write_state(master, value.to(torch.float32))
 
+    def roll_back_unfinished(self) -> bool:
+        """A step whose backward did not finish (an exception or Ctrl-C interrupted it) can never
+        be taken: roll back what it ran, as ``zero_grad()`` does, so that weights read now are
+        the ones before it. True if there was one."""
+        st = self.state
+        if not st.active or st.backward_done or self.accumulating:
+            return False
+        TRACKER.abandon_step()
+        self.abort()
+        return True
+
     def finish_pending(self) -> None:
         """Complete a deferred step still running (before anything else touches the state)."""
         if not self.pending_weights:
@@ -531,7 +570,12 @@ class OffloadRuntime:
         return self.state.active
 
     def step(self) -> None:
-        """Finish the step: wait, clip or skip, redo what must be redone, write weights back."""
+        """Finish the step: wait, clip or skip, redo what must be redone, write weights back.
+        All or nothing for Ctrl-C: a SIGINT arriving meanwhile is raised when the step is done."""
+        with CtrlCDeferred():
+            self._step()
+
+    def _step(self) -> None:
         st = self.state
         if self.accumulating:
             raise LohanError("opt.step() inside `with opt.accumulate():`; step after the block")
@@ -558,7 +602,7 @@ class OffloadRuntime:
                         "a hyperparameter changed between backward() and step() after updates had run "
                         "without a roll-back copy; change hyperparameters before backward()"
                     )
-                self._rollback(redo)
+                self._rollback(redo, keep=True)
                 todo = [k for k in st.grads if k not in st.updated]
                 if todo and not self._speculative():
                     # deferred: the updates run in the order forward reads the weights, while
@@ -772,11 +816,13 @@ class OffloadRuntime:
         self.state.backups[key] = tuple(
             keep(t) for t in (state["master"], state["exp_avg"], state["exp_avg_sq"], state["step"]))
 
-    def _rollback(self, keys, *, restore_weights: bool = False) -> None:
+    def _rollback(self, keys, *, restore_weights: bool = False, keep: bool = False) -> None:
+        """Undo the updates of ``keys`` from their roll-back copies (``keep``: keep the copies,
+        for an update about to be redone that an interruption may still have to undo)."""
         st = self.state
         opt = self.opt
         for key in keys:
-            backup = st.backups.pop(key, None)
+            backup = st.backups.get(key) if keep else st.backups.pop(key, None)
             if backup is None:
                 raise LohanError("internal: an update to undo has no roll-back copy")
             state = opt.state[self.params[key]]
@@ -787,7 +833,7 @@ class OffloadRuntime:
             st.speculative.discard(key)
             st.updated.discard(key)
             st.hyper.pop(key, None)
-            if restore_weights and key in st.written:
+            if restore_weights and key in st.weights_changed:
                 s = self._streamed(key)
                 if s is not None:
                     opt.read_state(state["master"], s.host)  # the value the next fetch reads
@@ -795,6 +841,8 @@ class OffloadRuntime:
                     opt.read_state(state["master"], self._weight_buf(key))
                     st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
             st.written.discard(key)
+            if restore_weights:
+                st.weights_changed.discard(key)
 
     def _update_and_write(self, st: _Step, key: int, coef: float, done: threading.Event,
                           groups: list[dict[str, Any]]) -> None:
@@ -843,6 +891,7 @@ class OffloadRuntime:
             if key in st.written or key not in st.weight_free or key not in st.updated:
                 return
             st.written.add(key)
+            st.weights_changed.add(key)
             s = self._streamed(key)
             if s is not None:
                 # streamed: the device holds no copy at rest; the next fetch reads the new value

@@ -240,9 +240,10 @@ class StepTracker:
         exception in backward, a loss dropped), so that its step still ends."""
         node = _compiled_backward_node(outputs)
         if node is not None:
-            weakref.finalize(node, self._forward_dropped, run)
+            weakref.finalize(node, self.forward_dropped, run)
 
-    def _forward_dropped(self, run: GraphRun) -> None:
+    def forward_dropped(self, run: GraphRun) -> None:
+        """The forward ``run`` will have no backward (its autograd graph was freed, or it raised)."""
         with self._lock:
             if run.backward_seen or run not in self._runs:
                 return
