@@ -658,6 +658,8 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         """
         runtime = self.__dict__.get("_lohan_offload")
         if runtime is not None:
+            if runtime.failed is not None:
+                runtime.failed = None  # the state loaded here replaces the torn one
             runtime.finish_pending()
             if runtime.in_step():
                 runtime.abort()

@@ -172,6 +172,7 @@ class GraphRun:
     level_growth: int | None = None
     start: float = 0.0  # perf_counter() when it began
     peak_before: int | None = None  # the step's device peak so far when it began
+    failed: bool = False  # it raised (an error, Ctrl-C): a backward that raised ends no step
     # where the step tracker writes what it sees of the graph's plan (runtime/observed.py; the
     # re-planner reads it): not part of the report
     observed: Any = field(default=None, repr=False, compare=False)

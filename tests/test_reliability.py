@@ -409,3 +409,124 @@ def test_killed_mid_step_with_state_on_ssd_resumes_bit_for_bit_and_leaves_no_fil
             assert got["model"][k].equal(v), (phase, k)
     # the resumed run removed the last killed run's files at its start, and its own at its exit
     assert [p.name for p in ssd.iterdir() if p.name.startswith("lohan-ssd-")] == []
+
+
+def _ssd_model(ssd_dir, overlap="deferred"):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    n = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() for p in model.parameters())
+    # gradients and weight buffers, staging for the largest update, half the state: the rest on SSD
+    budget = 8 * n + 36 * largest + 6 * n + (128 << 10)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap=overlap)
+    cm = torch.compile(model, backend="lohan",
+                       options={"optimizer": opt, "host_memory_budget": budget, "ssd_dir": str(ssd_dir)})
+    return model, opt, cm
+
+
+def test_a_full_disk_is_found_before_the_first_step_and_changes_nothing(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        model, opt, cm = _ssd_model(mnt)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(Exception) as info:
+            lm_loss(cm, token_batches(1, t=16)[0]).backward()
+        message = str(info.value)
+        assert "No space left on device" in message and str(mnt) in message and "KiB" in message, message
+        for k, v in model.state_dict().items():
+            assert v.equal(before[k]), k
+        for st in opt.state.values():  # the state made so far is the state before any step
+            assert int(st["step"]) == 0
+        del model, opt, cm
+        torch._dynamo.reset()
+        import gc
+
+        gc.collect()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_failed_deferred_update_refuses_the_torn_state_until_a_checkpoint_is_loaded(tmp_path):
+    import threading
+
+    data = token_batches(4, t=16)
+    model, opt, cm = _ssd_model(tmp_path)
+    for ids in data[:2]:
+        lm_loss(cm, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    import copy
+
+    # (a copy, as torch.save writes: a state dict shares the optimizer's tensors, as torch's does)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    update = opt.update_params
+    calls = []
+
+    def failing(*a, **k):
+        if threading.current_thread() is not threading.main_thread():
+            calls.append(1)
+            if len(calls) == 5:  # some weights of the step are updated, others not
+                raise lohan.StorageError("injected: an SSD write failed")
+        return update(*a, **k)
+
+    opt.update_params = failing
+    lm_loss(cm, data[2]).backward()
+    opt.step()  # returns while the updates run
+    opt.zero_grad()
+    with pytest.raises(lohan.LohanError, match="injected.*load the last"):
+        opt.synchronize()
+    opt.update_params = update
+    for read in (opt.state_dict, model.state_dict, lambda: lm_loss(cm, data[3])):
+        with pytest.raises(lohan.LohanError, match="hold part of that step"):
+            read()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    for ids in data[2:]:
+        lm_loss(cm, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.synchronize()
+    resumed = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch._dynamo.reset()
+    model, opt, cm = _ssd_model(tmp_path / "..")
+    for ids in data:
+        lm_loss(cm, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.synchronize()
+    for k, v in model.state_dict().items():
+        assert resumed[k].equal(v), k
+
+
+def test_between_backward_and_step_the_models_state_dict_holds_the_weights_before_the_step():
+    # speculative updates run during backward and reach the device before step(): a state dict
+    # read then shows what eager shows (the weights before the step), and the step still runs
+    import torch.nn.functional as F
+
+    from models import MLP
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap="speculative")
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    x, y = torch.randn(8, 32), torch.randn(8, 8)
+    written_early = False
+    for _ in range(3):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        F.mse_loss(cm(x), y).backward()
+        runtime = opt._lohan_offload
+        runtime._join()
+        written_early |= bool(runtime.state.weights_changed)  # the device holds updated weights
+        mid = model.state_dict()
+        for k, v in mid.items():
+            assert v.equal(before[k]), k
+        opt.step()
+        opt.zero_grad()
+    assert written_early
+    assert not all(v.equal(before[k]) for k, v in model.state_dict().items())

@@ -120,14 +120,19 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
     streaming = reports.get("stream_params", {})
     for idx in streaming.get("resident_inputs", ()):
         stream.keep_resident(real_inputs[idx])
-    for idx, trainable in streaming.get("streamed_inputs", {}).items():
+    streamed = streaming.get("streamed_inputs", {})
+    for idx, trainable in streamed.items():
         param = real_inputs[idx]
-        if trainable:
-            # the optimizer's state (its fp32 master) is made now, while the parameter has its
-            # value: once registered, the device copy is gone between uses
-            with unset_fake_temporarily(), torch.no_grad():
-                optimizer._state_of(param)
-        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param))
+        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param), release=False)
+    with unset_fake_temporarily(), torch.no_grad():
+        # the optimizer state is made now, not at the first update (a disk too small for the state
+        # beyond the host budget is found before any step runs, never in the middle of one), after
+        # the streamed weights' host buffers (the state goes where they leave room) and while
+        # every parameter still has its value on the device (its fp32 master starts from it)
+        for idx in {*offloaded, *(i for i, trainable in streamed.items() if trainable)}:
+            optimizer._state_of(real_inputs[idx])
+        for idx in streamed:
+            stream.release_at_rest(real_inputs[idx])
 
 
 class GraphCompiler:
@@ -456,6 +461,9 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, observed: Observed,
             start = time.perf_counter()
             try:
                 return fn(args)
+            except BaseException:
+                step_run.failed = True
+                raise
             finally:
                 TRACKER.end(step_run, start)
                 observed.ran("backward", step_run.seconds)

@@ -42,13 +42,18 @@ def _managed(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _wait(params: Iterable[torch.Tensor]) -> None:
+def _wait(params: Iterable[torch.Tensor], *, loading: bool = False) -> None:
     """The weights of ``params`` as the last finished step left them: updates still running
-    finish, and a step whose backward was interrupted (an exception, Ctrl-C) is rolled back."""
+    finish, and a step whose backward was interrupted (an exception, Ctrl-C) is rolled back.
+    Weights a failed update left torn are refused, except to load new ones (``loading``)."""
     for p in params:
         runtime = offload.runtime_offloading(p)
         if runtime is None:
             continue
+        if runtime.failed is not None:
+            if loading:
+                continue
+            runtime.check_usable()
         runtime.roll_back_unfinished()
         if runtime.pending_weights:
             runtime.wait_weight(offload.key_of(p))
@@ -73,15 +78,21 @@ def _after_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, lo
     managed = _managed(module)
     _wait(p for _, p in managed)
     for name, p in managed:
+        if prefix + name not in state_dict:
+            continue
+        runtime = offload.runtime_offloading(p)
+        before = runtime.weight_before_step(offload.key_of(p)) if runtime is not None else None
         s = stream.lookup(p)
-        if s is not None and prefix + name in state_dict:
+        if before is not None:  # between backward and step(): the weight eager would show
+            state_dict[prefix + name] = before
+        elif s is not None:
             state_dict[prefix + name] = s.value().clone()
 
 
 def _before_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                  error_msgs) -> None:
     managed = _managed(module)
-    _wait(p for _, p in managed)
+    _wait((p for _, p in managed), loading=True)
     fetched = []
     for name, p in managed:
         s = stream.lookup(p)

@@ -402,6 +402,9 @@ class OffloadRuntime:
         self.fw_order: list[int] = []  # keys in the order forward first reads them
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
+        # why the training state is torn (a deferred update failed after step() returned): every
+        # later use refuses until a checkpoint is loaded (opt.load_state_dict)
+        self.failed: str | None = None
         self.recent_clips: collections.deque = collections.deque(maxlen=10)  # steps that clipped or skipped
         # overlap="auto" measures both designs: seconds between consecutive step() returns, per design
         self.step_intervals: dict[str, collections.deque] = {
@@ -462,6 +465,31 @@ class OffloadRuntime:
 
     # ---- graph ops (on the step thread) ------------------------------------------------------
 
+    def check_usable(self) -> None:
+        if self.failed is not None:
+            raise LohanError(self.failed)
+
+    def _deferred_failed(self, err: LohanError) -> LohanError:
+        """A deferred update failed after ``step()`` returned: some weights and optimizer state
+        hold that step, others do not, and no roll-back copy exists (deferred updates keep
+        none). Nothing may train on, or save, such a state."""
+        steps = {id(st): st for _, st in self.pending_weights.values()}
+        for st in steps.values():  # write-backs still copying would land on weights loaded later
+            for copy in st.copies:
+                try:
+                    copy.wait()
+                except Exception:  # noqa: BLE001 - the state is refused anyway
+                    pass
+        self.pending_weights.clear()
+        self.state = _Step()
+        self.failed = (
+            f"an optimizer update that ran after opt.step() returned failed ({err.__cause__ or err}); the "
+            "weights and optimizer state now hold part of that step. Fix the cause, then load the last "
+            "checkpoint: model.load_state_dict(...) and opt.load_state_dict(...) (training, state_dict() "
+            "and saving refuse until then)"
+        )
+        return LohanError(self.failed)
+
     def grad_ready(self, key: int, host_grad: torch.Tensor) -> None:
         self.finish_pending()
         st = self.state
@@ -500,13 +528,17 @@ class OffloadRuntime:
 
     def wait_weight(self, key: int) -> None:
         """Forward is about to read this weight: wait for its update and copy, if in flight."""
+        self.check_usable()
         pending = self.pending_weights.pop(key, None)
         if pending is None:
             return
         done, st = pending
         done.wait()
         if self._error is not None:
-            self._join()
+            try:
+                self._join()
+            except LohanError as e:
+                raise self._deferred_failed(e) from e
         with self._lock:
             copy = st.copy_of.get(key)
         if copy is not None:
@@ -515,7 +547,9 @@ class OffloadRuntime:
     def adopt_weight(self, key: int, value: torch.Tensor) -> None:
         """A weight was set from outside the step (``load_state_dict``): its fp32 master follows,
         unless the master already rounds to it (a checkpoint's optimizer state loaded first
-        keeps its precision)."""
+        keeps its precision). After a failed update the optimizer's checkpoint brings the master."""
+        if self.failed is not None:
+            return
         self.finish_pending()
         param = self.params.get(key)
         opt = self.opt
@@ -527,6 +561,20 @@ class OffloadRuntime:
         current = opt.read_state(master, torch.empty(master.shape, dtype=master.dtype)) if opt._on_ssd(master) else master
         if not current.to(value.dtype).equal(value):
             opt.write_state(master, value.to(torch.float32))
+
+    def weight_before_step(self, key: int) -> torch.Tensor | None:
+        """During a step in flight (between backward and ``step()``), the weight as it was before
+        the step, where the step has already written an update to the device (speculative
+        updates); None where the device still holds it."""
+        st = self.state
+        backup = st.backups.get(key) if st.active else None
+        if backup is None or key not in st.weights_changed:
+            return None
+        opt, param = self.opt, self.params[key]
+        master = backup[0]
+        if opt._on_ssd(master):
+            master = opt.read_state(master, torch.empty(master.shape, dtype=master.dtype))
+        return master.to(param.dtype)
 
     def roll_back_unfinished(self) -> bool:
         """A step whose backward did not finish (an exception or Ctrl-C interrupted it) can never
@@ -541,9 +589,13 @@ class OffloadRuntime:
 
     def finish_pending(self) -> None:
         """Complete a deferred step still running (before anything else touches the state)."""
+        self.check_usable()
         if not self.pending_weights:
             return
-        self._join()
+        try:
+            self._join()
+        except LohanError as e:
+            raise self._deferred_failed(e) from e
         for key in list(self.pending_weights):
             self.wait_weight(key)
 
@@ -576,12 +628,17 @@ class OffloadRuntime:
             self._step()
 
     def _step(self) -> None:
+        self.check_usable()
         st = self.state
         if self.accumulating:
             raise LohanError("opt.step() inside `with opt.accumulate():`; step after the block")
         if not st.backward_done:
             raise LohanError("opt.step() was called before backward() finished")
-        self._join()
+        try:
+            self._join()  # (a failure of the work backward queued rolls the step back too)
+        except BaseException:
+            self.abort()
+            raise
         opt = self.opt
         norm, coef = opt.clip_coefficient(st.sumsq)
         skip = st.nonfinite and opt.skip_nonfinite
@@ -633,11 +690,14 @@ class OffloadRuntime:
 
     def abort(self) -> None:
         """Return to the state before the step: undo updates, restore device weights."""
+        if self.failed is not None:
+            return  # nothing to return to: a checkpoint is loaded next
         try:
             self.finish_pending()
             self._join()
         except LohanError:
-            pass
+            if self.failed is not None:
+                return
         st = self.state
         self._wait_copies()
         # updates with a roll-back copy are undone; a deferred update only runs inside step()

@@ -260,6 +260,11 @@ class StepTracker:
         self._note_excess(run)
         if run.phase != "backward":
             return
+        if run.failed:
+            # its gradients are partly handed over: the step cannot be taken (the optimizer's
+            # runtime rolls back what ran, at zero_grad() or when the model is read)
+            self.abandon_step()
+            return
         with self._lock:
             self._pending -= 1
             if self._pending > 0:

@@ -168,11 +168,23 @@ def counters() -> dict[str, int]:
         return dict(_counters)
 
 
-def register(param: torch.Tensor, *, trainable: bool, updater: Any = None) -> Streamed:
+def release_at_rest(param: torch.Tensor) -> None:
+    """A registered parameter's device copy goes now: the first step fetches it like every later
+    one, so a model whose weights exceed the budget is within it from the first step."""
+    s = lookup(param)
+    if s is not None and s.copy is not None:  # a fetch still copying into the storage
+        s.copy.wait()
+        s.copy = None
+    with unset_fake_temporarily():
+        param.untyped_storage().resize_(0)
+
+
+def register(param: torch.Tensor, *, trainable: bool, updater: Any = None, release: bool = True) -> Streamed:
     """Stream ``param`` from now on (compile time, once the passes ran): copy its value to the
-    host tier and free its device memory (every use is preceded by a ``fetch_param``). ``updater``: the optimizer
-    runtime that updates it, if any (fetches wait for its update of the weight). Registering
-    again returns the same entry."""
+    host tier and free its device memory (every use is preceded by a ``fetch_param``;
+    ``release`` False: the caller frees it with ``release_at_rest`` once it has read the value).
+    ``updater``: the optimizer runtime that updates it, if any (fetches wait for its update of
+    the weight). Registering again returns the same entry."""
     existing = lookup(param)
     if existing is not None:
         if trainable and existing.spare is None:
@@ -195,9 +207,8 @@ def register(param: torch.Tensor, *, trainable: bool, updater: Any = None) -> St
         device.adopt(param)
         host = tier.empty(tuple(param.shape), param.dtype).copy_(param.detach())
         spare = tier.empty(tuple(param.shape), param.dtype) if trainable else None
-        # the device copy goes now: the first step fetches it like every later one, so that a
-        # model whose weights exceed the budget is within it from the first step
-        param.untyped_storage().resize_(0)
+    if release:
+        release_at_rest(param)
     key = keys.key_for(param)
     with _lock:
         s = Streamed(key, weakref.ref(param, _forget(key)), nbytes, host, spare, None, tier,
