@@ -22,9 +22,27 @@ def _fresh_compile_state():
     their bitwise comparisons with eager then fail by design)."""
     torch._dynamo.reset()
     TRACKER.reset()
+    tier = _current_tier()
     with settings.DEBUG.override(True), settings.EXECUTOR.override(TEST_EXECUTOR):
         yield
     torch._dynamo.reset()
+    # a test that compiled with host_memory_budget or ssd_dir made its tier the process's current
+    # one: the next test gets the one before (its SSD folder may be gone, or a tmpfs unmounted)
+    now = _current_tier()
+    if now is not None and (tier is None or now._obj is not tier._obj):
+        from lohan_compile.runtime import hosttier
+
+        hosttier.set_current(tier)
+
+
+def _current_tier():
+    from lohan_compile import ext
+
+    if not ext._loaded:
+        return None
+    from lohan_compile.runtime import hosttier
+
+    return hosttier.current_if_set()
 
 
 def pytest_collection_modifyitems(config, items):

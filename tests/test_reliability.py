@@ -530,3 +530,31 @@ def test_between_backward_and_step_the_models_state_dict_holds_the_weights_befor
         opt.zero_grad()
     assert written_early
     assert not all(v.equal(before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key", ["memory_budget", "host_memory_budget"])
+@pytest.mark.parametrize("value", [0, -1, "0B", 1.5, True, "lots"])
+def test_budgets_that_are_not_a_positive_number_of_bytes_are_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        lohan.Options(**{key: value})
+
+
+def test_budgets_of_one_byte_say_what_would_work(tmp_path):
+    from lohan_compile.errors import BudgetError, HostMemoryError
+
+    model = tiny_llama(layers=1)
+    cm = torch.compile(model, backend="lohan", options={"memory_budget": 1})
+    with pytest.raises(Exception) as info:
+        lm_loss(cm, token_batches(1)[0]).backward()
+    err = BudgetError.within(info.value)
+    assert err is not None and err.smallest_feasible_bytes > 1
+    torch._dynamo.reset()
+    opt = lohan.CPUAdamW(model.parameters())
+    cm = torch.compile(model, backend="lohan",
+                       options={"optimizer": opt, "host_memory_budget": 1, "ssd_dir": str(tmp_path)})
+    with pytest.raises(Exception) as info:
+        lm_loss(cm, token_batches(1)[0]).backward()
+    assert isinstance(info.value, HostMemoryError) or isinstance(
+        getattr(info.value, "inner_exception", None), HostMemoryError), info.value
+    assert "smallest workable host budget" in str(info.value)
+    torch._dynamo.reset()
