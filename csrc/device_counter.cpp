@@ -81,6 +81,13 @@ struct DeviceCounter final : at::Allocator {
     return peak_;
   }
 
+  // After a measurement that reset the peak: the peak is at least ``bytes`` again.
+  int64_t raise_peak(int64_t bytes) {
+    std::lock_guard<std::mutex> guard(mu_);
+    if (bytes > peak_) peak_ = bytes;
+    return peak_;
+  }
+
   // The memory timeline: while recording, (time, live bytes) after every change, on the
   // monotonic clock (Python's time.perf_counter()); bounded, the oldest dropped first.
   void record(bool on) {
@@ -180,7 +187,8 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
   m.def("device_counter_reset_peak() -> int", []() { return counter().reset_peak(); });
   m.def("device_counter_record(bool on) -> ()", [](bool on) { counter().record(on); });
   m.def("device_counter_take_timeline() -> int[]", []() { return counter().take_timeline(); });
-  m.def("device_counter_adopt(Tensor t) -> bool", [](const at::Tensor& t) { return counter().adopt(t); });
+  m.def("device_counter_raise_peak(int bytes) -> int", [](int64_t bytes) { return counter().raise_peak(bytes); });
+  m.def("device_counter_adopt(Tensor(a!) t) -> bool", [](const at::Tensor& t) { return counter().adopt(t); });
   m.def("device_counter_pause(bool on) -> ()", [](bool on) { counter().pause(on); });
   m.def("device_counter_contains(int address) -> bool",
         [](int64_t address) { return counter().contains(static_cast<uintptr_t>(address)); });

@@ -234,11 +234,12 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
     def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = self._new_state(p.shape)
-            state["exp_avg_sq"] = self._new_state(p.shape)
+            # made whole before it is kept: a failure (a full disk) leaves no half state behind
+            new = {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": self._new_state(p.shape),
+                   "exp_avg_sq": self._new_state(p.shape)}
             if self._needs_master(p):
-                state["master"] = self._new_state(p.shape, p.detach())
+                new["master"] = self._new_state(p.shape, p.detach())
+            state.update(new)
         return state
 
     # ---------------------------------------------------------- state on SSD
@@ -434,8 +435,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         if runtime is not None and runtime.in_step():
             # gradients of a step that step() did not finish (an exception interrupted it, or it
             # is discarded) are dropped, as zero_grad() drops them in eager: roll back what ran
-            if not runtime.roll_back_unfinished():
-                runtime.abort()
+            runtime.abort()
         super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:

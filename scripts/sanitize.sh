@@ -64,7 +64,7 @@ if [[ ${PYTHON_TESTS:-1} != 0 ]]; then
   PY=${PYTHON:-python}
   stdcxx=$("$CXX" -print-file-name=libstdc++.so.6)
   tests=(tests/test_host_tier_stress.py tests/test_copy_engine.py tests/test_ssd_tier.py tests/test_swap_ops.py
-         tests/test_host_arena.py)
+         tests/test_host_arena.py tests/test_device_counter.py)
   for san in ${SANITIZERS:-address thread}; do
     case $san in
       address) rt=$("$CXX" -print-file-name=libasan.so); opts=(ASAN_OPTIONS=detect_leaks=0:halt_on_error=1)

@@ -112,27 +112,31 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
     the host tier and those read resident (``stream_params``)."""
     reports = {r.name: r.report for r in records if not r.skipped}
     offloaded = reports.get("offload_grads", {}).get("offloaded_inputs", {})
-    if offloaded:
-        runtime = offload.runtime_of(optimizer)
-        for idx in offloaded:
-            runtime.register(real_inputs[idx])
-        runtime.note_forward_order(reports["offload_grads"]["forward_order"])
     streaming = reports.get("stream_params", {})
-    for idx in streaming.get("resident_inputs", ()):
-        stream.keep_resident(real_inputs[idx])
     streamed = streaming.get("streamed_inputs", {})
-    for idx, trainable in streamed.items():
-        param = real_inputs[idx]
-        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param), release=False)
-    with unset_fake_temporarily(), torch.no_grad():
-        # the optimizer state is made now, not at the first update (a disk too small for the state
-        # beyond the host budget is found before any step runs, never in the middle of one), after
-        # the streamed weights' host buffers (the state goes where they leave room) and while
-        # every parameter still has its value on the device (its fp32 master starts from it)
-        for idx in {*offloaded, *(i for i, trainable in streamed.items() if trainable)}:
-            optimizer._state_of(real_inputs[idx])
-        for idx in streamed:
-            stream.release_at_rest(real_inputs[idx])
+    # a parameter an earlier compile streams has no value on the device between uses: it is
+    # fetched for the state made below (its fp32 master starts from it), and released after
+    with stream.fetched_for_reading([real_inputs[i] for i in {*offloaded, *streamed}]):
+        if offloaded:
+            runtime = offload.runtime_of(optimizer)
+            for idx in offloaded:
+                runtime.register(real_inputs[idx])
+            runtime.note_forward_order(reports["offload_grads"]["forward_order"])
+        for idx in streaming.get("resident_inputs", ()):
+            stream.keep_resident(real_inputs[idx])
+        for idx, trainable in streamed.items():
+            param = real_inputs[idx]
+            stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param),
+                            release=False)
+        with unset_fake_temporarily(), torch.no_grad():
+            # the optimizer state is made now, not at the first update (a disk too small for the
+            # state beyond the host budget is found before any step runs, never in the middle of
+            # one), after the streamed weights' host buffers (the state goes where they leave room)
+            for idx in {*offloaded, *(i for i, trainable in streamed.items() if trainable)}:
+                if real_inputs[idx].device.type != "meta":  # (explain() plans on meta: no state)
+                    optimizer._state_of(real_inputs[idx])
+    for idx in streamed:
+        stream.release_at_rest(real_inputs[idx])
 
 
 class GraphCompiler:
@@ -213,7 +217,9 @@ class GraphCompiler:
         """Whether each Inductor segment's peak is measured against the plan's when compiled (a
         training graph under a budget, for real): a fused segment can hold more than its nodes
         run one by one, which the plan assumed."""
-        return (self.opts.executor == "inductor" and self.opts.memory_budget is not None and not self.on_meta)
+        # (on CUDA a measurement resets torch's peak, which a step in progress still needs)
+        return (self.opts.executor == "inductor" and self.opts.memory_budget is not None and not self.on_meta
+                and not (self.record.device is not None and TRACKER.step_open()))
 
     def _backward_compiled_now(self):
         """Segments are measured before the first step runs: backward compiles with forward then
@@ -263,7 +269,7 @@ class GraphCompiler:
         bind_runtime(self.pipeline.records, self.real_inputs, self.optimizer)
         if not self.on_meta:
             # the modules that own what the runtime now manages wait for it outside the step
-            modules.watch(modules.roots_of_sources(f.source for f in self.inputs if f.kind == "param"))
+            modules.watch_later(modules.roots_of_sources(f.source for f in self.inputs if f.kind == "param"))
         self.record.passes = self.pipeline.records
         saved = self.record.pass_report("classify_saved")
         if saved is not None:
@@ -393,8 +399,9 @@ class GraphCompiler:
         try:
             excess = excess_over_fx(sub, compiled, vals, device_memory, self.record.device)
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
-            log.info("lohan %s: a segment's peak could not be measured (%s: %s)", self.record.name,
-                     type(e).__name__, e)
+            log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
+                        "budget then rests on the runtime's measurement of the first steps",
+                        self.record.name, type(e).__name__, e)
             return
         self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)
 

@@ -29,6 +29,7 @@ from ..options import Options
 from ..plan.policies import solve
 from ..plan.program import predict
 from ..runtime import device as device_memory
+from ..runtime import modules
 from ..runtime.step import TRACKER
 from ..units import format_bytes
 from .compiler import GraphCompiler
@@ -112,7 +113,8 @@ class Replanning:
                 break
         self.record = compiler.record
         self.observed = compiler.observed
-        self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run)
+        self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run,
+        # or with forward where segments are measured)
         self.calibrated = False
         self.collected = False
         # the device level the plan was made at (a plan on the meta device has none: nothing the
@@ -252,6 +254,7 @@ class Replanning:
                  ", ".join(f"{'/'.join(v)} {s * 1e3:.2f} ms" for v, s in measured.items()), "/".join(best))
 
     def __call__(self, *args: Any) -> Any:
+        modules.watch_pending()  # (hooks added now, not while dynamo was compiling)
         if not self.collected and self.observed.steps_run:
             # dynamo's trace of this graph (and of the graph after a break, which it compiles
             # during the first step) leaves reference cycles that hold that step's real tensors

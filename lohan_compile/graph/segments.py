@@ -462,12 +462,14 @@ def _probe_inputs(vals: Sequence[Any]) -> list:
 
 def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: Any) -> int:
     """Device bytes a boxed ``fn`` holds at its highest point above the level it was called at
-    (its inputs included, which it may free as it goes)."""
+    (its inputs included, which it may free as it goes). The counter's peak is put back after."""
+    before = counter.peak(device)
     level = counter.allocated(device)
     counter.reset_peak(device)
     out = fn(inputs)
     peak = counter.peak(device)
     del out
+    counter.raise_peak(before, device)
     return peak - level
 
 
@@ -485,13 +487,16 @@ def excess_over_fx(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: S
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.graph import _BoxedCodeGen
 
-    with unset_fake_temporarily():
+    on_cuda = device is not None and device.type == "cuda"
+    with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
+        # (random ops, dropout, draw from a generator of their own: training draws the same)
         eager = copy.deepcopy(sub)
         eager.graph.set_codegen(_BoxedCodeGen())
         eager.recompile()
-        with torch.no_grad():
-            by_op = _transient(eager, _probe_inputs(vals), counter, device)
-            fused = _transient(compiled, _probe_inputs(vals), counter, device)
+        if on_cuda:
+            compiled(_probe_inputs(vals))  # its first call tunes kernels, with memory of its own
+        by_op = _transient(eager, _probe_inputs(vals), counter, device)
+        fused = _transient(compiled, _probe_inputs(vals), counter, device)
     return max(0, fused - by_op)
 
 

@@ -57,6 +57,15 @@ def reset_peak(device: torch.device | None = None) -> None:
     _ops().device_counter_reset_peak()
 
 
+def raise_peak(value: int, device: torch.device | None = None) -> None:
+    """CPU stand-in: the peak is at least ``value`` again (after a measurement reset it); on
+    CUDA torch keeps no such setter: nothing happens."""
+    if device is not None and device.type == "cuda":
+        return
+    install()
+    _ops().device_counter_raise_peak(int(value))
+
+
 def counted(t: torch.Tensor) -> bool:
     """Whether the storage of ``t`` (on the CPU stand-in) is a block the counter sees."""
     if t.device.type == "cuda":

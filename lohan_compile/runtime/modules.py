@@ -50,20 +50,32 @@ def _wait(params: Iterable[torch.Tensor], *, loading: bool = False) -> None:
         runtime = offload.runtime_offloading(p)
         if runtime is None:
             continue
-        if runtime.failed is not None:
+        if runtime.failed is None and runtime.in_step():
+            if not runtime.roll_back_unfinished():
+                if loading:
+                    runtime.abort()  # new weights replace a step in flight (as opt.load_state_dict)
+                else:
+                    runtime.settle()
+        if runtime.failed is not None:  # (also when rolling back just found the step torn)
             if loading:
                 continue
             runtime.check_usable()
-        runtime.roll_back_unfinished()
         if runtime.pending_weights:
             runtime.wait_weight(offload.key_of(p))
 
 
+def _in_backward() -> bool:
+    """Autograd is running a backward now (a hook must not roll back or wait for its step)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _before_forward(module: torch.nn.Module, args: Any) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _in_backward():
         return  # the compiled step waits for each weight itself
     managed = [p for _, p in _managed(module)]
     _wait(managed)
+    if torch._C._dynamo.eval_frame.get_eval_frame_callback() is not None:
+        return  # dynamo runs this call (a graph break inside the module): its graphs fetch weights
     for p in managed:
         s = stream.lookup(p)
         if s is not None and not s.resident:
@@ -75,6 +87,8 @@ def _before_forward(module: torch.nn.Module, args: Any) -> None:
 
 
 def _after_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    if _in_backward():
+        return
     managed = _managed(module)
     _wait(p for _, p in managed)
     for name, p in managed:
@@ -97,13 +111,19 @@ def _before_load(module, state_dict, prefix, local_metadata, strict, missing_key
     for name, p in managed:
         s = stream.lookup(p)
         if s is not None and prefix + name in state_dict and not s.resident:
-            s.fetch()
+            # (after a failed update nothing is waited for: the value is replaced)
+            s.fetch(after_update=runtime_failed(p) is None)
             s.wait()
             fetched.append(s)
     _loading[module] = fetched
 
 
 _loading: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def runtime_failed(p: torch.Tensor) -> str | None:
+    runtime = offload.runtime_offloading(p)
+    return None if runtime is None else runtime.failed
 
 
 @torch.no_grad()
@@ -122,6 +142,23 @@ def _after_load(module: torch.nn.Module, incompatible_keys: Any) -> None:
         runtime = offload.runtime_offloading(p)
         if runtime is not None:
             runtime.adopt_weight(offload.key_of(p), value)
+
+
+_later: list[weakref.ref] = []
+
+
+def watch_later(modules: Iterable[torch.nn.Module]) -> None:
+    """``watch(modules)`` at the next ``watch_pending()``: hooks are not added while dynamo
+    compiles a frame (it checks its guards, module hooks among them, right after the backend
+    returns), but when the compiled code first runs."""
+    _later.extend(weakref.ref(m) for m in modules)
+
+
+def watch_pending() -> None:
+    if _later:
+        roots = [m for m in (ref() for ref in _later) if m is not None]
+        _later.clear()
+        watch(roots)
 
 
 def watch(modules: Iterable[torch.nn.Module]) -> int:

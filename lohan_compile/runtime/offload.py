@@ -269,6 +269,7 @@ class _Step:
     speculate: bool | None = None  # the design this step uses (decided once, at its first need)
     begun: bool = False  # a gradient arrived (set on the step thread)
     backward_done: bool = False
+    interrupted: bool = False  # a backward of the step raised: it can never be taken
 
     @property
     def active(self) -> bool:
@@ -574,18 +575,29 @@ class OffloadRuntime:
         master = backup[0]
         if opt._on_ssd(master):
             master = opt.read_state(master, torch.empty(master.shape, dtype=master.dtype))
-        return master.to(param.dtype)
+        return master.to(device=param.device, dtype=param.dtype)
+
+    def backward_interrupted(self) -> None:
+        """A backward of the open step raised (an error, Ctrl-C): the tracker let the step go."""
+        self.state.interrupted = True
 
     def roll_back_unfinished(self) -> bool:
-        """A step whose backward did not finish (an exception or Ctrl-C interrupted it) can never
-        be taken: roll back what it ran, as ``zero_grad()`` does, so that weights read now are
-        the ones before it. True if there was one."""
+        """A step whose backward raised (an exception or Ctrl-C) can never be taken: roll back
+        what it ran, as ``zero_grad()`` does, so that weights read now are the ones before it
+        (gradients accumulating between micro-batches are not such a step). True if there was one."""
         st = self.state
-        if not st.active or st.backward_done or self.accumulating:
+        if not st.active or not st.interrupted:
             return False
-        TRACKER.abandon_step()
         self.abort()
         return True
+
+    def settle(self) -> None:
+        """Before weights are read outside the step, during a step in flight: the work backward
+        queued (speculative updates) and the copies of updated weights to the device are done."""
+        if self.state.active:
+            self._join()
+            for ev in list(self.state.copies):
+                ev.wait()
 
     def finish_pending(self) -> None:
         """Complete a deferred step still running (before anything else touches the state)."""
@@ -701,9 +713,18 @@ class OffloadRuntime:
         st = self.state
         self._wait_copies()
         # updates with a roll-back copy are undone; a deferred update only runs inside step()
+        final = st.updated - set(st.backups)  # ran final, without a copy (no clipping, no skipping)
         self._rollback(set(st.backups), restore_weights=True)
         self._wait_copies()
         self.state = _Step()
+        if final:
+            self.failed = (
+                f"a step was abandoned after {len(final)} of its updates had run final during backward "
+                "(without max_grad_norm and with skip_nonfinite=False they keep no roll-back copy), so "
+                "the weights and optimizer state hold part of that step. Load the last checkpoint: "
+                "model.load_state_dict(...) and opt.load_state_dict(...) (training, state_dict() and "
+                "saving refuse until then)"
+            )
 
     def accumulate(self):
         runtime = self

@@ -159,6 +159,10 @@ class StepTracker:
     def last_report(self) -> Report | None:
         return self._last
 
+    def step_open(self) -> bool:
+        """A step has begun (a forward ran) and not ended."""
+        return self._step_start is not None
+
     def forward_begin(self, graph: GraphRecord, args: Sequence[object], observed: Observed | None = None) -> GraphRun:
         """A forward of ``graph`` begins (``observed``: where what is seen of its plan goes)."""
         bindings = bind_symbols(graph.fw_placeholder_vals, args) if graph.symbolic else {}
@@ -251,8 +255,11 @@ class StepTracker:
             self._pending -= 1
             if self._pending > 0:
                 return
-            # no backward will end this step: it is not a step to report
+            # no backward will end this step: it is not a step to report, nor one to take
+            participants = self._participants
             self._open_step()
+        for runtime in participants:
+            runtime.backward_interrupted()
 
     def end(self, run: GraphRun, start: float) -> None:
         run.start = start
@@ -263,7 +270,11 @@ class StepTracker:
         if run.failed:
             # its gradients are partly handed over: the step cannot be taken (the optimizer's
             # runtime rolls back what ran, at zero_grad() or when the model is read)
-            self.abandon_step()
+            with self._lock:
+                participants = self._participants
+                self._open_step()
+            for runtime in participants:
+                runtime.backward_interrupted()
             return
         with self._lock:
             self._pending -= 1

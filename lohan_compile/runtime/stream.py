@@ -87,11 +87,12 @@ class Streamed:
     def resident(self) -> bool:
         return self.param.untyped_storage().nbytes() > 0
 
-    def fetch(self) -> None:
+    def fetch(self, *, after_update: bool = True) -> None:
         p = self.param
         if p.untyped_storage().nbytes() > 0:
             return  # already on the device (another graph of the step fetched it)
-        self.wait_for_update()  # a deferred update of this weight writes the host value this copy reads
+        if after_update:
+            self.wait_for_update()  # a deferred update of this weight writes the host value this copy reads
         # the device memory comes from the step thread (DESIGN: device tier allocated where
         # the step runs); the copy engine only writes into it
         p.untyped_storage().resize_(self.nbytes)
@@ -166,6 +167,26 @@ def kept_resident(param: torch.Tensor) -> bool:
 def counters() -> dict[str, int]:
     with _lock:
         return dict(_counters)
+
+
+@contextlib.contextmanager
+def fetched_for_reading(params: list[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the streamed ones among ``params`` hold their value on the device (read
+    only; those that had none lose it again at the end)."""
+    fetched = []
+    try:
+        for p in params:
+            s = lookup(p)
+            if s is not None and not s.resident:
+                with unset_fake_temporarily():
+                    s.fetch()
+                    s.wait()
+                fetched.append(s)
+        yield
+    finally:
+        with unset_fake_temporarily():
+            for s in fetched:
+                s.release()
 
 
 def release_at_rest(param: torch.Tensor) -> None:
