@@ -114,27 +114,34 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
     offloaded = reports.get("offload_grads", {}).get("offloaded_inputs", {})
     streaming = reports.get("stream_params", {})
     streamed = streaming.get("streamed_inputs", {})
-    # a parameter an earlier compile streams has no value on the device between uses: it is
-    # fetched for the state made below (its fp32 master starts from it), and released after
-    with stream.fetched_for_reading([real_inputs[i] for i in {*offloaded, *streamed}]):
-        if offloaded:
-            runtime = offload.runtime_of(optimizer)
-            for idx in offloaded:
-                runtime.register(real_inputs[idx])
-            runtime.note_forward_order(reports["offload_grads"]["forward_order"])
-        for idx in streaming.get("resident_inputs", ()):
-            stream.keep_resident(real_inputs[idx])
-        for idx, trainable in streamed.items():
+
+    def reads_value(param: Any) -> bool:
+        # its optimizer state is still to be made, or lacks the master made from the weight
+        state = optimizer.state.get(param) if optimizer is not None else None
+        return param.device.type != "meta" and (not state or "master" not in state)
+
+    if offloaded:
+        runtime = offload.runtime_of(optimizer)
+        for idx in offloaded:
+            # (a parameter an earlier compile streams has no value on the device between uses:
+            # fetched, one at a time, where its value is read, and released again)
             param = real_inputs[idx]
-            stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param),
-                            release=False)
-        with unset_fake_temporarily(), torch.no_grad():
-            # the optimizer state is made now, not at the first update (a disk too small for the
-            # state beyond the host budget is found before any step runs, never in the middle of
-            # one), after the streamed weights' host buffers (the state goes where they leave room)
-            for idx in {*offloaded, *(i for i, trainable in streamed.items() if trainable)}:
-                if real_inputs[idx].device.type != "meta":  # (explain() plans on meta: no state)
-                    optimizer._state_of(real_inputs[idx])
+            with stream.fetched_for_reading([param] if reads_value(param) else []):
+                runtime.register(param)
+        runtime.note_forward_order(reports["offload_grads"]["forward_order"])
+    for idx in streaming.get("resident_inputs", ()):
+        stream.keep_resident(real_inputs[idx])
+    for idx, trainable in streamed.items():
+        param = real_inputs[idx]
+        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param), release=False)
+    # the optimizer state is made now, not at the first update (a disk too small for the state
+    # beyond the host budget is found before any step runs, never in the middle of one), after the
+    # streamed weights' host buffers (the state goes where they leave room), from each weight's value
+    for idx in {*offloaded, *(i for i, trainable in streamed.items() if trainable)}:
+        param = real_inputs[idx]
+        if reads_value(param):
+            with stream.fetched_for_reading([param]), unset_fake_temporarily(), torch.no_grad():
+                optimizer._state_of(param)
     for idx in streamed:
         stream.release_at_rest(real_inputs[idx])
 
