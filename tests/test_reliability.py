@@ -411,16 +411,19 @@ def test_killed_mid_step_with_state_on_ssd_resumes_bit_for_bit_and_leaves_no_fil
     assert [p.name for p in ssd.iterdir() if p.name.startswith("lohan-ssd-")] == []
 
 
-def _ssd_model(ssd_dir, overlap="deferred"):
+def _ssd_model(ssd_dir, overlap="deferred", **options):
+    """A small LLaMA whose optimizer state is half on SSD (``options``: more backend options;
+    ``max_grad_norm`` goes to the optimizer)."""
     torch.manual_seed(0)
     model = tiny_llama(layers=2)
     n = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     # gradients and weight buffers, staging for the largest update, half the state: the rest on SSD
     budget = 8 * n + 36 * largest + 6 * n + (128 << 10)
-    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap=overlap)
-    cm = torch.compile(model, backend="lohan",
-                       options={"optimizer": opt, "host_memory_budget": budget, "ssd_dir": str(ssd_dir)})
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, overlap=overlap,
+                         max_grad_norm=options.pop("max_grad_norm", None))
+    cm = torch.compile(model, backend="lohan", options={
+        "optimizer": opt, "host_memory_budget": budget, "ssd_dir": str(ssd_dir), **options})
     return model, opt, cm
 
 

@@ -20,9 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 torch.set_num_threads(1)
 
-import lohan_compile as lohan  # noqa: E402
-from models import tiny_llama  # noqa: E402
 from test_offload import lm_loss, token_batches  # noqa: E402
+from test_reliability import _ssd_model  # noqa: E402
 
 mode, ckpt, ssd_dir, out = sys.argv[1:5]
 data = token_batches(4, t=16)
@@ -75,16 +74,7 @@ def arm(phase: str, opt) -> None:
 
 
 def build():
-    torch.manual_seed(0)
-    model = tiny_llama(layers=2)
-    n = sum(p.numel() for p in model.parameters())
-    largest = max(p.numel() for p in model.parameters())
-    # gradients and weight buffers, staging for the largest update, half the state: the rest on SSD
-    budget = 8 * n + 36 * largest + 6 * n + (128 << 10)
-    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, overlap="deferred")
-    cm = torch.compile(model, backend="lohan", options={
-        "optimizer": opt, "executor": "fx", "host_memory_budget": budget, "ssd_dir": ssd_dir})
-    return model, opt, cm
+    return _ssd_model(ssd_dir, max_grad_norm=1.0, executor="fx")
 
 
 def step(model, opt, cm, ids):
