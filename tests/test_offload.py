@@ -413,3 +413,90 @@ def test_the_last_step_report_does_not_keep_a_finished_run_alive():
     gc.collect()
     assert lohan.last_report() is not None
     assert weight() is None
+
+
+@torch._dynamo.disable
+def _eager_head(model, h):
+    """Code dynamo does not compile (as TRL's chunked log-prob function): autograd accumulates
+    its weights' gradients into ``.grad``, outside the compiled graphs."""
+    out = model.head(h)
+    if model.tie:  # a weight the compiled part reads too
+        out = out + 1e-2 * (h @ model.fc2.weight).sum(-1, keepdim=True)
+    return out
+
+
+class EagerHead(MLP):
+    def __init__(self, tie):
+        super().__init__()
+        self.tie = tie
+
+    def forward(self, x):
+        return _eager_head(self, F.gelu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def mlp_batches(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["head-only-eager", "tied-across"])
+@pytest.mark.parametrize("overlap,max_grad_norm,skip", [
+    ("speculative", 0.5, True), ("deferred", 0.5, True), ("auto", None, False)])
+def test_gradients_of_code_run_eagerly_are_clipped_and_updated_with_the_step(tie, overlap, max_grad_norm, skip):
+    """A region dynamo runs eagerly leaves its weights' gradients in ``.grad``: they join the
+    step (global norm, clipping, update). Before, the head was never updated and the norm
+    left it out (TRL's SFTTrainer: grad_norm 0.67 against 1.17)."""
+    torch.manual_seed(0)
+    base = EagerHead(tie)
+    batches = mlp_batches(4)
+
+    def loss_fn(m, b):
+        return F.mse_loss(m(b[0]), b[1])
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    _, norms = eager_reference(eager, batches, loss_fn, lr=1e-2, max_grad_norm=max_grad_norm,
+                               skip_nonfinite=skip)
+    if max_grad_norm is not None:
+        assert any(n > max_grad_norm for n in norms)  # clipping matters
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=max_grad_norm, overlap=overlap,
+                         skip_nonfinite=skip)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    for batch, norm in zip(batches, norms):
+        loss_fn(cm, batch).backward()
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+        assert opt.last_grad_norm == pytest.approx(norm, rel=1e-5)
+    assert_close_models(eager, model, atol=1e-5)
+
+
+def test_a_loss_term_computed_outside_the_compiled_model_reaches_the_optimizer():
+    """A Trainer subclass's compute_loss may add a term from the weights themselves (a
+    regulariser): its gradient is accumulated into ``.grad`` outside the compiled graph, beside
+    the graph's offloaded gradient of the same weight; with accumulation too."""
+    torch.manual_seed(0)
+    base = MLP()
+    batches = mlp_batches(6, seed=5)
+
+    def loss_fn(m, b, weights):
+        return F.mse_loss(m(b[0]), b[1]) + 1e-2 * weights.fc1.weight.square().sum()
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    for step in range(3):
+        micro = batches[2 * step: 2 * step + 2]
+        for b in micro:
+            (loss_fn(eager, b, eager) / 2).backward()
+        norm = torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
+        opt_e.step()
+        opt_e.zero_grad()
+        with opt.accumulate():
+            (loss_fn(cm, micro[0], model) / 2).backward()
+        (loss_fn(cm, micro[1], model) / 2).backward()
+        assert model.fc1.weight.grad is None
+        opt.step()
+        opt.zero_grad()
+        assert opt.last_grad_norm == pytest.approx(float(norm), rel=1e-5)
+    assert_close_models(eager, model, atol=1e-5)

@@ -129,6 +129,7 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
             with stream.fetched_for_reading([param] if reads_value(param) else []):
                 runtime.register(param)
         runtime.note_forward_order(reports["offload_grads"]["forward_order"])
+        runtime.watch_eager_grads()
     for idx in streaming.get("resident_inputs", ()):
         stream.keep_resident(real_inputs[idx])
     for idx, trainable in streamed.items():

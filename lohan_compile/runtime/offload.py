@@ -35,6 +35,17 @@ across a graph break) is final only when the step's backward has ended; in the
 first step, before the runtime knows the step's graphs, every parameter is
 treated so. Gradients of micro-batches run inside ``opt.accumulate()`` add up
 on the host.
+
+Gradients that autograd accumulates into ``param.grad`` outside the compiled
+graphs (code dynamo runs eagerly: a graph break, an ``autograd.Function`` it
+does not trace, a loss computed from a weight outside the compiled model) come
+to the runtime too: a hook on every parameter of the optimizer copies such a
+gradient to the host tier, clears ``.grad`` and hands it over like a graph's,
+so it is clipped, checked and updated with the rest of the step. A parameter
+that only such code reads is taken on at its first gradient (its optimizer
+state moves to the host tier); its update finishes inside ``step()`` (it is
+never deferred: the module hooks that make reads outside the step wait are
+added at compile time).
 """
 
 from __future__ import annotations
@@ -57,7 +68,7 @@ from .. import ops
 from ..errors import HostMemoryError, LohanError
 from ..units import format_bytes
 from . import hosttier, keys, stream
-from .step import TRACKER
+from .step import TRACKER, after_backward
 
 def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
     runtime_for(key).grad_ready(key, host_grad)
@@ -228,6 +239,15 @@ def runtime_for(key: int) -> "OffloadRuntime":
     if runtime is None:
         raise LohanError("the CPUAdamW this compiled graph offloads gradients to no longer exists")
     return runtime
+
+
+def _eager_grad_hook(runtime_ref: "weakref.ref[OffloadRuntime]") -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        runtime = runtime_ref()
+        if runtime is not None and param.grad is not None:
+            runtime.eager_grad(param)
+
+    return hook
 
 
 def runtime_of(opt: Any) -> "OffloadRuntime":
@@ -403,6 +423,9 @@ class OffloadRuntime:
         self.fw_order: list[int] = []  # keys in the order forward first reads them
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
+        self.eager_only: set[int] = set()  # keys whose gradients come only from code run eagerly
+        self._grad_hooks: dict[int, Any] = {}  # id(param) -> its eager-gradient hook's handle
+        self._end_queued = False  # an engine callback ends the backward in progress for eager gradients
         # why the training state is torn (a deferred update failed after step() returned): every
         # later use refuses until a checkpoint is loaded (opt.load_state_dict)
         self.failed: str | None = None
@@ -463,6 +486,48 @@ class OffloadRuntime:
                     state["master"] = self.opt._new_state(param.shape, param.detach())
         self._state_moved.add(key)
         return key
+
+    def watch_eager_grads(self) -> None:
+        """Hook every parameter of the optimizer (those not hooked yet) so that a gradient
+        autograd accumulates into ``.grad`` outside the compiled graphs comes to this runtime."""
+        hook = None
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if id(p) in self._grad_hooks or not p.requires_grad:
+                    continue
+                hook = hook or _eager_grad_hook(weakref.ref(self))
+                self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(hook)
+
+    def eager_grad(self, param: torch.Tensor) -> None:
+        """``param.grad`` was accumulated by code outside the compiled graphs (a hook calls
+        this during backward): its host copy joins the step's gradients, ``.grad`` is cleared."""
+        grad = param.grad
+        key = keys.existing_key(param)
+        if key is None or self.params.get(key) is not param:
+            owner = runtime_offloading(param)
+            if owner is not None and owner is not self:
+                raise LohanError("a parameter's gradients go to two CPUAdamW optimizers; give each "
+                                 "parameter to one optimizer")
+            key = self.register(param)
+            self.eager_only.add(key)
+        host = self.tier.empty(tuple(grad.shape), grad.dtype)
+        self.tier.copy_(host, grad.detach().contiguous()).wait()
+        param.grad = None
+        self.grad_ready(key, host)
+        if key in self.eager_only:
+            # autograd accumulates a gradient once every use of the weight has had its backward:
+            # the device weight may take its update
+            self.weight_ready(key)
+        if not self._end_queued:
+            # the backward pass may run no compiled graph (whose end ends the step's backward):
+            # when it finishes with no compiled step open, this backward is the step's
+            self._end_queued = True
+            after_backward(self._eager_backward_done)
+
+    def _eager_backward_done(self) -> None:
+        self._end_queued = False
+        if not TRACKER.step_open():
+            self.backward_ended()
 
     # ---- graph ops (on the step thread) ------------------------------------------------------
 
@@ -673,6 +738,12 @@ class OffloadRuntime:
                     )
                 self._rollback(redo, keep=True)
                 todo = [k for k in st.grads if k not in st.updated]
+                now = [k for k in todo if k in self.eager_only]  # no module hook waits for these
+                if now:
+                    todo = [k for k in todo if k not in self.eager_only]
+                    self._update(now, coef)
+                    for k in now:
+                        self._writeback(k)
                 if todo and not self._speculative():
                     # deferred: the updates run in the order forward reads the weights, while
                     # step() returns; the next forward waits only for the weight it needs.

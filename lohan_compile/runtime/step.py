@@ -135,6 +135,15 @@ def _host_peak() -> int | None:
     return None if tier is None else tier.stats().peak_in_use_bytes
 
 
+def after_backward(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the autograd engine finishes the backward pass in progress (every
+    ``.grad`` accumulated, every graph's backward done), or now outside one."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(fn)
+    except RuntimeError:  # not inside a backward pass
+        fn()
+
+
 class StepTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -301,8 +310,9 @@ class StepTracker:
             self._open_step()
         # weakly: a finished step must not keep an optimizer (and its parameters) alive
         self._finished_participants = [weakref.ref(r) for r in participants]
-        for runtime in participants:
-            runtime.backward_ended()  # outside the lock: it may submit work
+        # outside the lock (it may submit work), once autograd has finished the whole backward
+        # pass: gradients of code run eagerly (a graph break) are accumulated by then
+        after_backward(lambda: [runtime.backward_ended() for runtime in participants])
         if participants or self._last is None:
             return
         self._write_dump(self._last)
