@@ -22,6 +22,20 @@ def corpus() -> bytes:
     return files("lohan_compile").joinpath("data/corpus.txt").read_bytes()
 
 
+def byte_tokenizer():
+    """A Hugging Face tokenizer with one token per byte (256) and a pad and an end-of-text token,
+    for the shipped corpus where nothing can be downloaded (TRL's trainers want a tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<|pad|>": 256, "<|endoftext|>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: each byte its own token
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
 def _demo_model(name: str, layers: int, hidden: int):
     """A LLaMA-architecture model over bytes: Hugging Face's when installed, else the built-in one."""
     if name in ("auto", "hf"):

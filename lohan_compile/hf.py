@@ -33,11 +33,21 @@ The Trainer's learning-rate scheduler drives the optimizer; checkpoints hold
 the optimizer's state (fp32 masters and moments) and the scheduler's, and
 ``train(resume_from_checkpoint=...)`` resumes where the run was.
 
+With ``bf16=True`` the compiled model's forward runs under the accelerator's
+autocast, as ``accelerator.prepare`` arranges for a model it wraps: the graph
+holds the autocast casts, weights and gradients stay fp32, and outputs come back
+in fp32.
+
+Any ``Trainer`` subclass works (TRL's ``SFTTrainer`` among them), including one
+whose ``compute_loss`` computes the loss outside the model, from its outputs or
+from the weights: gradients that reach ``param.grad`` outside the compiled graph
+(a graph break, code dynamo runs eagerly) are clipped and updated with the rest.
+
 Supported: transformers 5.24 up to 6 (exclusive) with accelerate; one process,
-one device; ``optim`` ``"adamw_torch"`` or ``"adamw_torch_fused"`` (the default).
-Refused with a message: mixed precision (``fp16``/``bf16``; load the model in
-bf16 instead, CPUAdamW keeps fp32 masters), DeepSpeed, FSDP, several processes
-or GPUs, ``model_init``, ``auto_find_batch_size``, ``torch_compile=True``.
+one device; ``optim`` ``"adamw_torch"`` or ``"adamw_torch_fused"`` (the default);
+``bf16=True`` or fp32. Refused with a message: ``fp16=True`` (it needs loss
+scaling; use bf16), DeepSpeed, FSDP, several processes or GPUs, ``model_init``,
+``auto_find_batch_size``, ``torch_compile=True``.
 """
 
 from __future__ import annotations
@@ -130,12 +140,31 @@ def prepare(trainer: Any, *, overlap: str = "auto", skip_nonfinite: bool = True,
     # device memory by the plan
     runtime_of(opt)
     compiled = torch.compile(trainer.model, backend="lohan", options={**options, "optimizer": opt})
+    if trainer.accelerator.mixed_precision == "bf16":
+        _autocast_like_accelerate(trainer.accelerator, compiled)
     trainer.__class__ = cls
     trainer._lohan = _State(opt)
     # the Trainer trains model_wrapped when it differs from model (as for a DDP-wrapped one) and
     # lets accelerate prepare only the optimizer
     trainer.model_wrapped = compiled
     return trainer
+
+
+def _autocast_like_accelerate(accelerator: Any, compiled: torch.nn.Module) -> None:
+    """What ``accelerator.prepare`` does to a model under mixed precision, done to the compiled
+    one (the Trainer does not prepare a model it did not wrap itself): its forward runs under
+    the accelerator's autocast, so dynamo traces the autocast casts into the graph, and
+    floating-point outputs come back in fp32."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    forward = compiled.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    compiled.forward = convert_outputs_to_fp32(autocast_forward)
 
 
 def synchronize(trainer: Any) -> None:
@@ -164,12 +193,15 @@ def _check_trainer(trainer: Any) -> None:
         refused.append(f"several processes or GPUs (world_size={args.world_size}, n_gpu={args.n_gpu})")
     if args.torch_compile:
         refused.append("torch_compile=True (prepare() compiles the model with backend='lohan'; leave it off)")
-    if args.fp16 or args.bf16 or trainer.accelerator.mixed_precision != "no":
+    precision = trainer.accelerator.mixed_precision
+    if args.fp16 or precision == "fp16":
         refused.append(
-            "mixed precision (fp16/bf16): gradients leave the device during backward, where a "
-            "GradScaler cannot see them, and accelerate's autocast is applied only to models it "
-            "prepares. Load the model in bfloat16 instead (CPUAdamW keeps fp32 master weights)"
+            "fp16=True: fp16 needs loss scaling, and a GradScaler cannot see gradients that leave the "
+            "device during backward (CPUAdamW does not scale losses yet). Use bf16=True (autocast, "
+            "no scaling), or load the model in bfloat16 (CPUAdamW keeps fp32 master weights)"
         )
+    elif precision not in ("no", "bf16"):
+        refused.append(f"mixed_precision={precision!r} (lohan trains fp32 or bf16 autocast: use bf16=True)")
     if str(getattr(args.optim, "value", args.optim)) not in _ADAMW:
         refused.append(f"optim={args.optim!r} (lohan's optimizer is AdamW: use {' or '.join(_ADAMW)})")
     given = trainer.optimizer

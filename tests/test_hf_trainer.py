@@ -198,6 +198,57 @@ def small_trainer(tmp_path, **changes):
     return Trainer(model=tiny_llama(layers=1), args=arguments(tmp_path, **changes), train_dataset=Tokens(4))
 
 
+@pytest.mark.slow
+def test_bf16_autocast_under_a_budget_trains_within_bf16_tolerance_of_the_trainer(base, tmp_path):
+    """bf16=True: the compiled forward runs under accelerate's autocast (the casts are in the
+    graph, weights and CPUAdamW's state stay fp32), and the budget holds."""
+    steps = {"bf16": True, "max_grad_norm": 1.0}
+    eager_logs, _ = train(copy.deepcopy(base), tmp_path / "eager", **steps)
+    train(copy.deepcopy(base), tmp_path / "keep", lohan_options={}, max_steps=2, **steps)
+    budget = int(lohan.last_report().summary()["measured_peak_bytes"] * 0.85)
+    torch._dynamo.reset()
+    logs, _ = train(copy.deepcopy(base), tmp_path / "lohan", lohan_options={"memory_budget": budget}, **steps)
+    summary = lohan.last_report().summary()
+    assert len(logs) == len(eager_logs) == 5
+    for e, c in zip(eager_logs, logs):
+        assert c["loss"] == pytest.approx(e["loss"], abs=2e-2), (e, c)
+        assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=2e-2), (e, c)
+    assert summary["measured_peak_bytes"] <= budget, summary
+    assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0, summary
+
+
+class OwnLossTrainer(Trainer):
+    """A Trainer subclass whose compute_loss works outside the model: the loss from the logits
+    it returns, plus a penalty on a weight read directly (its gradient reaches ``.grad`` outside
+    the compiled graph, beside the graph's own)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        loss = loss + 1e-3 * self.model.lm_head.weight.square().sum()
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.slow
+def test_a_trainer_subclass_with_its_own_compute_loss_trains_as_without_lohan(base, tmp_path):
+    def run(out, lohan_options=None):
+        trainer = OwnLossTrainer(model=copy.deepcopy(base), args=arguments(out, max_grad_norm=1.0),
+                                 train_dataset=Tokens(24))
+        if lohan_options is not None:
+            hf.prepare(trainer, **lohan_options)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        trainer.accelerator.free_memory()
+        return logs
+
+    eager_logs = run(tmp_path / "eager")
+    logs = run(tmp_path / "lohan", {})
+    assert_same_logs(eager_logs, logs)
+    assert any(h["grad_norm"] > 1.0 for h in eager_logs)  # clipping is at work
+
+
 def test_the_optimizer_follows_the_training_arguments(tmp_path):
     trainer = hf.prepare(small_trainer(tmp_path, max_grad_norm=0.5, adam_beta1=0.8, adam_epsilon=1e-6))
     opt = trainer.optimizer

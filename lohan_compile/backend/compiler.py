@@ -162,6 +162,7 @@ class GraphCompiler:
         variant: tuple[str, str] | None = None,
         dropped_outputs: frozenset[int] = frozenset(),
         executor_excess: int = 0,
+        outside: int = 0,
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -172,6 +173,7 @@ class GraphCompiler:
         self.variant = variant  # policy "auto": which of its plans a trial asked for
         self.dropped_outputs = dropped_outputs  # forward outputs seen dropped before backward
         self.executor_excess = executor_excess  # bytes an earlier plan ran above its prediction
+        self.outside = outside  # bytes code outside the graph held between its forward and backward
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -250,6 +252,7 @@ class GraphCompiler:
             variant=self.variant,
             dropped_outputs=self.dropped_outputs,
             executor_excess_bytes=self.executor_excess,
+            outside_bytes=self.outside,
             **extra,
         )
 

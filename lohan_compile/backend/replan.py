@@ -92,6 +92,9 @@ class Replanning:
         # device bytes a plan of this graph was measured to hold above its predicted peak, when
         # that took the step past the budget: every plan from then on is made holding them
         self.excess = 0
+        # device bytes code outside this graph (run eagerly) was measured to allocate between its
+        # forward and its backward: every plan from then on is made holding them there
+        self.outside = 0
         self._compile(example_inputs, example_inputs, None)
         self._start_trial()
 
@@ -107,6 +110,7 @@ class Replanning:
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
+                outside=self.outside,
             )
             self.fn = compiler.compile()
             if not self._segments_overrun(compiler.record) or attempt == self.SEGMENT_REPLANS:
@@ -177,6 +181,22 @@ class Replanning:
             return False
         self.excess += excess
         return True
+
+    def _outside_over(self) -> bool:
+        """Code outside this graph allocated more between its forward and backward than the plan
+        holds there: learn it (``self.outside``); True when the plan, holding it, would pass the
+        budget (then plan again)."""
+        seen, budget = self.observed.outside_bytes, self.opts.memory_budget
+        if seen <= self.outside or budget is None:
+            return False
+        self.outside = seen
+        planned = self.record.pass_report("plan_memory")
+        if planned is None:
+            return False
+        problem = planned["problem"].with_outside(seen)  # (in place of what it held there)
+        prediction = predict(problem, planned["plan"].decisions, planned["rates"])
+        growth = max(0, device_memory.allocated(self.record.device) - (self.planned_level or 0))
+        return prediction.peak_device_bytes + growth > budget
 
     def _timed(self) -> bool:
         drivers = self.drivers
@@ -279,6 +299,12 @@ class Replanning:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
                 self._replan(args, sizes, "a size grew past the plan" if sizes else "the device holds more")
+            elif self._outside_over():
+                why = (f"code outside the compiled graph (run eagerly, after a graph break) allocated "
+                       f"{format_bytes(self.outside)} between its forward and backward, past memory_budget; "
+                       "planned again holding it there")
+                log.warning("lohan %s: %s", self.record.name, why)
+                self._replan(args, None, why)
             elif self._ran_over():
                 why = (f"a step ran {format_bytes(self.observed.peak_excess)} above its predicted peak, past "
                        f"memory_budget (the {self.opts.executor} executor holds what the simulator does not "

@@ -99,6 +99,9 @@ class CompileFacts:
     # (the executor allocates what the simulator does not model: Inductor, fusing torch's
     # min-cut recomputation chains, keeps their inputs alive longer): planned as held all step
     executor_excess_bytes: int = 0
+    # device bytes that code outside the graph (run eagerly, after a graph break) was measured
+    # to allocate between this graph's forward and its backward: planned as held there
+    outside_bytes: int = 0
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

@@ -288,7 +288,7 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     dropped before backward, device bytes held outside the graph and above an earlier plan."""
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)
-    problem = build_problem(fw, bw, cost).without_outputs(facts.dropped_outputs)
+    problem = build_problem(fw, bw, cost).without_outputs(facts.dropped_outputs).with_outside(facts.outside_bytes)
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     rates = Rates(
         d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),

@@ -110,6 +110,10 @@ class Problem:
     # of those, the ones whose storage forward also saves for backward: that it is still alive
     # when backward starts says nothing of whether the user holds them
     saved_outputs: frozenset[int] = frozenset()
+    # device bytes that code outside the graph allocates (and frees) between the end of forward
+    # and the start of backward, while what forward keeps is held (a region dynamo ran eagerly
+    # after a graph break: a loss, a chunked LM head): measured, not traced
+    outside_bytes: int = 0
 
     def candidate(self, key: str) -> Candidate:
         for c in self.candidates:
@@ -128,6 +132,12 @@ class Problem:
             if key in buffers:
                 buffers[key] = replace(buffers[key], free=None if key in held else free)
         return replace(self, buffers=buffers, dropped_outputs=dropped)
+
+
+    def with_outside(self, nbytes: int) -> "Problem":
+        """This problem with ``nbytes`` allocated and freed again between the end of forward and
+        the start of backward (``outside_bytes``). ``self`` is unchanged."""
+        return replace(self, outside_bytes=max(0, nbytes))
 
 
 class Action(str, enum.Enum):

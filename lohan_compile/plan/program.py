@@ -11,6 +11,8 @@ from __future__ import annotations
 from .problem import Action, Decision, OpRef, Plan, Prediction, Problem, Rates, Transfer, effective_first_use
 from .simulate import Alloc, Compute, Free, Issue, Op, Wait, simulate
 
+OUTSIDE = "outside:between"  # the allocation of Problem.outside_bytes in a step program
+
 
 # Slots around op i, in the order they run. Before: prefetches start the link early,
 # then waits for data op i needs, then recomputations, then op i's own outputs.
@@ -57,6 +59,10 @@ def program_for(
             at("recompute", first_use[c.key], Alloc(f"re:{c.key}", c.bytes),
                Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0))
             at("free", c.last_bw_use, Free(f"re:{c.key}"))
+
+    if problem.outside_bytes and 0 < problem.n_fw < len(problem.ops):
+        # after forward's last frees: what forward keeps, and the outside code's bytes beside it
+        at("release", problem.n_fw - 1, Alloc(OUTSIDE, problem.outside_bytes), Free(OUTSIDE))
 
     # streamed parameters share the h2d link with swap-ins
     for f in problem.fetches:

@@ -20,6 +20,10 @@ class Observed:
     # peak (moved by the level its forward found): what the executor holds that the simulator
     # does not model
     peak_excess: int = 0
+    # the most device bytes code outside the compiled graphs (run eagerly: after a graph break)
+    # allocated between this graph's forward and its backward, above what the device held when
+    # that code began (after the plan's first step)
+    outside_bytes: int = 0
 
     def ran(self, phase: str, seconds: float) -> None:
         if phase == "forward":

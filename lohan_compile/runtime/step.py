@@ -164,6 +164,9 @@ class StepTracker:
         self.d2h_bytes = 0
         self.h2d_bytes = 0
         self._engine_base = (0, 0)
+        # the step's device peak, and the device bytes allocated, when its latest graph run ended
+        self._end_peak: int | None = None
+        self._end_level: int | None = None
 
     def last_report(self) -> Report | None:
         return self._last
@@ -193,6 +196,7 @@ class StepTracker:
             self._pending += 1
             self._runs.append(run)
         run.peak_before = device_memory.peak(graph.device)
+        self._note_gap(run.peak_before)
         self.latest_forward = run
         return run
 
@@ -222,7 +226,25 @@ class StepTracker:
                     break
             self._runs.append(run)
         run.peak_before = device_memory.peak(graph.device)
+        self._note_gap(run.peak_before)
         return run
+
+    def _note_gap(self, peak: int) -> None:
+        """Code that ran between two graph runs of the step (eagerly: after a graph break, an
+        ``autograd.Function`` dynamo does not trace, a loss computed outside the model) raised
+        the step's device peak to ``peak``: it allocated ``peak`` less what the device held when
+        the previous run ended. The graphs whose backward is still to come held their saved
+        tensors meanwhile: each learns those bytes as allocated between its forward and its
+        backward (not in a plan's first step, whose compile-time garbage is still held)."""
+        if self._end_peak is None or self._end_level is None or peak <= self._end_peak:
+            return
+        outside = peak - self._end_level
+        with self._lock:
+            pending = [r for r in self._runs if r.phase == "forward" and not r.backward_seen]
+        for r in pending:
+            observed = r.observed
+            if observed is not None and observed.steps_run >= 1:
+                observed.outside_bytes = max(observed.outside_bytes, outside)
 
     def _uncounted_bytes(self) -> int:
         """Device bytes of the open step's graphs' inputs the counter does not see (each storage
@@ -274,6 +296,8 @@ class StepTracker:
         run.start = start
         run.seconds = time.perf_counter() - start
         self._note_excess(run)
+        self._end_peak = device_memory.peak(run.graph.device)
+        self._end_level = device_memory.allocated(run.graph.device)
         if run.phase != "backward":
             return
         if run.failed:
