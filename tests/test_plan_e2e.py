@@ -561,3 +561,50 @@ def test_outputs_the_step_drops_before_backward_are_planned_as_gone():
     held = train(options, hold=True, steps=3)
     assert held[-1]["swapped_bytes"] + held[-1]["recomputed_bytes"] > 0
     assert held[-1]["measured_peak_bytes"] <= budget
+
+
+def _eager_loss(h, head):
+    """A loss computed outside the compiled model (as TRL's SFTTrainer does, through its chunked
+    LM head): a 4 MiB scratch buffer, allocated and freed while the graph's saved activations
+    are held."""
+    scratch = torch.ones(1024 * 1024)
+    return head(h * scratch[:1]).square().mean()
+
+
+class Body(torch.nn.Module):
+    def __init__(self, d=256, layers=6):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.nn.functional.gelu(layer(x))
+        return x
+
+
+def test_memory_that_eager_code_holds_between_forward_and_backward_is_planned_from_then_on():
+    """The step's peak is the graph's saved activations plus the eager loss's scratch. lohan
+    cannot see the scratch before it runs; once measured (after the first step, whose
+    compile-time garbage is still held) the graph is planned again holding it there, and every
+    step from then on keeps the budget."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(512, 256, generator=g) for _ in range(6)]
+
+    def peaks(options):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        body, head = Body(), torch.nn.Linear(256, 8)
+        cm = torch.compile(body, backend="lohan", options=options)
+        out = []
+        for x in xs:
+            _eager_loss(cm(x), head).backward()
+            out.append(lohan.last_report().summary()["measured_peak_bytes"])
+        return out
+
+    unplanned = max(peaks({"executor": "fx"}))
+    budget = int(unplanned * 0.85)
+    planned = peaks({"executor": "fx", "memory_budget": budget})
+    record = lohan.last_report().runs[0].graph
+    assert record.pass_report("plan_memory")["problem"].outside_bytes >= 4 * 2**20
+    assert max(planned[2:]) <= budget, (planned, budget)

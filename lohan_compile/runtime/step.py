@@ -214,6 +214,7 @@ class StepTracker:
                     run.output_refs.append((pos, StorageWeakRef(t.untyped_storage()).expired))
 
     def backward_begin(self, graph: GraphRecord, observed: Observed | None = None) -> GraphRun:
+        self._note_gap(device_memory.peak(graph.device))  # (while its forward still counts as pending)
         run = GraphRun(graph, "backward", 0.0, observed=observed)
         with self._lock:
             for r in self._runs:
@@ -226,7 +227,6 @@ class StepTracker:
                     break
             self._runs.append(run)
         run.peak_before = device_memory.peak(graph.device)
-        self._note_gap(run.peak_before)
         return run
 
     def _note_gap(self, peak: int) -> None:
