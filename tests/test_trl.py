@@ -148,3 +148,17 @@ def test_fp16_is_refused_with_what_to_do(base, tmp_path):
         pytest.skip(f"this accelerate refuses fp16 on this device: {e}")
     with pytest.raises(ValueError, match="fp16=True.*bf16=True"):
         hf.prepare(trainer)
+
+
+def test_the_example_fine_tunes_through_lohan(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(root / "examples" / "sft_trl.py"), "--steps", "5"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'loss':" in out.stdout + out.stderr and "measured_peak_bytes" in out.stdout
