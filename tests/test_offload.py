@@ -500,3 +500,34 @@ def test_a_loss_term_computed_outside_the_compiled_model_reaches_the_optimizer()
         opt.zero_grad()
         assert opt.last_grad_norm == pytest.approx(float(norm), rel=1e-5)
     assert_close_models(eager, model, atol=1e-5)
+
+
+def test_autocast_in_a_plain_loop_trains_within_bf16_tolerance_of_eager(tmp_path):
+    """torch.autocast around the compiled model: dynamo traces the casts into the graph, the
+    weights and CPUAdamW's state stay fp32; the same training as eager AdamW under autocast."""
+    torch.manual_seed(0)
+    base = tiny_llama(layers=2)
+    batches = token_batches(4, seed=6)
+
+    def loss_fn(m, ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm_loss(m, ids)
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    le, ne = eager_reference(eager, batches, loss_fn, lr=1e-3, max_grad_norm=1.0)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt, "dump_dir": str(tmp_path)})
+    for ids, loss, norm in zip(batches, le, ne):
+        ours = loss_fn(cm, ids)
+        ours.backward()
+        opt.step()
+        opt.zero_grad()
+        assert float(ours) == pytest.approx(float(loss), abs=2e-3)
+        assert opt.last_grad_norm == pytest.approx(norm, rel=1e-3)
+    opt.synchronize()
+    assert any("torch.bfloat16" in p.read_text() for p in tmp_path.glob("graph*_fw.py"))  # the casts are in the graph
+    for (name, x), y in zip(eager.named_parameters(), model.parameters()):
+        assert y.dtype == torch.float32 and opt.state[y]["exp_avg"].dtype == torch.float32
+        # Adam's update of an element whose gradient is rounding noise may differ by about lr
+        assert (x - y).abs().max() <= 2e-3, name
+        assert (x - y).norm() <= 1e-3 * x.norm(), name
