@@ -161,7 +161,10 @@ def plan_table(plan: Any, problem: Any) -> str:
         f"{format_bytes(plan.prediction.peak_device_bytes)}, host peak "
         f"{format_bytes(plan.prediction.peak_host_bytes)}, exposed transfers "
         f"{plan.prediction.exposed_seconds * 1e3:.3f} ms, recomputation "
-        f"{plan.prediction.recompute_seconds * 1e3:.3f} ms\n\n"
+        f"{plan.prediction.recompute_seconds * 1e3:.3f} ms"
+        + (f"; code run eagerly between forward and backward holds {format_bytes(problem.outside_bytes)} "
+           "(measured), counted in the device peak" if getattr(problem, "outside_bytes", 0) else "")
+        + "\n\n"
         "| saved activation | bytes | decision | why | produced at op | last forward use | first backward use "
         "| swap-out waited after op | swap-in issued before op |\n"
         "|---|---|---|---|---|---|---|---|---|\n"

@@ -270,6 +270,9 @@ class Report:
             # this plan holds room for (counted in predicted_peak_bytes; 0 almost always)
             "executor_excess_bytes": [(g.pass_report("plan_memory") or {}).get("executor_excess_bytes", 0)
                                       for g in self.graphs],
+            # per graph: what code run eagerly (after a graph break) was measured to allocate
+            # between its forward and backward, which this plan holds room for there
+            "outside_bytes": [(g.pass_report("plan_memory") or {}).get("outside_bytes", 0) for g in self.graphs],
         }
 
     def trace_events(self, *, pid: int = 2) -> list[dict]:

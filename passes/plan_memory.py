@@ -79,6 +79,9 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         "predicted_peak_bytes": p.peak_device_bytes,
         # counted in it: what an earlier plan of this graph ran above its prediction
         "executor_excess_bytes": facts.executor_excess_bytes,
+        # counted in it: what code outside the graph (run eagerly) was measured to allocate between
+        # this graph's forward and backward, held there
+        "outside_bytes": facts.outside_bytes,
         "predicted_host_peak_bytes": p.peak_host_bytes,
         # streamed parameters (input index -> bytes) and where each fetch is issued (op name)
         "streamed": streamed,

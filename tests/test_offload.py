@@ -531,3 +531,27 @@ def test_autocast_in_a_plain_loop_trains_within_bf16_tolerance_of_eager(tmp_path
         # Adam's update of an element whose gradient is rounding noise may differ by about lr
         assert (x - y).abs().max() <= 2e-3, name
         assert (x - y).norm() <= 1e-3 * x.norm(), name
+
+
+@pytest.mark.parametrize("overlap", ["speculative", "deferred"])
+def test_steps_that_run_the_model_eagerly_after_compiled_ones_update_the_device_weights(overlap):
+    """Every gradient of a step reaches the optimizer through the hook when the model runs
+    eagerly (dynamo fell back, or the user stepped the plain model): the updates, made while
+    backward runs, reach the device weights too."""
+    torch.manual_seed(0)
+    base = MLP()
+    batches = mlp_batches(5, seed=8)
+
+    def loss_fn(m, b):
+        return F.mse_loss(m(b[0]), b[1])
+
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    eager_reference(eager, batches, loss_fn, lr=1e-2, max_grad_norm=10.0)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2, max_grad_norm=10.0, overlap=overlap)
+    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
+    for i, b in enumerate(batches):
+        loss_fn(cm if i < 2 else model, b).backward()  # two compiled steps, then eager ones
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert_close_models(eager, model, atol=1e-5)

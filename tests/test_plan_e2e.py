@@ -607,4 +607,5 @@ def test_memory_that_eager_code_holds_between_forward_and_backward_is_planned_fr
     planned = peaks({"executor": "fx", "memory_budget": budget})
     record = lohan.last_report().runs[0].graph
     assert record.pass_report("plan_memory")["problem"].outside_bytes >= 4 * 2**20
+    assert lohan.last_report().summary()["outside_bytes"][0] >= 4 * 2**20  # the report says so
     assert max(planned[2:]) <= budget, (planned, budget)

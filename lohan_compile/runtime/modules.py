@@ -154,11 +154,15 @@ def watch_later(modules: Iterable[torch.nn.Module]) -> None:
     _later.extend(weakref.ref(m) for m in modules)
 
 
+_roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # every root watched so far
+
+
 def watch_pending() -> None:
-    if _later:
+    again = offload.take_eager_registrations()  # parameters taken on since: their modules too
+    if _later or again:
         roots = [m for m in (ref() for ref in _later) if m is not None]
         _later.clear()
-        watch(roots)
+        watch([*roots, *(list(_roots) if again else ())])
 
 
 def watch(modules: Iterable[torch.nn.Module]) -> int:
@@ -166,6 +170,7 @@ def watch(modules: Iterable[torch.nn.Module]) -> int:
     offloads or streams (modules already hooked are skipped). Returns how many were hooked."""
     n = 0
     for root in modules:
+        _roots.add(root)
         for module in root.modules():
             if module in _hooked or not _managed(module):
                 continue

@@ -43,9 +43,10 @@ to the runtime too: a hook on every parameter of the optimizer copies such a
 gradient to the host tier, clears ``.grad`` and hands it over like a graph's,
 so it is clipped, checked and updated with the rest of the step. A parameter
 that only such code reads is taken on at its first gradient (its optimizer
-state moves to the host tier); its update finishes inside ``step()`` (it is
-never deferred: the module hooks that make reads outside the step wait are
-added at compile time).
+state moves to the host tier, and the modules of the compiled model that own
+it get the hooks that make reads outside the step wait, when the compiled code
+next runs); its update is never deferred: ``step()`` returns once it reached
+the device weight.
 """
 
 from __future__ import annotations
@@ -241,6 +242,16 @@ def runtime_for(key: int) -> "OffloadRuntime":
     return runtime
 
 
+_eager_taken = False  # a parameter was taken on at its first eager gradient (runtime/modules.py)
+
+
+def take_eager_registrations() -> bool:
+    """Whether parameters were taken on at their first eager gradient since the last call."""
+    global _eager_taken
+    taken, _eager_taken = _eager_taken, False
+    return taken
+
+
 def _eager_grad_hook(runtime_ref: "weakref.ref[OffloadRuntime]") -> Callable[[torch.Tensor], None]:
     def hook(param: torch.Tensor) -> None:
         runtime = runtime_ref()
@@ -425,7 +436,6 @@ class OffloadRuntime:
         self.accumulating = False
         self.eager_only: set[int] = set()  # keys whose gradients come only from code run eagerly
         self._grad_hooks: dict[int, Any] = {}  # id(param) -> its eager-gradient hook's handle
-        self._end_queued = False  # an engine callback ends the backward in progress for eager gradients
         # why the training state is torn (a deferred update failed after step() returned): every
         # later use refuses until a checkpoint is loaded (opt.load_state_dict)
         self.failed: str | None = None
@@ -501,14 +511,15 @@ class OffloadRuntime:
     def eager_grad(self, param: torch.Tensor) -> None:
         """``param.grad`` was accumulated by code outside the compiled graphs (a hook calls
         this during backward): its host copy joins the step's gradients, ``.grad`` is cleared."""
+        owner = runtime_offloading(param)
+        if owner is not None and owner is not self:
+            return  # the gradient is the runtime's that took the parameter on (its own hook)
         grad = param.grad
         key = keys.existing_key(param)
         if key is None or self.params.get(key) is not param:
-            owner = runtime_offloading(param)
-            if owner is not None and owner is not self:
-                raise LohanError("a parameter's gradients go to two CPUAdamW optimizers; give each "
-                                 "parameter to one optimizer")
             key = self.register(param)
+            global _eager_taken
+            _eager_taken = True  # its module gets the hooks that make reads outside the step wait
             self.eager_only.add(key)
         host = self.tier.empty(tuple(grad.shape), grad.dtype)
         self.tier.copy_(host, grad.detach().contiguous()).wait()
@@ -518,14 +529,12 @@ class OffloadRuntime:
             # autograd accumulates a gradient once every use of the weight has had its backward:
             # the device weight may take its update
             self.weight_ready(key)
-        if not self._end_queued:
-            # the backward pass may run no compiled graph (whose end ends the step's backward):
-            # when it finishes with no compiled step open, this backward is the step's
-            self._end_queued = True
-            after_backward(self._eager_backward_done)
+        # the backward pass may run no compiled graph (whose end ends the step's backward): when
+        # it finishes with no compiled step open, this backward is the step's (once: a later
+        # call finds nothing produced since)
+        after_backward(self._eager_backward_done)
 
     def _eager_backward_done(self) -> None:
-        self._end_queued = False
         if not TRACKER.step_open():
             self.backward_ended()
 
@@ -744,6 +753,10 @@ class OffloadRuntime:
                     self._update(now, coef)
                     for k in now:
                         self._writeback(k)
+                    for k in now:  # (step() may return with deferred updates still running)
+                        copy = st.copy_of.get(k)
+                        if copy is not None:
+                            copy.wait()
                 if todo and not self._speculative():
                     # deferred: the updates run in the order forward reads the weights, while
                     # step() returns; the next forward waits only for the weight it needs.
@@ -850,6 +863,14 @@ class OffloadRuntime:
         self._count(late)
         if self._speculative():
             self._speculate([k for k in late if k not in st.updated])
+        # updates that ran before their weight was free (a gradient that came outside the compiled
+        # graphs, whose weight_ready never comes): every weight is free now. (Here, on the worker,
+        # after every gradient of the step was taken: backward_ended may run before the last of
+        # them reached st.grads)
+        with self._lock:
+            st.weight_free.update(st.grads)
+        for k in st.updated - st.written:
+            self._writeback(k)
 
     def _count(self, keys) -> None:
         if not keys:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -177,6 +177,7 @@ class StepTracker:
 
     def forward_begin(self, graph: GraphRecord, args: Sequence[object], observed: Observed | None = None) -> GraphRun:
         """A forward of ``graph`` begins (``observed``: where what is seen of its plan goes)."""
+        self._note_gap(device_memory.peak(graph.device))  # (before this run counts as pending)
         bindings = bind_symbols(graph.fw_placeholder_vals, args) if graph.symbolic else {}
         if graph.uncounted_inputs is None:
             graph.uncounted_inputs = uncounted_storages(args)
@@ -196,7 +197,6 @@ class StepTracker:
             self._pending += 1
             self._runs.append(run)
         run.peak_before = device_memory.peak(graph.device)
-        self._note_gap(run.peak_before)
         self.latest_forward = run
         return run
 
