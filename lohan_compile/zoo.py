@@ -121,9 +121,23 @@ def model_spec(name_or_path: str) -> ModelSpec:
     return from_hf_config(json.loads(path.read_text()), name=path.parent.name or path.stem)
 
 
+# fields of mixture-of-experts configs (Mixtral, Qwen-MoE, DeepSeek, OLMoE, GPT-OSS, ...)
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+              "num_experts_per_tok")
+
+
 def from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
-    """The shape of a Hugging Face config (LLaMA-like, GPT-2, OPT, GPT-NeoX-like fields)."""
+    """The shape of a Hugging Face config (LLaMA-like, GPT-2, OPT, GPT-NeoX-like fields).
+    A mixture of experts is refused: planned as a dense model it would be several times
+    smaller than the model it describes."""
     mt = cfg.get("model_type", "")
+    moe = {k: cfg[k] for k in MOE_FIELDS if cfg.get(k)}
+    if moe:
+        fields = ", ".join(f"{k}={v}" for k, v in moe.items())
+        raise ValueError(f"config.json of model_type {mt!r} describes a mixture of experts ({fields}): lohan plan "
+                         "models dense decoders only and would plan a model several times smaller than this "
+                         "one. Plan it by compiling the model itself with torch.compile(backend='lohan'), "
+                         "which traces the experts it runs")
     if mt in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode"):
         h = cfg.get("n_embd") or cfg["hidden_size"]
         return ModelSpec(name, "gpt", cfg.get("n_layer") or cfg["num_hidden_layers"], h,

@@ -127,3 +127,16 @@ def test_swapped_activations_beyond_host_memory_go_to_ssd(tiny):
     assert spilled and plan.peaks["ssd"] > 0 and plan.peaks["host"] <= hw.host_memory
     # what went to SSD came back through it
     assert {n.replace("ssdw:", "ssdr:") for n in spilled} <= {iv.name for iv in plan.timeline.intervals}
+
+
+def test_a_mixture_of_experts_config_is_refused_not_planned_as_a_dense_model(tmp_path, capsys):
+    """Mixtral 8x7B's config: planned as a dense LLaMA it was "7.24B parameters", a sixth of
+    the 46.7B it describes."""
+    cfg = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+           "num_hidden_layers": 32, "vocab_size": 32000, "num_key_value_heads": 8, "num_local_experts": 8,
+           "num_experts_per_tok": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mixture of experts.*num_local_experts=8"):
+        zoo.model_spec(str(tmp_path))
+    assert cli.main(["plan", "--model", str(tmp_path), "--batch", "1"]) == 2
+    assert "num_local_experts=8" in capsys.readouterr().err
