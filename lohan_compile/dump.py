@@ -163,7 +163,7 @@ def plan_table(plan: Any, problem: Any) -> str:
         f"{plan.prediction.exposed_seconds * 1e3:.3f} ms, recomputation "
         f"{plan.prediction.recompute_seconds * 1e3:.3f} ms"
         + (f"; code run eagerly between forward and backward holds {format_bytes(problem.outside_bytes)} "
-           "(measured), counted in the device peak" if getattr(problem, "outside_bytes", 0) else "")
+           "(measured), counted in the device peak" if problem.outside_bytes else "")
         + "\n\n"
         "| saved activation | bytes | decision | why | produced at op | last forward use | first backward use "
         "| swap-out waited after op | swap-in issued before op |\n"

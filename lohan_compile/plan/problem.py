@@ -133,7 +133,6 @@ class Problem:
                 buffers[key] = replace(buffers[key], free=None if key in held else free)
         return replace(self, buffers=buffers, dropped_outputs=dropped)
 
-
     def with_outside(self, nbytes: int) -> "Problem":
         """This problem with ``nbytes`` allocated and freed again between the end of forward and
         the start of backward (``outside_bytes``). ``self`` is unchanged."""

@@ -751,12 +751,10 @@ class OffloadRuntime:
                 if now:
                     todo = [k for k in todo if k not in self.eager_only]
                     self._update(now, coef)
-                    for k in now:
+                    for k in now:  # on the device before step() returns (deferred updates may not be)
                         self._writeback(k)
-                    for k in now:  # (step() may return with deferred updates still running)
-                        copy = st.copy_of.get(k)
-                        if copy is not None:
-                            copy.wait()
+                        if k in st.copy_of:
+                            st.copy_of[k].wait()
                 if todo and not self._speculative():
                     # deferred: the updates run in the order forward reads the weights, while
                     # step() returns; the next forward waits only for the weight it needs.
