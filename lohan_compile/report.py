@@ -75,8 +75,10 @@ class GraphRecord:
     # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Inductor executor under a budget: the most device bytes a segment was measured to hold at
-    # its peak beyond its nodes run one by one (what the plan predicted), when it was compiled
+    # its peak beyond the plan's model of its nodes, when it was compiled; and that excess by
+    # (phase, node name) for every node of such a segment
     segment_excess_bytes: int = 0
+    segment_scratch: dict[tuple[str, str], int] = field(default_factory=dict)
     # the plan's step simulated again with the compute times the executor measured
     calibrated_step_s: float | None = None
     measured_compute_s: float | None = None

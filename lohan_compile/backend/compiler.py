@@ -5,6 +5,7 @@ compiling the compute between lohan's ops, or plain fx)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -20,7 +21,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .. import settings
 from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
-from ..graph.segments import Driver, compile_segments, excess_over_fx, symbols_of
+from ..graph.scratch import scratch_for
+from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
 from ..graph.shapes import expr_of, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
@@ -163,6 +165,7 @@ class GraphCompiler:
         dropped_outputs: frozenset[int] = frozenset(),
         executor_excess: int = 0,
         outside: int = 0,
+        segment_scratch: dict[tuple[str, str], int] | None = None,
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -174,6 +177,7 @@ class GraphCompiler:
         self.dropped_outputs = dropped_outputs  # forward outputs seen dropped before backward
         self.executor_excess = executor_excess  # bytes an earlier plan ran above its prediction
         self.outside = outside  # bytes code outside the graph held between its forward and backward
+        self.segment_scratch = dict(segment_scratch or {})  # bytes Inductor segments held above the plan
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -199,6 +203,9 @@ class GraphCompiler:
     def compile(self) -> Callable[..., Any]:
         kwargs: dict[str, Any] = {}
         if self.opts.executor == "inductor":
+            # (Inductor's decompositions consult its lowerings, e.g. for max_pool2d: a process
+            # that never imported them fails the trace)
+            import torch._inductor.lowering  # noqa: F401
             from torch._inductor.decomposition import select_decomp_table
 
             kwargs["decompositions"] = select_decomp_table()
@@ -253,6 +260,7 @@ class GraphCompiler:
             dropped_outputs=self.dropped_outputs,
             executor_excess_bytes=self.executor_excess,
             outside_bytes=self.outside,
+            segment_scratch=self.segment_scratch,
             **extra,
         )
 
@@ -382,7 +390,7 @@ class GraphCompiler:
         try:
             # the CPU stand-in's compute is synchronous: a host clock times it
             timing = self.record.device is None and phase != "inference"
-            probe = self._probe if self.probes_segments and phase != "inference" else None
+            probe = functools.partial(self._probe, phase) if self.probes_segments and phase != "inference" else None
             driver = compile_segments(gm, compile_one, f"graph{self.graph_id}_{phase}", timing=timing, probe=probe,
                                       check=self._compute_check())
         finally:
@@ -406,14 +414,23 @@ class GraphCompiler:
 
         return check
 
-    def _probe(self, sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any]) -> None:
+    def _probe(self, phase: str, seg: Any, sub: fx.GraphModule, compiled: Callable[[list], Any],
+               vals: Sequence[Any]) -> None:
+        """Measure an Inductor segment against the plan's model of its nodes; what it holds
+        above that is held by every node of it in the next plan (``segment_scratch``)."""
         try:
-            excess = excess_over_fx(sub, compiled, vals, device_memory, self.record.device)
+            excess = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
+                                      scratch_for(vals, "inductor"))
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
                         self.record.name, type(e).__name__, e)
             return
+        if excess > 0:
+            where = "fw" if phase == "forward" else "bw"
+            for n in seg.nodes:
+                if n.op == "call_function":
+                    self.record.segment_scratch[(where, n.name)] = excess
         self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)
 
 

@@ -95,6 +95,9 @@ class Replanning:
         # device bytes code outside this graph (run eagerly) was measured to allocate between its
         # forward and its backward: every plan from then on is made holding them there
         self.outside = 0
+        # device bytes Inductor segments were measured to hold above the plan of their nodes, by
+        # (phase, node name): every plan from then on is made holding them while those nodes run
+        self.segment_scratch: dict[tuple[str, str], int] = {}
         self._compile(example_inputs, example_inputs, None)
         self._start_trial()
 
@@ -110,7 +113,7 @@ class Replanning:
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
-                outside=self.outside,
+                outside=self.outside, segment_scratch=self.segment_scratch,
             )
             self.fn = compiler.compile()
             if not self._segments_overrun(compiler.record) or attempt == self.SEGMENT_REPLANS:
@@ -127,19 +130,27 @@ class Replanning:
         self.planned_level = self.record.planned_level = level
 
     def _segments_overrun(self, rec) -> bool:
-        """Inductor's segments, measured when compiled, would take the plan past the budget: its
-        step peaks up to the largest segment excess above the prediction, which held
-        ``self.excess`` all step already. Then plan again holding that excess (before any step
-        runs: the budget holds from the first step)."""
-        budget, predicted, probed = self.opts.memory_budget, rec.predicted_peak_bytes, rec.segment_excess_bytes
-        if budget is None or predicted is None or not rec.training or probed <= self.excess:
+        """Inductor's segments, measured when compiled, hold more than the plan's model of their
+        nodes (``rec.segment_scratch``): learn it, and simulate the plan again holding it while
+        those nodes run. True when that passes the budget: then plan again holding it (before
+        any step runs: the budget holds from the first step)."""
+        more = {k: v - self.segment_scratch.get(k, 0) for k, v in rec.segment_scratch.items()
+                if v > self.segment_scratch.get(k, 0)}
+        if not more or not rec.training:
             return False
-        if predicted - self.excess + probed <= budget:
+        self.segment_scratch.update({k: self.segment_scratch.get(k, 0) + v for k, v in more.items()})
+        planned = rec.pass_report("plan_memory")
+        if planned is None:
             return False
-        log.info("lohan %s: an Inductor segment holds %s above what the plan predicted for its nodes; "
-                 "planned again holding it", rec.name, format_bytes(probed))
-        self.excess = probed
-        return True
+        problem = planned["problem"].with_scratch(more)
+        prediction = predict(problem, planned["plan"].decisions, planned["rates"])
+        budget = self.opts.memory_budget
+        if budget is not None and prediction.peak_device_bytes > budget:
+            log.info("lohan %s: an Inductor segment holds up to %s above what the plan predicted for its "
+                     "nodes; planned again holding it", rec.name, format_bytes(max(more.values())))
+            return True
+        rec.repredict(problem, prediction)
+        return False
 
     def _grown_sizes(self, args: Sequence[Any]) -> dict | None:
         grown = False

@@ -102,6 +102,9 @@ class CompileFacts:
     # device bytes that code outside the graph (run eagerly, after a graph break) was measured
     # to allocate between this graph's forward and its backward: planned as held there
     outside_bytes: int = 0
+    # device bytes an Inductor segment was measured to hold above the plan of its nodes, for
+    # every node of the segment by (phase "fw"/"bw", node name): held while each of them runs
+    segment_scratch: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

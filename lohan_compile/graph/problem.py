@@ -18,6 +18,7 @@ on the device when the graph starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -27,8 +28,9 @@ from ..hardware import resolve
 from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
 from .costmodel import CostModel
-from .fxutil import is_dense, is_view, storage_base, tensor_val
+from .fxutil import is_dense, is_view, output_tensors, storage_base, tensor_val, view_parent
 from .meta import Kind, Role, get_info
+from .scratch import scratch_for
 from .shapes import nbytes_expr, nbytes_hint
 
 
@@ -41,14 +43,25 @@ def _recomputable(node: fx.Node) -> bool:
     return not target._schema.is_mutable
 
 
-def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel) -> Problem:
+def _results_bytes(node: fx.Node) -> int:
+    """A multi-output op that makes new storages (not a ``split``): the bytes of its results."""
+    if not isinstance(node.meta.get("val"), (list, tuple)) or view_parent(node) is not None:
+        return 0
+    return sum(nbytes_hint(t) for t in output_tensors(node))
+
+
+def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
+                  scratch: Callable[[fx.Node], int] | None = None) -> Problem:
+    """``scratch(node)``: the device bytes the op allocates inside itself (``graph/scratch.py``);
+    None: none."""
     ops: list[OpInfo] = []
     index: dict[fx.Node, int] = {}
     for phase, gm in (("fw", fw), ("bw", bw)):
         for n in gm.graph.nodes:
             if n.op == "call_function":
                 index[n] = len(ops)
-                ops.append(OpInfo(n.name, cost.node_seconds(n), phase))
+                ops.append(OpInfo(n.name, cost.node_seconds(n), phase, scratch(n) if scratch is not None else 0,
+                                  _results_bytes(n)))
     n_fw = sum(1 for o in ops if o.phase == "fw")
 
     key_of: dict[fx.Node, str | None] = {}
@@ -288,7 +301,9 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     dropped before backward, device bytes held outside the graph and above an earlier plan."""
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)
-    problem = build_problem(fw, bw, cost).without_outputs(facts.dropped_outputs).with_outside(facts.outside_bytes)
+    scratch = scratch_for(facts.real_inputs, facts.options.executor)
+    problem = (build_problem(fw, bw, cost, scratch).without_outputs(facts.dropped_outputs)
+               .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     rates = Rates(
         d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),

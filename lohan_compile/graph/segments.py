@@ -76,6 +76,20 @@ def _is_cheap(node: fx.Node) -> bool:
     return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
+def _inductor_only(node: fx.Node) -> bool:
+    """An op whose eager form is no kernel of its own but a slow, memory-hungry composite that
+    Inductor's code replaces (``prims._low_memory_max_pool_with_offsets``: 28 MiB of temporaries
+    in eager for a 2 MiB result): compiled even alone. (Not pointwise ops: their eager kernel
+    is what Inductor would write.)"""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or _is_cheap(node):
+        return False
+    if torch.Tag.pointwise in node.target.tags:
+        return False
+    from .scratch import inductor_generates
+
+    return inductor_generates(node)
+
+
 @dataclass
 class Segment:
     """A run of compute nodes compiled as one Inductor graph."""
@@ -102,7 +116,7 @@ def split(graph: fx.Graph) -> list[Segment | fx.Node]:
     def close() -> None:
         nonlocal current
         if current:
-            if sum(1 for n in current if not _is_cheap(n)) < MIN_SEGMENT_OPS:
+            if sum(1 for n in current if not _is_cheap(n)) < MIN_SEGMENT_OPS and not any(map(_inductor_only, current)):
                 items.extend(current)
             else:
                 seg = Segment(len([i for i in items if isinstance(i, Segment)]), current)
@@ -473,31 +487,62 @@ def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: An
     return peak - level
 
 
-def excess_over_fx(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
-                   device: Any) -> int:
-    """How many device bytes the compiled segment holds at its highest point beyond what the same
-    nodes hold run one by one, each value freed at its last use (the fx executor, which the
-    simulator models exactly): a fused kernel keeps its inputs while it writes its outputs, so
-    a segment can peak higher than the plan predicted for its nodes. Both run once, on zeros,
-    measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of ``device``: the runtime's
-    device counters). Between segments the two hold the same values, so a step peaks at most
-    the largest of these above its prediction."""
-    import copy
+def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int]) -> int:
+    """The device bytes the plan's model holds at its highest point while the segment ``sub``
+    runs, above the level it was called at less its inputs (as ``_transient`` measures): its
+    nodes one at a time, each value freed after its last use (inputs too: they are handed over
+    boxed), each op's outputs, the results of a multi-output op and its ``scratch`` held while
+    it runs (``graph/problem.build_problem``'s model of every op)."""
+    from .fxutil import output_tensors, storage_base, view_parent
+    from .shapes import nbytes_hint
 
+    nodes = list(sub.graph.nodes)
+    last: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last[storage_base(a)] = i
+    size: dict[fx.Node, int] = {}
+    live = 0
+    for n in nodes:
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor):
+            size[n] = nbytes_hint(n.meta["val"])
+            live += size[n]
+    called_at = peak = live
+    outputs = {storage_base(a) for a in sub.graph.output_node().all_input_nodes}
+    for i, n in enumerate(nodes):
+        if n.op != "call_function":
+            continue
+        held = 0
+        if storage_base(n) is n and isinstance(n.meta.get("val"), torch.Tensor):
+            size[n] = nbytes_hint(n.meta["val"])
+            held = size[n]
+        if isinstance(n.meta.get("val"), (list, tuple)) and view_parent(n) is None:
+            held += sum(nbytes_hint(t) for t in output_tensors(n))  # its results, then their getitems
+        peak = max(peak, live + held + scratch(n))
+        live += size.get(n, 0)
+        for a in {storage_base(a) for a in n.all_input_nodes} | {n}:
+            if last.get(a, -1) <= i and a in size and a not in outputs:
+                live -= size.pop(a)
+    return peak - called_at
+
+
+def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
+                     device: Any, scratch: Callable[[fx.Node], int]) -> int:
+    """How many device bytes the compiled segment holds at its highest point beyond what the
+    plan's model of its nodes holds (``planned_peak``): a fused kernel keeps its inputs while it
+    writes its outputs, so a segment can peak higher than the plan predicted for its nodes.
+    It runs once, on zeros, measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of
+    ``device``: the runtime's device counters). Between segments the plan and the executor
+    hold the same values, so a step peaks at most this above its prediction while it runs."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.fx.graph import _BoxedCodeGen
 
     on_cuda = device is not None and device.type == "cuda"
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
         # (random ops, dropout, draw from a generator of their own: training draws the same)
-        eager = copy.deepcopy(sub)
-        eager.graph.set_codegen(_BoxedCodeGen())
-        eager.recompile()
         if on_cuda:
             compiled(_probe_inputs(vals))  # its first call tunes kernels, with memory of its own
-        by_op = _transient(eager, _probe_inputs(vals), counter, device)
         fused = _transient(compiled, _probe_inputs(vals), counter, device)
-    return max(0, fused - by_op)
+    return max(0, fused - planned_peak(sub, scratch))
 
 
 def compile_segments(
@@ -506,13 +551,13 @@ def compile_segments(
     name: str,
     *,
     timing: bool = False,
-    probe: Callable[[fx.GraphModule, Callable[[list], Any], Sequence[Any]], None] | None = None,
+    probe: Callable[[Segment, fx.GraphModule, Callable[[list], Any], Sequence[Any]], None] | None = None,
     check: Callable[[str, list], None] | None = None,
 ) -> Driver:
     """Split ``gm``, compile each segment with ``compile_one(segment_gm, example_inputs)``
     (a boxed callable), and return the driver that runs them (``timing``: timing the compute
     of a few calls, which only a host clock can do where compute is synchronous: the CPU).
-    ``probe(segment_gm, compiled, example_inputs)`` is called for each compiled segment;
+    ``probe(segment, segment_gm, compiled, example_inputs)`` is called for each compiled segment;
     ``check``: see ``Driver``."""
     items = split(gm.graph)
     for seg in (i for i in items if isinstance(i, Segment)):
@@ -520,5 +565,5 @@ def compile_segments(
         vals = [example_value(n) for n in seg.inputs]
         seg.fn = compile_one(sub, vals)
         if probe is not None:
-            probe(sub, seg.fn, vals)
+            probe(seg, sub, seg.fn, vals)
     return Driver(gm, items, name, timing=timing, check=check)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from .simulate import Sharing, Timeline
 
@@ -42,6 +42,12 @@ class OpInfo:
     name: str
     seconds: float
     phase: str  # "fw" or "bw"
+    # device bytes the op allocates inside itself and frees before it returns (a convolution's
+    # reorders, a GPU library's workspace): held beside its outputs while it runs
+    scratch_bytes: int = 0
+    # a multi-output op: the bytes of its results, which it allocates while its inputs are
+    # alive (their buffers begin at the ``getitem`` ops after it, once its dying inputs went)
+    results_bytes: int = 0
 
 
 @dataclass
@@ -132,6 +138,14 @@ class Problem:
             if key in buffers:
                 buffers[key] = replace(buffers[key], free=None if key in held else free)
         return replace(self, buffers=buffers, dropped_outputs=dropped)
+
+    def with_scratch(self, extra: Mapping[tuple[str, str], int]) -> "Problem":
+        """This problem with ``extra`` bytes more held while each op runs, by (phase, op name)
+        (what the executor was measured to hold there beyond the plan). ``self`` is unchanged."""
+        if not extra:
+            return self
+        ops = [replace(op, scratch_bytes=op.scratch_bytes + extra.get((op.phase, op.name), 0)) for op in self.ops]
+        return replace(self, ops=ops)
 
     def with_outside(self, nbytes: int) -> "Problem":
         """This problem with ``nbytes`` allocated and freed again between the end of forward and

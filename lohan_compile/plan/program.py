@@ -14,6 +14,11 @@ from .simulate import Alloc, Compute, Free, Issue, Op, Wait, simulate
 OUTSIDE = "outside:between"  # the allocation of Problem.outside_bytes in a step program
 
 
+def scratch_key(i: int, recompute: bool = False) -> str:
+    """The allocation of op ``i``'s ``scratch_bytes`` in a step program (its recomputation's)."""
+    return f"scratch:{'re:' if recompute else ''}{i}"
+
+
 # Slots around op i, in the order they run. Before: prefetches start the link early,
 # then waits for data op i needs, then recomputations, then op i's own outputs.
 # After: frees of what died, then new swap-outs, then swap-out waits with their frees.
@@ -56,8 +61,11 @@ def program_for(
             at("free", c.last_bw_use, Free(f"dev:{c.key}"))
         elif d.action is Action.RECOMPUTE:
             at("free", c.last_fw_use, Free(c.key))
+            scratch = problem.ops[c.produced_at].scratch_bytes
             at("recompute", first_use[c.key], Alloc(f"re:{c.key}", c.bytes),
-               Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0))
+               *((Alloc(scratch_key(c.produced_at, True), scratch),) if scratch else ()),
+               Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0),
+               *((Free(scratch_key(c.produced_at, True)),) if scratch else ()))
             at("free", c.last_bw_use, Free(f"re:{c.key}"))
 
     if problem.outside_bytes and 0 < problem.n_fw < len(problem.ops):
@@ -70,6 +78,13 @@ def program_for(
         at("prefetch", issue, Alloc(f.key, f.bytes), Issue(Transfer("fetch", f.key), "h2d", f.bytes * rates.h2d_seconds_per_byte))
         at("wait", f.first_use, Wait(Transfer("fetch", f.key)))
         at("free", f.last_use, Free(f.key))
+
+    for i, op in enumerate(problem.ops):
+        held = op.scratch_bytes + op.results_bytes
+        if held:
+            # beside the op's outputs while it runs, gone before anything after it
+            at("alloc", i, Alloc(scratch_key(i), held))
+            slots.setdefault(("free", i), []).insert(0, Free(scratch_key(i)))
 
     for where, ops in (extra or {}).items():
         slots.setdefault(where, []).extend(ops)

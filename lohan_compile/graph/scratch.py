@@ -1,0 +1,236 @@
+"""Device memory an op allocates inside itself: its *scratch* (workspace) bytes.
+
+A graph's storages are its nodes' outputs; the simulator counts those exactly. Some ops
+also allocate memory they free before they return, which no node of the graph shows:
+convolution's layout reorders and im2col buffers, the pooling and batch-norm backward's
+temporaries, a reduction's partial sums, cuDNN's and cuBLAS's workspaces on a GPU. At
+such an op the step peaks higher than its outputs say (a small CNN: 8 MiB above a 25 MiB
+prediction).
+
+``OpScratch`` measures it: each op that may allocate inside (not views, not pointwise
+ops) runs once on zeros of its inputs' shapes, strides and dtypes, and what the device
+counter saw at its highest point beyond its inputs and its outputs is its scratch.
+Results are kept per process by the op and its inputs' description, so identical layers
+and re-plans measure nothing new. Where nothing can run (a plan on the meta device, a
+GPU whose step is in progress) ``estimate_scratch`` gives a conservative figure instead,
+and the runtime's measurement of the first steps corrects the plan where it ran over.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .fxutil import is_view
+from .shapes import hint_int
+
+log = logging.getLogger("lohan_compile")
+
+# (op, inputs' description) -> scratch bytes, measured in this process
+_MEASURED: dict[tuple, int] = {}
+
+# ops known to allocate inside themselves where they cannot be measured: the estimate is
+# the bytes of their largest tensor argument or result (what the CPU's reorders and a GPU's
+# workspace take at most for these, measured on this machine: see tests/test_scratch.py)
+_ESTIMATED = {
+    "convolution", "convolution_backward", "_convolution", "cudnn_convolution",
+    "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward",
+    "native_batch_norm_backward", "_native_batch_norm_legit_functional", "native_batch_norm",
+    "_adaptive_avg_pool2d_backward", "avg_pool2d_backward", "native_group_norm_backward",
+    "native_layer_norm_backward", "upsample_bilinear2d_backward", "grid_sampler_2d_backward",
+}
+
+
+# ops Inductor lowers to a call of an external library kernel (ATen's, oneDNN's, cuBLAS's),
+# which allocates what the eager op does
+_EXTERN = {"convolution", "_convolution", "mm", "addmm", "bmm", "baddbmm", "_int_mm", "_scaled_mm"}
+
+
+def _measurable(node: fx.Node) -> bool:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target.namespace == "lohan" or is_view(node):
+        return False
+    if torch.Tag.pointwise in target.tags:
+        return False  # an elementwise kernel writes its output and nothing else
+    return any(isinstance(v, torch.Tensor) for v in _tensor_vals(node))
+
+
+def inductor_generates(node: fx.Node) -> bool:
+    """Whether Inductor writes the op's code itself (not a fallback to the eager kernel, nor an
+    external library call): then it allocates nothing inside beyond what its segment's
+    measurement shows (``segments.excess_over_plan``), whatever the eager op does."""
+    from torch._inductor import lowering
+
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target._opname in _EXTERN:
+        return False
+    return target in lowering.lowerings and target not in lowering.fallbacks
+
+
+def _tensor_vals(node: fx.Node) -> list:
+    out = []
+
+    def visit(a: Any) -> None:
+        if isinstance(a, fx.Node):
+            out.append(a.meta.get("val"))
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+
+    for a in list(node.args) + list(node.kwargs.values()):
+        visit(a)
+    val = node.meta.get("val")
+    out.extend(val if isinstance(val, (list, tuple)) else [val])
+    return out
+
+
+def _describe(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(hint_int(d) for d in v.shape), tuple(hint_int(d) for d in v.stride()), v.dtype,
+                    str(v.device))
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return ("S", hint_int(v) if isinstance(v, torch.SymInt) else v.node.hint)
+        return ("N", repr(v))
+    if isinstance(a, (list, tuple)):
+        return tuple(_describe(x) for x in a)
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("S", hint_int(a) if isinstance(a, torch.SymInt) else a.node.hint)
+    return repr(a)
+
+
+def signature(node: fx.Node) -> tuple:
+    return (str(node.target), _describe(tuple(node.args)), tuple(sorted((k, _describe(v)) for k, v in node.kwargs.items())))
+
+
+def _nbytes(v: Any) -> int:
+    if not isinstance(v, torch.Tensor):
+        return 0
+    numel = 1
+    for d in v.shape:
+        numel *= hint_int(d)
+    return numel * v.element_size()
+
+
+def estimate_scratch(node: fx.Node) -> int:
+    """A conservative guess for ops known to allocate inside (none for the others)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return 0
+    if target._opname.lstrip("_") not in {n.lstrip("_") for n in _ESTIMATED}:
+        return 0
+    return max((_nbytes(v) for v in _tensor_vals(node)), default=0)
+
+
+class OpScratch:
+    """Scratch bytes of ops, measured on ``device`` with the runtime's device counter
+    (``counter``: ``allocated``, ``peak``, ``reset_peak``, ``raise_peak``); with
+    ``inductor``, none for the ops Inductor generates code for."""
+
+    def __init__(self, device: torch.device | None, counter: Any, *, inductor: bool = False):
+        self.device = device
+        self.counter = counter
+        self.inductor = inductor
+        self.failed: list[str] = []  # ops that could not run on zeros: estimated instead
+
+    def __call__(self, node: fx.Node) -> int:
+        if not _measurable(node) or (self.inductor and inductor_generates(node)):
+            return 0
+        key = (str(self.device), signature(node))
+        if key not in _MEASURED:
+            try:
+                _MEASURED[key] = self._measure(node)
+            except Exception as e:  # noqa: BLE001 - an op that cannot run on zeros is estimated
+                log.debug("lohan: scratch of %s not measured (%s: %s); estimated", node.format_node(),
+                          type(e).__name__, e)
+                self.failed.append(node.name)
+                return estimate_scratch(node)
+        return _MEASURED[key]
+
+    def _measure(self, node: fx.Node) -> int:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        counter, device = self.counter, self.device
+        on_cuda = device is not None and device.type == "cuda"
+        with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
+            made: dict[fx.Node, Any] = {}
+
+            def real(a: Any) -> Any:
+                if isinstance(a, fx.Node):
+                    if a not in made:
+                        made[a] = _zeros_like(a.meta.get("val"))
+                    return made[a]
+                if isinstance(a, (list, tuple)):
+                    return type(a)(real(x) for x in a)
+                return a
+
+            args = [real(a) for a in node.args]
+            kwargs = {k: real(v) for k, v in node.kwargs.items()}
+            if on_cuda:
+                node.target(*args, **kwargs)  # the first call may tune, with memory of its own
+                torch.cuda.synchronize(device)
+            before = counter.peak(device)
+            level = counter.allocated(device)
+            counter.reset_peak(device)
+            try:
+                out = node.target(*args, **kwargs)
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                peak = counter.peak(device)
+                inputs = {t.untyped_storage().data_ptr() for t in made.values() if isinstance(t, torch.Tensor)}
+                outputs = _new_storage_bytes(out, inputs)
+                del out
+            finally:
+                counter.raise_peak(before, device)
+        return max(0, peak - level - outputs)
+
+
+def _zeros_like(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        shape = [hint_int(d) for d in v.shape]
+        stride = [hint_int(d) for d in v.stride()]
+        return torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device).zero_()
+    if isinstance(v, torch.SymInt):
+        return hint_int(v)
+    if isinstance(v, (torch.SymFloat, torch.SymBool)):
+        return v.node.hint
+    return v
+
+
+def _new_storage_bytes(out: Any, inputs: set[int]) -> int:
+    seen: set[int] = set(inputs)
+    total = 0
+    stack = [out]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, torch.Tensor):
+            s = v.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+def scratch_for(real_inputs: Sequence[Any], executor: str | None = None) -> Callable[[fx.Node], int]:
+    """How ``build_problem`` learns each op's scratch: measured on the device of the real
+    inputs, or estimated where nothing can run there (the meta device; on CUDA while a step
+    is in progress, whose peak statistics a measurement would reset)."""
+    from ..runtime import device as device_memory
+    from ..runtime.step import TRACKER
+
+    inductor = executor == "inductor"
+    device = next((t.device for t in real_inputs if isinstance(t, torch.Tensor)), None)
+    if device is None or device.type == "meta" or (device.type == "cuda" and TRACKER.step_open()):
+        def base(node: fx.Node) -> int:
+            return 0 if inductor and inductor_generates(node) else estimate_scratch(node)
+    else:
+        return OpScratch(None if device.type == "cpu" else device, device_memory, inductor=inductor)
+    return base
