@@ -302,10 +302,7 @@ class Replanning:
             # before a trial goes on: a trial's plans are then all made knowing it (the trial
             # waits for its warm-up steps, so the first that count come after this is known)
             self._outputs_dropped(args)
-        if self.trial is not None and torch.is_grad_enabled():
-            self._trial_step(args)
-        if not self.calibrated and self._timed():
-            self._calibrate()
+        # (before a trial moves on to another plan: what this one measured is learnt first)
         if torch.is_grad_enabled() and self.opts.memory_budget is not None and self.record.training:
             sizes = self._grown_sizes(args) if self.size_slots else None
             if sizes is not None or self._stale():
@@ -322,6 +319,10 @@ class Replanning:
                        f"model); planned again holding {format_bytes(self.excess)} more")
                 log.warning("lohan %s: %s", self.record.name, why)
                 self._replan(args, None, why)
+        if self.trial is not None and torch.is_grad_enabled():
+            self._trial_step(args)
+        if not self.calibrated and self._timed():
+            self._calibrate()
         out = self.fn(*args)
         run = TRACKER.latest_forward
         if run is not None and run.graph is self.record and torch.is_grad_enabled():
@@ -349,8 +350,10 @@ class Replanning:
             if not _same_decisions(again.decisions, plan.decisions):
                 self._replan(args, None, "the step drops forward outputs before backward")
                 return
+        # the excess was measured against the prediction this replaces
+        before = self.record.predicted_peak_bytes or 0
         self.record.repredict(problem, prediction)
-        self.observed.peak_excess = 0  # measured against the prediction this replaces
+        self.observed.peak_excess = max(0, self.observed.peak_excess - (prediction.peak_device_bytes - before))
         if self.calibrated and self.measured:
             self.record.calibrate(self.measured)
 

@@ -33,8 +33,8 @@ log = logging.getLogger("lohan_compile")
 _MEASURED: dict[tuple, int] = {}
 
 # ops known to allocate inside themselves where they cannot be measured: the estimate is
-# the bytes of their largest tensor argument or result (what the CPU's reorders and a GPU's
-# workspace take at most for these, measured on this machine: see tests/test_scratch.py)
+# twice the bytes of their largest tensor argument or result (at least what this machine's
+# kernels take for a CNN's convolutions, pooling and batch norm: tests/test_scratch.py)
 _ESTIMATED = {
     "convolution", "convolution_backward", "_convolution", "cudnn_convolution",
     "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward",
@@ -125,7 +125,7 @@ def estimate_scratch(node: fx.Node) -> int:
         return 0
     if target._opname.lstrip("_") not in {n.lstrip("_") for n in _ESTIMATED}:
         return 0
-    return max((_nbytes(v) for v in _tensor_vals(node)), default=0)
+    return 2 * max((_nbytes(v) for v in _tensor_vals(node)), default=0)
 
 
 class OpScratch:

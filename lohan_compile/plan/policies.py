@@ -30,7 +30,7 @@ from typing import Callable
 from ..errors import BudgetError
 from ..units import format_bytes
 from .problem import Action, Candidate, Decision, OpRef, Plan, Problem, Rates, effective_first_use
-from .program import finish, predict
+from .program import describe_peak, finish, predict
 from .schedule import schedule_swaps
 from .simulate import Timeline
 
@@ -165,10 +165,12 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
                                              best.prediction.peak_device_bytes),
             )
     if not feasible:
-        smallest = min(p.prediction.peak_device_bytes for p in plans)  # least memory among them
+        least = min(plans, key=lambda p: p.prediction.peak_device_bytes)  # least memory among them
+        smallest = least.prediction.peak_device_bytes
         raise BudgetError(
             f"no plan fits memory_budget={format_bytes(budget)}: the smallest predicted device peak "
-            f"is {format_bytes(smallest)} ({smallest} bytes); raise the budget to at least that",
+            f"is {format_bytes(smallest)} ({smallest} bytes){describe_peak(problem, least.prediction)}; "
+            "raise the budget to at least that",
             smallest_feasible_bytes=smallest,
         )
     best_plan = replace(min(feasible, key=lambda p: p.prediction.step_seconds), alternatives=alternatives)

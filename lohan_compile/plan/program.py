@@ -120,3 +120,31 @@ def predict(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates)
 def finish(policy: str, problem: Problem, decisions: dict[str, Decision], rates: Rates) -> Plan:
     """A plan of ``policy`` with its prediction."""
     return Plan(policy, decisions, predict(problem, decisions, rates))
+
+
+def peak_op(problem: Problem, prediction: Prediction) -> int | None:
+    """The index of the op the predicted device peak is reached at (before or while it runs)."""
+    t = prediction.timeline
+    when = t.peak_at.get("device")
+    if when is None:
+        return None
+    for i in sorted((i for i in t.intervals if isinstance(i.name, OpRef)), key=lambda i: i.start):
+        if i.start >= when:
+            return i.name.index
+    return None
+
+
+def describe_peak(problem: Problem, prediction: Prediction) -> str:
+    """Where a plan peaks, for a ``BudgetError``: the op, what it makes and what it allocates inside."""
+    from ..units import format_bytes
+
+    i = peak_op(problem, prediction)
+    if i is None:
+        return ""
+    op = problem.ops[i]
+    made = sum(b.bytes for b in problem.buffers.values() if b.alloc == i) + op.results_bytes
+    text = (f"; it peaks at {op.name} ({'forward' if op.phase == 'fw' else 'backward'}), which makes "
+            f"{format_bytes(made)} of results")
+    if op.scratch_bytes:
+        text += f" and allocates {format_bytes(op.scratch_bytes)} inside itself while it runs"
+    return text + " beside what is alive there (an op's inputs and results are on the device whole)"
