@@ -163,9 +163,9 @@ def test_without_the_measurement_the_runtime_learns_the_excess_under_fx(unplanne
     above its prediction past the budget; the runtime measures that, plans again holding it,
     and the steps after are within the budget (before, the fx executor was assumed exact and
     the excess was lost as auto's trial moved between plans)."""
-    from lohan_compile.graph import problem as problem_mod
+    from lohan_compile.backend import compiler
 
-    monkeypatch.setattr(problem_mod, "scratch_for", lambda *a, **k: (lambda node: 0))
+    monkeypatch.setattr(compiler, "op_scratch", lambda *a, **k: (lambda node: 0))
     budget = int(unplanned * 0.92)
     with caplog.at_level(logging.WARNING, logger="lohan_compile"):
         peaks, _ = peak_of("lohan", {"memory_budget": budget, "executor": "fx"}, steps=5)

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .. import settings
 from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
-from ..graph.scratch import scratch_for
+from ..graph.scratch import OpScratch, estimated
 from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
 from ..graph.shapes import expr_of, planning_sizes
 from ..optim import live_optimizers
@@ -261,6 +261,7 @@ class GraphCompiler:
             executor_excess_bytes=self.executor_excess,
             outside_bytes=self.outside,
             segment_scratch=self.segment_scratch,
+            op_scratch=op_scratch(self.real_inputs, self.opts.executor),
             **extra,
         )
 
@@ -420,7 +421,7 @@ class GraphCompiler:
         above that is held by every node of it in the next plan (``segment_scratch``)."""
         try:
             excess = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
-                                      scratch_for(vals, "inductor"))
+                                      op_scratch(vals, "inductor"))
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
@@ -432,6 +433,16 @@ class GraphCompiler:
                 if n.op == "call_function":
                     self.record.segment_scratch[(where, n.name)] = excess
         self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)
+
+
+def op_scratch(real_inputs: Sequence[Any], executor: str | None) -> Callable[[fx.Node], int]:
+    """How the plan learns each op's scratch (``graph/scratch.py``): measured on the device of
+    the real inputs, or estimated where nothing can run there (the meta device; on CUDA while a
+    step is in progress, whose peak statistics a measurement would reset)."""
+    device = next((t.device for t in real_inputs if isinstance(t, torch.Tensor)), None)
+    if device is None or device.type == "meta" or (device.type == "cuda" and TRACKER.step_open()):
+        return estimated(executor)
+    return OpScratch(None if device.type == "cpu" else device, device_memory, inductor=executor == "inductor")
 
 
 def _no_donated_buffers(executor: str):

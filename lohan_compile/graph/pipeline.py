@@ -105,6 +105,9 @@ class CompileFacts:
     # device bytes an Inductor segment was measured to hold above the plan of its nodes, for
     # every node of the segment by (phase "fw"/"bw", node name): held while each of them runs
     segment_scratch: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # the device bytes each op allocates inside itself (``graph/scratch.py``): measured where the
+    # backend can run ops, None: estimated
+    op_scratch: Callable[[fx.Node], int] | None = None
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

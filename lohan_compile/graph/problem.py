@@ -30,7 +30,7 @@ from ..plan.profile import HardwareProfile
 from .costmodel import CostModel
 from .fxutil import is_dense, is_view, output_tensors, storage_base, tensor_val, view_parent
 from .meta import Kind, Role, get_info
-from .scratch import scratch_for
+from .scratch import estimated
 from .shapes import nbytes_expr, nbytes_hint
 
 
@@ -301,7 +301,7 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     dropped before backward, device bytes held outside the graph and above an earlier plan."""
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)
-    scratch = scratch_for(facts.real_inputs, facts.options.executor)
+    scratch = facts.op_scratch or estimated(facts.options.executor)
     problem = (build_problem(fw, bw, cost, scratch).without_outputs(facts.dropped_outputs)
                .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes

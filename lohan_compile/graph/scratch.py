@@ -12,14 +12,15 @@ ops) runs once on zeros of its inputs' shapes, strides and dtypes, and what the 
 counter saw at its highest point beyond its inputs and its outputs is its scratch.
 Results are kept per process by the op and its inputs' description, so identical layers
 and re-plans measure nothing new. Where nothing can run (a plan on the meta device, a
-GPU whose step is in progress) ``estimate_scratch`` gives a conservative figure instead,
-and the runtime's measurement of the first steps corrects the plan where it ran over.
+GPU whose step is in progress) ``estimated`` gives a conservative figure instead, and the
+runtime's measurement of the first steps corrects the plan where it ran over. (The backend
+chooses which: ``CompileFacts.op_scratch``.)
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -187,8 +188,18 @@ class OpScratch:
                 outputs = _new_storage_bytes(out, inputs)
                 del out
             finally:
-                counter.raise_peak(before, device)
+                del args, kwargs
+                made.clear()
+                restore_peak(counter, before, device)
         return max(0, peak - level - outputs)
+
+
+def restore_peak(counter: Any, before: int, device: Any) -> None:
+    """After a measurement that reset the device peak (its allocations freed again): the peak
+    is what it was before, as if the measurement never ran (a step in progress keeps its own).
+    (CUDA keeps no setter: its peak stays reset; nothing is measured there mid-step.)"""
+    counter.reset_peak(device)
+    counter.raise_peak(before, device)
 
 
 def _zeros_like(v: Any) -> Any:
@@ -219,18 +230,9 @@ def _new_storage_bytes(out: Any, inputs: set[int]) -> int:
     return total
 
 
-def scratch_for(real_inputs: Sequence[Any], executor: str | None = None) -> Callable[[fx.Node], int]:
-    """How ``build_problem`` learns each op's scratch: measured on the device of the real
-    inputs, or estimated where nothing can run there (the meta device; on CUDA while a step
+def estimated(executor: str | None = None) -> Callable[[fx.Node], int]:
+    """Each op's scratch where nothing can run (a plan on the meta device; on CUDA while a step
     is in progress, whose peak statistics a measurement would reset)."""
-    from ..runtime import device as device_memory
-    from ..runtime.step import TRACKER
-
-    inductor = executor == "inductor"
-    device = next((t.device for t in real_inputs if isinstance(t, torch.Tensor)), None)
-    if device is None or device.type == "meta" or (device.type == "cuda" and TRACKER.step_open()):
-        def base(node: fx.Node) -> int:
-            return 0 if inductor and inductor_generates(node) else estimate_scratch(node)
-    else:
-        return OpScratch(None if device.type == "cpu" else device, device_memory, inductor=inductor)
-    return base
+    if executor != "inductor":
+        return estimate_scratch
+    return lambda node: 0 if inductor_generates(node) else estimate_scratch(node)

@@ -47,6 +47,7 @@ import torch
 import torch.fx as fx
 
 from .fxutil import is_view
+from .scratch import restore_peak
 from .shapes import hint_int
 
 
@@ -483,7 +484,8 @@ def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: An
     out = fn(inputs)
     peak = counter.peak(device)
     del out
-    counter.raise_peak(before, device)
+    inputs.clear()
+    restore_peak(counter, before, device)
     return peak - level
 
 
