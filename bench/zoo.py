@@ -43,9 +43,12 @@ torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
 class ResidualCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
-        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                   nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        # (no bias before a batch norm, as in ResNets: its gradient is rounding noise, which
+        # Adam turns into full-size steps of either sign, so it compares nothing)
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.MaxPool2d(2))
+        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                   nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,8 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Ca
         "t5": (t5, lambda: (tokens(), tokens(seq=32)), lambda m, b: m(input_ids=b[0], labels=b[1]).loss),
         "moe": (moe, tokens, lambda m, ids: m(input_ids=ids, labels=ids).loss),
         "bert": (bert, mlm_batch, lambda m, b: m(input_ids=b[0], labels=b[1]).loss),
-        "custom": (CustomNet, lambda: (torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)), ce),
+        "custom": (CustomNet, lambda: (torch.randn(1024, 64, generator=g), torch.randint(0, 10, (1024,), generator=g)),
+                   ce),
     }
 
 

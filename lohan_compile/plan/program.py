@@ -143,8 +143,10 @@ def describe_peak(problem: Problem, prediction: Prediction) -> str:
         return ""
     op = problem.ops[i]
     made = sum(b.bytes for b in problem.buffers.values() if b.alloc == i) + op.results_bytes
-    text = (f"; it peaks at {op.name} ({'forward' if op.phase == 'fw' else 'backward'}), which makes "
-            f"{format_bytes(made)} of results")
+    text = f"; it peaks at {op.name} ({'forward' if op.phase == 'fw' else 'backward'})"
+    if not made and not op.scratch_bytes:
+        return text
+    text += f", which makes {format_bytes(made)} of results"
     if op.scratch_bytes:
         text += f" and allocates {format_bytes(op.scratch_bytes)} inside itself while it runs"
     return text + " beside what is alive there (an op's inputs and results are on the device whole)"
