@@ -79,6 +79,8 @@ class GraphRecord:
     # (phase, node name) for every node of such a segment
     segment_excess_bytes: int = 0
     segment_scratch: dict[tuple[str, str], int] = field(default_factory=dict)
+    # ... and the bytes of every segment's outputs, which exist in memory, by (phase, node name)
+    segment_outputs: dict[tuple[str, str], int] = field(default_factory=dict)
     # the plan's step simulated again with the compute times the executor measured
     calibrated_step_s: float | None = None
     measured_compute_s: float | None = None

@@ -24,11 +24,16 @@ from lohan_compile.runtime import device as device_memory
 
 
 def make_cnn() -> nn.Module:
+    """A stem at full resolution, then three blocks at half: the step's peak is where forward
+    ends, its floor batch norm's backward in the stem (its two inputs, result and temporary)."""
     torch.manual_seed(0)
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(32, 10),
+        *block(3, 16), nn.MaxPool2d(2), *block(16, 32), *block(32, 32), *block(32, 32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )
 
 
@@ -43,12 +48,13 @@ def peak_of(backend: str, options: dict | None = None, steps: int = 3):
     def build():
         model = make_cnn()
         kwargs = {"options": options} if options is not None else {}
-        return model, torch.compile(model, backend=backend, **kwargs)
+        # the batch too is made under the profiler: the plan counts it, so the measurement must
+        return model, torch.compile(model, backend=backend, **kwargs), X.clone(), Y.clone()
 
     def step(state):
-        model, compiled = state
+        model, compiled, x, y = state
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(compiled(X), Y).backward()
+        F.cross_entropy(compiled(x), y).backward()
 
     measured = measure_device_peak(build, step, steps=steps)
     return measured.step_peaks, (lohan.last_report() if backend == "lohan" else None)
@@ -134,26 +140,24 @@ def test_a_multi_output_ops_results_are_held_while_it_runs():
     assert _results_bytes(split) == 0  # views of its input
 
 
-@pytest.mark.parametrize("executor", ["fx", "inductor"])
-def test_the_cnn_stays_within_its_budget_and_fx_predicts_it(unplanned, executor):
-    budget = int(unplanned * 0.92)
+@pytest.mark.parametrize("executor,fraction", [("fx", 0.7), ("fx", 0.85), ("inductor", 0.6), ("inductor", 0.85)])
+def test_the_cnn_stays_within_its_budget_as_predicted(unplanned, executor, fraction):
+    """Every step within the budget, the prediction within 5% of what ran: under fx the ops
+    the plan models run whole; under Inductor elementwise results are fused into their
+    readers (planned so), and what segments hold beyond the plan is measured when compiled."""
+    budget = int(unplanned * fraction)
     peaks, report = peak_of("lohan", {"memory_budget": budget, "executor": executor})
     assert max(peaks) <= budget, ([p / 2**20 for p in peaks], budget / 2**20)
     predicted = report.summary()["predicted_peak_bytes"]
     assert predicted <= budget
-    if executor == "fx":
-        # the fx executor runs the ops the plan models, each whole: within 5% of what ran
-        assert abs(predicted - peaks[-1]) <= 0.05 * peaks[-1], (predicted / 2**20, peaks[-1] / 2**20)
-    else:
-        # Inductor fuses away intermediates the plan counts: the prediction is an upper bound
-        assert predicted >= 0.95 * peaks[-1], (predicted / 2**20, peaks[-1] / 2**20)
+    assert abs(predicted - peaks[-1]) <= 0.05 * peaks[-1], (predicted / 2**20, peaks[-1] / 2**20)
 
 
 def test_below_one_ops_working_set_the_budget_error_names_the_op(unplanned):
     """Batch norm's backward holds its two inputs, its result and a temporary, whole: no plan
     of whole ops goes below that, and the error says which op and what it allocates."""
     with pytest.raises(Exception) as info:
-        peak_of("lohan", {"memory_budget": int(unplanned * 0.6), "executor": "fx"}, steps=1)
+        peak_of("lohan", {"memory_budget": int(unplanned * 0.4), "executor": "fx"}, steps=1)
     text = str(info.value)
     assert "BudgetError" in text and "native_batch_norm_backward" in text and "inside itself" in text, text
 
@@ -166,7 +170,7 @@ def test_without_the_measurement_the_runtime_learns_the_excess_under_fx(unplanne
     from lohan_compile.backend import compiler
 
     monkeypatch.setattr(compiler, "op_scratch", lambda *a, **k: (lambda node: 0))
-    budget = int(unplanned * 0.92)
+    budget = int(unplanned * 0.7)
     with caplog.at_level(logging.WARNING, logger="lohan_compile"):
         peaks, _ = peak_of("lohan", {"memory_budget": budget, "executor": "fx"}, steps=5)
     over = [r.getMessage() for r in caplog.records if "past memory_budget" in r.getMessage()]

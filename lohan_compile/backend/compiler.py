@@ -23,7 +23,7 @@ from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
 from ..graph.scratch import OpScratch, estimated
 from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
-from ..graph.shapes import expr_of, planning_sizes
+from ..graph.shapes import expr_of, nbytes_hint, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
 from .. import passes
@@ -166,6 +166,7 @@ class GraphCompiler:
         executor_excess: int = 0,
         outside: int = 0,
         segment_scratch: dict[tuple[str, str], int] | None = None,
+        materialized: frozenset[tuple[str, str]] = frozenset(),
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -178,6 +179,7 @@ class GraphCompiler:
         self.executor_excess = executor_excess  # bytes an earlier plan ran above its prediction
         self.outside = outside  # bytes code outside the graph held between its forward and backward
         self.segment_scratch = dict(segment_scratch or {})  # bytes Inductor segments held above the plan
+        self.materialized = materialized  # results Inductor segments held that the plan had fused away
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -262,6 +264,7 @@ class GraphCompiler:
             outside_bytes=self.outside,
             segment_scratch=self.segment_scratch,
             op_scratch=op_scratch(self.real_inputs, self.opts.executor),
+            materialized=self.materialized,
             **extra,
         )
 
@@ -398,6 +401,12 @@ class GraphCompiler:
             if context is not None:
                 context.output_strides = reported
         self.drivers[phase] = driver
+        if probe is not None:
+            # an op run alone between lohan's ops (not compiled) makes its result in memory too
+            where = "fw" if phase == "forward" else "bw"
+            for item in driver.items:
+                if isinstance(item, fx.Node) and item.op == "call_function" and isinstance(item.meta.get("val"), torch.Tensor):
+                    self.record.segment_outputs[(where, item.name)] = nbytes_hint(item.meta["val"])
         self.record.segments[phase] = driver.describe()
         if self.dump_dir:
             dump_driver(self.dump_dir, self.record, phase, driver.source)
@@ -418,18 +427,24 @@ class GraphCompiler:
     def _probe(self, phase: str, seg: Any, sub: fx.GraphModule, compiled: Callable[[list], Any],
                vals: Sequence[Any]) -> None:
         """Measure an Inductor segment against the plan's model of its nodes; what it holds
-        above that is held by every node of it in the next plan (``segment_scratch``)."""
+        above that is held in the next plan where the model peaks (``segment_scratch``), and its
+        outputs exist in memory (``segment_outputs``)."""
         try:
-            excess = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
-                                      op_scratch(vals, "inductor"))
+            excess, position = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
+                                                op_scratch(vals, "inductor"))
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
                         self.record.name, type(e).__name__, e)
             return
+        where = "fw" if phase == "forward" else "bw"
+        for n in seg.outputs:
+            if isinstance(n.meta.get("val"), torch.Tensor):
+                self.record.segment_outputs[(where, n.name)] = nbytes_hint(n.meta["val"])
         if excess > 0:
-            where = "fw" if phase == "forward" else "bw"
-            for n in seg.nodes:
+            # held at the node the plan's model of the segment peaks at (before any node: at all)
+            nodes = [seg.nodes[position]] if position is not None else seg.nodes
+            for n in nodes:
                 if n.op == "call_function":
                     self.record.segment_scratch[(where, n.name)] = excess
         self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)

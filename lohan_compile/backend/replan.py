@@ -55,7 +55,7 @@ class Replanning:
     """
 
     MAX_REPLANS = 8
-    SEGMENT_REPLANS = 2  # plans made again at compile time for what Inductor's segments hold
+    SEGMENT_REPLANS = 4  # plans made again at compile time for what Inductor's segments hold
     HEADROOM = 1.5
     # trials (policy "auto" under a budget, ``tune_plans``): the simulator's error on this
     # machine can exceed the differences between auto's plans, so the plans predicted within
@@ -95,9 +95,11 @@ class Replanning:
         # device bytes code outside this graph (run eagerly) was measured to allocate between its
         # forward and its backward: every plan from then on is made holding them there
         self.outside = 0
-        # device bytes Inductor segments were measured to hold above the plan of their nodes, by
-        # (phase, node name): every plan from then on is made holding them while those nodes run
-        self.segment_scratch: dict[tuple[str, str], int] = {}
+        # Inductor, per plan asked for (``variant``; their segments differ): device bytes segments
+        # were measured to hold above the plan of their nodes, by (phase, node name), and results
+        # the plan had fused into their readers that segments hold after all (segment outputs,
+        # lone ops): every later plan of that variant is made holding them
+        self.segments_learnt: dict[Any, tuple[dict[tuple[str, str], int], set[tuple[str, str]]]] = {}
         self._compile(example_inputs, example_inputs, None)
         self._start_trial()
 
@@ -109,15 +111,20 @@ class Replanning:
             if optimizer is None:
                 raise LohanError("the CPUAdamW this model was compiled with no longer exists")
             opts = opts.replace(optimizer=optimizer)
+        scratch, materialized = self.segments_learnt.setdefault(variant, ({}, set()))
         for attempt in range(self.SEGMENT_REPLANS + 1):
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
-                outside=self.outside, segment_scratch=self.segment_scratch,
+                outside=self.outside, segment_scratch=dict(scratch), materialized=frozenset(materialized),
             )
             self.fn = compiler.compile()
-            if not self._segments_overrun(compiler.record) or attempt == self.SEGMENT_REPLANS:
+            if not self._segments_overrun(compiler.record, scratch, materialized):
                 break
+            if attempt == self.SEGMENT_REPLANS:
+                log.warning("lohan %s: planned %d times for what Inductor's segments hold, each plan's "
+                            "segments holding more; the step may pass memory_budget until the runtime "
+                            "measures it", compiler.record.name, attempt + 1)
         self.record = compiler.record
         self.observed = compiler.observed
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run,
@@ -129,25 +136,34 @@ class Replanning:
         level = None if compiler.on_meta else device_memory.allocated(self.record.device)
         self.planned_level = self.record.planned_level = level
 
-    def _segments_overrun(self, rec) -> bool:
+    def _segments_overrun(self, rec, scratch: dict[tuple[str, str], int], materialized: set[tuple[str, str]]) -> bool:
         """Inductor's segments, measured when compiled, hold more than the plan's model of their
-        nodes (``rec.segment_scratch``): learn it, and simulate the plan again holding it while
-        those nodes run. True when that passes the budget: then plan again holding it (before
-        any step runs: the budget holds from the first step)."""
-        more = {k: v - self.segment_scratch.get(k, 0) for k, v in rec.segment_scratch.items()
-                if v > self.segment_scratch.get(k, 0)}
-        if not more or not rec.training:
+        nodes (``rec.segment_scratch``), or hold results the plan had fused into their readers
+        (segment outputs): learn both, and simulate the plan again with them. True when that
+        passes the budget: then plan again with them (before any step runs: the budget holds
+        from the first step)."""
+        if not rec.training:
             return False
-        self.segment_scratch.update({k: self.segment_scratch.get(k, 0) + v for k, v in more.items()})
+        more = {k: v - scratch.get(k, 0) for k, v in rec.segment_scratch.items() if v > scratch.get(k, 0)}
         planned = rec.pass_report("plan_memory")
+        held = {}
+        if planned is not None:
+            buffers = planned["problem"].buffers
+            held = {f"{phase}:{name}": nbytes for (phase, name), nbytes in rec.segment_outputs.items()
+                    if nbytes and f"{phase}:{name}" in buffers and buffers[f"{phase}:{name}"].bytes == 0}
+        if not more and not held:
+            return False
+        scratch.update({k: scratch.get(k, 0) + v for k, v in more.items()})
+        materialized |= {tuple(k.split(":", 1)) for k in held}
         if planned is None:
             return False
-        problem = planned["problem"].with_scratch(more)
+        problem = planned["problem"].with_scratch(more).with_bytes(held)
         prediction = predict(problem, planned["plan"].decisions, planned["rates"])
         budget = self.opts.memory_budget
         if budget is not None and prediction.peak_device_bytes > budget:
-            log.info("lohan %s: an Inductor segment holds up to %s above what the plan predicted for its "
-                     "nodes; planned again holding it", rec.name, format_bytes(max(more.values())))
+            log.info("lohan %s: Inductor's segments hold up to %s above what the plan predicted for their "
+                     "nodes, and %d results it had fused away (%s); planned again holding them", rec.name,
+                     format_bytes(max(more.values(), default=0)), len(held), format_bytes(sum(held.values())))
             return True
         rec.repredict(problem, prediction)
         return False

@@ -108,6 +108,9 @@ class CompileFacts:
     # the device bytes each op allocates inside itself (``graph/scratch.py``): measured where the
     # backend can run ops, None: estimated
     op_scratch: Callable[[fx.Node], int] | None = None
+    # Inductor: nodes, by (phase, name), whose results an earlier plan's segments were found to
+    # hold in memory (a segment's outputs), though the plan had them fused into their readers
+    materialized: frozenset[tuple[str, str]] = frozenset()
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

@@ -30,7 +30,7 @@ from ..plan.profile import HardwareProfile
 from .costmodel import CostModel
 from .fxutil import is_dense, is_view, output_tensors, storage_base, tensor_val, view_parent
 from .meta import Kind, Role, get_info
-from .scratch import estimated
+from .scratch import estimated, fused_away
 from .shapes import nbytes_expr, nbytes_hint
 
 
@@ -51,9 +51,11 @@ def _results_bytes(node: fx.Node) -> int:
 
 
 def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
-                  scratch: Callable[[fx.Node], int] | None = None) -> Problem:
+                  scratch: Callable[[fx.Node], int] | None = None,
+                  fused: Callable[[str, fx.Node], bool] | None = None) -> Problem:
     """``scratch(node)``: the device bytes the op allocates inside itself (``graph/scratch.py``);
-    None: none."""
+    None: none. ``fused(phase, node)``: the executor fuses the node's result into its readers
+    (Inductor): it never exists in memory, and its buffer has no bytes."""
     ops: list[OpInfo] = []
     index: dict[fx.Node, int] = {}
     for phase, gm in (("fw", fw), ("bw", bw)):
@@ -87,7 +89,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
             key_of[n] = key
             val = tensor_val(base)
             if val is not None:
-                add_buffer(key, nbytes_hint(val), index[base])
+                add_buffer(key, 0 if fused is not None and fused("fw", base) else nbytes_hint(val), index[base])
     # backward: saved activations continue their forward storage; tangents arrive at its start
     for n in bw.graph.nodes:
         info = get_info(n)
@@ -108,7 +110,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
             key_of[n] = key
             val = tensor_val(base)
             if val is not None:
-                add_buffer(key, nbytes_hint(val), index[base])
+                add_buffer(key, 0 if fused is not None and fused("bw", base) else nbytes_hint(val), index[base])
 
     for gm in (fw, bw):
         for n in gm.graph.nodes:
@@ -302,7 +304,11 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     hw = resolve(facts.options.hardware)
     cost = CostModel(hw, facts.measured_seconds)
     scratch = facts.op_scratch or estimated(facts.options.executor)
-    problem = (build_problem(fw, bw, cost, scratch).without_outputs(facts.dropped_outputs)
+    fused = None
+    if facts.options.executor == "inductor":
+        def fused(phase: str, node: fx.Node) -> bool:
+            return (phase, node.name) not in facts.materialized and fused_away(node)
+    problem = (build_problem(fw, bw, cost, scratch, fused).without_outputs(facts.dropped_outputs)
                .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     rates = Rates(

@@ -129,6 +129,22 @@ def estimate_scratch(node: fx.Node) -> int:
     return 2 * max((_nbytes(v) for v in _tensor_vals(node)), default=0)
 
 
+def fused_away(node: fx.Node) -> bool:
+    """Inductor: the node's result is fused into every reader and never exists in memory (an
+    elementwise op Inductor writes code for, read only by ops Inductor writes code for, none
+    of them a view, nor an output of its graph). A reader across a segment boundary makes it a
+    segment output after all: the segments' measurement finds that (``materialized``)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.pointwise not in target.tags or target._schema.is_mutable or not inductor_generates(node):
+        return False
+    if not isinstance(node.meta.get("val"), torch.Tensor) or not node.users:
+        return False
+    return all(u.op == "call_function" and isinstance(u.target, torch._ops.OpOverload) and not is_view(u)
+               and not u.target._schema.is_mutable and inductor_generates(u) for u in node.users)
+
+
 class OpScratch:
     """Scratch bytes of ops, measured on ``device`` with the runtime's device counter
     (``counter``: ``allocated``, ``peak``, ``reset_peak``, ``raise_peak``); with

@@ -489,13 +489,15 @@ def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: An
     return peak - level
 
 
-def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int]) -> int:
+def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int]) -> tuple[int, fx.Node | None]:
     """The device bytes the plan's model holds at its highest point while the segment ``sub``
-    runs, above the level it was called at less its inputs (as ``_transient`` measures): its
-    nodes one at a time, each value freed after its last use (inputs too: they are handed over
-    boxed), each op's outputs, the results of a multi-output op and its ``scratch`` held while
-    it runs (``graph/problem.build_problem``'s model of every op)."""
+    runs, above the level it was called at (as ``_transient`` measures): its nodes one at a
+    time, each value freed after its last use (inputs too: they are handed over boxed), each
+    op's outputs (none for a result fused into its readers), the results of a multi-output op
+    and its ``scratch`` held while it runs (``graph/problem.build_problem``'s model of every op
+    under Inductor); and the node it is reached at (None: before any runs)."""
     from .fxutil import output_tensors, storage_base, view_parent
+    from .scratch import fused_away
     from .shapes import nbytes_hint
 
     nodes = list(sub.graph.nodes)
@@ -510,32 +512,36 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int]) -> int:
             size[n] = nbytes_hint(n.meta["val"])
             live += size[n]
     called_at = peak = live
+    at = None
     outputs = {storage_base(a) for a in sub.graph.output_node().all_input_nodes}
     for i, n in enumerate(nodes):
         if n.op != "call_function":
             continue
         held = 0
         if storage_base(n) is n and isinstance(n.meta.get("val"), torch.Tensor):
-            size[n] = nbytes_hint(n.meta["val"])
+            size[n] = 0 if fused_away(n) else nbytes_hint(n.meta["val"])
             held = size[n]
         if isinstance(n.meta.get("val"), (list, tuple)) and view_parent(n) is None:
             held += sum(nbytes_hint(t) for t in output_tensors(n))  # its results, then their getitems
-        peak = max(peak, live + held + scratch(n))
+        if live + held + scratch(n) > peak:
+            peak, at = live + held + scratch(n), n
         live += size.get(n, 0)
         for a in {storage_base(a) for a in n.all_input_nodes} | {n}:
             if last.get(a, -1) <= i and a in size and a not in outputs:
                 live -= size.pop(a)
-    return peak - called_at
+    return peak - called_at, at
 
 
 def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
-                     device: Any, scratch: Callable[[fx.Node], int]) -> int:
+                     device: Any, scratch: Callable[[fx.Node], int]) -> tuple[int, int | None]:
     """How many device bytes the compiled segment holds at its highest point beyond what the
     plan's model of its nodes holds (``planned_peak``): a fused kernel keeps its inputs while it
     writes its outputs, so a segment can peak higher than the plan predicted for its nodes.
     It runs once, on zeros, measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of
     ``device``: the runtime's device counters). Between segments the plan and the executor
-    hold the same values, so a step peaks at most this above its prediction while it runs."""
+    hold the same values, so a step peaks at most this above its prediction while it runs.
+    Returns the excess and the position in the segment of the node the plan's model peaks at
+    (held there, the plan's peak over the segment is the segment's)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     on_cuda = device is not None and device.type == "cuda"
@@ -544,7 +550,9 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
         if on_cuda:
             compiled(_probe_inputs(vals))  # its first call tunes kernels, with memory of its own
         fused = _transient(compiled, _probe_inputs(vals), counter, device)
-    return max(0, fused - planned_peak(sub, scratch))
+    planned, at = planned_peak(sub, scratch)
+    position = None if at is None else int(at.name[1:])  # (segment_module names nodes n0, n1, ...)
+    return max(0, fused - planned), position
 
 
 def compile_segments(

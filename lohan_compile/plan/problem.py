@@ -147,6 +147,14 @@ class Problem:
         ops = [replace(op, scratch_bytes=op.scratch_bytes + extra.get((op.phase, op.name), 0)) for op in self.ops]
         return replace(self, ops=ops)
 
+    def with_bytes(self, sizes: Mapping[str, int]) -> "Problem":
+        """This problem with the buffers named in ``sizes`` of that many bytes (results the plan
+        had fused away that the executor holds after all). ``self`` is unchanged."""
+        if not sizes:
+            return self
+        buffers = {k: replace(b, bytes=sizes.get(k, b.bytes)) for k, b in self.buffers.items()}
+        return replace(self, buffers=buffers)
+
     def with_outside(self, nbytes: int) -> "Problem":
         """This problem with ``nbytes`` allocated and freed again between the end of forward and
         the start of backward (``outside_bytes``). ``self`` is unchanged."""
