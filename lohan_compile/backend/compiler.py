@@ -20,6 +20,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import settings
 from ..dump import dump_driver, dump_graphs, plan_table
+from ..graph.fxutil import storage_base
+from ..graph.meta import Role, get_info
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
 from ..graph.scratch import OpScratch, estimated
 from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
@@ -431,7 +433,8 @@ class GraphCompiler:
         outputs exist in memory (``segment_outputs``)."""
         try:
             excess, position = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
-                                                op_scratch(vals, "inductor"))
+                                                op_scratch(vals, "inductor"), [storage_group(n) for n in seg.inputs],
+                                                [held_by_caller(n) for n in seg.inputs])
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
@@ -448,6 +451,29 @@ class GraphCompiler:
                 if n.op == "call_function":
                     self.record.segment_scratch[(where, n.name)] = excess
         self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)
+
+
+def storage_group(node: fx.Node) -> Any:
+    """Which storage a segment input is a view of where the step runs: a value backward saved
+    is a view of its forward storage (``storage_of``), shared with the other values saved from
+    it; any other, of the node that made its storage."""
+    base = storage_base(node)
+    info = get_info(base)
+    if base.op == "placeholder" and info is not None and info.role is Role.SAVED and info.storage_of:
+        return ("saved", info.storage_of)
+    return ("node", base.name)
+
+
+def held_by_caller(node: fx.Node) -> bool:
+    """A segment input whose storage the step's caller keeps (a parameter, a buffer, the batch,
+    a saved view of one of them): it outlives the segment, whatever the segment frees."""
+    base = storage_base(node)
+    info = get_info(base)
+    if base.op != "placeholder" or info is None:
+        return False
+    if info.role is Role.SAVED:
+        return info.saved_input_view
+    return info.role in (Role.PARAM, Role.BUFFER, Role.INPUT)
 
 
 def op_scratch(real_inputs: Sequence[Any], executor: str | None) -> Callable[[fx.Node], int]:

@@ -459,19 +459,57 @@ def _op_record(node: fx.Node) -> tuple[str, int]:
     return name, numel
 
 
-def _probe_inputs(vals: Sequence[Any]) -> list:
+def _extent(v: torch.Tensor) -> int:
+    """Elements of storage a tensor reaches (its offset included), at the size hints."""
+    if v.numel() == 0:
+        return 0
+    return hint_int(v.storage_offset()) + 1 + sum((hint_int(d) - 1) * hint_int(st) for d, st in zip(v.shape, v.stride()))
+
+
+def _input_groups(vals: Sequence[Any], groups: Sequence[Any] | None) -> dict[Any, tuple[torch.dtype, int]]:
+    """The storages the inputs ``vals`` are views of, by group (inputs of one group share one
+    storage where they run): dtype and elements; an input without a group, or whose dtype
+    differs from its group's, has a storage of its own (keyed by position)."""
+    out: dict[Any, tuple[torch.dtype, int]] = {}
+    for i, v in enumerate(vals):
+        if not isinstance(v, torch.Tensor):
+            continue
+        key = groups[i] if groups is not None and groups[i] is not None else ("own", i)
+        if key in out and out[key][0] != v.dtype:
+            key = ("own", i)
+        dtype, numel = out.get(key, (v.dtype, 0))
+        out[key] = (dtype, max(numel, _extent(v)))
+    return out
+
+
+def _group_of(i: int, v: torch.Tensor, groups: Sequence[Any] | None, storages: dict) -> Any:
+    key = groups[i] if groups is not None and groups[i] is not None else ("own", i)
+    return key if key in storages and storages[key][0] == v.dtype else ("own", i)
+
+
+def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None) -> list:
     """Real inputs like ``vals`` (fake tensors, symbolic sizes at their hints): zeros, so that
-    indices stay in range."""
+    indices stay in range. Inputs of one group (``groups[i]``: views of one storage where the
+    segment runs, such as saved values of one forward tensor) are views of one storage here
+    too: it is freed when the last of them is, as it is in the step."""
+    storages = _input_groups(vals, groups)
+    bases: dict[Any, torch.Tensor] = {}
     out = []
-    for v in vals:
+    for i, v in enumerate(vals):
         if isinstance(v, torch.Tensor):
             shape = [hint_int(d) for d in v.shape]
             stride = [hint_int(d) for d in v.stride()]
-            out.append(torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device).zero_())
+            key = _group_of(i, v, groups, storages)
+            if key not in bases:
+                dtype, numel = storages[key]
+                bases[key] = torch.zeros(max(numel, 1), dtype=dtype, device=v.device)
+            offset = hint_int(v.storage_offset()) if v.numel() else 0
+            out.append(bases[key].as_strided(shape, stride, offset))
         elif isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             out.append(hint_int(v) if isinstance(v, torch.SymInt) else v.node.hint)
         else:
             out.append(v)
+    bases.clear()  # (the inputs hold their storages: each is freed with the last of its views)
     return out
 
 
@@ -489,31 +527,49 @@ def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: An
     return peak - level
 
 
-def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int]) -> tuple[int, fx.Node | None]:
+def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
+                 groups: Sequence[Any] | None = None, held: Sequence[bool] | None = None) -> tuple[int, fx.Node | None]:
     """The device bytes the plan's model holds at its highest point while the segment ``sub``
     runs, above the level it was called at (as ``_transient`` measures): its nodes one at a
     time, each value freed after its last use (inputs too: they are handed over boxed), each
     op's outputs (none for a result fused into its readers), the results of a multi-output op
     and its ``scratch`` held while it runs (``graph/problem.build_problem``'s model of every op
-    under Inductor); and the node it is reached at (None: before any runs)."""
+    under Inductor); and the node it is reached at (None: before any runs). Inputs of one of
+    ``groups`` share one storage, freed after the last use of any of them; inputs ``held``
+    elsewhere (parameters, the batch) are never freed."""
     from .fxutil import output_tensors, storage_base, view_parent
     from .scratch import fused_away
     from .shapes import nbytes_hint
 
     nodes = list(sub.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    storages = _input_groups(vals, groups)
+    # an input's storage: its group's, represented by the group's first input
+    owner: dict[fx.Node, fx.Node] = {}
+    first: dict[Any, fx.Node] = {}
+    for i, (n, v) in enumerate(zip(placeholders, vals)):
+        if isinstance(v, torch.Tensor):
+            owner[n] = first.setdefault(_group_of(i, v, groups, storages), n)
+
+    def base_of(a: fx.Node) -> fx.Node:
+        b = storage_base(a)
+        return owner.get(b, b)
+
     last: dict[fx.Node, int] = {}
     for i, n in enumerate(nodes):
         for a in n.all_input_nodes:
-            last[storage_base(a)] = i
+            last[base_of(a)] = i
     size: dict[fx.Node, int] = {}
     live = 0
-    for n in nodes:
-        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor):
-            size[n] = nbytes_hint(n.meta["val"])
-            live += size[n]
+    for key, node in first.items():
+        dtype, numel = storages[key]
+        size[node] = numel * torch.empty((), dtype=dtype).element_size()
+        live += size[node]
     called_at = peak = live
     at = None
-    outputs = {storage_base(a) for a in sub.graph.output_node().all_input_nodes}
+    outputs = {base_of(a) for a in sub.graph.output_node().all_input_nodes}
+    outputs |= {base_of(n) for i, n in enumerate(placeholders) if held is not None and held[i]}
     for i, n in enumerate(nodes):
         if n.op != "call_function":
             continue
@@ -526,20 +582,23 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int]) -> tupl
         if live + held + scratch(n) > peak:
             peak, at = live + held + scratch(n), n
         live += size.get(n, 0)
-        for a in {storage_base(a) for a in n.all_input_nodes} | {n}:
+        for a in {base_of(a) for a in n.all_input_nodes} | {n}:
             if last.get(a, -1) <= i and a in size and a not in outputs:
                 live -= size.pop(a)
     return peak - called_at, at
 
 
 def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
-                     device: Any, scratch: Callable[[fx.Node], int]) -> tuple[int, int | None]:
+                     device: Any, scratch: Callable[[fx.Node], int], groups: Sequence[Any] | None = None,
+                     held: Sequence[bool] | None = None) -> tuple[int, int | None]:
     """How many device bytes the compiled segment holds at its highest point beyond what the
     plan's model of its nodes holds (``planned_peak``): a fused kernel keeps its inputs while it
     writes its outputs, so a segment can peak higher than the plan predicted for its nodes.
     It runs once, on zeros, measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of
     ``device``: the runtime's device counters). Between segments the plan and the executor
     hold the same values, so a step peaks at most this above its prediction while it runs.
+    Inputs are made as they are where the step runs: views of one storage per ``groups``, and
+    the ``held`` ones (parameters, the batch: the caller keeps them) alive throughout.
     Returns the excess and the position in the segment of the node the plan's model peaks at
     (held there, the plan's peak over the segment is the segment's)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -548,9 +607,12 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
         # (random ops, dropout, draw from a generator of their own: training draws the same)
         if on_cuda:
-            compiled(_probe_inputs(vals))  # its first call tunes kernels, with memory of its own
-        fused = _transient(compiled, _probe_inputs(vals), counter, device)
-    planned, at = planned_peak(sub, scratch)
+            compiled(_probe_inputs(vals, groups))  # its first call tunes kernels, with memory of its own
+        inputs = _probe_inputs(vals, groups)
+        kept = [t for t, h in zip(inputs, held or ()) if h]  # (the caller's references)
+        fused = _transient(compiled, inputs, counter, device)
+        del kept
+    planned, at = planned_peak(sub, scratch, groups, held)
     position = None if at is None else int(at.name[1:])  # (segment_module names nodes n0, n1, ...)
     return max(0, fused - planned), position
 
