@@ -129,9 +129,9 @@ def test_measured_compute_calibrates_the_prediction_and_the_next_plan():
     """On the CPU stand-in the executor times its segments in the first steps: the report
     simulates the plan again with those times, and a re-plan estimates nothing it measured."""
     torch.manual_seed(0)
-    model = MLP(256, 1024, 8)
-    # (activations well above the weights and their gradients: a smaller plan exists; at 512 rows
-    # the step's floor, 4 MiB of fc2's weight and as much gradient, is keep-all's peak)
+    # (deep enough that moving activations lowers the peak: in a 3-layer MLP it is set by the
+    # largest weight, its gradient and what a fused segment holds, whatever the plan)
+    model = torch.nn.Sequential(*(m for _ in range(6) for m in (torch.nn.Linear(256, 256), torch.nn.ReLU())))
     x = torch.randn(2048, 256)
     cm = torch.compile(model, backend="lohan", options={"executor": "inductor"})
     cm(x).sum().backward()

@@ -637,5 +637,5 @@ def compile_segments(
         vals = [example_value(n) for n in seg.inputs]
         seg.fn = compile_one(sub, vals)
         if probe is not None:
-            probe(seg, sub, seg.fn, vals)
+            probe(seg, segment_module(gm, seg), seg.fn, vals)  # (Inductor may have changed sub)
     return Driver(gm, items, name, timing=timing, check=check)
