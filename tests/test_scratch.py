@@ -148,9 +148,15 @@ def test_the_cnn_stays_within_its_budget_as_predicted(unplanned, executor, fract
     budget = int(unplanned * fraction)
     peaks, report = peak_of("lohan", {"memory_budget": budget, "executor": executor})
     assert max(peaks) <= budget, ([p / 2**20 for p in peaks], budget / 2**20)
-    predicted = report.summary()["predicted_peak_bytes"]
+    summary = report.summary()
+    predicted = summary["predicted_peak_bytes"]
     assert predicted <= budget
-    assert abs(predicted - peaks[-1]) <= 0.05 * peaks[-1], (predicted / 2**20, peaks[-1] / 2**20)
+    # against the device counter, which sees all the process holds, as the plan counts it
+    assert abs(predicted - summary["measured_peak_bytes"]) <= 0.05 * summary["measured_peak_bytes"]
+    # against the profiler, which sees what was allocated while it ran: not what earlier tests
+    # of this process left on the device, which the plan holds (``resident_outside_bytes``)
+    mine = predicted - report.graphs[0].resident_outside_bytes
+    assert abs(mine - peaks[-1]) <= 0.05 * peaks[-1], (mine / 2**20, peaks[-1] / 2**20)
 
 
 def test_below_one_ops_working_set_the_budget_error_names_the_op(unplanned):
@@ -162,7 +168,45 @@ def test_below_one_ops_working_set_the_budget_error_names_the_op(unplanned):
     assert "BudgetError" in text and "native_batch_norm_backward" in text and "inside itself" in text, text
 
 
-def test_without_the_measurement_the_runtime_learns_the_excess_under_fx(unplanned, caplog, monkeypatch):
+@torch.library.custom_op("lohan_test::doubled_via_temporary", mutates_args=())
+def doubled_via_temporary(x: torch.Tensor) -> torch.Tensor:
+    """2x, computed through a temporary four times the input's size, freed before it returns:
+    an op that allocates inside itself, whatever the machine's thread count."""
+    temp = torch.empty(4 * x.numel(), dtype=x.dtype)
+    temp[: x.numel()].copy_(x.reshape(-1))
+    return temp[: x.numel()].mul(2).view_as(x)  # (a new tensor: the temporary goes on return)
+
+
+@doubled_via_temporary.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+doubled_via_temporary.register_autograd(lambda ctx, grad: 2 * grad)
+
+
+class WithTemporary(nn.Module):
+    """Activations saved early and read late in backward (a plan can move them), and an op
+    with a temporary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.mid(torch.sigmoid(h)))
+        return self.out(torch.relu(doubled_via_temporary(h)))
+
+
+def test_a_custom_ops_temporary_is_measured_and_planned():
+    x = torch.randn(512, 64)
+    node = _node(_graph_of(lambda x: doubled_via_temporary(x), x), "doubled_via_temporary")
+    measured = OpScratch(None, device_memory)(node)
+    assert 16 * x.numel() <= measured <= 16 * x.numel() + 1024  # (and a scalar's few bytes)
+
+
+def test_without_the_measurement_the_runtime_learns_the_excess_under_fx(caplog, monkeypatch):
     """The backstop: with op scratch unmeasured (a plan that ignores it), the fx executor runs
     above its prediction past the budget; the runtime measures that, plans again holding it,
     and the steps after are within the budget (before, the fx executor was assumed exact and
@@ -170,9 +214,31 @@ def test_without_the_measurement_the_runtime_learns_the_excess_under_fx(unplanne
     from lohan_compile.backend import compiler
 
     monkeypatch.setattr(compiler, "op_scratch", lambda *a, **k: (lambda node: 0))
-    budget = int(unplanned * 0.7)
+    x, y = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
+
+    def run(options, steps):
+        torch._dynamo.reset()
+
+        def build():
+            torch.manual_seed(0)
+            model = WithTemporary()
+            return model, torch.compile(model, backend="lohan", options=options), x.clone(), y.clone()
+
+        def step(state):
+            model, compiled, xs, ys = state
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(compiled(xs), ys).backward()
+
+        return measure_device_peak(build, step, steps=steps).step_peaks, lohan.last_report()
+
+    # a budget keep-all fits by that prediction and its run passes (by the op's temporary); a
+    # plan holding that excess all step (the runtime sees a graph's excess, not the op's) fits
+    _, report = run({"executor": "fx"}, 1)
+    predicted, measured = report.summary()["predicted_peak_bytes"], report.summary()["measured_peak_bytes"]
+    assert measured > predicted + (1 << 20)
+    budget = measured - (measured - predicted) // 8
     with caplog.at_level(logging.WARNING, logger="lohan_compile"):
-        peaks, _ = peak_of("lohan", {"memory_budget": budget, "executor": "fx"}, steps=5)
+        peaks, _ = run({"memory_budget": budget, "executor": "fx"}, 5)
     over = [r.getMessage() for r in caplog.records if "past memory_budget" in r.getMessage()]
     assert over, [r.getMessage() for r in caplog.records]
     assert peaks[-1] <= budget, ([p / 2**20 for p in peaks], budget / 2**20)
