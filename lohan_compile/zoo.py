@@ -39,12 +39,22 @@ class ModelSpec:
     kv_heads: int | None = None  # grouped-query attention (LLaMA-2 70B): fewer key/value heads
     max_seq: int = 2048
     source: str = ""
+    # a mixture of experts (LLaMA family: Mixtral, Qwen-MoE): ``experts`` gated MLPs of ``ffn``
+    # each in every block, ``experts_per_token`` of them run per token (0: a dense model), and
+    # a shared expert every token runs, of ``shared_ffn`` (0: none) with a sigmoid gate
+    experts: int = 0
+    experts_per_token: int = 0
+    shared_ffn: int = 0
+    qkv_bias: bool = False  # the llama family with biases on q, k and v (Qwen2)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; families: {', '.join(FAMILIES)}")
         if self.hidden % self.heads:
             raise ValueError(f"{self.name}: hidden size {self.hidden} is not a multiple of {self.heads} heads")
+        if self.experts and (self.family != "llama" or not 0 < self.experts_per_token <= self.experts):
+            raise ValueError(f"{self.name}: a mixture of experts needs the llama family and 1 to {self.experts} "
+                             f"experts per token, got {self.family!r} and {self.experts_per_token}")
 
     @property
     def head_dim(self) -> int:
@@ -58,10 +68,20 @@ class ModelSpec:
     def tied(self) -> bool:
         return self.family == "gpt"
 
-    def block_params(self) -> int:
-        h, f, kv = self.hidden, self.ffn, self.n_kv * self.head_dim
+    def mlp_params(self, active: bool = False) -> int:
+        """A block's MLP: the dense one, or the router, the experts (``active``: only those a token
+        runs) and the shared expert with its gate."""
+        h, f = self.hidden, self.ffn
+        if not self.experts:
+            return 3 * h * f if self.family == "llama" else 2 * h * f + f + h
+        shared = 3 * h * self.shared_ffn + h if self.shared_ffn else 0
+        return h * self.experts + (self.experts_per_token if active else self.experts) * 3 * h * f + shared
+
+    def block_params(self, active: bool = False) -> int:
+        h, kv = self.hidden, self.n_kv * self.head_dim
         if self.family == "llama":
-            return h * h + 2 * h * kv + h * h + 3 * h * f + 2 * h
+            bias = h + 2 * kv if self.qkv_bias else 0
+            return h * h + 2 * h * kv + h * h + bias + self.mlp_params(active) + 2 * h
         # q, k, v, out with biases; two LayerNorms; MLP with biases
         return 4 * h * h + 4 * h + 4 * h + 2 * h * f + f + h
 
@@ -75,6 +95,10 @@ class ModelSpec:
 
     def parameters(self) -> int:
         return self.layers * self.block_params() + self.embedding_params() + self.head_params()
+
+    def active_parameters(self) -> int:
+        """The parameters a token runs through (a mixture of experts: its experts only)."""
+        return self.layers * self.block_params(active=True) + self.embedding_params() + self.head_params()
 
 
 def _gpt3(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
@@ -121,23 +145,21 @@ def model_spec(name_or_path: str) -> ModelSpec:
     return from_hf_config(json.loads(path.read_text()), name=path.parent.name or path.stem)
 
 
+QKV_BIAS = ("qwen2", "qwen2_moe")  # model types whose attention has biases on q, k and v
+
 # fields of mixture-of-experts configs (Mixtral, Qwen-MoE, DeepSeek, OLMoE, GPT-OSS, ...)
 MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
               "num_experts_per_tok")
 
 
 def from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
-    """The shape of a Hugging Face config (LLaMA-like, GPT-2, OPT, GPT-NeoX-like fields).
-    A mixture of experts is refused: planned as a dense model it would be several times
-    smaller than the model it describes."""
+    """The shape of a Hugging Face config (LLaMA-like, GPT-2, OPT, GPT-NeoX-like fields; Mixtral
+    and Qwen-MoE mixtures of experts). A mixture of experts of another layout is refused: planned
+    as a dense model it would be several times smaller than the model it describes."""
     mt = cfg.get("model_type", "")
     moe = {k: cfg[k] for k in MOE_FIELDS if cfg.get(k)}
     if moe:
-        fields = ", ".join(f"{k}={v}" for k, v in moe.items())
-        raise ValueError(f"config.json of model_type {mt!r} describes a mixture of experts ({fields}): lohan plan "
-                         "models dense decoders only and would plan a model several times smaller than this "
-                         "one. Plan it by compiling the model itself with torch.compile(backend='lohan'), "
-                         "which traces the experts it runs")
+        return _moe_spec(cfg, name, moe)
     if mt in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode"):
         h = cfg.get("n_embd") or cfg["hidden_size"]
         return ModelSpec(name, "gpt", cfg.get("n_layer") or cfg["num_hidden_layers"], h,
@@ -151,9 +173,43 @@ def from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
         # LLaMA, Mistral, Qwen2 and the like: RMSNorm, rotary, gated MLP
         return ModelSpec(name, "llama", cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
                          cfg["intermediate_size"], cfg["vocab_size"], kv_heads=cfg.get("num_key_value_heads"),
-                         max_seq=cfg.get("max_position_embeddings", 4096), source=f"config.json ({mt or 'llama-like'})")
+                         max_seq=cfg.get("max_position_embeddings", 4096), qkv_bias=mt in QKV_BIAS,
+                         source=f"config.json ({mt or 'llama-like'})")
     raise ValueError(f"config.json of model_type {mt!r}: cannot read its shape; supported: LLaMA-like "
                      "(hidden_size, intermediate_size, num_attention_heads), gpt2, opt")
+
+
+def _moe_spec(cfg: dict, name: str, moe: dict) -> ModelSpec:
+    """Mixtral (``num_local_experts``, experts of ``intermediate_size``) and Qwen-MoE
+    (``num_experts``, experts of ``moe_intermediate_size``, a gated shared expert of
+    ``shared_expert_intermediate_size``), every layer sparse; anything else is refused with
+    what is not understood."""
+    mt = cfg.get("model_type", "")
+    fields = ", ".join(f"{k}={v}" for k, v in moe.items())
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"config.json of model_type {mt!r} describes a mixture of experts ({fields}), {why}: "
+                          "lohan plan would plan another model than this one. Plan it by compiling the model "
+                          "itself with torch.compile(backend='lohan'), which traces the experts it runs")
+
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    per_token = cfg.get("num_experts_per_tok")
+    unknown = [k for k in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace") if cfg.get(k)]
+    if unknown:
+        raise refuse(f"with {', '.join(unknown)}, a layout it does not model (Mixtral's and Qwen-MoE's are)")
+    if not experts or not per_token:
+        raise refuse("without both the number of experts and num_experts_per_tok")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise refuse("with dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step), "
+                     "a layout it does not model")
+    if "num_attention_heads" not in cfg or "hidden_size" not in cfg:
+        raise refuse("without hidden_size and num_attention_heads")
+    ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    return ModelSpec(name, "llama", cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], ffn,
+                     cfg["vocab_size"], kv_heads=cfg.get("num_key_value_heads"),
+                     max_seq=cfg.get("max_position_embeddings", 4096), experts=experts, experts_per_token=per_token,
+                     shared_ffn=cfg.get("shared_expert_intermediate_size") or 0, qkv_bias=mt in QKV_BIAS,
+                     source=f"config.json ({mt}, {experts} experts, {per_token} per token)")
 
 
 def small(spec: ModelSpec, layers: int) -> ModelSpec:
@@ -190,10 +246,18 @@ class Block(nn.Module):
         llama = spec.family == "llama"
         self.norm1 = _RMSNorm(h) if llama else nn.LayerNorm(h)
         self.norm2 = _RMSNorm(h) if llama else nn.LayerNorm(h)
-        self.q = nn.Linear(h, h, bias=not llama)
-        self.k = nn.Linear(h, spec.n_kv * d, bias=not llama)
-        self.v = nn.Linear(h, spec.n_kv * d, bias=not llama)
+        qkv_bias = not llama or spec.qkv_bias
+        self.q = nn.Linear(h, h, bias=qkv_bias)
+        self.k = nn.Linear(h, spec.n_kv * d, bias=qkv_bias)
+        self.v = nn.Linear(h, spec.n_kv * d, bias=qkv_bias)
         self.o = nn.Linear(h, h, bias=not llama)
+        if spec.experts:
+            self.router = nn.Linear(h, spec.experts, bias=False)
+            self.experts = nn.ModuleList(_GatedMLP(h, f) for _ in range(spec.experts))
+            if spec.shared_ffn:
+                self.shared = _GatedMLP(h, spec.shared_ffn)
+                self.shared_gate = nn.Linear(h, 1, bias=False)
+            return
         if llama:
             self.gate = nn.Linear(h, f, bias=False)
         self.up = nn.Linear(h, f, bias=not llama)
@@ -216,6 +280,8 @@ class Block(nn.Module):
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv != s.heads)
         x = x + self.o(att.transpose(1, 2).reshape(b, t, s.hidden))
         m = self.norm2(x)
+        if s.experts:
+            return x + self._experts(m.reshape(b * t, s.hidden)).view(b, t, s.hidden)
         if s.family == "llama":
             m = F.silu(self.gate(m)) * self.up(m)
         elif s.family == "gpt":
@@ -223,6 +289,36 @@ class Block(nn.Module):
         else:
             m = F.relu(self.up(m))
         return x + self.down(m)
+
+
+    def _experts(self, m: torch.Tensor) -> torch.Tensor:
+        """The routed MLP with the tokens spread evenly: each expert runs ``tokens x k / E`` of
+        them (the expected share; the router's choice is data the planner does not have), so its
+        weights are read and updated and its activations saved as in training."""
+        s = self.spec
+        n = m.shape[0]
+        weights, _ = torch.topk(torch.softmax(self.router(m).float(), dim=-1), s.experts_per_token, dim=-1)
+        share = max(1, -(-n * s.experts_per_token // s.experts))
+        out = torch.zeros_like(m)
+        for e, expert in enumerate(self.experts):
+            rows = torch.arange(e * share, (e + 1) * share, device=m.device) % n
+            picked = m.index_select(0, rows)
+            scale = weights.index_select(0, rows)[:, e % s.experts_per_token, None].to(m.dtype)
+            out = out.index_add(0, rows, expert(picked) * scale)
+        if s.shared_ffn:
+            out = out + torch.sigmoid(self.shared_gate(m)) * self.shared(m)
+        return out
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, h: int, f: int):
+        super().__init__()
+        self.gate = nn.Linear(h, f, bias=False)
+        self.up = nn.Linear(h, f, bias=False)
+        self.down = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Head(nn.Module):
@@ -264,8 +360,9 @@ class Model(nn.Module):
 
 
 def model_flops_per_token(spec: ModelSpec) -> float:
-    """The usual convention: 6 x parameters FLOPs per token for forward + backward."""
-    return 6.0 * spec.parameters()
+    """The usual convention: 6 x parameters FLOPs per token for forward + backward (a mixture of
+    experts: the parameters a token runs through)."""
+    return 6.0 * spec.active_parameters()
 
 
 def check_seq(spec: ModelSpec, seq: int) -> None:

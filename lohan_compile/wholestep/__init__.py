@@ -162,7 +162,7 @@ class WholeStep:
             keep_free = timeline.peaks["host"] - resident["host"]  # the activations swapped to the host
         plan.timeline = timeline
         plan.step_s = timeline.step_seconds
-        plan.tflops = 6 * self.traced.spec.parameters() * self.traced.tokens / timeline.step_seconds / 1e12
+        plan.tflops = 6 * self.traced.spec.active_parameters() * self.traced.tokens / timeline.step_seconds / 1e12
         plan.peaks = dict(timeline.peaks)
         plan.busy = {r: timeline.busy(r) for r in ("compute", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")}
         bandwidth = {"h2d": self.hw.h2d_bandwidth, "d2h": self.hw.d2h_bandwidth,
