@@ -306,7 +306,8 @@ def plan(args: argparse.Namespace) -> int:
         moved = {k: v for k, v in result.actions.items() if v != "keep"}
         print(f"weights streamed: {'yes' if result.offload_params else 'no'}; block values moved: "
               + (", ".join(f"{k} {v}" for k, v in sorted(moved.items())) or "none"))
-    print("TFLOPS: 6 x parameters x tokens / predicted step time (recomputation not counted)")
+    print("TFLOPS: 6 x parameters (of a mixture of experts: active) x tokens / predicted step time "
+          "(recomputation not counted)")
     return 0 if result.feasible else 1
 
 

@@ -83,7 +83,7 @@ class ModelSpec:
             bias = h + 2 * kv if self.qkv_bias else 0
             return h * h + 2 * h * kv + h * h + bias + self.mlp_params(active) + 2 * h
         # q, k, v, out with biases; two LayerNorms; MLP with biases
-        return 4 * h * h + 4 * h + 4 * h + 2 * h * f + f + h
+        return 4 * h * h + 4 * h + 4 * h + self.mlp_params(active)
 
     def embedding_params(self) -> int:
         positions = self.max_seq * self.hidden if self.family in ("gpt", "opt") else 0
@@ -192,6 +192,8 @@ def _moe_spec(cfg: dict, name: str, moe: dict) -> ModelSpec:
                           "lohan plan would plan another model than this one. Plan it by compiling the model "
                           "itself with torch.compile(backend='lohan'), which traces the experts it runs")
 
+    if mt not in ("mixtral", "qwen2_moe"):
+        raise refuse("of a layout it does not model (it models mixtral's and qwen2_moe's)")
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     per_token = cfg.get("num_experts_per_tok")
     unknown = [k for k in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace") if cfg.get(k)]
@@ -204,6 +206,8 @@ def _moe_spec(cfg: dict, name: str, moe: dict) -> ModelSpec:
                      "a layout it does not model")
     if "num_attention_heads" not in cfg or "hidden_size" not in cfg:
         raise refuse("without hidden_size and num_attention_heads")
+    if cfg.get("head_dim") and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise refuse(f"with head_dim={cfg['head_dim']}, not hidden_size / num_attention_heads")
     ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
     return ModelSpec(name, "llama", cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], ffn,
                      cfg["vocab_size"], kv_heads=cfg.get("num_key_value_heads"),

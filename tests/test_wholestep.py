@@ -179,12 +179,16 @@ def test_a_small_mixture_of_experts_is_planned_with_every_expert_streamed_and_up
 
 
 def test_a_mixture_of_experts_of_another_layout_is_refused(tmp_path, capsys):
-    """DeepSeek's layout (shared experts by count, dense first layers): not modelled, refused
-    with what is not understood, never planned as something else."""
+    """DeepSeek's layout (shared experts by count, dense first layers), or a head_dim other
+    than hidden / heads (Qwen3-MoE's): not modelled, refused with what is not understood,
+    never planned as something else."""
     cfg = dict(MIXTRAL_8X7B, model_type="deepseek_v2", n_routed_experts=64, n_shared_experts=2,
                first_k_dense_replace=1, moe_intermediate_size=1408)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="mixture of experts.*n_routed_experts, n_shared_experts"):
+    with pytest.raises(ValueError, match="mixture of experts.*n_routed_experts=64.*layout it does not model"):
         zoo.model_spec(str(tmp_path))
     assert cli.main(["plan", "--model", str(tmp_path), "--batch", "1"]) == 2
     assert "n_routed_experts" in capsys.readouterr().err
+    cfg = dict(MIXTRAL_8X7B, model_type="qwen2_moe", num_local_experts=None, num_experts=128, head_dim=256)
+    with pytest.raises(ValueError, match="head_dim=256"):
+        zoo.from_hf_config(cfg)

@@ -265,7 +265,7 @@ class GraphCompiler:
             executor_excess_bytes=self.executor_excess,
             outside_bytes=self.outside,
             segment_scratch=self.segment_scratch,
-            op_scratch=op_scratch(self.real_inputs, self.opts.executor),
+            op_scratch=op_scratch(self.record.device, self.on_meta, self.opts.executor),
             materialized=self.materialized,
             **extra,
         )
@@ -370,6 +370,10 @@ class GraphCompiler:
         patches = {k: v for k, v in list_mode_options(self.opts.mode).items() if "cudagraphs" not in k}
         # inside a segment the plan's order is the order that runs (fusion aside)
         patches["reorder_for_peak_memory"] = False
+        # random ops (dropout's ``rand``) run torch's kernels: Inductor rewrites them into its own
+        # only in the passes over a whole joint graph, which segments do not go through (T5 with
+        # dropout failed to lower), and its own would draw other numbers than eager's
+        patches["fallback_random"] = True
 
         def compile_one(sub: fx.GraphModule, inputs: Sequence[Any]):
             # A segment with symbolic sizes shares the graph's shape environment, whose guards
@@ -433,7 +437,8 @@ class GraphCompiler:
         outputs exist in memory (``segment_outputs``)."""
         try:
             excess, position = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
-                                                op_scratch(vals, "inductor"), [storage_group(n) for n in seg.inputs],
+                                                op_scratch(self.record.device, False, "inductor"),
+                                                [storage_group(n) for n in seg.inputs],
                                                 [held_by_caller(n) for n in seg.inputs])
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
@@ -476,14 +481,13 @@ def held_by_caller(node: fx.Node) -> bool:
     return info.role in (Role.PARAM, Role.BUFFER, Role.INPUT)
 
 
-def op_scratch(real_inputs: Sequence[Any], executor: str | None) -> Callable[[fx.Node], int]:
-    """How the plan learns each op's scratch (``graph/scratch.py``): measured on the device of
-    the real inputs, or estimated where nothing can run there (the meta device; on CUDA while a
-    step is in progress, whose peak statistics a measurement would reset)."""
-    device = next((t.device for t in real_inputs if isinstance(t, torch.Tensor)), None)
-    if device is None or device.type == "meta" or (device.type == "cuda" and TRACKER.step_open()):
+def op_scratch(device: torch.device | None, on_meta: bool, executor: str | None) -> Callable[[fx.Node], int]:
+    """How the plan learns each op's scratch (``graph/scratch.py``): measured on the graph's
+    device (None: the CPU stand-in), or estimated where nothing can run there (a graph planned on
+    meta; on CUDA while a step is in progress, whose peak statistics a measurement would reset)."""
+    if on_meta or (device is not None and device.type == "cuda" and TRACKER.step_open()):
         return estimated(executor)
-    return OpScratch(None if device.type == "cpu" else device, device_memory, inductor=executor == "inductor")
+    return OpScratch(device, device_memory, inductor=executor == "inductor")
 
 
 def _no_donated_buffers(executor: str):

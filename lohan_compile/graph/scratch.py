@@ -50,15 +50,25 @@ _ESTIMATED = {
 _EXTERN = {"convolution", "_convolution", "mm", "addmm", "bmm", "baddbmm", "_int_mm", "_scaled_mm"}
 
 
+# namespaces of ops never run to be measured: lohan's own (copies, waits) and collectives
+_NOT_RUN = {"lohan", "c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "fsdp"}
+
+
 def _measurable(node: fx.Node) -> bool:
+    """An op that is safe and worth running on zeros at plan time: not lohan's, not a collective
+    (other ranks would have to take part), not a view, not elementwise, not an assert (zeros may
+    fail it) nor a random draw, with a tensor result. (A user's custom op is measured: its
+    declared effects are on its arguments, zeros made for it.)"""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    if target.namespace == "lohan" or is_view(node):
+    if target.namespace in _NOT_RUN or is_view(node) or target._opname.startswith("_assert"):
         return False
-    if torch.Tag.pointwise in target.tags:
+    if torch.Tag.pointwise in target.tags or torch.Tag.nondeterministic_seeded in target.tags:
         return False  # an elementwise kernel writes its output and nothing else
-    return any(isinstance(v, torch.Tensor) for v in _tensor_vals(node))
+    val = node.meta.get("val")
+    outs = val if isinstance(val, (list, tuple)) else [val]
+    return any(isinstance(v, torch.Tensor) for v in outs)
 
 
 def inductor_generates(node: fx.Node) -> bool:
@@ -159,15 +169,16 @@ class OpScratch:
     def __call__(self, node: fx.Node) -> int:
         if not _measurable(node) or (self.inductor and inductor_generates(node)):
             return 0
-        key = (str(self.device), signature(node))
-        if key not in _MEASURED:
-            try:
+        try:
+            # (this CPU's kernels take per-thread temporaries: the thread count is part of the key)
+            key = (str(self.device), torch.get_num_threads(), signature(node))
+            if key not in _MEASURED:
                 _MEASURED[key] = self._measure(node)
-            except Exception as e:  # noqa: BLE001 - an op that cannot run on zeros is estimated
-                log.debug("lohan: scratch of %s not measured (%s: %s); estimated", node.format_node(),
-                          type(e).__name__, e)
-                self.failed.append(node.name)
-                return estimate_scratch(node)
+        except Exception as e:  # noqa: BLE001 - an op that cannot run on zeros is estimated
+            log.debug("lohan: scratch of %s not measured (%s: %s); estimated", node.format_node(),
+                      type(e).__name__, e)
+            self.failed.append(node.name)
+            return estimate_scratch(node)
         return _MEASURED[key]
 
     def _measure(self, node: fx.Node) -> int:
@@ -175,6 +186,7 @@ class OpScratch:
 
         counter, device = self.counter, self.device
         on_cuda = device is not None and device.type == "cuda"
+        before = counter.peak(device)  # (before the inputs too: a step in progress keeps its own)
         with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
             made: dict[fx.Node, Any] = {}
 
@@ -189,13 +201,12 @@ class OpScratch:
 
             args = [real(a) for a in node.args]
             kwargs = {k: real(v) for k, v in node.kwargs.items()}
-            if on_cuda:
-                node.target(*args, **kwargs)  # the first call may tune, with memory of its own
-                torch.cuda.synchronize(device)
-            before = counter.peak(device)
-            level = counter.allocated(device)
-            counter.reset_peak(device)
             try:
+                if on_cuda:
+                    node.target(*args, **kwargs)  # the first call may tune, with memory of its own
+                    torch.cuda.synchronize(device)
+                level = counter.allocated(device)
+                counter.reset_peak(device)
                 out = node.target(*args, **kwargs)
                 if on_cuda:
                     torch.cuda.synchronize(device)

@@ -84,8 +84,8 @@ def _inductor_only(node: fx.Node) -> bool:
     is what Inductor would write.)"""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or _is_cheap(node):
         return False
-    if torch.Tag.pointwise in node.target.tags:
-        return False
+    if torch.Tag.pointwise in node.target.tags or torch.Tag.nondeterministic_seeded in node.target.tags:
+        return False  # (a random op alone is no graph Inductor compiles: its passes rewrite it in context)
     from .scratch import inductor_generates
 
     return inductor_generates(node)
@@ -513,10 +513,10 @@ def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None) -> l
     return out
 
 
-def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: Any) -> int:
+def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: Any, before: int) -> int:
     """Device bytes a boxed ``fn`` holds at its highest point above the level it was called at
-    (its inputs included, which it may free as it goes). The counter's peak is put back after."""
-    before = counter.peak(device)
+    (its inputs included, which it may free as it goes). The counter's peak is put back to
+    ``before`` after (read before the inputs were made)."""
     level = counter.allocated(device)
     counter.reset_peak(device)
     out = fn(inputs)
@@ -604,14 +604,16 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     on_cuda = device is not None and device.type == "cuda"
+    before = counter.peak(device)  # (before the inputs too: a step in progress keeps its own)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
         # (random ops, dropout, draw from a generator of their own: training draws the same)
         if on_cuda:
             compiled(_probe_inputs(vals, groups))  # its first call tunes kernels, with memory of its own
         inputs = _probe_inputs(vals, groups)
         kept = [t for t, h in zip(inputs, held or ()) if h]  # (the caller's references)
-        fused = _transient(compiled, inputs, counter, device)
+        fused = _transient(compiled, inputs, counter, device, before)
         del kept
+        restore_peak(counter, before, device)  # (the kept inputs are gone too)
     planned, at = planned_peak(sub, scratch, groups, held)
     position = None if at is None else int(at.name[1:])  # (segment_module names nodes n0, n1, ...)
     return max(0, fused - planned), position

@@ -128,7 +128,8 @@ def peak_op(problem: Problem, prediction: Prediction) -> int | None:
     when = t.peak_at.get("device")
     if when is None:
         return None
-    for i in sorted((i for i in t.intervals if isinstance(i.name, OpRef)), key=lambda i: i.start):
+    # (a zero-time op, a view, starts where the op after it allocates: it is not where the peak is)
+    for i in sorted((i for i in t.intervals if isinstance(i.name, OpRef) and i.end > i.start), key=lambda i: i.start):
         if i.start >= when:
             return i.name.index
     return None
