@@ -15,7 +15,7 @@ and in-place ops), built here from configs with small shapes:
   eager ``torch.optim.AdamW`` from the same weights and batches, the largest parameter
   difference after the steps.
 
-    python bench/zoo.py [--families cnn,vit,t5,moe,bert,custom] [--fractions 0.8,0.95]
+    python bench/zoo.py [--families cnn,vit,t5,moe,bert,custom,issue-cnn] [--fractions 0.8,0.95]
         [--executors fx,inductor] [--steps 4] [--out bench/results/zoo.json]
 """
 
@@ -54,6 +54,13 @@ class ResidualCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         return self.head(F.relu(x + self.block(x)))
+
+
+class IssueCNN(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, 10))
 
 
 class ScaledSiLU(torch.autograd.Function):
@@ -134,6 +141,9 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], Ca
 
     return {
         "cnn": (ResidualCNN, images, ce),
+        # the CNN of issue 29, as it reported it (batch 16 x 3 x 64 x 64)
+        "issue-cnn": (IssueCNN, lambda: (torch.randn(16, 3, 64, 64, generator=g),
+                                         torch.randint(0, 10, (16,), generator=g)), ce),
         "vit": (vit, images, lambda m, b: m(pixel_values=b[0], labels=b[1]).loss),
         "t5": (t5, lambda: (tokens(), tokens(seq=32)), lambda m, b: m(input_ids=b[0], labels=b[1]).loss),
         "moe": (moe, tokens, lambda m, ids: m(input_ids=ids, labels=ids).loss),
