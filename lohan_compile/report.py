@@ -74,10 +74,9 @@ class GraphRecord:
     planned_level: int | None = None
     # Inductor executor: per phase, how the graph was split (segments, lohan ops, the driver's code)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Inductor executor under a budget: the most device bytes a segment was measured to hold at
-    # its peak beyond the plan's model of its nodes, when it was compiled; and that excess by
-    # (phase, node name) for every node of such a segment
-    segment_excess_bytes: int = 0
+    # Inductor executor under a budget: the device bytes a segment was measured to hold at its
+    # peak beyond the plan's model of its nodes, when it was compiled, by (phase, node name) of
+    # the node the model peaks at
     segment_scratch: dict[tuple[str, str], int] = field(default_factory=dict)
     # ... and the bytes of every segment's outputs, which exist in memory, by (phase, node name)
     segment_outputs: dict[tuple[str, str], int] = field(default_factory=dict)

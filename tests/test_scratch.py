@@ -130,7 +130,7 @@ def test_the_estimate_covers_the_cnns_measured_scratch():
 def test_a_multi_output_ops_results_are_held_while_it_runs():
     """The graph allocates a multi-output op's results at its ``getitem`` nodes, after the op's
     dying inputs were freed; the op itself holds them while its inputs are alive."""
-    from lohan_compile.graph.problem import _results_bytes
+    from lohan_compile.graph.fxutil import results_bytes as _results_bytes
 
     x = torch.randn(4, 8, 16, 16)
     pool = _node(_graph_of(lambda x: torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2]), x),

@@ -455,7 +455,6 @@ class GraphCompiler:
             for n in nodes:
                 if n.op == "call_function":
                     self.record.segment_scratch[(where, n.name)] = excess
-        self.record.segment_excess_bytes = max(self.record.segment_excess_bytes, excess)
 
 
 def storage_group(node: fx.Node) -> Any:

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from ..layout import dense_layout
-from .shapes import hint_int
+from .shapes import hint_int, nbytes_hint
 
 
 def aliased_input(node: fx.Node) -> fx.Node | None:
@@ -76,6 +76,14 @@ def output_tensors(node: fx.Node) -> list[torch.Tensor]:
     if isinstance(val, (list, tuple)):
         return [v for v in val if isinstance(v, torch.Tensor)]
     return []
+
+
+def results_bytes(node: fx.Node) -> int:
+    """A multi-output op that makes new storages (not a ``split``): the bytes of its results,
+    which it allocates while its inputs are alive (the graph's ``getitem`` nodes come after)."""
+    if not isinstance(node.meta.get("val"), (list, tuple)) or view_parent(node) is not None:
+        return 0
+    return sum(nbytes_hint(t) for t in output_tensors(node))
 
 
 def is_dense(val: torch.Tensor | None) -> bool:

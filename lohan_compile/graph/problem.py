@@ -28,7 +28,7 @@ from ..hardware import resolve
 from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
 from .costmodel import CostModel
-from .fxutil import is_dense, is_view, output_tensors, storage_base, tensor_val, view_parent
+from .fxutil import is_dense, is_view, results_bytes, storage_base, tensor_val
 from .meta import Kind, Role, get_info
 from .scratch import estimated, fused_away
 from .shapes import nbytes_expr, nbytes_hint
@@ -41,13 +41,6 @@ def _recomputable(node: fx.Node) -> bool:
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False  # a random op recomputed would draw new numbers
     return not target._schema.is_mutable
-
-
-def _results_bytes(node: fx.Node) -> int:
-    """A multi-output op that makes new storages (not a ``split``): the bytes of its results."""
-    if not isinstance(node.meta.get("val"), (list, tuple)) or view_parent(node) is not None:
-        return 0
-    return sum(nbytes_hint(t) for t in output_tensors(node))
 
 
 def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
@@ -63,7 +56,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
             if n.op == "call_function":
                 index[n] = len(ops)
                 ops.append(OpInfo(n.name, cost.node_seconds(n), phase, scratch(n) if scratch is not None else 0,
-                                  _results_bytes(n)))
+                                  results_bytes(n)))
     n_fw = sum(1 for o in ops if o.phase == "fw")
 
     key_of: dict[fx.Node, str | None] = {}

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .fxutil import is_view
-from .shapes import hint_int
+from .shapes import hint_int, nbytes_hint
 
 log = logging.getLogger("lohan_compile")
 
@@ -120,15 +120,6 @@ def signature(node: fx.Node) -> tuple:
     return (str(node.target), _describe(tuple(node.args)), tuple(sorted((k, _describe(v)) for k, v in node.kwargs.items())))
 
 
-def _nbytes(v: Any) -> int:
-    if not isinstance(v, torch.Tensor):
-        return 0
-    numel = 1
-    for d in v.shape:
-        numel *= hint_int(d)
-    return numel * v.element_size()
-
-
 def estimate_scratch(node: fx.Node) -> int:
     """A conservative guess for ops known to allocate inside (none for the others)."""
     target = node.target
@@ -136,7 +127,7 @@ def estimate_scratch(node: fx.Node) -> int:
         return 0
     if target._opname.lstrip("_") not in {n.lstrip("_") for n in _ESTIMATED}:
         return 0
-    return 2 * max((_nbytes(v) for v in _tensor_vals(node)), default=0)
+    return 2 * max((nbytes_hint(v) for v in _tensor_vals(node) if isinstance(v, torch.Tensor)), default=0)
 
 
 def fused_away(node: fx.Node) -> bool:
@@ -164,7 +155,6 @@ class OpScratch:
         self.device = device
         self.counter = counter
         self.inductor = inductor
-        self.failed: list[str] = []  # ops that could not run on zeros: estimated instead
 
     def __call__(self, node: fx.Node) -> int:
         if not _measurable(node) or (self.inductor and inductor_generates(node)):
@@ -177,7 +167,6 @@ class OpScratch:
         except Exception as e:  # noqa: BLE001 - an op that cannot run on zeros is estimated
             log.debug("lohan: scratch of %s not measured (%s: %s); estimated", node.format_node(),
                       type(e).__name__, e)
-            self.failed.append(node.name)
             return estimate_scratch(node)
         return _MEASURED[key]
 

@@ -537,7 +537,7 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
     under Inductor); and the node it is reached at (None: before any runs). Inputs of one of
     ``groups`` share one storage, freed after the last use of any of them; inputs ``held``
     elsewhere (parameters, the batch) are never freed."""
-    from .fxutil import output_tensors, storage_base, view_parent
+    from .fxutil import results_bytes, storage_base
     from .scratch import fused_away
     from .shapes import nbytes_hint
 
@@ -577,8 +577,7 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
         if storage_base(n) is n and isinstance(n.meta.get("val"), torch.Tensor):
             size[n] = 0 if fused_away(n) else nbytes_hint(n.meta["val"])
             held = size[n]
-        if isinstance(n.meta.get("val"), (list, tuple)) and view_parent(n) is None:
-            held += sum(nbytes_hint(t) for t in output_tensors(n))  # its results, then their getitems
+        held += results_bytes(n)  # a multi-output op's results, then their getitems
         if live + held + scratch(n) > peak:
             peak, at = live + held + scratch(n), n
         live += size.get(n, 0)
