@@ -23,9 +23,9 @@ from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.fxutil import storage_base
 from ..graph.meta import Role, get_info
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
-from ..graph.scratch import OpScratch, estimated
+from ..graph.scratch import OpScratch, estimated, fused_away
 from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
-from ..graph.shapes import expr_of, nbytes_hint, planning_sizes
+from ..graph.shapes import expr_of, hint_int, nbytes_hint, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
 from .. import passes
@@ -169,6 +169,8 @@ class GraphCompiler:
         outside: int = 0,
         segment_scratch: dict[tuple[str, str], int] | None = None,
         materialized: frozenset[tuple[str, str]] = frozenset(),
+        fused: frozenset[tuple[str, str]] = frozenset(),
+        assume_fused: bool = False,
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -182,6 +184,9 @@ class GraphCompiler:
         self.outside = outside  # bytes code outside the graph held between its forward and backward
         self.segment_scratch = dict(segment_scratch or {})  # bytes Inductor segments held above the plan
         self.materialized = materialized  # results Inductor segments held that the plan had fused away
+        self.fused = fused  # results Inductor segments were seen to fuse into their readers
+        self._input_indices: dict[str, int] | None = None  # (``_real_value``'s, found when needed)
+        self.assume_fused = assume_fused  # ... and whether every result they may fuse is planned fused
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -265,12 +270,15 @@ class GraphCompiler:
             executor_excess_bytes=self.executor_excess,
             outside_bytes=self.outside,
             segment_scratch=self.segment_scratch,
-            op_scratch=op_scratch(self.record.device, self.on_meta, self.opts.executor),
+            op_scratch=op_scratch(self.record.device, self.on_meta, self.opts.executor, self._real_value),
             materialized=self.materialized,
+            fused=self.fused,
+            assume_fused=self.assume_fused,
             **extra,
         )
 
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
+        self._joint = joint  # (``_real_value`` finds the inputs' indices on its placeholders)
         facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)
         graphs = self._run_pipeline(Graphs(joint=joint), facts)
         self.record.training = True
@@ -435,11 +443,14 @@ class GraphCompiler:
         """Measure an Inductor segment against the plan's model of its nodes; what it holds
         above that is held in the next plan where the model peaks (``segment_scratch``), and its
         outputs exist in memory (``segment_outputs``)."""
+        with unset_fake_temporarily():
+            real = None if _mutates(sub) else [self._real_value(n) for n in seg.inputs]
         try:
             excess, position = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
                                                 op_scratch(self.record.device, False, "inductor"),
                                                 [storage_group(n) for n in seg.inputs],
-                                                [held_by_caller(n) for n in seg.inputs])
+                                                [held_by_caller(n) for n in seg.inputs],
+                                                real)
         except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
@@ -449,12 +460,52 @@ class GraphCompiler:
         for n in seg.outputs:
             if isinstance(n.meta.get("val"), torch.Tensor):
                 self.record.segment_outputs[(where, n.name)] = nbytes_hint(n.meta["val"])
+        outputs = set(seg.outputs)
+        self.record.segment_fused |= {(where, n.name) for n in seg.nodes if n not in outputs and fused_away(n)}
         if excess > 0:
             # held at the node the plan's model of the segment peaks at (before any node: at all)
             nodes = [seg.nodes[position]] if position is not None else seg.nodes
             for n in nodes:
                 if n.op == "call_function":
                     self.record.segment_scratch[(where, n.name)] = excess
+
+
+    def _real_value(self, node: fx.Node) -> torch.Tensor | None:
+        """The step's own tensor for a value its caller holds (``held_by_caller``: a parameter, a
+        buffer, the batch, or a view of one), viewed as ``node``'s value is: measurements run on
+        it rather than on a copy beside it. None where there is none (another value, or the
+        tensor has no data here: a streamed parameter, another device, a smaller storage)."""
+        if not held_by_caller(node):
+            return None
+        info = get_info(storage_base(node))
+        index = info.input_index
+        if info.role is Role.SAVED:
+            if self._input_indices is None:
+                joint = getattr(self, "_joint", None)
+                self._input_indices = {} if joint is None else {
+                    n.name: i.input_index for n in joint.graph.nodes
+                    if n.op == "placeholder" and (i := get_info(n)) is not None and i.input_index is not None}
+            index = self._input_indices.get(info.storage_of)
+        val = node.meta.get("val")
+        if index is None or index >= len(self.real_inputs) or not isinstance(val, torch.Tensor):
+            return None
+        real = self.real_inputs[index]
+        if type(real) not in (torch.Tensor, torch.nn.Parameter) or real.dtype != val.dtype or real.device != val.device:
+            return None
+        shape = [hint_int(d) for d in val.shape]
+        stride = [hint_int(d) for d in val.stride()]
+        offset = hint_int(val.storage_offset())
+        reach = offset + 1 + sum((d - 1) * s for d, s in zip(shape, stride)) if all(shape) else 0
+        if reach * real.element_size() > real.untyped_storage().nbytes():
+            return None
+        return real.detach().as_strided(shape, stride, offset)
+
+
+def _mutates(gm: fx.GraphModule) -> bool:
+    """Whether any op of ``gm`` writes into one of its arguments (its inputs may be the step's
+    own tensors only where none does)."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in gm.graph.nodes)
 
 
 def storage_group(node: fx.Node) -> Any:
@@ -480,13 +531,15 @@ def held_by_caller(node: fx.Node) -> bool:
     return info.role in (Role.PARAM, Role.BUFFER, Role.INPUT)
 
 
-def op_scratch(device: torch.device | None, on_meta: bool, executor: str | None) -> Callable[[fx.Node], int]:
+def op_scratch(device: torch.device | None, on_meta: bool, executor: str | None,
+               real_value: Callable[[fx.Node], torch.Tensor | None] | None = None) -> Callable[[fx.Node], int]:
     """How the plan learns each op's scratch (``graph/scratch.py``): measured on the graph's
     device (None: the CPU stand-in), or estimated where nothing can run there (a graph planned on
-    meta; on CUDA while a step is in progress, whose peak statistics a measurement would reset)."""
+    meta; on CUDA while a step is in progress, whose peak statistics a measurement would reset).
+    ``real_value``: the step's own tensor for an argument, where it has one."""
     if on_meta or (device is not None and device.type == "cuda" and TRACKER.step_open()):
         return estimated(executor)
-    return OpScratch(device, device_memory, inductor=executor == "inductor")
+    return OpScratch(device, device_memory, inductor=executor == "inductor", real_value=real_value)
 
 
 def _no_donated_buffers(executor: str):

@@ -14,7 +14,7 @@ import gc
 import logging
 import statistics
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import sympy
@@ -35,6 +35,21 @@ from ..units import format_bytes
 from .compiler import GraphCompiler
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentsLearnt:
+    """What Inductor's segments were measured to do, for the plans of one variant (their
+    segments differ), learnt when each plan's segments compile, by (phase, node name)."""
+
+    # device bytes a segment held above the plan's model of its nodes, at the node the model
+    # peaks at: every later plan holds them there
+    scratch: dict[tuple[str, str], int] = field(default_factory=dict)
+    # results the plan had fused into their readers that a segment holds after all (an output)
+    materialized: set[tuple[str, str]] = field(default_factory=set)
+    # results a segment fused into their readers: planned fused from then on (until seen, the
+    # plan holds them in memory)
+    fused: set[tuple[str, str]] = field(default_factory=set)
 
 
 class Replanning:
@@ -95,11 +110,9 @@ class Replanning:
         # device bytes code outside this graph (run eagerly) was measured to allocate between its
         # forward and its backward: every plan from then on is made holding them there
         self.outside = 0
-        # Inductor, per plan asked for (``variant``; their segments differ): device bytes segments
-        # were measured to hold above the plan of their nodes, by (phase, node name), and results
-        # the plan had fused into their readers that segments hold after all (segment outputs,
-        # lone ops): every later plan of that variant is made holding them
-        self.segments_learnt: dict[Any, tuple[dict[tuple[str, str], int], set[tuple[str, str]]]] = {}
+        # Inductor, per plan asked for (``variant``; their segments differ): what its segments were
+        # measured to hold and to fuse, which every later plan of that variant is made with
+        self.segments_learnt: dict[Any, SegmentsLearnt] = {}
         self._compile(example_inputs, example_inputs, None)
         self._start_trial()
 
@@ -111,15 +124,28 @@ class Replanning:
             if optimizer is None:
                 raise LohanError("the CPUAdamW this model was compiled with no longer exists")
             opts = opts.replace(optimizer=optimizer)
-        scratch, materialized = self.segments_learnt.setdefault(variant, ({}, set()))
+        learnt = self.segments_learnt.setdefault(variant, SegmentsLearnt())
+        assume_fused = False
         for attempt in range(self.SEGMENT_REPLANS + 1):
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
-                outside=self.outside, segment_scratch=dict(scratch), materialized=frozenset(materialized),
+                outside=self.outside, segment_scratch=dict(learnt.scratch), materialized=frozenset(learnt.materialized),
+                fused=frozenset(learnt.fused), assume_fused=assume_fused,
             )
-            self.fn = compiler.compile()
-            if not self._segments_overrun(compiler.record, scratch, materialized):
+            try:
+                self.fn = compiler.compile()
+            except BudgetError:
+                # holding every result Inductor may fuse that no segment was yet seen fusing, no
+                # plan fits: plan them fused (the first steps may then pass the budget by what
+                # Inductor keeps after all, until its segments are measured)
+                if opts.executor != "inductor" or assume_fused:
+                    raise
+                assume_fused = True
+                log.info("lohan %s: no plan fits holding the results Inductor has not yet been seen to fuse; "
+                         "planned with them fused", compiler.record.name)
+                continue
+            if not self._segments_overrun(compiler.record, learnt):
                 break
             if attempt == self.SEGMENT_REPLANS:
                 log.warning("lohan %s: planned %d times for what Inductor's segments hold, each plan's "
@@ -136,28 +162,32 @@ class Replanning:
         level = None if compiler.on_meta else device_memory.allocated(self.record.device)
         self.planned_level = self.record.planned_level = level
 
-    def _segments_overrun(self, rec, scratch: dict[tuple[str, str], int], materialized: set[tuple[str, str]]) -> bool:
+    def _segments_overrun(self, rec, learnt: "SegmentsLearnt") -> bool:
         """Inductor's segments, measured when compiled, hold more than the plan's model of their
-        nodes (``rec.segment_scratch``), or hold results the plan had fused into their readers
-        (segment outputs): learn both, and simulate the plan again with them. True when that
-        passes the budget: then plan again with them (before any step runs: the budget holds
-        from the first step)."""
+        nodes (``rec.segment_scratch``), hold results the plan had fused into their readers
+        (segment outputs), or fuse results the plan held (not yet seen fused): learn all three,
+        and simulate the plan again with them. True when that passes the budget: then plan
+        again with them (before any step runs: the budget holds from the first step)."""
         if not rec.training:
             return False
+        scratch = learnt.scratch
         more = {k: v - scratch.get(k, 0) for k, v in rec.segment_scratch.items() if v > scratch.get(k, 0)}
         planned = rec.pass_report("plan_memory")
-        held = {}
+        held, freed = {}, {}
         if planned is not None:
             buffers = planned["problem"].buffers
             held = {f"{phase}:{name}": nbytes for (phase, name), nbytes in rec.segment_outputs.items()
                     if nbytes and f"{phase}:{name}" in buffers and buffers[f"{phase}:{name}"].bytes == 0}
-        if not more and not held:
+            freed = {f"{phase}:{name}": 0 for phase, name in rec.segment_fused
+                     if f"{phase}:{name}" in buffers and buffers[f"{phase}:{name}"].bytes > 0}
+        learnt.fused |= rec.segment_fused
+        if not more and not held and not freed:
             return False
         scratch.update({k: scratch.get(k, 0) + v for k, v in more.items()})
-        materialized |= {tuple(k.split(":", 1)) for k in held}
+        learnt.materialized |= {tuple(k.split(":", 1)) for k in held}
         if planned is None:
             return False
-        problem = planned["problem"].with_scratch(more).with_bytes(held)
+        problem = planned["problem"].with_scratch(more).with_bytes({**held, **freed})
         prediction = predict(problem, planned["plan"].decisions, planned["rates"])
         budget = self.opts.memory_budget
         if budget is not None and prediction.peak_device_bytes > budget:

@@ -111,6 +111,13 @@ class CompileFacts:
     # Inductor: nodes, by (phase, name), whose results an earlier plan's segments were found to
     # hold in memory (a segment's outputs), though the plan had them fused into their readers
     materialized: frozenset[tuple[str, str]] = frozenset()
+    # Inductor: nodes whose results an earlier plan's segments were measured to fuse into their
+    # readers (inside a segment, not one of its outputs). Until a result is seen fused, the plan
+    # holds it in memory: a plan that assumed fusion Inductor does not do would run past the
+    # budget the first time its segments run (when they are measured), so that is assumed only
+    # where no plan fits otherwise (``assume_fused``)
+    fused: frozenset[tuple[str, str]] = frozenset()
+    assume_fused: bool = False
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

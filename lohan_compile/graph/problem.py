@@ -300,7 +300,10 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     fused = None
     if facts.options.executor == "inductor":
         def fused(phase: str, node: fx.Node) -> bool:
-            return (phase, node.name) not in facts.materialized and fused_away(node)
+            key = (phase, node.name)
+            if key in facts.materialized or not fused_away(node):
+                return False
+            return facts.assume_fused or key in facts.fused
     problem = (build_problem(fw, bw, cost, scratch, fused).without_outputs(facts.dropped_outputs)
                .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes

@@ -151,10 +151,14 @@ class OpScratch:
     (``counter``: ``allocated``, ``peak``, ``reset_peak``, ``raise_peak``); with
     ``inductor``, none for the ops Inductor generates code for."""
 
-    def __init__(self, device: torch.device | None, counter: Any, *, inductor: bool = False):
+    def __init__(self, device: torch.device | None, counter: Any, *, inductor: bool = False,
+                 real_value: Callable[[fx.Node], torch.Tensor | None] | None = None):
         self.device = device
         self.counter = counter
         self.inductor = inductor
+        # the step's own tensor for an argument (a parameter, the batch), where it has one: an
+        # op that writes into none of its arguments runs on it rather than on a copy beside it
+        self.real_value = real_value
 
     def __call__(self, node: fx.Node) -> int:
         if not _measurable(node) or (self.inductor and inductor_generates(node)):
@@ -179,10 +183,13 @@ class OpScratch:
         with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
             made: dict[fx.Node, Any] = {}
 
+            reads_only = self.real_value is not None and not node.target._schema.is_mutable
+
             def real(a: Any) -> Any:
                 if isinstance(a, fx.Node):
                     if a not in made:
-                        made[a] = _zeros_like(a.meta.get("val"))
+                        own = self.real_value(a) if reads_only else None
+                        made[a] = own if own is not None else _zeros_like(a.meta.get("val"))
                     return made[a]
                 if isinstance(a, (list, tuple)):
                     return type(a)(real(x) for x in a)

@@ -487,16 +487,20 @@ def _group_of(i: int, v: torch.Tensor, groups: Sequence[Any] | None, storages: d
     return key if key in storages and storages[key][0] == v.dtype else ("own", i)
 
 
-def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None) -> list:
-    """Real inputs like ``vals`` (fake tensors, symbolic sizes at their hints): zeros, so that
-    indices stay in range. Inputs of one group (``groups[i]``: views of one storage where the
-    segment runs, such as saved values of one forward tensor) are views of one storage here
-    too: it is freed when the last of them is, as it is in the step."""
+def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None,
+                  real: Sequence[torch.Tensor | None] | None = None) -> list:
+    """Real inputs like ``vals`` (fake tensors, symbolic sizes at their hints): ``real[i]``
+    where given (the step's own tensor), else zeros, so that indices stay in range. Inputs of
+    one group (``groups[i]``: views of one storage where the segment runs, such as saved
+    values of one forward tensor) are views of one storage here too: it is freed when the
+    last of them is, as it is in the step."""
     storages = _input_groups(vals, groups)
     bases: dict[Any, torch.Tensor] = {}
     out = []
     for i, v in enumerate(vals):
-        if isinstance(v, torch.Tensor):
+        if real is not None and real[i] is not None:
+            out.append(real[i])
+        elif isinstance(v, torch.Tensor):
             shape = [hint_int(d) for d in v.shape]
             stride = [hint_int(d) for d in v.stride()]
             key = _group_of(i, v, groups, storages)
@@ -589,7 +593,8 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
 
 def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
                      device: Any, scratch: Callable[[fx.Node], int], groups: Sequence[Any] | None = None,
-                     held: Sequence[bool] | None = None) -> tuple[int, int | None]:
+                     held: Sequence[bool] | None = None,
+                     real: Sequence[torch.Tensor | None] | None = None) -> tuple[int, int | None]:
     """How many device bytes the compiled segment holds at its highest point beyond what the
     plan's model of its nodes holds (``planned_peak``): a fused kernel keeps its inputs while it
     writes its outputs, so a segment can peak higher than the plan predicted for its nodes.
@@ -597,8 +602,10 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     ``device``: the runtime's device counters). Between segments the plan and the executor
     hold the same values, so a step peaks at most this above its prediction while it runs.
     Inputs are made as they are where the step runs: views of one storage per ``groups``, and
-    the ``held`` ones (parameters, the batch: the caller keeps them) alive throughout.
-    Returns the excess and the position in the segment of the node the plan's model peaks at
+    the ``held`` ones (parameters, the batch: the caller keeps them) alive throughout: the
+    step's own tensors where ``real`` gives them (a segment that writes into none of its
+    inputs), else views of one storage per dtype (the step's own are alive beside them: the
+    measurement must not hold a second copy of every weight). Returns the excess and the position in the segment of the node the plan's model peaks at
     (held there, the plan's peak over the segment is the segment's)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -606,9 +613,13 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     before = counter.peak(device)  # (before the inputs too: a step in progress keeps its own)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
         # (random ops, dropout, draw from a generator of their own: training draws the same)
+        # the held inputs exist where the step runs (the real ones are alive now): their stand-ins
+        # share one storage per dtype, so the measurement adds only the largest of them
+        made = [("held", v.dtype) if h and isinstance(v, torch.Tensor) else g
+                for v, g, h in zip(vals, groups or [None] * len(vals), held or [False] * len(vals))]
         if on_cuda:
-            compiled(_probe_inputs(vals, groups))  # its first call tunes kernels, with memory of its own
-        inputs = _probe_inputs(vals, groups)
+            compiled(_probe_inputs(vals, made, real))  # its first call tunes kernels, with memory of its own
+        inputs = _probe_inputs(vals, made, real)
         kept = [t for t, h in zip(inputs, held or ()) if h]  # (the caller's references)
         fused = _transient(compiled, inputs, counter, device, before)
         del kept
