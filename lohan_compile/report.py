@@ -80,8 +80,8 @@ class GraphRecord:
     segment_scratch: dict[tuple[str, str], int] = field(default_factory=dict)
     # ... and the bytes of every segment's outputs, which exist in memory, by (phase, node name)
     segment_outputs: dict[tuple[str, str], int] = field(default_factory=dict)
-    # ... and the results a segment fused into their readers (the plan may hold them in memory
-    # until they are seen fused), by (phase, node name)
+    # ... and the results Inductor may fuse found inside a segment, not among its outputs (a
+    # plan holds them in memory until they are seen so), by (phase, node name)
     segment_fused: set[tuple[str, str]] = field(default_factory=set)
     # the plan's step simulated again with the compute times the executor measured
     calibrated_step_s: float | None = None

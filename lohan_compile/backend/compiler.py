@@ -9,6 +9,7 @@ import functools
 import gc
 import itertools
 import logging
+import operator
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -185,8 +186,11 @@ class GraphCompiler:
         self.segment_scratch = dict(segment_scratch or {})  # bytes Inductor segments held above the plan
         self.materialized = materialized  # results Inductor segments held that the plan had fused away
         self.fused = fused  # results Inductor segments were seen to fuse into their readers
-        self._input_indices: dict[str, int] | None = None  # (``_real_value``'s, found when needed)
         self.assume_fused = assume_fused  # ... and whether every result they may fuse is planned fused
+        self.unseen_fused: set[tuple[str, str]] = set()  # results the plan holds, none seen fused yet
+        # (``_real_value``'s: the joint graph until the forward's inputs are found on it)
+        self._joint: fx.GraphModule | None = None
+        self._input_placeholders: dict[str, tuple[int, Any]] | None = None
         self.drivers: dict[str, Any] = {}  # the Inductor executor's, by phase
         self.opts = opts
         self.graph_id = next(_graph_ids)
@@ -234,6 +238,7 @@ class GraphCompiler:
             # the compiled code keeps this object (for the lazily compiled backward): it must
             # not keep the parameters, the batch or the optimizer alive
             self.example_inputs = self.real_inputs = ()
+            self._joint = None
             self.optimizer = None
             if self.opts.optimizer is not None:
                 self.opts = self.opts.replace(optimizer=None)
@@ -274,11 +279,12 @@ class GraphCompiler:
             materialized=self.materialized,
             fused=self.fused,
             assume_fused=self.assume_fused,
+            unseen_fused=self.unseen_fused,
             **extra,
         )
 
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
-        self._joint = joint  # (``_real_value`` finds the inputs' indices on its placeholders)
+        self._joint = joint  # (``_real_value`` finds the inputs on its placeholders)
         facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)
         graphs = self._run_pipeline(Graphs(joint=joint), facts)
         self.record.training = True
@@ -443,15 +449,15 @@ class GraphCompiler:
         """Measure an Inductor segment against the plan's model of its nodes; what it holds
         above that is held in the next plan where the model peaks (``segment_scratch``), and its
         outputs exist in memory (``segment_outputs``)."""
-        with unset_fake_temporarily():
-            real = None if _mutates(sub) else [self._real_value(n) for n in seg.inputs]
         try:
+            with unset_fake_temporarily():
+                real = None if _mutates(sub) else [self._real_value(n) for n in seg.inputs]
             excess, position = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
-                                                op_scratch(self.record.device, False, "inductor"),
+                                                op_scratch(self.record.device, False, "inductor", self._real_value),
                                                 [storage_group(n) for n in seg.inputs],
                                                 [held_by_caller(n) for n in seg.inputs],
                                                 real)
-        except Exception as e:  # noqa: BLE001 - a segment that cannot run on zeros is not measured
+        except Exception as e:  # noqa: BLE001 - a segment that cannot run is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
                         self.record.name, type(e).__name__, e)
@@ -473,24 +479,34 @@ class GraphCompiler:
     def _real_value(self, node: fx.Node) -> torch.Tensor | None:
         """The step's own tensor for a value its caller holds (``held_by_caller``: a parameter, a
         buffer, the batch, or a view of one), viewed as ``node``'s value is: measurements run on
-        it rather than on a copy beside it. None where there is none (another value, or the
-        tensor has no data here: a streamed parameter, another device, a smaller storage)."""
+        it rather than on a copy beside it. None where there is none to be had: another value,
+        a tensor without data here (a streamed parameter), on another device, or laid out
+        otherwise than the graph was traced with (a re-plan's call)."""
         if not held_by_caller(node):
             return None
-        info = get_info(storage_base(node))
-        index = info.input_index
+        base = storage_base(node)
+        info = get_info(base)
+        placeholder = (info.input_index, base.meta.get("val"))
         if info.role is Role.SAVED:
-            if self._input_indices is None:
-                joint = getattr(self, "_joint", None)
-                self._input_indices = {} if joint is None else {
-                    n.name: i.input_index for n in joint.graph.nodes
+            if self._input_placeholders is None:
+                joint, self._joint = self._joint, None  # (found once: the joint graph is not kept)
+                self._input_placeholders = {} if joint is None else {
+                    n.name: (i.input_index, n.meta.get("val")) for n in joint.graph.nodes
                     if n.op == "placeholder" and (i := get_info(n)) is not None and i.input_index is not None}
-            index = self._input_indices.get(info.storage_of)
+            placeholder = self._input_placeholders.get(info.storage_of, (None, None))
+        index, traced = placeholder
         val = node.meta.get("val")
         if index is None or index >= len(self.real_inputs) or not isinstance(val, torch.Tensor):
             return None
         real = self.real_inputs[index]
-        if type(real) not in (torch.Tensor, torch.nn.Parameter) or real.dtype != val.dtype or real.device != val.device:
+        if (type(real) not in (torch.Tensor, torch.nn.Parameter) or real.layout is not torch.strided
+                or real.dtype != val.dtype or real.device != val.device or not isinstance(traced, torch.Tensor)):
+            return None
+        # the node's view reaches the storage as the traced input's did: the real input must be
+        # laid out as that one was
+        if (list(real.shape) != [hint_int(d) for d in traced.shape]
+                or list(real.stride()) != [hint_int(d) for d in traced.stride()]
+                or real.storage_offset() != hint_int(traced.storage_offset())):
             return None
         shape = [hint_int(d) for d in val.shape]
         stride = [hint_int(d) for d in val.stride()]
@@ -502,10 +518,17 @@ class GraphCompiler:
 
 
 def _mutates(gm: fx.GraphModule) -> bool:
-    """Whether any op of ``gm`` writes into one of its arguments (its inputs may be the step's
-    own tensors only where none does)."""
-    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-               for n in gm.graph.nodes)
+    """Whether an op of ``gm`` may write into one of its arguments (its inputs can be the
+    step's own tensors only where none does): an aten or prims op whose schema says so, or any
+    other callable (a higher-order op, a user's function), which cannot be told."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is operator.getitem:
+            continue
+        if not isinstance(n.target, torch._ops.OpOverload) or n.target.namespace not in ("aten", "prims"):
+            return True
+        if n.target._schema.is_mutable:
+            return True
+    return False
 
 
 def storage_group(node: fx.Node) -> Any:

@@ -47,8 +47,9 @@ class SegmentsLearnt:
     scratch: dict[tuple[str, str], int] = field(default_factory=dict)
     # results the plan had fused into their readers that a segment holds after all (an output)
     materialized: set[tuple[str, str]] = field(default_factory=set)
-    # results a segment fused into their readers: planned fused from then on (until seen, the
-    # plan holds them in memory)
+    # results Inductor may fuse found inside a segment (not one of its outputs): later plans
+    # hold them as fused (until seen, a plan holds them in memory; the plan running when they
+    # are seen is simulated again with them fused, not made again)
     fused: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -126,7 +127,8 @@ class Replanning:
             opts = opts.replace(optimizer=optimizer)
         learnt = self.segments_learnt.setdefault(variant, SegmentsLearnt())
         assume_fused = False
-        for attempt in range(self.SEGMENT_REPLANS + 1):
+        attempt = 0
+        while True:
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
@@ -136,14 +138,15 @@ class Replanning:
             try:
                 self.fn = compiler.compile()
             except BudgetError:
-                # holding every result Inductor may fuse that no segment was yet seen fusing, no
-                # plan fits: plan them fused (the first steps may then pass the budget by what
+                # holding results Inductor may fuse that no segment was yet seen fusing, no plan
+                # fits: plan them fused (the first steps may then pass the budget by what
                 # Inductor keeps after all, until its segments are measured)
-                if opts.executor != "inductor" or assume_fused:
+                if assume_fused or not compiler.unseen_fused:
                     raise
                 assume_fused = True
-                log.info("lohan %s: no plan fits holding the results Inductor has not yet been seen to fuse; "
-                         "planned with them fused", compiler.record.name)
+                log.info("lohan %s: no plan fits holding the %d results Inductor may fuse that no segment "
+                         "was yet seen fusing; planned with them fused", compiler.record.name,
+                         len(compiler.unseen_fused))
                 continue
             if not self._segments_overrun(compiler.record, learnt):
                 break
@@ -151,6 +154,8 @@ class Replanning:
                 log.warning("lohan %s: planned %d times for what Inductor's segments hold, each plan's "
                             "segments holding more; the step may pass memory_budget until the runtime "
                             "measures it", compiler.record.name, attempt + 1)
+                break
+            attempt += 1
         self.record = compiler.record
         self.observed = compiler.observed
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run,

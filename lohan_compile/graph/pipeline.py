@@ -118,6 +118,8 @@ class CompileFacts:
     # where no plan fits otherwise (``assume_fused``)
     fused: frozenset[tuple[str, str]] = frozenset()
     assume_fused: bool = False
+    # ... filled as the plan is made: the results it holds because none was seen fused yet
+    unseen_fused: set[tuple[str, str]] = field(default_factory=set)
 
 
 PassFn = Callable[[Graphs, CompileFacts], "tuple[Graphs, dict[str, Any]]"]

@@ -303,7 +303,10 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
             key = (phase, node.name)
             if key in facts.materialized or not fused_away(node):
                 return False
-            return facts.assume_fused or key in facts.fused
+            if facts.assume_fused or key in facts.fused:
+                return True
+            facts.unseen_fused.add(key)  # (held: the compile says so where no plan fits)
+            return False
     problem = (build_problem(fw, bw, cost, scratch, fused).without_outputs(facts.dropped_outputs)
                .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes

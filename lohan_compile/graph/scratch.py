@@ -8,8 +8,9 @@ such an op the step peaks higher than its outputs say (a small CNN: 8 MiB above 
 prediction).
 
 ``OpScratch`` measures it: each op that may allocate inside (not views, not pointwise
-ops) runs once on zeros of its inputs' shapes, strides and dtypes, and what the device
-counter saw at its highest point beyond its inputs and its outputs is its scratch.
+ops) runs once, on the step's own weights and batch where the backend gives them and the op
+cannot write into them, else on zeros of its inputs' shapes, strides and dtypes, and what
+the device counter saw at its highest point beyond its inputs and its outputs is its scratch.
 Results are kept per process by the op and its inputs' description, so identical layers
 and re-plans measure nothing new. Where nothing can run (a plan on the meta device, a
 GPU whose step is in progress) ``estimated`` gives a conservative figure instead, and the
@@ -57,8 +58,8 @@ _NOT_RUN = {"lohan", "c10d", "_c10d_functional", "_c10d_functional_autograd", "_
 def _measurable(node: fx.Node) -> bool:
     """An op that is safe and worth running on zeros at plan time: not lohan's, not a collective
     (other ranks would have to take part), not a view, not elementwise, not an assert (zeros may
-    fail it) nor a random draw, with a tensor result. (A user's custom op is measured: its
-    declared effects are on its arguments, zeros made for it.)"""
+    fail it) nor a random draw, with a tensor result. (A user's custom op is measured, on zeros
+    made for it: whatever it writes is theirs.)"""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
@@ -131,10 +132,13 @@ def estimate_scratch(node: fx.Node) -> int:
 
 
 def fused_away(node: fx.Node) -> bool:
-    """Inductor: the node's result is fused into every reader and never exists in memory (an
+    """Inductor: the node's result may be fused into every reader, never to exist in memory (an
     elementwise op Inductor writes code for, read only by ops Inductor writes code for, none
-    of them a view, nor an output of its graph). A reader across a segment boundary makes it a
-    segment output after all: the segments' measurement finds that (``materialized``)."""
+    of them a view, nor an output of its graph). The plan holds it until a compiled segment
+    is seen with it inside (``CompileFacts.fused``); a reader across a segment boundary makes
+    it a segment output after all, which the segments' measurement finds (``materialized``);
+    Inductor may still keep it inside a segment (several readers, a reduction), which the
+    measurement finds as bytes above the plan's model (``segment_scratch``)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
@@ -183,7 +187,10 @@ class OpScratch:
         with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
             made: dict[fx.Node, Any] = {}
 
-            reads_only = self.real_value is not None and not node.target._schema.is_mutable
+            # (aten's and prims' schemas say what they write; batch norm's write its running
+            # statistics though they do not say so; a user's op may write what it declares not to)
+            reads_only = (self.real_value is not None and node.target.namespace in ("aten", "prims")
+                          and not node.target._schema.is_mutable and "batch_norm" not in node.target._opname)
 
             def real(a: Any) -> Any:
                 if isinstance(a, fx.Node):

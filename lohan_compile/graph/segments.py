@@ -536,9 +536,10 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
     """The device bytes the plan's model holds at its highest point while the segment ``sub``
     runs, above the level it was called at (as ``_transient`` measures): its nodes one at a
     time, each value freed after its last use (inputs too: they are handed over boxed), each
-    op's outputs (none for a result fused into its readers), the results of a multi-output op
-    and its ``scratch`` held while it runs (``graph/problem.build_problem``'s model of every op
-    under Inductor); and the node it is reached at (None: before any runs). Inputs of one of
+    op's outputs (none for a result ``fused_away``: measured against fusion, what a segment
+    holds beyond it is learnt), the results of a multi-output op and its ``scratch`` held
+    while it runs (``graph/problem.build_problem``'s model of every op under Inductor, once
+    its fusion was seen); and the node it is reached at (None: before any runs). Inputs of one of
     ``groups`` share one storage, freed after the last use of any of them; inputs ``held``
     elsewhere (parameters, the batch) are never freed."""
     from .fxutil import results_bytes, storage_base
@@ -598,35 +599,36 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     """How many device bytes the compiled segment holds at its highest point beyond what the
     plan's model of its nodes holds (``planned_peak``): a fused kernel keeps its inputs while it
     writes its outputs, so a segment can peak higher than the plan predicted for its nodes.
-    It runs once, on zeros, measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of
+    It runs once, measured by ``counter`` (``allocated``, ``peak``, ``reset_peak`` of
     ``device``: the runtime's device counters). Between segments the plan and the executor
     hold the same values, so a step peaks at most this above its prediction while it runs.
-    Inputs are made as they are where the step runs: views of one storage per ``groups``, and
-    the ``held`` ones (parameters, the batch: the caller keeps them) alive throughout: the
-    step's own tensors where ``real`` gives them (a segment that writes into none of its
-    inputs), else views of one storage per dtype (the step's own are alive beside them: the
-    measurement must not hold a second copy of every weight). Returns the excess and the position in the segment of the node the plan's model peaks at
-    (held there, the plan's peak over the segment is the segment's)."""
+    Inputs are made as they are where the step runs: zeros, views of one storage per
+    ``groups``, and the ``held`` ones (parameters, the batch: the caller keeps them) alive
+    throughout: the step's own tensors where ``real`` gives them (a segment that writes into
+    none of its inputs), else views of one storage per dtype (the step's own are alive beside
+    them: the measurement must not hold a second copy of every weight). Returns the excess
+    and the position in the segment of the node the plan's model peaks at (held there, the
+    plan's peak over the segment is the segment's)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     on_cuda = device is not None and device.type == "cuda"
     before = counter.peak(device)  # (before the inputs too: a step in progress keeps its own)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
         # (random ops, dropout, draw from a generator of their own: training draws the same)
-        # the held inputs exist where the step runs (the real ones are alive now): their stand-ins
-        # share one storage per dtype, so the measurement adds only the largest of them
-        made = [("held", v.dtype) if h and isinstance(v, torch.Tensor) else g
-                for v, g, h in zip(vals, groups or [None] * len(vals), held or [False] * len(vals))]
+        # held inputs without a real tensor: stand-ins sharing one storage per dtype (the step's
+        # own are alive now), so the measurement adds only the largest of them
+        storages = [("held", v.dtype) if h and isinstance(v, torch.Tensor) else g
+                    for v, g, h in zip(vals, groups or [None] * len(vals), held or [False] * len(vals))]
         if on_cuda:
-            compiled(_probe_inputs(vals, made, real))  # its first call tunes kernels, with memory of its own
-        inputs = _probe_inputs(vals, made, real)
+            compiled(_probe_inputs(vals, storages, real))  # its first call tunes kernels, with memory of its own
+        inputs = _probe_inputs(vals, storages, real)
         kept = [t for t, h in zip(inputs, held or ()) if h]  # (the caller's references)
-        fused = _transient(compiled, inputs, counter, device, before)
+        measured = _transient(compiled, inputs, counter, device, before)
         del kept
         restore_peak(counter, before, device)  # (the kept inputs are gone too)
     planned, at = planned_peak(sub, scratch, groups, held)
     position = None if at is None else int(at.name[1:])  # (segment_module names nodes n0, n1, ...)
-    return max(0, fused - planned), position
+    return max(0, measured - planned), position
 
 
 def compile_segments(

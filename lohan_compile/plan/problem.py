@@ -149,7 +149,8 @@ class Problem:
 
     def with_bytes(self, sizes: Mapping[str, int]) -> "Problem":
         """This problem with the buffers named in ``sizes`` of that many bytes (results the plan
-        had fused away that the executor holds after all). ``self`` is unchanged."""
+        had fused away that the executor holds after all, or held that it fuses: 0).
+        ``self`` is unchanged."""
         if not sizes:
             return self
         buffers = {k: replace(b, bytes=sizes.get(k, b.bytes)) for k, b in self.buffers.items()}
