@@ -24,7 +24,7 @@ from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.fxutil import storage_base
 from ..graph.meta import Role, get_info
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
-from ..graph.scratch import OpScratch, estimated, fused_away
+from ..graph.scratch import OpScratch, estimated, fused_away, writes_arguments
 from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
 from ..graph.shapes import expr_of, hint_int, nbytes_hint, planning_sizes
 from ..optim import live_optimizers
@@ -518,17 +518,10 @@ class GraphCompiler:
 
 
 def _mutates(gm: fx.GraphModule) -> bool:
-    """Whether an op of ``gm`` may write into one of its arguments (its inputs can be the
-    step's own tensors only where none does): an aten or prims op whose schema says so, or any
-    other callable (a higher-order op, a user's function), which cannot be told."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is operator.getitem:
-            continue
-        if not isinstance(n.target, torch._ops.OpOverload) or n.target.namespace not in ("aten", "prims"):
-            return True
-        if n.target._schema.is_mutable:
-            return True
-    return False
+    """Whether an op of ``gm`` may write into one of its arguments (``scratch.writes_arguments``):
+    its inputs can be the step's own tensors only where none does."""
+    return any(n.op == "call_function" and n.target is not operator.getitem and writes_arguments(n.target)
+               for n in gm.graph.nodes)
 
 
 def storage_group(node: fx.Node) -> Any:

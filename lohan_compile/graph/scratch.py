@@ -150,6 +150,18 @@ def fused_away(node: fx.Node) -> bool:
                and not u.target._schema.is_mutable and inductor_generates(u) for u in node.users)
 
 
+def writes_arguments(target: Any) -> bool:
+    """Whether an op may write into its arguments: its schema says so (a graph AOTAutograd
+    functionalized holds no op that writes undeclared: torch.compile relies on the schemas of
+    custom ops too), or it is one of aten's batch norms that write their running statistics
+    without saying so (not the functional ones AOTAutograd's training graphs hold), or it is
+    no ``OpOverload`` at all (a higher-order op: it cannot be told)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return True
+    name = target._opname
+    return target._schema.is_mutable or ("batch_norm" in name and "functional" not in name)
+
+
 class OpScratch:
     """Scratch bytes of ops, measured on ``device`` with the runtime's device counter
     (``counter``: ``allocated``, ``peak``, ``reset_peak``, ``raise_peak``); with
@@ -187,10 +199,7 @@ class OpScratch:
         with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
             made: dict[fx.Node, Any] = {}
 
-            # (aten's and prims' schemas say what they write; batch norm's write its running
-            # statistics though they do not say so; a user's op may write what it declares not to)
-            reads_only = (self.real_value is not None and node.target.namespace in ("aten", "prims")
-                          and not node.target._schema.is_mutable and "batch_norm" not in node.target._opname)
+            reads_only = self.real_value is not None and not writes_arguments(node.target)
 
             def real(a: Any) -> Any:
                 if isinstance(a, fx.Node):
