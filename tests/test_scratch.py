@@ -335,3 +335,29 @@ def test_a_plan_holds_what_inductor_may_fuse_until_a_segment_is_seen_fusing_it()
     measured = peaks("lohan", {"memory_budget": budget, "executor": "inductor"})
     assert max(measured) <= budget, ([p / 2**20 for p in measured], budget / 2**20)
     assert lohan.last_report().graphs[0].segment_fused
+
+
+def test_a_fill_that_inductor_scatters_into_is_one_buffer_with_the_scatter():
+    """Max pooling's backward under Inductor scatters gradients into ``full(0)``: Inductor
+    makes one buffer of the fill and the scatter's result, so the fill may be planned fused
+    (it was planned as a second 8 MiB buffer); a random draw is no fill."""
+    from lohan_compile.graph.scratch import fused_away
+
+    def f(idx, src):
+        z = torch.ops.aten.full.default([16, 32, 4096], 0.0, dtype=torch.float32, layout=torch.strided,
+                                        device="cpu", pin_memory=False)
+        return torch.ops.aten.scatter_add.default(z, 2, idx, src)
+
+    idx = torch.randint(0, 4096, (16, 32, 1024), generator=torch.Generator().manual_seed(5))
+    src = torch.randn(16, 32, 1024)
+    assert fused_away(_node(_graph_of(f, idx, src), "full"))
+    rand = _node(_graph_of(lambda src: torch.ops.aten.rand.default([4], device="cpu") + src.sum(), src), "rand")
+    assert not fused_away(rand)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor")
+    compiled(idx, src)
+    level = device_memory.allocated()
+    device_memory.reset_peak()
+    out = compiled(idx, src)
+    assert device_memory.peak() - level == out.untyped_storage().nbytes()

@@ -133,8 +133,8 @@ def estimate_scratch(node: fx.Node) -> int:
 
 def fused_away(node: fx.Node) -> bool:
     """Inductor: the node's result may be fused into every reader, never to exist in memory (an
-    elementwise op Inductor writes code for, read only by ops Inductor writes code for, none
-    of them a view, nor an output of its graph). The plan holds it until a compiled segment
+    elementwise op or a fill (``full``, ``zeros``) Inductor writes code for, read only by ops
+    Inductor writes code for, none of them a view, nor an output of its graph). The plan holds it until a compiled segment
     is seen with it inside (``CompileFacts.fused``); a reader across a segment boundary makes
     it a segment output after all, which the segments' measurement finds (``materialized``);
     Inductor may still keep it inside a segment (several readers, a reduction), which the
@@ -142,7 +142,11 @@ def fused_away(node: fx.Node) -> bool:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    if torch.Tag.pointwise not in target.tags or target._schema.is_mutable or not inductor_generates(node):
+    # (a fill, an op that reads no tensor: Inductor writes its values where they are read, and a
+    # scatter into it, max pooling's backward, makes one buffer of it and the scatter's result)
+    fill = (torch.Tag.nondeterministic_seeded not in target.tags
+            and not any(isinstance(a.meta.get("val"), torch.Tensor) for a in node.all_input_nodes))
+    if not (torch.Tag.pointwise in target.tags or fill) or target._schema.is_mutable or not inductor_generates(node):
         return False
     if not isinstance(node.meta.get("val"), torch.Tensor) or not node.users:
         return False
