@@ -11,6 +11,9 @@ process, interleaved by depth:
   depth, the model and the batch included): the same first step, and the seconds of lohan's
   own passes over all graphs;
 - one-time costs of the process's first compiles go to a one-layer model run first, in no row;
+- ``peak_bytes``: the device counter over the first step, which sets the budget from the
+  ``aot_eager`` row; lohan's runtime resets that counter at its step boundaries, so in lohan's
+  rows it covers only part of the step (their ``predicted_peak_bytes`` is the plan's);
 - under Inductor, how many of its FX graph cache lookups hit (identical segments of identical
   layers compile once: the fraction of hits says how much of a deep model compiles for free).
 

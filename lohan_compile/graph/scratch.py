@@ -134,11 +134,12 @@ def estimate_scratch(node: fx.Node) -> int:
 def fused_away(node: fx.Node) -> bool:
     """Inductor: the node's result may be fused into every reader, never to exist in memory (an
     elementwise op or a fill (``full``, ``zeros``) Inductor writes code for, read only by ops
-    Inductor writes code for, none of them a view, nor an output of its graph). The plan holds it until a compiled segment
-    is seen with it inside (``CompileFacts.fused``); a reader across a segment boundary makes
-    it a segment output after all, which the segments' measurement finds (``materialized``);
-    Inductor may still keep it inside a segment (several readers, a reduction), which the
-    measurement finds as bytes above the plan's model (``segment_scratch``)."""
+    Inductor writes code for, none of them a view, nor an output of its graph). The plan holds
+    it until a compiled segment is seen with it inside (``CompileFacts.fused``); a reader
+    across a segment boundary makes it a segment output after all, which the segments'
+    measurement finds (``materialized``); Inductor may still keep it inside a segment (several
+    readers, a reduction), which the measurement finds as bytes above the plan's model
+    (``segment_scratch``)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
