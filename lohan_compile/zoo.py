@@ -46,6 +46,9 @@ class ModelSpec:
     experts_per_token: int = 0
     shared_ffn: int = 0
     qkv_bias: bool = False  # the llama family with biases on q, k and v (Qwen2)
+    # the LM head is the embedding's weight (``tie_word_embeddings``); None: the family's way
+    # (GPT's tied, OPT's and LLaMA's not)
+    tie_embeddings: bool | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -66,7 +69,7 @@ class ModelSpec:
 
     @property
     def tied(self) -> bool:
-        return self.family == "gpt"
+        return self.family == "gpt" if self.tie_embeddings is None else self.tie_embeddings
 
     def mlp_params(self, active: bool = False) -> int:
         """A block's MLP: the dense one, or the router, the experts (``active``: only those a token
@@ -171,12 +174,24 @@ def from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
                          source="config.json (opt)")
     if "intermediate_size" in cfg and "num_attention_heads" in cfg:
         # LLaMA, Mistral, Qwen2 and the like: RMSNorm, rotary, gated MLP
+        _head_dim_of(cfg, mt)
         return ModelSpec(name, "llama", cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
                          cfg["intermediate_size"], cfg["vocab_size"], kv_heads=cfg.get("num_key_value_heads"),
                          max_seq=cfg.get("max_position_embeddings", 4096), qkv_bias=mt in QKV_BIAS,
+                         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                          source=f"config.json ({mt or 'llama-like'})")
     raise ValueError(f"config.json of model_type {mt!r}: cannot read its shape; supported: LLaMA-like "
                      "(hidden_size, intermediate_size, num_attention_heads), gpt2, opt")
+
+
+def _head_dim_of(cfg: dict, mt: str) -> None:
+    """A LLaMA-like config whose attention heads are not hidden_size / num_attention_heads wide
+    (Qwen3's, Gemma's ``head_dim``) is refused: its attention would be planned at another size."""
+    if cfg.get("head_dim") and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise ValueError(f"config.json of model_type {mt!r} has head_dim={cfg['head_dim']}, not hidden_size / "
+                         f"num_attention_heads ({cfg['hidden_size']} / {cfg['num_attention_heads']}): lohan plan "
+                         "models attention heads of hidden_size / num_attention_heads only. Plan it by compiling "
+                         "the model itself with torch.compile(backend='lohan')")
 
 
 def _moe_spec(cfg: dict, name: str, moe: dict) -> ModelSpec:
@@ -213,6 +228,7 @@ def _moe_spec(cfg: dict, name: str, moe: dict) -> ModelSpec:
                      cfg["vocab_size"], kv_heads=cfg.get("num_key_value_heads"),
                      max_seq=cfg.get("max_position_embeddings", 4096), experts=experts, experts_per_token=per_token,
                      shared_ffn=cfg.get("shared_expert_intermediate_size") or 0, qkv_bias=mt in QKV_BIAS,
+                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                      source=f"config.json ({mt}, {experts} experts, {per_token} per token)")
 
 

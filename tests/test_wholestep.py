@@ -143,7 +143,7 @@ def test_a_mixture_of_experts_is_planned_as_the_model_it_is(tmp_path):
     assert round(spec.active_parameters() / 1e9, 2) == 12.88
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen2"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen2", "qwen2-tied"])
 def test_the_parameter_count_is_the_hugging_face_models(kind):
     """The count from a config equals the model Hugging Face builds from it (on meta)."""
     import transformers
@@ -157,6 +157,9 @@ def test_the_parameter_count_is_the_hugging_face_models(kind):
                                                   **small), transformers.Qwen2MoeForCausalLM),
         "qwen2": (transformers.Qwen2Config(intermediate_size=256, tie_word_embeddings=False, **small),
                   transformers.Qwen2ForCausalLM),
+        # (Qwen2-0.5B's and LLaMA 3.2's heads are their embeddings: counted twice, 0.5B was 27% too many)
+        "qwen2-tied": (transformers.Qwen2Config(intermediate_size=256, tie_word_embeddings=True, **small),
+                       transformers.Qwen2ForCausalLM),
     }[kind]
     with torch.device("meta"):
         built = model(config)
@@ -192,3 +195,8 @@ def test_a_mixture_of_experts_of_another_layout_is_refused(tmp_path, capsys):
     cfg = dict(MIXTRAL_8X7B, model_type="qwen2_moe", num_local_experts=None, num_experts=128, head_dim=256)
     with pytest.raises(ValueError, match="head_dim=256"):
         zoo.from_hf_config(cfg)
+    # a dense one too (Qwen3's heads are 128 wide at hidden 1024 and 16 heads)
+    dense = {"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16,
+             "num_hidden_layers": 28, "vocab_size": 151936, "num_key_value_heads": 8, "head_dim": 128}
+    with pytest.raises(ValueError, match="head_dim=128"):
+        zoo.from_hf_config(dense)
