@@ -184,10 +184,16 @@ def from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
                      "(hidden_size, intermediate_size, num_attention_heads), gpt2, opt")
 
 
+def _odd_head_dim(cfg: dict) -> bool:
+    """Attention heads other than hidden_size / num_attention_heads wide (Qwen3's, Gemma's
+    ``head_dim``), which lohan plan does not model."""
+    return bool(cfg.get("head_dim")) and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]
+
+
 def _head_dim_of(cfg: dict, mt: str) -> None:
-    """A LLaMA-like config whose attention heads are not hidden_size / num_attention_heads wide
-    (Qwen3's, Gemma's ``head_dim``) is refused: its attention would be planned at another size."""
-    if cfg.get("head_dim") and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
+    """A LLaMA-like config with ``_odd_head_dim`` is refused: its attention would be planned
+    at another size."""
+    if _odd_head_dim(cfg):
         raise ValueError(f"config.json of model_type {mt!r} has head_dim={cfg['head_dim']}, not hidden_size / "
                          f"num_attention_heads ({cfg['hidden_size']} / {cfg['num_attention_heads']}): lohan plan "
                          "models attention heads of hidden_size / num_attention_heads only. Plan it by compiling "
@@ -221,7 +227,7 @@ def _moe_spec(cfg: dict, name: str, moe: dict) -> ModelSpec:
                      "a layout it does not model")
     if "num_attention_heads" not in cfg or "hidden_size" not in cfg:
         raise refuse("without hidden_size and num_attention_heads")
-    if cfg.get("head_dim") and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
+    if _odd_head_dim(cfg):
         raise refuse(f"with head_dim={cfg['head_dim']}, not hidden_size / num_attention_heads")
     ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
     return ModelSpec(name, "llama", cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], ffn,

@@ -25,7 +25,7 @@ from ..graph.fxutil import storage_base
 from ..graph.meta import Role, get_info
 from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
 from ..graph.scratch import OpScratch, estimated, fused_away, writes_arguments
-from ..graph.segments import Driver, compile_segments, excess_over_plan, symbols_of
+from ..graph.segments import Driver, compile_segments, excess_over_plan, storage_extent, symbols_of
 from ..graph.shapes import expr_of, hint_int, nbytes_hint, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
@@ -511,8 +511,7 @@ class GraphCompiler:
         shape = [hint_int(d) for d in val.shape]
         stride = [hint_int(d) for d in val.stride()]
         offset = hint_int(val.storage_offset())
-        reach = offset + 1 + sum((d - 1) * s for d, s in zip(shape, stride)) if all(shape) else 0
-        if reach * real.element_size() > real.untyped_storage().nbytes():
+        if storage_extent(val) * real.element_size() > real.untyped_storage().nbytes():
             return None
         return real.detach().as_strided(shape, stride, offset)
 

@@ -459,7 +459,7 @@ def _op_record(node: fx.Node) -> tuple[str, int]:
     return name, numel
 
 
-def _extent(v: torch.Tensor) -> int:
+def storage_extent(v: torch.Tensor) -> int:
     """Elements of storage a tensor reaches (its offset included), at the size hints."""
     if v.numel() == 0:
         return 0
@@ -478,7 +478,7 @@ def _input_groups(vals: Sequence[Any], groups: Sequence[Any] | None) -> dict[Any
         if key in out and out[key][0] != v.dtype:
             key = ("own", i)
         dtype, numel = out.get(key, (v.dtype, 0))
-        out[key] = (dtype, max(numel, _extent(v)))
+        out[key] = (dtype, max(numel, storage_extent(v)))
     return out
 
 
