@@ -15,9 +15,15 @@ process, interleaved by depth:
   ``aot_eager`` row; lohan's runtime resets that counter at its step boundaries, so in lohan's
   rows it covers only part of the step (their ``predicted_peak_bytes`` is the plan's);
 - under Inductor, how many of its FX graph cache lookups hit (identical segments of identical
-  layers compile once: the fraction of hits says how much of a deep model compiles for free).
+  layers compile once: the fraction of hits says how much of a deep model compiles for free);
+- ``--replan``: at the deepest depth, lohan (fx executor) re-planning for a size growth. The
+  model runs sequences of 64, then 96 tokens (dynamo compiles the graph again with symbolic
+  sizes: ``dynamic_first_s``, that graph's first compile), then 256 (past the plan's headroom:
+  lohan plans the symbolic graph again, ``replan_step_s``), then 256 again (``plain_step_s``).
+  The re-plan costs ``replan_step_s - plain_step_s``.
 
-    python bench/compile_time.py [--layers 4,12,24] [--fraction 0.8] [--json bench/results/compile_time.json]
+    python bench/compile_time.py [--layers 4,12,24] [--fraction 0.8] [--backends aot_eager,lohan_fx,...]
+                                 [--replan] [--json bench/results/compile_time.json]
 """
 
 from __future__ import annotations
@@ -73,39 +79,85 @@ def first_step(layers: int, backend: str, options: dict | None = None) -> dict:
     return out
 
 
+def replan(layers: int, fraction: float) -> dict:
+    """A re-plan for a size growth against the compile it replaces (fx executor)."""
+    torch._dynamo.reset()
+    m = model(layers)
+    gen = torch.Generator().manual_seed(1)
+
+    def step(compiled, tokens: int) -> float:
+        ids = torch.randint(0, 256, (2, tokens), generator=gen)
+        start = time.perf_counter()
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        return time.perf_counter() - start
+
+    level = device_memory.allocated()
+    device_memory.reset_peak()
+    step(torch.compile(m, backend="aot_eager"), 256)
+    budget = int((device_memory.peak() - level) * fraction)  # the largest step's unplanned peak
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="lohan", options={"memory_budget": budget, "executor": "fx"})
+    out = {"budget_bytes": budget, "static_first_s": round(step(compiled, 64), 2)}
+    out["dynamic_first_s"] = round(step(compiled, 96), 2)
+    before = [g.name for g in lohan.last_report().graphs]
+    out["replan_step_s"] = round(step(compiled, 256), 2)
+    out["graphs"] = {"before": before, "after": [g.name for g in lohan.last_report().graphs]}
+    out["plain_step_s"] = round(step(compiled, 256), 2)
+    out["replan_s"] = round(out["replan_step_s"] - out["plain_step_s"], 2)
+    out["replan_over_first"] = round(out["replan_s"] / out["dynamic_first_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", default="4,12,24")
     ap.add_argument("--fraction", type=float, default=0.8)
+    ap.add_argument("--backends", default="aot_eager,lohan_fx,inductor,lohan_inductor",
+                    help="which rows to run (aot_eager always runs: it sets the budget)")
+    ap.add_argument("--replan", action="store_true", help="also time a re-plan at the deepest depth")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    backends = set(args.backends.split(","))
     torch.set_num_threads(1)
     # one-time costs of a process's first compile (imports, Inductor's toolchain checks) go to
     # no row: a one-layer model through every backend first
+    cases = {  # row name -> (backend, its options but the budget, compared with)
+        "lohan_fx": ("lohan", {"executor": "fx"}, "aot_eager"),
+        "inductor": ("inductor", None, None),
+        "lohan_inductor": ("lohan", {"executor": "inductor"}, "inductor"),
+    }
+    cases = {name: case for name, case in cases.items() if name in backends}
     warm = first_step(1, "aot_eager")
-    for backend, options in (("inductor", None), ("lohan", {"executor": "fx"}), ("lohan", {"executor": "inductor"})):
-        first_step(1, backend, dict(options or {}, memory_budget=int(warm["peak_bytes"] * args.fraction))
+    for backend, options, _ in cases.values():
+        first_step(1, backend, dict(options, memory_budget=int(warm["peak_bytes"] * args.fraction))
                    if backend == "lohan" else None)
     rows = []
     for layers in (int(x) for x in args.layers.split(",")):
         row = {"layers": layers, "aot_eager": first_step(layers, "aot_eager")}
         budget = int(row["aot_eager"]["peak_bytes"] * args.fraction)
         row["budget_bytes"] = budget
-        row["lohan_fx"] = first_step(layers, "lohan", {"memory_budget": budget, "executor": "fx"})
-        row["inductor"] = first_step(layers, "inductor")
-        row["lohan_inductor"] = first_step(layers, "lohan", {"memory_budget": budget, "executor": "inductor"})
-        base, ind = row["aot_eager"]["first_step_s"], row["inductor"]["first_step_s"]
-        li = row["lohan_inductor"]
-        looked = li.get("fxgraph_cache_hits", 0) + li.get("fxgraph_cache_misses", 0)
-        print(f"{layers:3d} layers: aot_eager {base:.1f} s, lohan fx {row['lohan_fx']['first_step_s']:.1f} s "
-              f"({row['lohan_fx']['first_step_s'] / base:.2f}x; passes {row['lohan_fx']['lohan_passes_s']:.1f} s); "
-              f"inductor {ind:.1f} s, lohan inductor {li['first_step_s']:.1f} s ({li['first_step_s'] / ind:.2f}x; "
-              f"FX graph cache hits {li.get('fxgraph_cache_hits', 0)}/{looked})", flush=True)
+        line = [f"{layers:3d} layers: aot_eager {row['aot_eager']['first_step_s']:.1f} s"]
+        for name, (backend, options, against) in cases.items():
+            row[name] = r = first_step(layers, backend, dict(options, memory_budget=budget) if backend == "lohan" else None)
+            text = f"{name} {r['first_step_s']:.1f} s"
+            if against in row:
+                text += f" ({r['first_step_s'] / row[against]['first_step_s']:.2f}x {against}"
+                text += f"; passes {r['lohan_passes_s']:.1f} s" if "lohan_passes_s" in r else ""
+                looked = r.get("fxgraph_cache_hits", 0) + r.get("fxgraph_cache_misses", 0)
+                text += f"; FX graph cache hits {r.get('fxgraph_cache_hits', 0)}/{looked})" if looked else ")"
+            line.append(text)
+        print(", ".join(line), flush=True)
         rows.append(row)
+    result = {"rows": rows}
+    if args.replan:
+        deepest = max(int(x) for x in args.layers.split(","))
+        result["replan"] = {"layers": deepest, **replan(deepest, args.fraction)}
+        print(f"re-plan at {deepest} layers: {result['replan']}", flush=True)
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         Path(args.json).write_text(json.dumps({"commit": commit, "command": "python " + " ".join(sys.argv),
-                                               "torch": torch.__version__, "threads": 1, "rows": rows}, indent=1))
+                                               "torch": torch.__version__, "threads": 1, **result}, indent=1))
     return 0
 
 

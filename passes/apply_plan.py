@@ -51,20 +51,22 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     ]
     recomputed = swapped = 0
     transfers: dict[tuple[str, str], fx.Node] = {}
+    bases: dict[fx.Node, fx.Node] = {}  # storage_base of forward values
+    saved = SavedValues(fw, bw)  # edited in place by every rewrite below
     # Recomputations first: one reads saved values (``recompute_needs``) through their
     # backward placeholders, and a swap of such a value then hands every reader of them,
     # the recomputation included, the swapped-in storage or a view replayed on it. Swapped
     # first, the value would no longer be saved, and the recomputation would find nothing.
     for c in problem.candidates:
         if plan.decisions[c.key].action is Action.RECOMPUTE:
-            _recompute(fw, bw, fw_nodes[c.name])
+            _recompute(saved, fw_nodes[c.name], bases)
             recomputed += 1
     for c in problem.candidates:
         decision = plan.decisions[c.key]
         if decision.action is Action.SWAP:
             release = node_at[max(decision.release_at or c.last_fw_use, c.last_fw_use)]
             prefetch = node_at[decision.prefetch_at] if decision.prefetch_at is not None else None
-            out, host, dev, ready = _swap(fw, bw, fw_nodes[c.name], release, prefetch)
+            out, host, dev, ready = _swap(saved, fw_nodes[c.name], release, prefetch, bases)
             transfers[("Issue", Transfer("swap_out", c.key))] = out
             transfers[("Wait", Transfer("swap_out", c.key))] = host
             transfers[("Issue", Transfer("swap_in", c.key))] = dev
@@ -143,19 +145,21 @@ def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) ->
     set_info(node, NodeInfo(role=role, made_by=NAME, action=action, storage_of=storage))
 
 
-def _saved_with_storage(saved: SavedValues, base: fx.Node) -> list[tuple[int, fx.Node, fx.Node]]:
-    """(slot, forward value, backward placeholder) of every saved tensor sharing ``base``'s storage."""
-    return [
-        (k, v, p) for k, (v, p) in enumerate(saved.tensor_pairs()) if v.op != "placeholder" and storage_base(v) is base
-    ]
+def _saved_with_storage(saved: SavedValues, base: fx.Node, bases: dict[fx.Node, fx.Node]) -> list[tuple[int, fx.Node, fx.Node]]:
+    """(slot, forward value, backward placeholder) of every saved tensor sharing ``base``'s storage.
+    ``bases`` remembers ``storage_base`` of forward values for the whole pass (asked again for every
+    candidate, the view chains of all saved values would be walked once per candidate)."""
+    def base_of(v: fx.Node) -> fx.Node:
+        if v not in bases:
+            bases[v] = storage_base(v)
+        return bases[v]
+
+    return [(k, v, p) for k, (v, p) in enumerate(saved.tensor_pairs()) if v.op != "placeholder" and base_of(v) is base]
 
 
 def _first_user(bw: fx.GraphModule, placeholders: list[fx.Node]) -> fx.Node:
-    users = {u for p in placeholders for u in p.users}
-    for n in bw.graph.nodes:
-        if n in users:
-            return n
-    return bw.graph.output_node()
+    users = [u for p in placeholders for u in p.users]
+    return min(users) if users else bw.graph.output_node()  # (fx nodes compare by graph order)
 
 
 def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: fx.Node, saved: SavedValues) -> fx.Node:
@@ -187,20 +191,16 @@ def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: f
     return current
 
 
-def _remove_slots(fw: fx.GraphModule, bw: fx.GraphModule, placeholders: list[fx.Node]) -> None:
+def _remove_slots(saved: SavedValues, placeholders: list[fx.Node]) -> None:
     """Stop saving the values whose backward placeholders are given (now unused)."""
     doomed = set(placeholders)
-    while True:
-        saved = SavedValues(fw, bw)
-        ks = [k for k, p in enumerate(saved.bw_tensors) if p in doomed]
-        if not ks:
-            return
-        saved.remove(ks[-1])
+    for k in reversed([k for k, p in enumerate(saved.bw_tensors) if p in doomed]):
+        saved.remove(k)
 
 
-def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
-    saved = SavedValues(fw, bw)
-    slots = _saved_with_storage(saved, base)
+def _recompute(saved: SavedValues, base: fx.Node, bases: dict[fx.Node, fx.Node]) -> None:
+    bw = saved.bw
+    slots = _saved_with_storage(saved, base, bases)
     if not slots:
         raise NodeError(base, "planned for recomputation but not saved for backward")
     # what backward has of the producer's inputs
@@ -218,7 +218,6 @@ def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
             root_in_bw = next((p for v, p in saved.tensor_pairs() if v is root), None)
             if root_in_bw is None:
                 root_in_bw = saved.add(root, f"{root.name}_for_recompute")
-                saved = SavedValues(fw, bw)
             with bw.graph.inserting_before(anchor):
                 p = root_in_bw if a is root else _replay_view(bw, root_in_bw, a, root, saved)
         in_bw[a] = p
@@ -230,17 +229,18 @@ def _recompute(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node) -> None:
         replacements = [(p, value if v is base else _replay_view(bw, value, v, base, saved)) for _, v, p in slots]
     for p, new in replacements:
         p.replace_all_uses_with(new)
-    _remove_slots(fw, bw, [p for p, _ in replacements])
+    _remove_slots(saved, [p for p, _ in replacements])
 
 
-def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Node, prefetch: fx.Node | None) -> None:
+def _swap(saved: SavedValues, base: fx.Node, release: fx.Node, prefetch: fx.Node | None,
+          bases: dict[fx.Node, fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     ops = torch.ops.lohan
-    saved = SavedValues(fw, bw)
-    slots = _saved_with_storage(saved, base)
+    fw, bw = saved.fw, saved.bw
+    slots = _saved_with_storage(saved, base, bases)
     if not slots:
         raise NodeError(base, "planned for swapping but not saved for backward")
     first = _first_user(bw, [p for _, _, p in slots])
-    if prefetch is None or _order(bw)[prefetch] > _order(bw)[first]:
+    if prefetch is None or prefetch > first:  # (fx nodes compare by graph order)
         prefetch = first
     # forward: copy out right after the producer; wait for the copy after the release point
     with fw.graph.inserting_after(base):
@@ -278,16 +278,12 @@ def _swap(fw: fx.GraphModule, bw: fx.GraphModule, base: fx.Node, release: fx.Nod
         u.replace_input_with(host_in_bw, ready)
     for p, new in views:
         p.replace_all_uses_with(new)
-    _remove_slots(fw, bw, [p for p, _ in views])
+    _remove_slots(saved, [p for p, _ in views])
     return out, host, dev, ready
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
     dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
-
-
-def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
 def _host_like(val: torch.Tensor) -> torch.Tensor:

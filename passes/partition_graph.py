@@ -192,13 +192,7 @@ def partition_min_cut(
     budget = facts.options.memory_budget
 
     def attempt(fraction: float) -> tuple[fx.GraphModule, fx.GraphModule]:
-        j = _copy(joint)  # the partitioner rewrites the graph it is given
-        with functorch_config.patch(activation_memory_budget=fraction):
-            fw, bw = min_cut_rematerialization_partition(
-                j, facts.joint_inputs, "inductor", num_fwd_outputs=facts.num_fwd_outputs, **facts.partition_kwargs
-            )
-        finish(fw, bw)
-        return fw, bw
+        return _min_cut_attempt(joint, facts, finish, fraction)
 
     tried = []
     best = None  # (peak, fraction, fw, bw): the smallest peak, when no fraction fits
@@ -217,6 +211,19 @@ def partition_min_cut(
         _, fraction, fw, bw = best
     return fw, bw, {"partitioner": "torch min-cut", "activation_memory_budget": fraction,
                     "fractions_tried": tried}
+
+
+def _min_cut_attempt(
+    joint: fx.GraphModule, facts: Any, finish: Callable[[fx.GraphModule, fx.GraphModule], None], fraction: float,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """torch's min-cut partition of ``joint`` under ``activation_memory_budget=fraction``."""
+    j = _copy(joint)  # the partitioner rewrites the graph it is given
+    with functorch_config.patch(activation_memory_budget=fraction):
+        fw, bw = min_cut_rematerialization_partition(
+            j, facts.joint_inputs, "inductor", num_fwd_outputs=facts.num_fwd_outputs, **facts.partition_kwargs
+        )
+    finish(fw, bw)
+    return fw, bw
 
 
 def prefer_min_cut(
@@ -242,7 +249,12 @@ def prefer_min_cut(
             return None
 
     default = auto_plan(problem, rates)
-    mfw, mbw, info = partition_min_cut(joint, facts, finish)
+    # one min-cut partition, torch's own (activation_memory_budget 1.0: it recomputes only what
+    # it finds free to): auto plans what it saves as it plans the default partition's. Each lower
+    # fraction is another partition of the whole joint graph (several max-flows), which on a deep
+    # model costs more than tracing it.
+    mfw, mbw = _min_cut_attempt(joint, facts, finish, 1.0)
+    info = {"activation_memory_budget": 1.0}
     min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
     default_s = default.prediction.step_seconds if default is not None else float("inf")
     min_cut_s = min_cut.prediction.step_seconds if min_cut is not None else float("inf")

@@ -317,13 +317,19 @@ def _gpt2_256():
     return GPT2LMHeadModel(cfg)
 
 
-def test_recomputation_that_reads_a_swapped_value_is_exact():
+def test_recomputation_that_reads_a_swapped_value_is_exact(monkeypatch):
     """auto recomputes a value from a saved view of a storage it swaps (a linear layer's output
     from its layer norm's output; in GPT-3 shaped models, GELU's input): backward rebuilds that
-    view from the swapped-in storage and recomputes from it. Gradients equal eager's bitwise."""
+    view from the swapped-in storage and recomputes from it. Gradients equal eager's bitwise.
+    (On the default partition, where auto's plan does that: for this model and budget it
+    prefers torch's min-cut partition, which saves other values.)"""
     import copy
+    import importlib
 
     from lohan_compile.runtime import device
+
+    partition = importlib.import_module("lohan_compile.passes.partition_graph")
+    monkeypatch.setattr(partition, "prefer_min_cut", lambda *args: None)
 
     device.install()  # count the eager copy's memory in both compiles below, as resident
     ids = torch.randint(0, 128, (2, 256), generator=torch.Generator().manual_seed(13))

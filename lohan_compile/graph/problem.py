@@ -153,16 +153,23 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
     for key, buf in buffers.items():
         buf.free = None if key in survives else last_use.get(key, buf.alloc)
 
-    fw_nodes = {n for n in fw.graph.nodes if n.op == "call_function"}
+    # the nodes of each storage (the value and its views), by phase
+    fw_nodes_of: dict[str, list[fx.Node]] = {}
+    for n in fw.graph.nodes:
+        if n.op == "call_function" and key_of.get(n) is not None:
+            fw_nodes_of.setdefault(key_of[n], []).append(n)
+    bw_nodes_of: dict[str, list[fx.Node]] = {}
+    for n in bw.graph.nodes:
+        if n.op in ("placeholder", "call_function") and key_of.get(n) is not None:
+            bw_nodes_of.setdefault(key_of[n], []).append(n)
     candidates = []
     for key, base in saved_keys.items():
         if key in survives or key not in buffers:
             continue
-        uses_fw = [index[u] for n in fw_nodes if key_of.get(n) == key for u in n.users if u in index]
+        uses_fw = [index[u] for n in fw_nodes_of.get(key, ()) for u in n.users if u in index]
         uses_bw = [
             index[u]
-            for n in bw.graph.nodes
-            if key_of.get(n) == key and n.op in ("placeholder", "call_function")
+            for n in bw_nodes_of.get(key, ())
             for u in n.users
             if u in index and key_of.get(u) != key  # a view of it is not a use of its data
         ]

@@ -25,11 +25,6 @@ def _is_sym(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
-def _position(gm: fx.GraphModule):
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return lambda n: order[n]
-
-
 def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
@@ -48,8 +43,11 @@ class SavedValues:
         self.fw_tensor_slots = [i for i, v in saved if isinstance(v, fx.Node) and _is_tensor(v)]
         fw_syms = [i for i, v in saved if isinstance(v, fx.Node) and _is_sym(v)]
         self.fw_sym_slots = fw_syms
+        # (find_nodes reads fx's index of nodes by op: no walk over the whole graph, which a
+        # rewrite that edits one saved value at a time would repeat for every value)
         placeholders = [
-            n for n in self.bw.graph.nodes if n.op == "placeholder" and not is_backward_only_input(n.meta.get("desc"))
+            n for n in self.bw.graph.find_nodes(op="placeholder")
+            if not is_backward_only_input(n.meta.get("desc"))
         ]
         self.bw_tensors = [n for n in placeholders if _is_tensor(n)]
         self.bw_syms = [n for n in placeholders if _is_sym(n)]
@@ -80,11 +78,12 @@ class SavedValues:
         out = self.fw.graph.output_node()
         descs = output_descs(self.fw)
         # saved slots are numbered 0.. in order, after the user outputs
-        new_descs = descs[: self.first_saved] + [
-            SavedForBackwardsAOTOutput(idx=j) for j in range(len(values) - self.first_saved)
-        ]
         out.args = (tuple(values),)
-        out.meta["desc"] = new_descs
+        out.meta["desc"] = descs[: self.first_saved] + _saved_descs(len(values) - self.first_saved)
+
+    # The edits below keep the slot lists up to date themselves rather than reading the layout
+    # again: a rewrite edits one saved value at a time, and reading the whole layout after each
+    # edit made rewriting a deep model's plan quadratic in its depth.
 
     def replace_forward_value(self, k: int, node: fx.Node) -> None:
         """The k-th saved tensor now comes from ``node`` (a swap-out's waited host tensor, say)."""
@@ -98,10 +97,13 @@ class SavedValues:
         if p.users:
             raise ValueError(f"backward placeholder {p.name} is still used by {list(p.users)}")
         values = list(self.fw.graph.output_node().args[0])
-        del values[self.fw_tensor_slots[k]]
+        at = self.fw_tensor_slots[k]
+        del values[at]
         self._set_outputs(values)
         self.bw.graph.erase_node(p)
-        self._read()
+        del self.bw_tensors[k]
+        self.fw_tensor_slots = [i - (i > at) for i in self.fw_tensor_slots if i != at]
+        self.fw_sym_slots = [i - (i > at) for i in self.fw_sym_slots]
 
     def add(self, fw_value: fx.Node, name: str) -> fx.Node:
         """Save ``fw_value`` too; returns its new backward placeholder (after the other saved tensors)."""
@@ -111,14 +113,25 @@ class SavedValues:
         self._set_outputs(values)
         # backward takes saved sizes, then saved tensors: the new one goes after both
         anchors = self.bw_syms + self.bw_tensors
-        anchor = max(anchors, key=_position(self.bw)) if anchors else None
-        if anchor is not None:
-            with self.bw.graph.inserting_after(anchor):
+        if anchors:
+            with self.bw.graph.inserting_after(max(anchors)):  # (fx nodes compare by graph order)
                 p = self.bw.graph.placeholder(name)
         else:
-            first = next(n for n in self.bw.graph.nodes if n.op == "placeholder")
+            first = next(iter(self.bw.graph.find_nodes(op="placeholder")))
             with self.bw.graph.inserting_before(first):
                 p = self.bw.graph.placeholder(name)
         p.meta.update({k: v for k, v in fw_value.meta.items() if k in ("val", "tensor_meta", "lohan")})
-        self._read()
+        self.fw_sym_slots = [i + (i >= at) for i in self.fw_sym_slots]
+        self.fw_tensor_slots.append(at)
+        self.bw_tensors.append(p)
         return p
+
+
+_SAVED_DESCS: list[SavedForBackwardsAOTOutput] = []
+
+
+def _saved_descs(n: int) -> list[SavedForBackwardsAOTOutput]:
+    """The descriptors of saved slots 0..n-1 (frozen: shared between graphs and edits)."""
+    while len(_SAVED_DESCS) < n:
+        _SAVED_DESCS.append(SavedForBackwardsAOTOutput(idx=len(_SAVED_DESCS)))
+    return _SAVED_DESCS[:n]
