@@ -16,14 +16,14 @@ process, interleaved by depth:
   rows it covers only part of the step (their ``predicted_peak_bytes`` is the plan's);
 - under Inductor, how many of its FX graph cache lookups hit (identical segments of identical
   layers compile once: the fraction of hits says how much of a deep model compiles for free);
-- ``--replan``: at the deepest depth, lohan (fx executor) re-planning for a size growth. The
+- ``--replan LAYERS``: at that depth, lohan (fx executor) re-planning for a size growth. The
   model runs sequences of 64, then 96 tokens (dynamo compiles the graph again with symbolic
   sizes: ``dynamic_first_s``, that graph's first compile), then 256 (past the plan's headroom:
   lohan plans the symbolic graph again, ``replan_step_s``), then 256 again (``plain_step_s``).
   The re-plan costs ``replan_step_s - plain_step_s``.
 
     python bench/compile_time.py [--layers 4,12,24] [--fraction 0.8] [--backends aot_eager,lohan_fx,...]
-                                 [--replan] [--json bench/results/compile_time.json]
+                                 [--replan 48] [--json bench/results/compile_time.json]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.8)
     ap.add_argument("--backends", default="aot_eager,lohan_fx,inductor,lohan_inductor",
                     help="which rows to run (aot_eager always runs: it sets the budget)")
-    ap.add_argument("--replan", action="store_true", help="also time a re-plan at the deepest depth")
+    ap.add_argument("--replan", type=int, default=None, metavar="LAYERS", help="also time a re-plan at this depth")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     backends = set(args.backends.split(","))
@@ -151,9 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     result = {"rows": rows}
     if args.replan:
-        deepest = max(int(x) for x in args.layers.split(","))
-        result["replan"] = {"layers": deepest, **replan(deepest, args.fraction)}
-        print(f"re-plan at {deepest} layers: {result['replan']}", flush=True)
+        result["replan"] = {"layers": args.replan, **replan(args.replan, args.fraction)}
+        print(f"re-plan at {args.replan} layers: {result['replan']}", flush=True)
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         Path(args.json).write_text(json.dumps({"commit": commit, "command": "python " + " ".join(sys.argv),
