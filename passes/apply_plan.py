@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from lohan_compile.graph.fxutil import is_view, storage_base, view_parent
-from lohan_compile.graph.meta import NodeInfo, Role, set_info
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
 from lohan_compile.plan.problem import Action, OpRef, Plan, Problem, Transfer
 from lohan_compile.plan.program import program_for
@@ -119,8 +119,11 @@ def _order_as_planned(
 def _views_after_their_waits(bw: fx.GraphModule, transfers: set[fx.Node]) -> None:
     """The plan counts a view of a swapped tensor as no use of its data, so its wait may be
     planned after a backward view that reads it (a ``transpose`` right before the matmul
-    that is the real first use). Move such views (and views of them) right after the wait;
-    anything else that reads a value before it exists is a planning error."""
+    that is the real first use). Likewise a recomputation that reads it: the plan recomputes
+    just before the first real use of the recomputed value, where ``_recompute`` put it before
+    the value's first reader, a view. Move such views and recomputations (and what reads them
+    before the wait) right after the wait, in their order; anything else that reads a value
+    before it exists is a planning error."""
     position = {n: i for i, n in enumerate(bw.graph.nodes)}
     for wait in [n for n in bw.graph.nodes if n in transfers and n.target is torch.ops.lohan.wait_tensor.default]:
         early: list[fx.Node] = []
@@ -129,7 +132,7 @@ def _views_after_their_waits(bw: fx.GraphModule, transfers: set[fx.Node]) -> Non
             node = frontier.pop()
             for u in node.users:
                 if position[u] < position[wait] and u not in early:
-                    if not is_view(u):
+                    if not is_view(u) and not _recomputed_here(u):
                         raise NodeError(u, f"reads {wait.name} before the plan waits for it")
                     early.append(u)
                     frontier.append(u)
@@ -139,6 +142,11 @@ def _views_after_their_waits(bw: fx.GraphModule, transfers: set[fx.Node]) -> Non
             cursor = n
         if early:
             position = {n: i for i, n in enumerate(bw.graph.nodes)}
+
+
+def _recomputed_here(node: fx.Node) -> bool:
+    info = get_info(node)
+    return info is not None and info.made_by == NAME and info.action == "recompute"
 
 
 def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) -> None:

@@ -237,10 +237,11 @@ def prefer_min_cut(
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
     predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
-    recomputes chains of cheap ops. One min-cut partition, not a search over its activation
-    budget: auto swaps and recomputes on top of it what the budget still asks for, and each
-    partition is a max-flow over the whole joint graph (on a 48-layer model, a third of the
-    time tracing it takes)."""
+    recomputes chains of cheap ops. One min-cut partition, at torch's own activation budget:
+    auto swaps and recomputes on top of it what the budget still asks for, and each partition
+    is a max-flow over the whole joint graph (on a 48-layer model, a third of the time tracing
+    it takes). Only when no plan of either fits is the activation budget searched
+    (``partition_min_cut``), for the lower peaks of its longer recomputation chains."""
     budget = facts.options.memory_budget
     problem, rates = _problem(joint, fw, bw, facts)
     if keep_all(problem, rates, None).prediction.peak_device_bytes <= budget:
@@ -256,6 +257,11 @@ def prefer_min_cut(
     mfw, mbw = _min_cut_attempt(joint, facts, finish, 1.0)
     info = {"activation_memory_budget": 1.0}
     min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
+    if default is None and min_cut is None:
+        # no plan of either fits: torch's min-cut at lower activation budgets recomputes whole
+        # chains, which reaches peaks that auto's recomputation of single ops does not
+        mfw, mbw, info = partition_min_cut(joint, facts, finish)
+        min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
     default_s = default.prediction.step_seconds if default is not None else float("inf")
     min_cut_s = min_cut.prediction.step_seconds if min_cut is not None else float("inf")
     # every plan auto could run, by (partition, plan family): a trial times the close ones
