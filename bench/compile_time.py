@@ -20,7 +20,8 @@ process, interleaved by depth:
   model runs sequences of 64, then 96 tokens (dynamo compiles the graph again with symbolic
   sizes: ``dynamic_first_s``, that graph's first compile), then 256 (past the plan's headroom:
   lohan plans the symbolic graph again, ``replan_step_s``), then 256 again (``plain_step_s``).
-  The re-plan costs ``replan_step_s - plain_step_s``.
+  The re-plan costs ``replan_step_s - plain_step_s``. Its budget is ``--fraction`` of what
+  the 256-token step allocated under ``aot_eager`` above the model (weights not included).
 
     python bench/compile_time.py [--layers 4,12,24] [--fraction 0.8] [--backends aot_eager,lohan_fx,...]
                                  [--replan 48] [--json bench/results/compile_time.json]
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     backends = set(args.backends.split(","))
+    unknown = backends - {"aot_eager", "lohan_fx", "inductor", "lohan_inductor"}
+    if unknown:
+        ap.error(f"unknown --backends {sorted(unknown)}: choose from aot_eager, lohan_fx, inductor, lohan_inductor")
     torch.set_num_threads(1)
     # one-time costs of a process's first compile (imports, Inductor's toolchain checks) go to
     # no row: a one-layer model through every backend first

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     overall = math.log(last["plan_memory_s"] / first["plan_memory_s"]) / math.log(last["ops"] / first["ops"])
     print(f"\nplanning time grows as ops^{overall:.2f} from {first['layers']} to {last['layers']} layers (1.0: linear)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(["plan_scaling.py", *(argv or sys.argv[1:])]),
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        Path(args.json).write_text(json.dumps({"commit": commit,
+                                               "command": " ".join(["plan_scaling.py", *(argv or sys.argv[1:])]),
                                                "rows": rows, "overall_exponent": overall}, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -61,10 +61,11 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         counts["roles_given"] += give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
 
     trial = facts.variant[0] if facts.variant is not None and facts.options.policy == "auto" else None
-    if facts.options.policy == "torch-min-cut" or trial == "min-cut":
+    if facts.options.policy == "torch-min-cut":
         fw, bw, report = partition_min_cut(graphs.joint, facts, finish)
-        if trial:
-            report["partitioner"] = "torch min-cut (auto: a trial asked for it)"
+    elif trial == "min-cut":
+        fw, bw, fraction, _ = auto_min_cut(graphs.joint, facts, finish, search=True)
+        report = {"partitioner": "torch min-cut (auto: a trial asked for it)", "activation_memory_budget": fraction}
     else:
         fw, bw = default_partition(
             graphs.joint,
@@ -182,6 +183,8 @@ def give_roles(gm: fx.GraphModule, role: Role) -> int:
 # -- torch's min-cut partitioner under a budget in bytes -----------------------------
 
 FRACTIONS = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.0)
+# the one auto weighs first: torch's default activation budget (it recomputes what it finds free to)
+AUTO_MIN_CUT_FRACTION = 1.0
 
 
 def partition_min_cut(
@@ -247,32 +250,45 @@ def prefer_min_cut(
     if keep_all(problem, rates, None).prediction.peak_device_bytes <= budget:
         return None  # nothing has to move: the default partition is exact and fastest
 
-    def auto_plan(problem, rates):
-        try:
-            return auto(problem, rates, budget)
-        except BudgetError:
-            return None
-
-    default = auto_plan(problem, rates)
-    mfw, mbw = _min_cut_attempt(joint, facts, finish, 1.0)
-    info = {"activation_memory_budget": 1.0}
-    min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
-    if default is None and min_cut is None:
-        # no plan of either fits: torch's min-cut at lower activation budgets recomputes whole
-        # chains, which reaches peaks that auto's recomputation of single ops does not
-        mfw, mbw, info = partition_min_cut(joint, facts, finish)
-        min_cut = auto_plan(*_problem(joint, mfw, mbw, facts))
+    default = _auto_plan(problem, rates, budget)
+    mfw, mbw, fraction, min_cut = auto_min_cut(joint, facts, finish, search=default is None)
     default_s = default.prediction.step_seconds if default is not None else float("inf")
     min_cut_s = min_cut.prediction.step_seconds if min_cut is not None else float("inf")
     # every plan auto could run, by (partition, plan family): a trial times the close ones
     variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
     variants.update({("min-cut", f): s for f, s in (min_cut.alternatives if min_cut else {}).items()})
     info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
-            "min_cut_activation_memory_budget": info["activation_memory_budget"], "variants": variants}
+            "min_cut_activation_memory_budget": fraction, "variants": variants}
     if min_cut_s < 0.99 * default_s:
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
     _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", **info}
+
+
+def auto_min_cut(
+    joint: fx.GraphModule, facts: Any, finish: Callable[[fx.GraphModule, fx.GraphModule], None], search: bool,
+) -> tuple[fx.GraphModule, fx.GraphModule, float, Any]:
+    """The min-cut partition auto weighs, with its activation budget and auto's plan of it (None
+    when none fits): torch's own (``AUTO_MIN_CUT_FRACTION``); with ``search``, when no plan of that
+    fits, the one ``partition_min_cut`` searches for (lower activation budgets recompute whole
+    chains, reaching peaks that auto's recomputation of single ops does not). A trial asks for it
+    with ``search``, and gets the partition ``prefer_min_cut`` planned: one that only a search
+    fits was weighed only when the default partition fitted no plan either."""
+    budget = facts.options.memory_budget
+    fw, bw = _min_cut_attempt(joint, facts, finish, AUTO_MIN_CUT_FRACTION)
+    plan = _auto_plan(*_problem(joint, fw, bw, facts), budget)
+    if plan is not None or not search:
+        return fw, bw, AUTO_MIN_CUT_FRACTION, plan
+    fw, bw, info = partition_min_cut(joint, facts, finish)
+    return fw, bw, info["activation_memory_budget"], _auto_plan(*_problem(joint, fw, bw, facts), budget)
+
+
+def _auto_plan(problem: Any, rates: Any, budget: int) -> Any:
+    """auto's plan, or None when none fits."""
+    try:
+        return auto(problem, rates, budget)
+    except BudgetError:
+        return None
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -555,3 +555,31 @@ def test_steps_that_run_the_model_eagerly_after_compiled_ones_update_the_device_
         opt.step()
         opt.zero_grad()
     assert_close_models(eager, model, atol=1e-5)
+
+
+def test_regional_compilation_trains_as_eager_adamw():
+    """Regional compilation (torch's advice for deep models: each decoder layer compiled on its
+    own, the embedding, LM head and loss eager): every layer is a graph of one step, planned
+    under the one budget, its gradients offloaded to the one CPUAdamW; the eager parts' gradients
+    come to it through ``.grad``. Training equals eager AdamW with clipping."""
+    batches = token_batches(3)
+    torch.manual_seed(0)
+    base = tiny_llama(layers=2)
+    reference = copy.deepcopy(base)
+    expected, _ = eager_reference(reference, batches, lm_loss, lr=1e-3, max_grad_norm=1.0)
+    model = copy.deepcopy(base)
+    opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+    for layer in model.model.layers:
+        layer.compile(backend="lohan", options={"optimizer": opt, "memory_budget": "64MiB"})
+    losses = []
+    for batch in batches:
+        loss = lm_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    report = lohan.last_report()
+    assert len(report.graphs) == len(model.model.layers)  # one step, a graph per layer
+    assert report.summary()["d2h_bytes"] > 0  # the layers' gradients left through the runtime
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), atol=1e-5, rtol=0)
+    assert_close_models(reference, model)

@@ -43,8 +43,7 @@ class SavedValues:
         self.fw_tensor_slots = [i for i, v in saved if isinstance(v, fx.Node) and _is_tensor(v)]
         fw_syms = [i for i, v in saved if isinstance(v, fx.Node) and _is_sym(v)]
         self.fw_sym_slots = fw_syms
-        # (find_nodes reads fx's index of nodes by op: no walk over the whole graph, which a
-        # rewrite that edits one saved value at a time would repeat for every value)
+        # (find_nodes reads fx's index of nodes by op: no walk over the whole graph)
         placeholders = [
             n for n in self.bw.graph.find_nodes(op="placeholder")
             if not is_backward_only_input(n.meta.get("desc"))
@@ -81,9 +80,9 @@ class SavedValues:
         out.args = (tuple(values),)
         out.meta["desc"] = descs[: self.first_saved] + _saved_descs(len(values) - self.first_saved)
 
-    # The edits below keep the slot lists up to date themselves rather than reading the layout
-    # again: a rewrite edits one saved value at a time, and reading the whole layout after each
-    # edit made rewriting a deep model's plan quadratic in its depth.
+    # The edits below update the slot lists themselves: reading the layout again walks the
+    # outputs' descriptors and the placeholders, for every edit of a rewrite that edits one saved
+    # value at a time.
 
     def replace_forward_value(self, k: int, node: fx.Node) -> None:
         """The k-th saved tensor now comes from ``node`` (a swap-out's waited host tensor, say)."""
@@ -107,6 +106,8 @@ class SavedValues:
 
     def add(self, fw_value: fx.Node, name: str) -> fx.Node:
         """Save ``fw_value`` too; returns its new backward placeholder (after the other saved tensors)."""
+        if not _is_tensor(fw_value):
+            raise ValueError(f"{fw_value.name} is not a tensor: only saved tensors can be added")
         values = list(self.fw.graph.output_node().args[0])
         at = (self.fw_tensor_slots[-1] + 1) if self.fw_tensor_slots else self.first_saved
         values.insert(at, fw_value)
@@ -127,11 +128,15 @@ class SavedValues:
         return p
 
 
-_SAVED_DESCS: list[SavedForBackwardsAOTOutput] = []
+_SAVED_DESCS: tuple[SavedForBackwardsAOTOutput, ...] = ()
 
 
 def _saved_descs(n: int) -> list[SavedForBackwardsAOTOutput]:
-    """The descriptors of saved slots 0..n-1 (frozen: shared between graphs and edits)."""
-    while len(_SAVED_DESCS) < n:
-        _SAVED_DESCS.append(SavedForBackwardsAOTOutput(idx=len(_SAVED_DESCS)))
-    return _SAVED_DESCS[:n]
+    """The descriptors of saved slots 0..n-1 (frozen, so shared between graphs and edits; the
+    cache is replaced whole, never appended to, so a concurrent compile sees a correct one)."""
+    global _SAVED_DESCS
+    cached = _SAVED_DESCS
+    if len(cached) < n:
+        cached = tuple(SavedForBackwardsAOTOutput(idx=j) for j in range(max(n, 2 * len(cached))))
+        _SAVED_DESCS = cached
+    return list(cached[:n])
