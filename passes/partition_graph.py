@@ -13,7 +13,8 @@ those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
 partitioner, its activation budget searched to fit ``memory_budget``
 (``partition_min_cut``, below). Under ``policy="auto"`` and a budget, with
 the fx executor, torch's min-cut partition at its own default (activation
-budget 1.0: it recomputes what it finds free to) is also planned with auto and
+budget 1.0: it recomputes what it finds free to), or where the budget costs
+time the one of a searched activation budget, is also planned with auto and
 kept when auto predicts it faster (``prefer_min_cut``); with the Inductor
 executor it is not (Inductor runs it above its predicted peak).
 
@@ -42,7 +43,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from lohan_compile.graph.aot import placeholder_role
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.errors import BudgetError
-from lohan_compile.graph.pipeline import CompileFacts, Graphs
+from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
 from lohan_compile.graph.problem import profile
 from lohan_compile.passes.classify_saved import classify_saved
 from lohan_compile.plan.policies import auto, keep_all
@@ -63,9 +64,6 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
     trial = facts.variant[0] if facts.variant is not None and facts.options.policy == "auto" else None
     if facts.options.policy == "torch-min-cut":
         fw, bw, report = partition_min_cut(graphs.joint, facts, finish)
-    elif trial == "min-cut":
-        fw, bw, fraction, _ = auto_min_cut(graphs.joint, facts, finish, search=True)
-        report = {"partitioner": "torch min-cut (auto: a trial asked for it)", "activation_memory_budget": fraction}
     else:
         fw, bw = default_partition(
             graphs.joint,
@@ -75,7 +73,14 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         )
         finish(fw, bw)
         report = {"partitioner": "default"}
-        if trial:
+        if trial == "min-cut":
+            # the min-cut partition auto weighed when it chose (weighed again: it is deterministic)
+            chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish, min_cut=True)
+            if chosen is None:
+                raise NodeError(graphs.joint.graph.output_node(), "a trial asked for a min-cut plan auto did not weigh")
+            fw, bw, report = chosen
+            report["partitioner"] = "torch min-cut (auto: a trial asked for it)"
+        elif trial:
             report["partitioner"] = "default (auto: a trial asked for it)"
         elif facts.options.policy == "auto" and facts.options.memory_budget is not None:
             if facts.options.executor == "inductor":
@@ -236,51 +241,57 @@ def prefer_min_cut(
     bw: fx.GraphModule,
     facts: Any,
     finish: Callable[[fx.GraphModule, fx.GraphModule], None],
+    min_cut: bool = False,
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
-    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
-    recomputes chains of cheap ops. One min-cut partition, at torch's own activation budget:
-    auto swaps and recomputes on top of it what the budget still asks for, and each partition
-    is a max-flow over the whole joint graph (on a 48-layer model, a third of the time tracing
-    it takes). Only when no plan of either fits is the activation budget searched
-    (``partition_min_cut``), for the lower peaks of its longer recomputation chains."""
+    predicted step is faster (with ``min_cut``, whatever the prediction: a trial asks for it).
+    Auto itself recomputes single ops from saved inputs; min-cut recomputes chains of cheap ops.
+
+    First one min-cut partition, at torch's own activation budget: auto swaps and recomputes on
+    top of it what the budget still asks for. Each partition is a max-flow over the whole joint
+    graph (on a 48-layer model, a third of the time tracing it takes), so the activation budget
+    is searched (``partition_min_cut``) only where the budget costs time: when the faster plan
+    so far is predicted more than ``SEARCH_ABOVE`` slower than keeping everything. Lower
+    activation budgets recompute longer chains (GPT-2's GELU), which under a tight budget beats
+    moving each of their values (a GPT-2 at 30% of its peak: 9.2 against 14.8 ms predicted)."""
     budget = facts.options.memory_budget
     problem, rates = _problem(joint, fw, bw, facts)
-    if keep_all(problem, rates, None).prediction.peak_device_bytes <= budget:
+    ideal = keep_all(problem, rates, None).prediction
+    if ideal.peak_device_bytes <= budget:
         return None  # nothing has to move: the default partition is exact and fastest
-
     default = _auto_plan(problem, rates, budget)
-    mfw, mbw, fraction, min_cut = auto_min_cut(joint, facts, finish, search=default is None)
-    default_s = default.prediction.step_seconds if default is not None else float("inf")
-    min_cut_s = min_cut.prediction.step_seconds if min_cut is not None else float("inf")
+    default_s = _step_s(default)
+    mfw, mbw = _min_cut_attempt(joint, facts, finish, AUTO_MIN_CUT_FRACTION)
+    fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(*_problem(joint, mfw, mbw, facts), budget)
+    tried = {AUTO_MIN_CUT_FRACTION: _step_s(plan)}
+    if min(default_s, _step_s(plan)) > SEARCH_ABOVE * ideal.step_seconds:
+        sfw, sbw, searched = partition_min_cut(joint, facts, finish)
+        if searched["activation_memory_budget"] != AUTO_MIN_CUT_FRACTION:
+            splan = _auto_plan(*_problem(joint, sfw, sbw, facts), budget)
+            tried[searched["activation_memory_budget"]] = _step_s(splan)
+            if _step_s(splan) < _step_s(plan):
+                mfw, mbw, fraction, plan = sfw, sbw, searched["activation_memory_budget"], splan
+    min_cut_s = _step_s(plan)
     # every plan auto could run, by (partition, plan family): a trial times the close ones
     variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
-    variants.update({("min-cut", f): s for f, s in (min_cut.alternatives if min_cut else {}).items()})
+    variants.update({("min-cut", f): s for f, s in (plan.alternatives if plan else {}).items()})
     info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
-            "min_cut_activation_memory_budget": fraction, "variants": variants}
-    if min_cut_s < 0.99 * default_s:
+            "min_cut_activation_memory_budget": fraction, "min_cut_step_s_by_budget": tried,
+            "variants": variants}
+    if min_cut or min_cut_s < 0.99 * default_s:
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
     _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", **info}
 
 
-def auto_min_cut(
-    joint: fx.GraphModule, facts: Any, finish: Callable[[fx.GraphModule, fx.GraphModule], None], search: bool,
-) -> tuple[fx.GraphModule, fx.GraphModule, float, Any]:
-    """The min-cut partition auto weighs, with its activation budget and auto's plan of it (None
-    when none fits): torch's own (``AUTO_MIN_CUT_FRACTION``); with ``search``, when no plan of that
-    fits, the one ``partition_min_cut`` searches for (lower activation budgets recompute whole
-    chains, reaching peaks that auto's recomputation of single ops does not). A trial asks for it
-    with ``search``, and gets the partition ``prefer_min_cut`` planned: one that only a search
-    fits was weighed only when the default partition fitted no plan either."""
-    budget = facts.options.memory_budget
-    fw, bw = _min_cut_attempt(joint, facts, finish, AUTO_MIN_CUT_FRACTION)
-    plan = _auto_plan(*_problem(joint, fw, bw, facts), budget)
-    if plan is not None or not search:
-        return fw, bw, AUTO_MIN_CUT_FRACTION, plan
-    fw, bw, info = partition_min_cut(joint, facts, finish)
-    return fw, bw, info["activation_memory_budget"], _auto_plan(*_problem(joint, fw, bw, facts), budget)
+# auto searches torch's min-cut activation budget only when its best plan so far is predicted this
+# much slower than keeping everything would be
+SEARCH_ABOVE = 1.10
+
+
+def _step_s(plan: Any) -> float:
+    return plan.prediction.step_seconds if plan is not None else float("inf")
 
 
 def _auto_plan(problem: Any, rates: Any, budget: int) -> Any:
