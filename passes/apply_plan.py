@@ -49,7 +49,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     node_at = [
         (fw_nodes if op.phase == "fw" else bw_nodes)[op.name] for op in problem.ops
     ]
-    recomputed = swapped = 0
+    recomputed = swapped = moved = 0
     transfers: dict[tuple[str, str], fx.Node] = {}
     bases: dict[fx.Node, fx.Node] = {}  # storage_base of forward values
     saved = SavedValues(fw, bw)  # edited in place by every rewrite below
@@ -73,21 +73,23 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
             transfers[("Wait", Transfer("swap_in", c.key))] = ready
             swapped += 1
     if transfers:
-        _order_as_planned(program_for(problem, plan.decisions, report["rates"]), node_at, transfers, bw)
+        moved = _order_as_planned(program_for(problem, plan.decisions, report["rates"]), node_at, transfers, bw)
     fw.graph.eliminate_dead_code()
     fw.recompile()
     bw.recompile()
-    return graphs, {"recomputed": recomputed, "swapped": swapped}
+    # moved: recomputations put after the wait of a swapped value they read
+    return graphs, {"recomputed": recomputed, "swapped": swapped, "recomputations_after_waits": moved}
 
 
 def _order_as_planned(
     program: list, node_at: list[fx.Node], transfers: dict[tuple[str, Transfer], fx.Node], bw: fx.GraphModule
-) -> None:
+) -> int:
     """Put the transfer nodes in exactly the plan's order: between two consecutive ops of
     the program, its issues and waits go right after the first op, in program order.
     (Prefetches into backward before its first op go right after backward's placeholders.)
     Nodes apply_plan built on a waited value (replayed views, recomputations) sit before
-    the op that needs them, so they stay after the wait they read."""
+    the op that needs them, so they stay after the wait they read. Returns how many
+    recomputations moved after the wait of a value they read (``_views_after_their_waits``)."""
     last_placeholder = [n for n in bw.graph.nodes if n.op == "placeholder"][-1]
     cursor: fx.Node | None = None
     pending: list[fx.Node] = []
@@ -113,35 +115,35 @@ def _order_as_planned(
         elif (kind, getattr(op, "name", None)) in transfers:
             pending.append(transfers[(kind, op.name)])
     flush(None)
-    _views_after_their_waits(bw, set(transfers.values()))
+    return _views_after_their_waits(bw, set(transfers.values()))
 
 
-def _views_after_their_waits(bw: fx.GraphModule, transfers: set[fx.Node]) -> None:
+def _views_after_their_waits(bw: fx.GraphModule, transfers: set[fx.Node]) -> int:
     """The plan counts a view of a swapped tensor as no use of its data, so its wait may be
     planned after a backward view that reads it (a ``transpose`` right before the matmul
     that is the real first use). Likewise a recomputation that reads it: the plan recomputes
     just before the first real use of the recomputed value, where ``_recompute`` put it before
     the value's first reader, a view. Move such views and recomputations (and what reads them
     before the wait) right after the wait, in their order; anything else that reads a value
-    before it exists is a planning error."""
-    position = {n: i for i, n in enumerate(bw.graph.nodes)}
+    before it exists is a planning error. Returns how many recomputations moved."""
+    recomputations = 0
     for wait in [n for n in bw.graph.nodes if n in transfers and n.target is torch.ops.lohan.wait_tensor.default]:
-        early: list[fx.Node] = []
+        early: set[fx.Node] = set()
         frontier = [wait]
         while frontier:
             node = frontier.pop()
             for u in node.users:
-                if position[u] < position[wait] and u not in early:
+                if u < wait and u not in early:  # (fx nodes compare by graph order)
                     if not is_view(u) and not _recomputed_here(u):
                         raise NodeError(u, f"reads {wait.name} before the plan waits for it")
-                    early.append(u)
+                    early.add(u)
                     frontier.append(u)
         cursor = wait
-        for n in sorted(early, key=position.__getitem__):
+        for n in sorted(early):
             cursor.append(n)
             cursor = n
-        if early:
-            position = {n: i for i, n in enumerate(bw.graph.nodes)}
+        recomputations += sum(1 for n in early if _recomputed_here(n))
+    return recomputations
 
 
 def _recomputed_here(node: fx.Node) -> bool:

@@ -13,10 +13,11 @@ those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
 partitioner, its activation budget searched to fit ``memory_budget``
 (``partition_min_cut``, below). Under ``policy="auto"`` and a budget, with
 the fx executor, torch's min-cut partition at its own default (activation
-budget 1.0: it recomputes what it finds free to), or where the budget costs
-time the one of a searched activation budget, is also planned with auto and
-kept when auto predicts it faster (``prefer_min_cut``); with the Inductor
-executor it is not (Inductor runs it above its predicted peak).
+budget 1.0: it recomputes what it finds free to) is also planned with auto,
+and where the budget costs the step time, the min-cut partition of a searched
+activation budget too; a min-cut partition is kept when auto predicts it
+faster (``prefer_min_cut``). With the Inductor executor none is (Inductor runs
+min-cut's recomputation above its predicted peak).
 
 torch's min-cut partitioner under a budget in bytes: ``min_cut_rematerialization_partition``
 decides what forward saves and what backward recomputes, bounded by
@@ -74,12 +75,10 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         finish(fw, bw)
         report = {"partitioner": "default"}
         if trial == "min-cut":
-            # the min-cut partition auto weighed when it chose (weighed again: it is deterministic)
-            chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish, min_cut=True)
-            if chosen is None:
-                raise NodeError(graphs.joint.graph.output_node(), "a trial asked for a min-cut plan auto did not weigh")
-            fw, bw, report = chosen
-            report["partitioner"] = "torch min-cut (auto: a trial asked for it)"
+            # the min-cut partition auto weighed when it chose
+            fraction = facts.min_cut_fraction if facts.min_cut_fraction is not None else AUTO_MIN_CUT_FRACTION
+            fw, bw = _min_cut_attempt(graphs.joint, facts, finish, fraction)
+            report = {"partitioner": "torch min-cut (auto: a trial asked for it)", "activation_memory_budget": fraction}
         elif trial:
             report["partitioner"] = "default (auto: a trial asked for it)"
         elif facts.options.policy == "auto" and facts.options.memory_budget is not None:
@@ -196,8 +195,10 @@ def partition_min_cut(
     joint: fx.GraphModule,
     facts: Any,
     finish: Callable[[fx.GraphModule, fx.GraphModule], None],
+    fractions: tuple[float, ...] = FRACTIONS,
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]]:
-    """``finish(fw, bw)`` repairs what a partitioner leaves (fake values, descriptors, roles)."""
+    """``finish(fw, bw)`` repairs what a partitioner leaves (fake values, descriptors, roles);
+    ``fractions``: the activation budgets tried, in order."""
     budget = facts.options.memory_budget
 
     def attempt(fraction: float) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -205,7 +206,7 @@ def partition_min_cut(
 
     tried = []
     best = None  # (peak, fraction, fw, bw): the smallest peak, when no fraction fits
-    for fraction in FRACTIONS if budget is not None else (1.0,):
+    for fraction in fractions if budget is not None else fractions[:1]:
         fw, bw = attempt(fraction)
         if budget is None:
             break
@@ -241,12 +242,10 @@ def prefer_min_cut(
     bw: fx.GraphModule,
     facts: Any,
     finish: Callable[[fx.GraphModule, fx.GraphModule], None],
-    min_cut: bool = False,
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
-    predicted step is faster (with ``min_cut``, whatever the prediction: a trial asks for it).
-    Auto itself recomputes single ops from saved inputs; min-cut recomputes chains of cheap ops.
+    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut recomputes chains of cheap ops.
 
     First one min-cut partition, at torch's own activation budget: auto swaps and recomputes on
     top of it what the budget still asks for. Each partition is a max-flow over the whole joint
@@ -263,15 +262,17 @@ def prefer_min_cut(
     default = _auto_plan(problem, rates, budget)
     default_s = _step_s(default)
     mfw, mbw = _min_cut_attempt(joint, facts, finish, AUTO_MIN_CUT_FRACTION)
-    fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(*_problem(joint, mfw, mbw, facts), budget)
+    mproblem, mrates = _problem(joint, mfw, mbw, facts)
+    fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(mproblem, mrates, budget)
     tried = {AUTO_MIN_CUT_FRACTION: _step_s(plan)}
-    if min(default_s, _step_s(plan)) > SEARCH_ABOVE * ideal.step_seconds:
-        sfw, sbw, searched = partition_min_cut(joint, facts, finish)
-        if searched["activation_memory_budget"] != AUTO_MIN_CUT_FRACTION:
-            splan = _auto_plan(*_problem(joint, sfw, sbw, facts), budget)
-            tried[searched["activation_memory_budget"]] = _step_s(splan)
-            if _step_s(splan) < _step_s(plan):
-                mfw, mbw, fraction, plan = sfw, sbw, searched["activation_memory_budget"], splan
+    fits_kept = keep_all(mproblem, mrates, None).prediction.peak_device_bytes <= budget
+    if min(default_s, _step_s(plan)) > SEARCH_ABOVE * ideal.step_seconds and not fits_kept:
+        # (the search would stop at 1.0, whose partition fits kept: start below it)
+        sfw, sbw, searched = partition_min_cut(joint, facts, finish, FRACTIONS[1:])
+        splan = _auto_plan(*_problem(joint, sfw, sbw, facts), budget)
+        tried[searched["activation_memory_budget"]] = _step_s(splan)
+        if _step_s(splan) < _step_s(plan):
+            mfw, mbw, fraction, plan = sfw, sbw, searched["activation_memory_budget"], splan
     min_cut_s = _step_s(plan)
     # every plan auto could run, by (partition, plan family): a trial times the close ones
     variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
@@ -279,7 +280,7 @@ def prefer_min_cut(
     info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
             "min_cut_activation_memory_budget": fraction, "min_cut_step_s_by_budget": tried,
             "variants": variants}
-    if min_cut or min_cut_s < 0.99 * default_s:
+    if min_cut_s < 0.99 * default_s:
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
     _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", **info}

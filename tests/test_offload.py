@@ -559,9 +559,10 @@ def test_steps_that_run_the_model_eagerly_after_compiled_ones_update_the_device_
 
 def test_regional_compilation_trains_as_eager_adamw():
     """Regional compilation (torch's advice for deep models: each decoder layer compiled on its
-    own, the embedding, LM head and loss eager): every layer is a graph of one step, planned
-    under the one budget, its gradients offloaded to the one CPUAdamW; the eager parts' gradients
-    come to it through ``.grad``. Training equals eager AdamW with clipping."""
+    own, the embedding, LM head and loss eager): every layer is a graph of one step, its
+    gradients offloaded to the one CPUAdamW; the eager parts' gradients come to it through
+    ``.grad``. Training equals eager AdamW with clipping. (Whether a tight budget holds is not
+    asserted: the README says where it does not yet.)"""
     batches = token_batches(3)
     torch.manual_seed(0)
     base = tiny_llama(layers=2)

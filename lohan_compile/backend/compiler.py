@@ -165,6 +165,7 @@ class GraphCompiler:
         planning_sizes: dict | None = None,
         measured: dict[str, float] | None = None,
         variant: tuple[str, str] | None = None,
+        min_cut_fraction: float | None = None,
         dropped_outputs: frozenset[int] = frozenset(),
         executor_excess: int = 0,
         outside: int = 0,
@@ -180,6 +181,7 @@ class GraphCompiler:
         self.planning_sizes = planning_sizes
         self.measured = dict(measured or {})
         self.variant = variant  # policy "auto": which of its plans a trial asked for
+        self.min_cut_fraction = min_cut_fraction  # and, for a min-cut one, its partition's
         self.dropped_outputs = dropped_outputs  # forward outputs seen dropped before backward
         self.executor_excess = executor_excess  # bytes an earlier plan ran above its prediction
         self.outside = outside  # bytes code outside the graph held between its forward and backward
@@ -271,6 +273,7 @@ class GraphCompiler:
             real_inputs=self.real_inputs,
             measured_seconds=self.measured,
             variant=self.variant,
+            min_cut_fraction=self.min_cut_fraction,
             dropped_outputs=self.dropped_outputs,
             executor_excess_bytes=self.executor_excess,
             outside_bytes=self.outside,

@@ -118,7 +118,7 @@ class Replanning:
         self._start_trial()
 
     def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None,
-                 variant: tuple[str, str] | None = None) -> None:
+                 variant: tuple[str, str] | None = None, min_cut_fraction: float | None = None) -> None:
         opts = self.opts
         if self.optimizer_ref is not None:
             optimizer = self.optimizer_ref()
@@ -131,7 +131,7 @@ class Replanning:
         while True:
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
-                variant=variant, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
+                variant=variant, min_cut_fraction=min_cut_fraction, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
                 outside=self.outside, segment_scratch=dict(learnt.scratch), materialized=frozenset(learnt.materialized),
                 fused=frozenset(learnt.fused), assume_fused=assume_fused,
             )
@@ -308,8 +308,9 @@ class Replanning:
             trial["compiled"][rec.variant] = self._current()
             while trial["queue"]:
                 variant = trial["queue"].pop(0)
+                weighed = rec.pass_report("partition_graph") or {}
                 try:
-                    self._compile(args, args, None, variant)
+                    self._compile(args, args, None, variant, weighed.get("min_cut_activation_memory_budget"))
                     return
                 except BudgetError as e:  # the device holds more than when the trial began
                     log.info("lohan %s: trial of plan %s skipped: %s", rec.name, "/".join(variant), e)

@@ -92,6 +92,9 @@ class CompileFacts:
     # policy "auto": the plan a trial asked for, (partition, plan family): "default" or
     # "min-cut", and one of planner.AUTO_FAMILIES (or "keep-all"); None: auto chooses
     variant: tuple[str, str] | None = None
+    # a trial of a "min-cut" variant: the activation budget of the min-cut partition auto weighed
+    # when it chose (the partition that variant's prediction was made on)
+    min_cut_fraction: float | None = None
     # positions of forward outputs an earlier plan of this graph saw dropped before backward
     # started (the user kept only the loss): planned as released when forward ends
     dropped_outputs: frozenset[int] = frozenset()
