@@ -322,28 +322,33 @@ def test_recomputation_before_the_wait_of_what_it_reads_is_exact():
     first real use, but the rewrite put it before the value's first reader, a view, which came
     before the swapped value's wait: apply_plan moves the recomputation after the wait (the
     compile failed with "reads ... before the plan waits for it"). Gradients equal eager's."""
-    import copy
-
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    eager = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=256,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    from lohan_compile.runtime import device
+
+    device.install()  # counted alike alone and after other tests (only the compiled model is alive)
+
+    def model():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=256,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
     ids = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(1))
     options = {"hardware": "rtx4090"}
 
     def compiled_step(**more):
         torch._dynamo.reset()
-        model = copy.deepcopy(eager)
-        loss = lm_loss(torch.compile(model, backend="lohan", options={**options, **more}), ids)
+        compiled = model()
+        loss = lm_loss(torch.compile(compiled, backend="lohan", options={**options, **more}), ids)
         loss.backward()
-        return loss.detach(), model
+        return loss.detach(), compiled
 
     compiled_step(policy="keep-all")
     keep = lohan.last_report().graphs[0].predicted_peak_bytes
     lc, compiled = compiled_step(memory_budget=keep // 2)
     moved = sum(g.pass_report("apply_plan")["recomputations_after_waits"] for g in lohan.last_report().graphs)
     assert moved, "no recomputation read a swapped value before its wait: this test needs another budget"
+    eager = model()
     le = lm_loss(eager, ids)
     le.backward()
     assert torch.equal(le.detach(), lc)
