@@ -44,7 +44,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from lohan_compile.graph.aot import placeholder_role
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.errors import BudgetError
-from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.problem import profile
 from lohan_compile.passes.classify_saved import classify_saved
 from lohan_compile.plan.policies import auto, keep_all
@@ -200,14 +200,10 @@ def partition_min_cut(
     """``finish(fw, bw)`` repairs what a partitioner leaves (fake values, descriptors, roles);
     ``fractions``: the activation budgets tried, in order."""
     budget = facts.options.memory_budget
-
-    def attempt(fraction: float) -> tuple[fx.GraphModule, fx.GraphModule]:
-        return _min_cut_attempt(joint, facts, finish, fraction)
-
     tried = []
     best = None  # (peak, fraction, fw, bw): the smallest peak, when no fraction fits
     for fraction in fractions if budget is not None else fractions[:1]:
-        fw, bw = attempt(fraction)
+        fw, bw = _min_cut_attempt(joint, facts, finish, fraction)
         if budget is None:
             break
         peak = _keep_all_peak(joint, fw, bw, facts)
@@ -245,7 +241,8 @@ def prefer_min_cut(
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
-    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut recomputes chains of cheap ops.
+    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
+    recomputes chains of cheap ops.
 
     First one min-cut partition, at torch's own activation budget: auto swaps and recomputes on
     top of it what the budget still asks for. Each partition is a max-flow over the whole joint
