@@ -16,8 +16,15 @@ the fx executor, torch's min-cut partition at its own default (activation
 budget 1.0: it recomputes what it finds free to) is also planned with auto,
 and where the budget costs the step time, the min-cut partition of a searched
 activation budget too; a min-cut partition is kept when auto predicts it
-faster (``prefer_min_cut``). With the Inductor executor none is (Inductor runs
-min-cut's recomputation above its predicted peak).
+faster (``prefer_min_cut``). With the Inductor executor
+none is (Inductor runs min-cut's recomputation above its predicted peak).
+The report's ``planned`` holds the chosen partition's ``Profile`` and auto's
+plan of it, which ``plan_memory`` uses rather than planning it again.
+
+Partitions are reused: ``facts.partitions`` holds those an earlier compile of the same joint
+graph made (a re-plan, a trial's plan), by ``"default"`` or ``("min-cut", activation budget)``,
+and ``graphs.partitions`` holds them with any this pass made, untouched by the passes after it
+(copies: a joint graph with symbolic sizes partitions the same whatever sizes it is planned for).
 
 torch's min-cut partitioner under a budget in bytes: ``min_cut_rematerialization_partition``
 decides what forward saves and what backward recomputes, bounded by
@@ -40,6 +47,7 @@ import torch
 import torch.fx as fx
 from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 
 from lohan_compile.graph.aot import placeholder_role
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
@@ -62,22 +70,17 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
         counts["repaired_output_descs"] |= repair_output_descs(graphs.joint, fw, bw, facts.num_fwd_outputs)
         counts["roles_given"] += give_roles(fw, Role.FORWARD) + give_roles(bw, Role.BACKWARD)
 
+    partitions = Partitions(graphs.joint, facts, finish)
     trial = facts.variant[0] if facts.variant is not None and facts.options.policy == "auto" else None
     if facts.options.policy == "torch-min-cut":
-        fw, bw, report = partition_min_cut(graphs.joint, facts, finish)
+        fw, bw, report = partition_min_cut(partitions, facts)
     else:
-        fw, bw = default_partition(
-            graphs.joint,
-            facts.joint_inputs,
-            num_fwd_outputs=facts.num_fwd_outputs,
-            **facts.partition_kwargs,
-        )
-        finish(fw, bw)
+        fw, bw = partitions.default()
         report = {"partitioner": "default"}
         if trial == "min-cut":
             # the min-cut partition auto weighed when it chose
             fraction = facts.min_cut_fraction if facts.min_cut_fraction is not None else AUTO_MIN_CUT_FRACTION
-            fw, bw = _min_cut_attempt(graphs.joint, facts, finish, fraction)
+            fw, bw = partitions.min_cut(fraction)
             report = {"partitioner": "torch min-cut (auto: a trial asked for it)", "activation_memory_budget": fraction}
         elif trial:
             report["partitioner"] = "default (auto: a trial asked for it)"
@@ -89,11 +92,49 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                 # the default partition only.
                 report["min_cut"] = "not considered under the Inductor executor"
             else:
-                chosen = prefer_min_cut(graphs.joint, fw, bw, facts, finish)
+                chosen = prefer_min_cut(partitions, fw, bw, facts)
                 if chosen is not None:
                     fw, bw, report = chosen
-    report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes))
-    return Graphs(joint=graphs.joint, fw=fw, bw=bw), report
+    report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes),
+                  partitions_reused=partitions.reused, partitions_made=len(partitions.made) - len(facts.partitions))
+    return Graphs(joint=graphs.joint, fw=fw, bw=bw, partitions=partitions.made), report
+
+
+class Partitions:
+    """The partitions of one joint graph, made once: each is made by torch's partitioner and
+    repaired (``finish``) the first time it is asked for, or copied from ``facts.partitions``
+    (an earlier compile's); ``made`` holds an untouched copy of each, for later compiles."""
+
+    def __init__(self, joint: fx.GraphModule, facts: Any, finish: Callable[[fx.GraphModule, fx.GraphModule], None]):
+        self.joint, self.facts, self.finish = joint, facts, finish
+        self.made: dict[Any, tuple[fx.GraphModule, fx.GraphModule]] = dict(facts.partitions)
+        self.reused = 0
+
+    def get(self, key: Any, make: Callable[[], tuple[fx.GraphModule, fx.GraphModule]]) -> tuple[fx.GraphModule, fx.GraphModule]:
+        if key in self.made:
+            self.reused += 1
+        else:
+            fw, bw = make()
+            self.finish(fw, bw)
+            self.made[key] = (_copy(fw), _copy(bw))
+            return fw, bw
+        fw, bw = self.made[key]
+        return _copy(fw), _copy(bw)
+
+    def default(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        facts = self.facts
+        return self.get("default", lambda: default_partition(
+            self.joint, facts.joint_inputs, num_fwd_outputs=facts.num_fwd_outputs, **facts.partition_kwargs))
+
+    def min_cut(self, fraction: float) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """torch's min-cut partition under ``activation_memory_budget=fraction``."""
+        def make() -> tuple[fx.GraphModule, fx.GraphModule]:
+            joint = _copy(self.joint)  # the partitioner rewrites the graph it is given
+            with functorch_config.patch(activation_memory_budget=fraction):
+                return min_cut_rematerialization_partition(
+                    joint, self.facts.joint_inputs, "inductor", num_fwd_outputs=self.facts.num_fwd_outputs,
+                    **self.facts.partition_kwargs)
+        return self.get(("min-cut", fraction), make)
 
 
 def drop_dead_replays(bw: fx.GraphModule) -> int:
@@ -192,21 +233,19 @@ AUTO_MIN_CUT_FRACTION = 1.0
 
 
 def partition_min_cut(
-    joint: fx.GraphModule,
+    partitions: Partitions,
     facts: Any,
-    finish: Callable[[fx.GraphModule, fx.GraphModule], None],
     fractions: tuple[float, ...] = FRACTIONS,
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]]:
-    """``finish(fw, bw)`` repairs what a partitioner leaves (fake values, descriptors, roles);
-    ``fractions``: the activation budgets tried, in order."""
+    """``fractions``: the activation budgets tried, in order."""
     budget = facts.options.memory_budget
     tried = []
     best = None  # (peak, fraction, fw, bw): the smallest peak, when no fraction fits
     for fraction in fractions if budget is not None else fractions[:1]:
-        fw, bw = _min_cut_attempt(joint, facts, finish, fraction)
+        fw, bw = partitions.min_cut(fraction)
         if budget is None:
             break
-        peak = _keep_all_peak(joint, fw, bw, facts)
+        peak = _keep_all_peak(partitions.joint, fw, bw, facts)
         tried.append((fraction, peak))
         if peak <= budget:
             break
@@ -219,25 +258,11 @@ def partition_min_cut(
                     "fractions_tried": tried}
 
 
-def _min_cut_attempt(
-    joint: fx.GraphModule, facts: Any, finish: Callable[[fx.GraphModule, fx.GraphModule], None], fraction: float,
-) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """torch's min-cut partition of ``joint`` under ``activation_memory_budget=fraction``."""
-    j = _copy(joint)  # the partitioner rewrites the graph it is given
-    with functorch_config.patch(activation_memory_budget=fraction):
-        fw, bw = min_cut_rematerialization_partition(
-            j, facts.joint_inputs, "inductor", num_fwd_outputs=facts.num_fwd_outputs, **facts.partition_kwargs
-        )
-    finish(fw, bw)
-    return fw, bw
-
-
 def prefer_min_cut(
-    joint: fx.GraphModule,
+    partitions: Partitions,
     fw: fx.GraphModule,
     bw: fx.GraphModule,
     facts: Any,
-    finish: Callable[[fx.GraphModule, fx.GraphModule], None],
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
@@ -251,38 +276,38 @@ def prefer_min_cut(
     so far is predicted more than ``SEARCH_ABOVE`` slower than keeping everything. Lower
     activation budgets recompute longer chains (GPT-2's GELU), which under a tight budget beats
     moving each of their values (a GPT-2 at 30% of its peak: 9.2 against 14.8 ms predicted)."""
-    budget = facts.options.memory_budget
-    problem, rates = _problem(joint, fw, bw, facts)
+    budget, joint = facts.options.memory_budget, partitions.joint
+    profiled = _profile(joint, fw, bw, facts)
+    problem, rates = profiled.problem, profiled.rates
     ideal = keep_all(problem, rates, None).prediction
     if ideal.peak_device_bytes <= budget:
         return None  # nothing has to move: the default partition is exact and fastest
     default = _auto_plan(problem, rates, budget)
     default_s = _step_s(default)
-    mfw, mbw = _min_cut_attempt(joint, facts, finish, AUTO_MIN_CUT_FRACTION)
-    mproblem, mrates = _problem(joint, mfw, mbw, facts)
-    fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(mproblem, mrates, budget)
-    tried = {AUTO_MIN_CUT_FRACTION: _step_s(plan)}
-    fits_kept = keep_all(mproblem, mrates, None).prediction.peak_device_bytes <= budget
-    if min(default_s, _step_s(plan)) > SEARCH_ABOVE * ideal.step_seconds and not fits_kept:
-        # (the search would stop at 1.0, whose partition fits kept: start below it)
-        sfw, sbw, searched = partition_min_cut(joint, facts, finish, FRACTIONS[1:])
-        splan = _auto_plan(*_problem(joint, sfw, sbw, facts), budget)
-        tried[searched["activation_memory_budget"]] = _step_s(splan)
-        if _step_s(splan) < _step_s(plan):
-            mfw, mbw, fraction, plan = sfw, sbw, searched["activation_memory_budget"], splan
-    min_cut_s = _step_s(plan)
     # every plan auto could run, by (partition, plan family): a trial times the close ones
     variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
+    info = {"keep_all_step_s": ideal.step_seconds, "auto_default_partition_step_s": default_s, "variants": variants}
+    mfw, mbw = partitions.min_cut(AUTO_MIN_CUT_FRACTION)
+    mprofiled = _profile(joint, mfw, mbw, facts)
+    fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(mprofiled.problem, mprofiled.rates, budget)
+    tried = {AUTO_MIN_CUT_FRACTION: _step_s(plan)}
+    fits_kept = keep_all(mprofiled.problem, mprofiled.rates, None).prediction.peak_device_bytes <= budget
+    if min(default_s, _step_s(plan)) > SEARCH_ABOVE * ideal.step_seconds and not fits_kept:
+        # (the search would stop at 1.0, whose partition fits kept: start below it)
+        sfw, sbw, searched = partition_min_cut(partitions, facts, FRACTIONS[1:])
+        sprofiled = _profile(joint, sfw, sbw, facts)
+        splan = _auto_plan(sprofiled.problem, sprofiled.rates, budget)
+        tried[searched["activation_memory_budget"]] = _step_s(splan)
+        if _step_s(splan) < _step_s(plan):
+            mfw, mbw, fraction, plan, mprofiled = sfw, sbw, searched["activation_memory_budget"], splan, sprofiled
+    min_cut_s = _step_s(plan)
     variants.update({("min-cut", f): s for f, s in (plan.alternatives if plan else {}).items()})
-    info = {"auto_default_partition_step_s": default_s, "auto_min_cut_partition_step_s": min_cut_s,
-            "min_cut_activation_memory_budget": fraction, "min_cut_step_s_by_budget": tried,
-            "variants": variants}
+    info.update(auto_min_cut_partition_step_s=min_cut_s, min_cut_activation_memory_budget=fraction,
+                min_cut_step_s_by_budget=tried)
     if min_cut_s < 0.99 * default_s:
-        return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", **info}
-    _problem(joint, fw, bw, facts)  # the default partition's saved values, classified again
-    return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", **info}
-
-
+        return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan), **info}
+    classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)  # the default partition's saved values, classified again
+    return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default), **info}
 # auto searches torch's min-cut activation budget only when its best plan so far is predicted this
 # much slower than keeping everything would be
 SEARCH_ABOVE = 1.10
@@ -302,23 +327,23 @@ def _auto_plan(problem: Any, rates: Any, budget: int) -> Any:
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of the graph whose nodes' meta dicts are shallow copies (fake values are shared,
-    not deep-copied: a fake tensor cannot be)."""
+    not deep-copied: a fake tensor cannot be). Its Python code is generated when first needed
+    (a lazy graph module, as dynamo makes them): most copies are only read or rewritten."""
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, value_map)
     node = graph.output(out)
     node.meta = copy.copy(gm.graph.output_node().meta)
-    return fx.GraphModule(gm, graph)
+    return _make_graph_module(gm, graph, graph_module_cls=_LazyGraphModule)
 
 
 def _keep_all_peak(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> int:
     """The simulator's device peak of this partition with everything it saves kept."""
-    problem, rates = _problem(joint, fw, bw, facts)
-    return keep_all(problem, rates, None).prediction.peak_device_bytes
+    profiled = _profile(joint, fw, bw, facts)
+    return keep_all(profiled.problem, profiled.rates, None).prediction.peak_device_bytes
 
 
-def _problem(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> tuple[Any, Any]:
-    """The planning problem of a partition (its saved values classified), and the link rates."""
+def _profile(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> Any:
+    """The planning problem of a partition (its saved values classified), with the link rates."""
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)
-    profiled = profile(fw, bw, facts)
-    return profiled.problem, profiled.rates
+    return profile(fw, bw, facts)

@@ -43,9 +43,12 @@ NAME = "plan_memory"
 
 
 def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
-    profiled = profile(graphs.fw, graphs.bw, facts)
+    # auto's plan of this partition, where partition_graph made one to choose it
+    planned = facts.pass_reports.get("partition_graph", {}).get("planned")
+    profiled = planned[0] if planned is not None else profile(graphs.fw, graphs.bw, facts)
     problem, rates, hw = profiled.problem, profiled.rates, profiled.hardware
     if not swap_ops_available():
+        planned = None  # (made with swaps allowed)
         problem.candidates = [replace(c, swappable=False) for c in problem.candidates]
     policy = "keep-all" if facts.options.policy == "auto" and facts.options.memory_budget is None else facts.options.policy
     budget = facts.options.memory_budget
@@ -58,7 +61,10 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         streamed.update(candidates)
     family = facts.variant[1] if facts.variant is not None and policy == "auto" else None
     try:
-        plan = _solve_streaming(policy, problem, rates, budget, streamed, resident, family)
+        if planned is not None and planned[1] is not None and policy == "auto" and family is None and not streamed:
+            plan = planned[1]
+        else:
+            plan = _solve_streaming(policy, problem, rates, budget, streamed, resident, family)
     except BudgetError:
         if mode != "auto" or not set(candidates) - set(streamed):
             raise

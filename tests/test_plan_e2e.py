@@ -281,6 +281,48 @@ def test_sequence_lengths_that_change_every_step_stay_within_one_budget():
     assert any(g.symbolic for g in lohan.last_report().graphs)
 
 
+def test_a_size_growth_is_planned_again_without_tracing_again():
+    """A re-plan for a larger size runs lohan's passes on the joint graph AOTAutograd traced
+    before (its partitions reused) and runs inside the callable AOTAutograd made then: no
+    AOTAutograd compile, results equal to eager, the budget kept."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(12)
+    batches = [torch.randint(0, 128, (4, t), generator=g) for t in (32, 48, 128, 128)]
+    train_side_by_side(make, [batches[-1]], lm_loss, lr=1e-3)
+    budget = int(lohan.last_report().summary()["measured_peak_bytes"] * 0.7)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = make()
+    model = copy.deepcopy(eager)
+    cm = torch.compile(model, backend="lohan", options={"memory_budget": budget, "executor": "fx"})
+    opt_e, opt_c = torch.optim.SGD(eager.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=1e-2)
+    traced, graphs, peaks = [], [], []
+    for ids in batches:
+        expected = lm_loss(eager, ids)
+        expected.backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+        loss = lm_loss(cm, ids)
+        loss.backward()
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        traced.append(counters["aot_autograd"]["total"])
+        report = lohan.last_report()
+        graphs.append(report.graphs[0])
+        peaks.append(report.summary()["measured_peak_bytes"])
+    # the second length compiles the graph with symbolic sizes; the third re-plans it
+    assert graphs[1].symbolic and graphs[2] is not graphs[1]
+    assert traced[2] == traced[1], "the re-plan traced the graph again"
+    assert graphs[2].pass_report("partition_graph")["partitions_reused"] >= 1
+    assert graphs[3] is graphs[2]
+    assert max(peaks) <= budget, (peaks, budget)
+    assert_same_state(eager, model, exact=False, atol=1e-5)
+
+
 def test_torch_min_cut_baseline_meets_the_budget_and_equals_eager(unplanned):
     """The "torch-min-cut" policy: torch's partitioner with its activation budget searched to
     fit ours; gradients equal eager's, the peak within the budget; too small a budget raises."""

@@ -11,7 +11,7 @@ import itertools
 import logging
 import operator
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +20,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import settings
+from ..graph import aot
 from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.fxutil import storage_base
 from ..graph.meta import Role, get_info
@@ -152,8 +153,57 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
         stream.release_at_rest(real_inputs[idx])
 
 
+class Slot:
+    """A compiled forward or backward as AOTAutograd's runtime calls it (boxed), running the
+    code of whichever plan was put in it last."""
+
+    def __init__(self, fn: Callable[[list], Any]):
+        self.fn = fn
+        # (an instance attribute: wrappers such as dynamo's disable copy ``__dict__``)
+        self._boxed_call = True
+
+    def __call__(self, args: list) -> Any:
+        return self.fn(args)
+
+
+class NotReusable(Exception):
+    """A plan made again cannot run inside the first compile's AOTAutograd wrapper."""
+
+
+@dataclass
+class Reuse:
+    """What a later plan of the same dynamo graph reuses from the compile that traced it
+    (fx executor): the joint graph and its partitions (``partition_graph`` takes them from
+    ``CompileFacts.partitions``), and the callable AOTAutograd built around the compiled
+    forward and backward, whose ``Slot``s take the new plan's code. Tracing the joint graph
+    again is most of a compile's time (and torch's min-cut partitioner most of the rest)."""
+
+    compiled: Callable[..., Any]  # what AOTAutograd returned to dynamo
+    joint: fx.GraphModule
+    joint_inputs: Any
+    num_fwd_outputs: int
+    partition_kwargs: dict[str, Any]
+    partitions: dict[Any, tuple[fx.GraphModule, fx.GraphModule]]
+    interface: tuple  # ``aot.saved_interface`` of the first plan: another must match it
+    fw_metadata: Any  # AOTAutograd's ViewAndMutationMeta for the forward
+    forward: Slot | None = None
+    backward: Slot | None = None  # (AOTAutograd compiles backward at its first run)
+
+    @property
+    def ready(self) -> bool:
+        return self.compiled is not None and self.forward is not None and self.backward is not None
+
+    def targets(self) -> tuple:
+        return (self.forward.fn if self.forward else None, self.backward.fn if self.backward else None)
+
+    def install(self, targets: tuple) -> None:
+        self.forward.fn, self.backward.fn = targets
+
+
 class GraphCompiler:
-    """Compiles one dynamo graph: AOTAutograd, our passes, then the executor."""
+    """Compiles one dynamo graph: AOTAutograd, our passes, then the executor. With ``reuse``
+    (a plan made again), the passes run on the joint graph traced before and the new plan's
+    forward and backward run inside the callable made then (``Reuse``)."""
 
     def __init__(
         self,
@@ -173,6 +223,7 @@ class GraphCompiler:
         materialized: frozenset[tuple[str, str]] = frozenset(),
         fused: frozenset[tuple[str, str]] = frozenset(),
         assume_fused: bool = False,
+        reuse: Reuse | None = None,
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -190,6 +241,9 @@ class GraphCompiler:
         self.fused = fused  # results Inductor segments were seen to fuse into their readers
         self.assume_fused = assume_fused  # ... and whether every result they may fuse is planned fused
         self.unseen_fused: set[tuple[str, str]] = set()  # results the plan holds, none seen fused yet
+        self.reusing = reuse  # the compile this one plans again, if any
+        self.reuse: Reuse | None = reuse  # what a later plan can reuse of this one (fx executor)
+        self._partitioned: dict[str, Any] | None = None  # the partition function's arguments
         # (``_real_value``'s: the joint graph until the forward's inputs are found on it)
         self._joint: fx.GraphModule | None = None
         self._input_placeholders: dict[str, tuple[int, Any]] | None = None
@@ -227,8 +281,10 @@ class GraphCompiler:
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
         try:
+            if self.reusing is not None:
+                return self._compile_again(self.reusing)
             with _no_donated_buffers(self.opts.executor), self._backward_compiled_now():
-                return aot_autograd(
+                compiled = aot_autograd(
                     fw_compiler=self._compile_forward,
                     bw_compiler=self._compile_backward,
                     inference_compiler=self._compile_inference,
@@ -236,6 +292,9 @@ class GraphCompiler:
                     keep_inference_input_mutations=True,
                     **kwargs,
                 )(self.gm, self.example_inputs)
+            if self.reuse is not None:
+                self.reuse.compiled = compiled
+            return compiled
         finally:
             # the compiled code keeps this object (for the lazily compiled backward): it must
             # not keep the parameters, the batch or the optimizer alive
@@ -291,17 +350,50 @@ class GraphCompiler:
         facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)
         graphs = self._run_pipeline(Graphs(joint=joint), facts)
         self.record.training = True
+        if self.opts.executor == "fx" and not self.on_meta:
+            self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                     partition_kwargs=kwargs, partitions=graphs.partitions,
+                                     interface=aot.saved_interface(graphs.fw, graphs.bw, num_fwd_outputs))
         return graphs.fw, graphs.bw
+
+    def _compile_again(self, reuse: Reuse) -> Callable[..., Any]:
+        """Plan the joint graph traced before again, reusing its partitions, and run the new
+        plan's forward and backward inside the callable AOTAutograd made then. Raises
+        ``NotReusable`` where the new plan does not fit that callable (before anything runs)."""
+        self._joint = reuse.joint
+        facts = self._facts(num_fwd_outputs=reuse.num_fwd_outputs, joint_inputs=reuse.joint_inputs,
+                            partition_kwargs=reuse.partition_kwargs, partitions=reuse.partitions)
+        graphs = self._run_pipeline(Graphs(joint=reuse.joint), facts)
+        self.record.training = True
+        reuse.partitions.update(graphs.partitions)
+        if aot.saved_interface(graphs.fw, graphs.bw, reuse.num_fwd_outputs) != reuse.interface:
+            raise NotReusable("the new plan saves other kinds of values for backward than the first")
+        forward = self._executable(graphs.fw, self.real_inputs, phase="forward")
+        backward = self._executable(graphs.bw, self.real_inputs, phase="backward")
+        # (between steps: the wrapper reads it when a forward saves its values)
+        aot.retarget_saved_metadata(reuse.fw_metadata, graphs.fw, reuse.num_fwd_outputs)
+        reuse.install((forward, backward))
+        return reuse.compiled
 
     def _compile_inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
         graphs = self._run_pipeline(Graphs(fw=gm), self._facts())
         return self._executable(graphs.fw, example_inputs, phase="inference")
 
     def _compile_forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        return self._executable(gm, example_inputs, phase="forward")
+        fn = self._executable(gm, example_inputs, phase="forward")
+        context = torch._guards.TracingContext.try_get()
+        fw_metadata = context.fw_metadata if context is not None else None
+        if self._partitioned is None or fw_metadata is None:
+            return fn
+        self.reuse = Reuse(compiled=None, fw_metadata=fw_metadata, forward=Slot(fn), **self._partitioned)
+        return self.reuse.forward
 
     def _compile_backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        return self._executable(gm, example_inputs, phase="backward")
+        fn = self._executable(gm, example_inputs, phase="backward")
+        if self.reuse is None or self.reuse.forward is None:
+            return fn
+        self.reuse.backward = Slot(fn)
+        return self.reuse.backward
 
     # -- helpers ----------------------------------------------------------------
 

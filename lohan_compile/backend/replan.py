@@ -32,7 +32,7 @@ from ..runtime import device as device_memory
 from ..runtime import modules
 from ..runtime.step import TRACKER
 from ..units import format_bytes
-from .compiler import GraphCompiler
+from .compiler import GraphCompiler, NotReusable, Reuse
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,13 @@ class Replanning:
     - a graph with symbolic sizes (dynamo recompiled it for a second shape) runs with a
       size larger than the plan was made for: it is planned again for 1.5x the new size,
       so that a slowly growing size does not re-plan at every step.
-    Re-planning runs AOTAutograd and the passes again on the same dynamo graph (its fake
-    inputs, under the tracing context of the first compile, so symbolic sizes stay
-    symbolic); the new plan runs from this call on.
+    Re-planning (and a trial's plan) runs the passes again on the joint graph AOTAutograd
+    traced the first time, reusing its partitions, and the new plan's forward and backward run
+    inside the callable AOTAutograd made then (``compiler.Reuse``; fx executor). Where that
+    cannot be (the Inductor executor, a forward of the old plan still waiting for its
+    backward, a plan that saves other kinds of values), AOTAutograd runs again on the same
+    dynamo graph (its fake inputs, under the tracing context of the first compile, so symbolic
+    sizes stay symbolic). The new plan runs from this call on.
     """
 
     MAX_REPLANS = 8
@@ -114,6 +118,7 @@ class Replanning:
         # Inductor, per plan asked for (``variant``; their segments differ): what its segments were
         # measured to hold and to fuse, which every later plan of that variant is made with
         self.segments_learnt: dict[Any, SegmentsLearnt] = {}
+        self.reuse: Reuse | None = None  # what a later plan reuses of the compile that traced the graph
         self._compile(example_inputs, example_inputs, None)
         self._start_trial()
 
@@ -128,15 +133,21 @@ class Replanning:
         learnt = self.segments_learnt.setdefault(variant, SegmentsLearnt())
         assume_fused = False
         attempt = 0
+        # (a forward of the running plan whose backward is still to come must run that plan's backward)
+        reuse = self.reuse if self.reuse is not None and self.reuse.ready and not TRACKER.forward_pending(self.record) else None
         while True:
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, min_cut_fraction=min_cut_fraction, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
                 outside=self.outside, segment_scratch=dict(learnt.scratch), materialized=frozenset(learnt.materialized),
-                fused=frozenset(learnt.fused), assume_fused=assume_fused,
+                fused=frozenset(learnt.fused), assume_fused=assume_fused, reuse=reuse,
             )
             try:
                 self.fn = compiler.compile()
+            except NotReusable as e:
+                log.info("lohan %s: traced again: %s", compiler.record.name, e)
+                reuse = None
+                continue
             except BudgetError:
                 # holding results Inductor may fuse that no segment was yet seen fusing, no plan
                 # fits: plan them fused (the first steps may then pass the budget by what
@@ -157,6 +168,7 @@ class Replanning:
                 break
             attempt += 1
         self.record = compiler.record
+        self.reuse = compiler.reuse
         self.observed = compiler.observed
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run,
         # or with forward where segments are measured)
@@ -291,11 +303,16 @@ class Replanning:
 
     def _current(self) -> tuple:
         """The compiled plan running now, with what goes with it (a trial keeps several)."""
-        return (self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level)
+        targets = self.reuse.targets() if self.reuse is not None else None
+        return (self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level,
+                self.reuse, targets)
 
     def _use(self, compiled: tuple) -> None:
         # with the level it was planned at: if the device holds more now, it re-plans
-        self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level = compiled
+        (self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level,
+         self.reuse, targets) = compiled
+        if self.reuse is not None and None not in targets:
+            self.reuse.install(targets)  # (plans made again share their first compile's callable)
 
     def _trial_step(self, args: Sequence[Any]) -> None:
         """Before a step of a trial: compile and warm up each plan in turn, then run them in

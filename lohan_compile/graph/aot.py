@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._functorch._aot_autograd import descriptors as d
 
@@ -97,3 +98,40 @@ def is_backward_node(node: fx.Node) -> bool | None:
     if tag == "is_forward":
         return False
     return None
+
+
+# -- the runtime interface AOTAutograd built around a forward and backward ---------------
+
+def saved_interface(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> tuple:
+    """What AOTAutograd's runtime wrapper fixed, when it was built, about a forward and backward
+    pair: the number of forward outputs, how many values saved for backward are symbolic sizes,
+    tensors saved without a version check, or other objects (it slices the forward's outputs by
+    those counts: the number of saved tensors is free), and which gradients backward returns.
+    Another plan of the same joint graph can run inside the same wrapper where these are equal."""
+    outs = fw.graph.output_node().args[0]
+    saved = outs[num_fwd_outputs:]
+    symbolic = sum(1 for n in saved if isinstance(n, fx.Node) and _is_sym(n))
+    unchecked = sum(1 for n in saved if isinstance(n, fx.Node) and n.meta.get("saved_tensor_with_no_vc_check", False))
+    other = sum(1 for n in saved if not isinstance(n, fx.Node)
+                or not (_is_sym(n) or isinstance(n.meta.get("val"), torch.Tensor)))
+    grads = tuple(g is None for g in bw.graph.output_node().args[0])
+    return (len(outs) - len(saved), symbolic, unchecked, other, grads)
+
+
+def retarget_saved_metadata(fw_metadata: Any, fw: fx.GraphModule, num_fwd_outputs: int) -> None:
+    """Point the wrapper's record of which saved tensors have dynamic sizes (by position among
+    the saved values, marked on them each forward) at the saved values of ``fw``: what
+    AOTAutograd computes for the forward it compiles (``_categorize_saved_tensors_for_backward``)."""
+    saved = fw.graph.output_node().args[0][num_fwd_outputs:]
+    dynamic = {}
+    for idx, n in enumerate(saved):
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            dims = {dim for dim, size in enumerate(val.shape) if not isinstance(size, int)}
+            if dims:
+                dynamic[idx] = dims
+    fw_metadata.dynamic_saved_tensors_idxs = dynamic
+
+
+def _is_sym(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))

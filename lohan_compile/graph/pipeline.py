@@ -35,6 +35,9 @@ class Graphs:
     joint: fx.GraphModule | None = None
     fw: fx.GraphModule | None = None
     bw: fx.GraphModule | None = None
+    # the partitions of the joint graph made so far, for a later compile of it to reuse
+    # (``CompileFacts.partitions``): set by ``partition_graph``
+    partitions: dict[Any, tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=dict)
 
     @property
     def inference(self) -> bool:
@@ -92,6 +95,9 @@ class CompileFacts:
     # policy "auto": the plan a trial asked for, (partition, plan family): "default" or
     # "min-cut", and one of planner.AUTO_FAMILIES (or "keep-all"); None: auto chooses
     variant: tuple[str, str] | None = None
+    # partitions of this joint graph an earlier compile made (a re-plan, a trial's plan reuses
+    # them), by "default" or ("min-cut", activation budget): untouched (forward, backward) pairs
+    partitions: Mapping[Any, tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=dict)
     # a trial of a "min-cut" variant: the activation budget of the min-cut partition auto weighed
     # when it chose (the partition that variant's prediction was made on)
     min_cut_fraction: float | None = None

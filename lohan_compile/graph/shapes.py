@@ -18,16 +18,17 @@ import torch
 # Used only when an unbacked size has no hint at all (data-dependent sizes).
 UNBACKED_FALLBACK = 4096
 
-# Sizes to plan for, overriding the hints (a re-plan for sizes larger than the first ones).
-_PLANNING_SIZES: contextvars.ContextVar[Mapping[sympy.Symbol, int] | None] = contextvars.ContextVar(
-    "lohan_planning_sizes", default=None
-)
+# Sizes to plan for, overriding the hints (a re-plan for sizes larger than the first ones), with
+# the value of each expression evaluated so far under them (a plan evaluates the same few
+# expressions for every node)
+_PLANNING_SIZES: contextvars.ContextVar[tuple[Mapping[sympy.Symbol, sympy.Integer], dict] | None] = (
+    contextvars.ContextVar("lohan_planning_sizes", default=None))
 
 
 @contextlib.contextmanager
 def planning_sizes(bindings: Mapping[sympy.Symbol, int] | None) -> Iterator[None]:
     """Evaluate symbolic sizes with ``bindings`` instead of their hints, in this scope."""
-    token = _PLANNING_SIZES.set({k: sympy.Integer(v) for k, v in bindings.items()} if bindings else None)
+    token = _PLANNING_SIZES.set(({k: sympy.Integer(v) for k, v in bindings.items()}, {}) if bindings else None)
     try:
         yield
     finally:
@@ -49,9 +50,12 @@ def hint_int(x: Any) -> int:
         return x
     if isinstance(x, torch.SymInt):
         node = x.node
-        override = _PLANNING_SIZES.get()
-        if override:
-            value = sympy.sympify(node.expr.xreplace(override))
+        planning = _PLANNING_SIZES.get()
+        if planning is not None:
+            override, known = planning
+            value = known.get(node.expr)
+            if value is None:
+                value = known[node.expr] = sympy.sympify(node.expr.xreplace(override))
             if value.is_number:
                 return int(value)
         if node.has_hint():

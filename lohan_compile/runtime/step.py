@@ -200,6 +200,11 @@ class StepTracker:
         self.latest_forward = run
         return run
 
+    def forward_pending(self, graph: GraphRecord) -> bool:
+        """A forward of ``graph`` ran in the open step and its backward is still to come."""
+        with self._lock:
+            return any(r.graph is graph and r.phase == "forward" and not r.backward_seen for r in self._runs)
+
     def forward_outputs(self, run: GraphRun, outputs: Sequence[Any]) -> None:
         """Watch the outputs the user receives (weakly: watching keeps nothing alive), to
         learn which the step drops before its backward: their storages, or, where backward
