@@ -32,6 +32,7 @@ from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
 from lohan_compile.plan.problem import Action, OpRef, Plan, Problem, Transfer
 from lohan_compile.plan.program import program_for
 from lohan_compile.graph.saved import SavedValues
+from lohan_compile.graph.shapes import expr_of
 
 NAME = "apply_plan"
 
@@ -52,6 +53,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     recomputed = swapped = moved = 0
     transfers: dict[tuple[str, str], fx.Node] = {}
     bases: dict[fx.Node, fx.Node] = {}  # storage_base of forward values
+    host_vals: dict[tuple, torch.Tensor] = {}  # fake values of host copies, by shape and dtype
     saved = SavedValues(fw, bw)  # edited in place by every rewrite below
     # Recomputations first: one reads saved values (``recompute_needs``) through their
     # backward placeholders, and a swap of such a value then hands every reader of them,
@@ -66,7 +68,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
         if decision.action is Action.SWAP:
             release = node_at[max(decision.release_at or c.last_fw_use, c.last_fw_use)]
             prefetch = node_at[decision.prefetch_at] if decision.prefetch_at is not None else None
-            out, host, dev, ready = _swap(saved, fw_nodes[c.name], release, prefetch, bases)
+            out, host, dev, ready = _swap(saved, fw_nodes[c.name], release, prefetch, bases, host_vals)
             transfers[("Issue", Transfer("swap_out", c.key))] = out
             transfers[("Wait", Transfer("swap_out", c.key))] = host
             transfers[("Issue", Transfer("swap_in", c.key))] = dev
@@ -243,7 +245,7 @@ def _recompute(saved: SavedValues, base: fx.Node, bases: dict[fx.Node, fx.Node])
 
 
 def _swap(saved: SavedValues, base: fx.Node, release: fx.Node, prefetch: fx.Node | None,
-          bases: dict[fx.Node, fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
+          bases: dict[fx.Node, fx.Node], host_vals: dict[tuple, torch.Tensor]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     ops = torch.ops.lohan
     fw, bw = saved.fw, saved.bw
     slots = _saved_with_storage(saved, base, bases)
@@ -255,7 +257,7 @@ def _swap(saved: SavedValues, base: fx.Node, release: fx.Node, prefetch: fx.Node
     # forward: copy out right after the producer; wait for the copy after the release point
     with fw.graph.inserting_after(base):
         out = fw.graph.call_function(ops.swap_out.default, (base,))
-        out.meta["val"] = _host_like(base.meta["val"])
+        out.meta["val"] = _host_like(base.meta["val"], host_vals)
         _mark(out, Role.FORWARD, "swap_out", base.name)
     with fw.graph.inserting_after(out if release is base else release):
         host = fw.graph.call_function(ops.wait_tensor.default, (out,))
@@ -296,6 +298,11 @@ def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
     dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
 
 
-def _host_like(val: torch.Tensor) -> torch.Tensor:
-    """Fake value of a host-tier copy: same shape and dtype, contiguous, on the CPU."""
-    return val.new_empty(val.shape, device="cpu")
+def _host_like(val: torch.Tensor, made: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    """Fake value of a host-tier copy: same shape and dtype, contiguous, on the CPU. Copies of
+    the same shape share one (as a copy's nodes share theirs): a fake tensor with symbolic
+    sizes takes milliseconds to make, and a deep model swaps the same shapes in every layer."""
+    key = (tuple(expr_of(s) for s in val.shape), val.dtype)
+    if key not in made:
+        made[key] = val.new_empty(val.shape, device="cpu")
+    return made[key]

@@ -12,11 +12,12 @@ the joint graph computed rather than recomputing it: results are bitwise
 those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
 partitioner, its activation budget searched to fit ``memory_budget``
 (``partition_min_cut``, below). Under ``policy="auto"`` and a budget, with
-the fx executor, torch's min-cut partition at its own default (activation
-budget 1.0: it recomputes what it finds free to) is also planned with auto,
-and where the budget costs the step time, the min-cut partition of a searched
-activation budget too; a min-cut partition is kept when auto predicts it
-faster (``prefer_min_cut``). With the Inductor executor
+the fx executor, where auto's plan of the default partition is predicted more
+than 2% slower than keeping everything, torch's min-cut partition at its own
+default (activation budget 1.0: it recomputes what it finds free to) is also
+planned with auto, and where the budget costs more step time, the min-cut
+partition of a searched activation budget too; a min-cut partition is kept
+when auto predicts it faster (``prefer_min_cut``). With the Inductor executor
 none is (Inductor runs min-cut's recomputation above its predicted peak).
 The report's ``planned`` holds the chosen partition's ``Profile`` and auto's
 plan of it, which ``plan_memory`` uses rather than planning it again.
@@ -287,6 +288,11 @@ def prefer_min_cut(
     # every plan auto could run, by (partition, plan family): a trial times the close ones
     variants = {("default", f): s for f, s in (default.alternatives if default else {}).items()}
     info = {"keep_all_step_s": ideal.step_seconds, "auto_default_partition_step_s": default_s, "variants": variants}
+    if default_s <= MIN_CUT_ABOVE * ideal.step_seconds:
+        # (no plan of any partition is predicted faster than keeping everything: each adds
+        # transfers or recomputation to the same compute)
+        return fw, bw, {"partitioner": f"default (auto: within {MIN_CUT_ABOVE - 1:.0%} of keeping everything)",
+                        "planned": (profiled, default), **info}
     mfw, mbw = partitions.min_cut(AUTO_MIN_CUT_FRACTION)
     mprofiled = _profile(joint, mfw, mbw, facts)
     fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(mprofiled.problem, mprofiled.rates, budget)
@@ -308,6 +314,10 @@ def prefer_min_cut(
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan), **info}
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default), **info}
+# auto weighs torch's min-cut partition only when its plan of the default partition is predicted
+# this much slower than keeping everything: no partition can gain more than that
+MIN_CUT_ABOVE = 1.02
+
 # auto searches torch's min-cut activation budget only when its best plan so far is predicted this
 # much slower than keeping everything would be
 SEARCH_ABOVE = 1.10

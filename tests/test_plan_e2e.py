@@ -699,3 +699,7 @@ def test_memory_that_eager_code_holds_between_forward_and_backward_is_planned_fr
     assert record.pass_report("plan_memory")["problem"].outside_bytes >= 4 * 2**20
     assert lohan.last_report().summary()["outside_bytes"][0] >= 4 * 2**20  # the report says so
     assert max(planned[2:]) <= budget, (planned, budget)
+    # the loss reads the forward's output while it allocates, and drops it only then: the plan
+    # holds the output beside the outside code's bytes (one 512 KiB activation), as the step does
+    last = lohan.last_report().summary()
+    assert last["predicted_peak_bytes"] == pytest.approx(last["measured_peak_bytes"], rel=0.01), last

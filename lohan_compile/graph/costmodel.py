@@ -45,6 +45,13 @@ def _attention_flops(q: torch.Size, k: torch.Size, v: torch.Size) -> int:
     return 2 * b * h * sq * sk * d + 2 * b * h * sq * sk * dv
 
 
+# ops torch's table lacks (the CPU kernels of attention), counted by ``_extra_flops``
+_EXTRA_FLOP_OPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+}
+
+
 def _extra_flops(target: Any, args: tuple) -> int | None:
     """FLOPs of ops torch's table lacks (the CPU kernels of attention)."""
     if target in (aten._scaled_dot_product_flash_attention_for_cpu.default,):
@@ -77,13 +84,15 @@ def node_flops(node: fx.Node) -> int:
     if node.op != "call_function":
         return 0
     target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    formula = flop_registry.get(packet)
+    if formula is None and target not in _EXTRA_FLOP_OPS:
+        return 0  # (before reading any size: most ops have no FLOP formula)
     args, kwargs = _arg_vals(node)
     shapes = tree_map(_to_shape, args)
     extra = _extra_flops(target, shapes)
     if extra is not None:
         return extra
-    packet = getattr(target, "overloadpacket", None)
-    formula = flop_registry.get(packet)
     if formula is None:
         return 0
     try:

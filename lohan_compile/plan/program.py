@@ -40,10 +40,14 @@ def program_for(
     def at(slot: str, i: int, *ops: Op) -> None:
         slots.setdefault((slot, i), []).extend(ops)
 
+    outside = bool(problem.outside_bytes) and 0 < problem.n_fw < len(problem.ops)
+    # the code outside the graph reads the forward outputs it later drops: they are freed after it
+    dropped = {problem.user_outputs[pos][0] for pos in problem.dropped_outputs
+               if pos in problem.user_outputs} if outside else set()
     for key, buf in problem.buffers.items():
         at("alloc", buf.alloc, Alloc(key, buf.bytes))
         decision = plan_decisions.get(key)
-        if (decision is None or decision.action is Action.KEEP) and buf.free is not None:
+        if (decision is None or decision.action is Action.KEEP) and buf.free is not None and key not in dropped:
             at("free", buf.free, Free(key))
     # the h2d link serves swap-ins in issue order: issue them in order of first use
     for c in sorted(problem.candidates, key=lambda c: (first_use[c.key], c.produced_at)):
@@ -68,9 +72,13 @@ def program_for(
                *((Free(scratch_key(c.produced_at, True)),) if scratch else ()))
             at("free", c.last_bw_use, Free(f"re:{c.key}"))
 
-    if problem.outside_bytes and 0 < problem.n_fw < len(problem.ops):
+    if outside:
         # after forward's last frees: what forward keeps, and the outside code's bytes beside it
         at("release", problem.n_fw - 1, Alloc(OUTSIDE, problem.outside_bytes), Free(OUTSIDE))
+        for key in sorted(dropped):
+            buf = problem.buffers.get(key)
+            if buf is not None and buf.free is not None and plan_decisions.get(key, Decision(Action.KEEP)).action is Action.KEEP:
+                at("release", max(buf.free, problem.n_fw - 1), Free(key))
 
     # streamed parameters share the h2d link with swap-ins
     for f in problem.fetches:
