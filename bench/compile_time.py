@@ -20,8 +20,10 @@ process, interleaved by depth:
   model runs sequences of 64, then 96 tokens (dynamo compiles the graph again with symbolic
   sizes: ``dynamic_first_s``, that graph's first compile), then 256 (past the plan's headroom:
   lohan plans the symbolic graph again, ``replan_step_s``), then 256 again (``plain_step_s``).
-  The re-plan costs ``replan_step_s - plain_step_s``. Its budget is ``--fraction`` of what
-  the 256-token step allocated under ``aot_eager`` above the model (weights not included).
+  The re-plan costs ``replan_step_s - plain_step_s``; ``traced_again``: whether AOTAutograd
+  traced the graph again for it, ``replan_passes_s`` and ``replan_partition``: lohan's passes in
+  it and what its partitioning weighed. Its budget is ``--fraction`` of what the 256-token step
+  allocated under ``aot_eager`` above the model (weights not included).
 
     python bench/compile_time.py [--layers 4,12,24] [--fraction 0.8] [--backends aot_eager,lohan_fx,...]
                                  [--replan 48] [--json bench/results/compile_time.json]
@@ -82,6 +84,8 @@ def first_step(layers: int, backend: str, options: dict | None = None) -> dict:
 
 def replan(layers: int, fraction: float) -> dict:
     """A re-plan for a size growth against the compile it replaces (fx executor)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     m = model(layers)
     gen = torch.Generator().manual_seed(1)
@@ -102,11 +106,20 @@ def replan(layers: int, fraction: float) -> dict:
     out = {"budget_bytes": budget, "static_first_s": round(step(compiled, 64), 2)}
     out["dynamic_first_s"] = round(step(compiled, 96), 2)
     before = [g.name for g in lohan.last_report().graphs]
+    traced = counters["aot_autograd"]["total"]
     out["replan_step_s"] = round(step(compiled, 256), 2)
+    out["traced_again"] = counters["aot_autograd"]["total"] > traced
     out["graphs"] = {"before": before, "after": [g.name for g in lohan.last_report().graphs]}
+    (graph,) = lohan.last_report().graphs
+    out["replan_passes_s"] = {p.name: round(p.seconds, 2) for p in graph.passes}
+    partitioned = graph.pass_report("partition_graph")
+    out["replan_partition"] = {k: partitioned.get(k) for k in ("partitioner", "partitions_reused", "partitions_made",
+                                                              "keep_all_step_s", "auto_default_partition_step_s",
+                                                              "auto_min_cut_partition_step_s")}
     out["plain_step_s"] = round(step(compiled, 256), 2)
     out["replan_s"] = round(out["replan_step_s"] - out["plain_step_s"], 2)
     out["replan_over_first"] = round(out["replan_s"] / out["dynamic_first_s"], 3)
+    out["replan_over_static_first"] = round(out["replan_s"] / out["static_first_s"], 3)
     return out
 
 
