@@ -27,6 +27,7 @@ POLICIES = (
     "zero-offload",
 )
 OFFLOAD_PARAMS = ("auto", True, False)
+DATA_PARALLEL = ("auto", False)
 
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
@@ -74,7 +75,9 @@ class Options:
     compile mode, passed to Inductor), ``disable_passes`` (names of passes
     to skip, to bisect), ``debug`` (check graphs after every pass), ``tune_plans``
     (policy ``"auto"`` under a budget: when other plans are predicted close to the one it
-    chose, run each for a few steps and keep the fastest measured; default True).
+    chose, run each for a few steps and keep the fastest measured; default True),
+    ``data_parallel`` (``"auto"``: under a process group of several ranks the step must be
+    data parallel; ``False``: each rank trains on its own data, on purpose).
     """
 
     memory_budget: int | None = None
@@ -90,6 +93,7 @@ class Options:
     disable_passes: tuple[str, ...] = ()
     debug: bool | None = None
     tune_plans: bool = True
+    data_parallel: Any = "auto"
 
     def __init__(self, **options: Any) -> None:
         valid = [f.name for f in fields(self)]
@@ -121,6 +125,7 @@ class Options:
             "disable_passes": _check_names("disable_passes", values["disable_passes"]),
             "debug": _check_bool("debug", values["debug"], allow_none=True),
             "tune_plans": _check_bool("tune_plans", values["tune_plans"]),
+            "data_parallel": _one_of("data_parallel", values["data_parallel"], DATA_PARALLEL),
         }
         for key, value in parsed.items():
             object.__setattr__(self, key, value)
