@@ -48,9 +48,9 @@ import torch
 import torch.fx as fx
 from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
-from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 
 from lohan_compile.graph.aot import placeholder_role
+from lohan_compile.graph.fxutil import lazy_graph_module
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.errors import BudgetError
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
@@ -268,7 +268,9 @@ def prefer_min_cut(
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
     predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
-    recomputes chains of cheap ops.
+    recomputes chains of cheap ops. Where auto's plan of the default partition is predicted
+    within ``MIN_CUT_ABOVE`` of keeping everything, no min-cut partition is made: none could
+    gain more. The report's ``planned``: the returned partition's ``Profile`` and auto's plan.
 
     First one min-cut partition, at torch's own activation budget: auto swaps and recomputes on
     top of it what the budget still asks for. Each partition is a max-flow over the whole joint
@@ -314,6 +316,8 @@ def prefer_min_cut(
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan), **info}
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default), **info}
+
+
 # auto weighs torch's min-cut partition only when its plan of the default partition is predicted
 # this much slower than keeping everything: no partition can gain more than that
 MIN_CUT_ABOVE = 1.02
@@ -344,7 +348,7 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, value_map)
     node = graph.output(out)
     node.meta = copy.copy(gm.graph.output_node().meta)
-    return _make_graph_module(gm, graph, graph_module_cls=_LazyGraphModule)
+    return lazy_graph_module(gm, graph)
 
 
 def _keep_all_peak(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, facts: Any) -> int:

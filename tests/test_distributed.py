@@ -21,13 +21,15 @@ def ranks(case: str, out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_a_bare_model_under_several_processes_is_refused_with_what_to_do(tmp_path):
-    """Compiled without DistributedDataParallel, each rank would train on its own batch alone:
-    the first call raises, saying how to reduce gradients (DDP) or that the ranks may train
+@pytest.mark.parametrize("case, said", [("bare", "not wrapped in DistributedDataParallel"),
+                                        ("ddp-cpuadamw", "before DDP's hooks could reduce it")])
+def test_ranks_that_would_train_apart_silently_are_refused_with_what_to_do(case, said, tmp_path):
+    """Compiled without DistributedDataParallel, or with a CPUAdamW taking the gradients inside
+    the compiled backward before DDP could reduce them, each rank would train on its own batch
+    alone: the first call raises, saying what reduces gradients or that the ranks may train
     apart on purpose (``data_parallel=False``); nothing was trained."""
-    for r in ranks("bare", tmp_path):
-        assert "not wrapped in DistributedDataParallel" in r["error"]
-        assert "'data_parallel': False" in r["error"]
+    for r in ranks(case, tmp_path):
+        assert said in r["error"] and "'data_parallel': False" in r["error"]
         assert r["norms"][0] == r["norms"][1] == pytest.approx(r["initial"])
 
 

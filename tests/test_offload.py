@@ -584,3 +584,30 @@ def test_regional_compilation_trains_as_eager_adamw():
     assert report.summary()["d2h_bytes"] > 0  # the layers' gradients left through the runtime
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected), atol=1e-5, rtol=0)
     assert_close_models(reference, model)
+
+
+def test_the_plan_that_runs_is_made_on_the_graphs_whose_gradients_leave():
+    """Under a budget, auto weighs partitions before ``offload_grads`` rewrites backward (each
+    gradient leaves as it is produced, and is no output that outlives backward): the plan that
+    runs is made again on the rewritten graphs, not taken from that weighing; the budget holds."""
+    batches = token_batches(2, b=4, t=96)
+    peaks = {}
+    for budget in (None, "planned"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_llama(layers=2)
+        opt = lohan.CPUAdamW(model.parameters(), lr=1e-3)
+        options = {"optimizer": opt, "executor": "fx", "tune_plans": False}
+        if budget:
+            options["memory_budget"] = budget = int(peaks[None] * 0.7)
+        cm = torch.compile(model, backend="lohan", options=options)
+        for batch in batches:
+            lm_loss(cm, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        peaks[budget] = lohan.last_report().summary()["measured_peak_bytes"]
+    (graph,) = lohan.last_report().graphs
+    weighed = graph.pass_report("partition_graph").get("planned")
+    assert weighed is not None and graph.pass_report("offload_grads")["offloaded"] > 0
+    assert graph.pass_report("plan_memory")["problem"] is not weighed[0].problem
+    assert peaks[budget] <= budget

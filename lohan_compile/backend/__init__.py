@@ -33,6 +33,7 @@ from ..hardware import auto
 from ..ops import swap_ops_available
 from ..options import Options
 from ..runtime import hosttier
+from .compiler import find_optimizer
 from .replan import Replanning
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,15 @@ def check_distributed(opts: Options, example_inputs: Sequence[Any]) -> None:
     if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
         return  # nothing to train
     if DistributedDataParallel._get_active_ddp_module() is not None:
-        return  # compiled inside DDP's forward: DDP reduces the gradients
+        if find_optimizer(opts, example_inputs) is None:
+            return  # compiled inside DDP's forward: DDP reduces the gradients
+        raise LohanError(
+            f"lohan: this process is one of {world}, and the model is wrapped in DistributedDataParallel "
+            "with a lohan CPUAdamW: CPUAdamW takes each gradient inside the compiled backward, before "
+            "DDP's hooks could reduce it, so each rank would update from its own batch alone. lohan does "
+            "not reduce gradients across processes yet: with several processes, train with a torch "
+            "optimizer (DDP reduces its gradients), or pass options={'data_parallel': False, ...} if the "
+            "ranks are meant to train apart.")
     raise LohanError(
         f"lohan: this process is one of {world} (torch.distributed's default process group), and the "
         "model compiled for training is not wrapped in DistributedDataParallel. lohan does not reduce "

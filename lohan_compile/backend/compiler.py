@@ -176,15 +176,18 @@ class Reuse:
     (fx executor): the joint graph and its partitions (``partition_graph`` takes them from
     ``CompileFacts.partitions``), and the callable AOTAutograd built around the compiled
     forward and backward, whose ``Slot``s take the new plan's code. Tracing the joint graph
-    again is most of a compile's time (and torch's min-cut partitioner most of the rest)."""
+    again is most of a compile's time (and torch's min-cut partitioner most of the rest).
+    It lives as long as the compiled callable: host memory for the graphs (their nodes and
+    fake values: no tensor data), not device memory."""
 
-    compiled: Callable[..., Any]  # what AOTAutograd returned to dynamo
+    compiled: Callable[..., Any] | None  # what AOTAutograd returned to dynamo (once it has)
     joint: fx.GraphModule
     joint_inputs: Any
     num_fwd_outputs: int
     partition_kwargs: dict[str, Any]
     partitions: dict[Any, tuple[fx.GraphModule, fx.GraphModule]]
     interface: tuple  # ``aot.saved_interface`` of the first plan: another must match it
+    graphs: tuple  # the first plan's forward and backward, as the pipeline left them
     fw_metadata: Any  # AOTAutograd's ViewAndMutationMeta for the forward
     forward: Slot | None = None
     backward: Slot | None = None  # (AOTAutograd compiles backward at its first run)
@@ -241,7 +244,7 @@ class GraphCompiler:
         self.fused = fused  # results Inductor segments were seen to fuse into their readers
         self.assume_fused = assume_fused  # ... and whether every result they may fuse is planned fused
         self.unseen_fused: set[tuple[str, str]] = set()  # results the plan holds, none seen fused yet
-        self.reusing = reuse  # the compile this one plans again, if any
+        self.reuse_from = reuse  # the compile this one plans again, if any
         self.reuse: Reuse | None = reuse  # what a later plan can reuse of this one (fx executor)
         self._partitioned: dict[str, Any] | None = None  # the partition function's arguments
         # (``_real_value``'s: the joint graph until the forward's inputs are found on it)
@@ -281,8 +284,8 @@ class GraphCompiler:
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
         try:
-            if self.reusing is not None:
-                return self._compile_again(self.reusing)
+            if self.reuse_from is not None:
+                return self._compile_again(self.reuse_from)
             with _no_donated_buffers(self.opts.executor), self._backward_compiled_now():
                 compiled = aot_autograd(
                     fw_compiler=self._compile_forward,
@@ -299,7 +302,7 @@ class GraphCompiler:
             # the compiled code keeps this object (for the lazily compiled backward): it must
             # not keep the parameters, the batch or the optimizer alive
             self.example_inputs = self.real_inputs = ()
-            self._joint = None
+            self._joint = self._partitioned = None  # (a Reuse keeps what later plans need)
             self.optimizer = None
             if self.opts.optimizer is not None:
                 self.opts = self.opts.replace(optimizer=None)
@@ -350,16 +353,18 @@ class GraphCompiler:
         facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)
         graphs = self._run_pipeline(Graphs(joint=joint), facts)
         self.record.training = True
-        if self.opts.executor == "fx" and not self.on_meta:
+        interface = aot.saved_interface(graphs.fw, graphs.bw, num_fwd_outputs)
+        if self.opts.executor == "fx" and not self.on_meta and interface is not None and not aot.compiled_autograd_enabled():
             self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                     partition_kwargs=kwargs, partitions=graphs.partitions,
-                                     interface=aot.saved_interface(graphs.fw, graphs.bw, num_fwd_outputs))
+                                     partition_kwargs=kwargs, partitions=graphs.partitions, interface=interface,
+                                     graphs=(graphs.fw, graphs.bw, len(graphs.fw.graph.nodes), len(graphs.bw.graph.nodes)))
         return graphs.fw, graphs.bw
 
     def _compile_again(self, reuse: Reuse) -> Callable[..., Any]:
         """Plan the joint graph traced before again, reusing its partitions, and run the new
         plan's forward and backward inside the callable AOTAutograd made then. Raises
-        ``NotReusable`` where the new plan does not fit that callable (before anything runs)."""
+        ``NotReusable`` where the new plan does not fit that callable (before any step runs it;
+        the runtime is bound to it already, as the plan traced again will bind it)."""
         self._joint = reuse.joint
         facts = self._facts(num_fwd_outputs=reuse.num_fwd_outputs, joint_inputs=reuse.joint_inputs,
                             partition_kwargs=reuse.partition_kwargs, partitions=reuse.partitions)
@@ -380,18 +385,19 @@ class GraphCompiler:
         return self._executable(graphs.fw, example_inputs, phase="inference")
 
     def _compile_forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        unchanged = self._partitioned is not None and _as_planned(gm, *self._partitioned["graphs"][0::2])
         fn = self._executable(gm, example_inputs, phase="forward")
-        context = torch._guards.TracingContext.try_get()
-        fw_metadata = context.fw_metadata if context is not None else None
-        if self._partitioned is None or fw_metadata is None:
-            return fn
+        fw_metadata = aot.forward_metadata()
+        if not unchanged or fw_metadata is None:
+            return fn  # (AOTAutograd rewrote the forward after partitioning: a later plan would lack that)
         self.reuse = Reuse(compiled=None, fw_metadata=fw_metadata, forward=Slot(fn), **self._partitioned)
         return self.reuse.forward
 
     def _compile_backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        unchanged = self.reuse is not None and _as_planned(gm, self.reuse.graphs[1], self.reuse.graphs[3])
         fn = self._executable(gm, example_inputs, phase="backward")
-        if self.reuse is None or self.reuse.forward is None:
-            return fn
+        if not unchanged:
+            return fn  # (no Reuse is ready without its backward: later plans are traced again)
         self.reuse.backward = Slot(fn)
         return self.reuse.backward
 
@@ -584,7 +590,7 @@ class GraphCompiler:
         placeholder = (info.input_index, base.meta.get("val"))
         if info.role is Role.SAVED:
             if self._input_placeholders is None:
-                joint, self._joint = self._joint, None  # (found once: the joint graph is not kept)
+                joint, self._joint = self._joint, None  # (found once: this compiler lets the joint graph go)
                 self._input_placeholders = {} if joint is None else {
                     n.name: (i.input_index, n.meta.get("val")) for n in joint.graph.nodes
                     if n.op == "placeholder" and (i := get_info(n)) is not None and i.input_index is not None}
@@ -609,6 +615,15 @@ class GraphCompiler:
         if storage_extent(val) * real.element_size() > real.untyped_storage().nbytes():
             return None
         return real.detach().as_strided(shape, stride, offset)
+
+
+def _as_planned(gm: fx.GraphModule, planned: fx.GraphModule, nodes: int) -> bool:
+    """AOTAutograd hands the compiler the graph the pipeline returned, or a copy of it (the
+    backward), unchanged: it rewrites some after partitioning (effect tokens, saved-tensor
+    hooks), and a later plan would lack that."""
+    if len(gm.graph.nodes) != nodes:
+        return False
+    return gm is planned or all(a.op == b.op and a.target == b.target for a, b in zip(gm.graph.nodes, planned.graph.nodes))
 
 
 def _mutates(gm: fx.GraphModule) -> bool:

@@ -68,8 +68,9 @@ class Replanning:
     Re-planning (and a trial's plan) runs the passes again on the joint graph AOTAutograd
     traced the first time, reusing its partitions, and the new plan's forward and backward run
     inside the callable AOTAutograd made then (``compiler.Reuse``; fx executor). Where that
-    cannot be (the Inductor executor, a forward of the old plan still waiting for its
-    backward, a plan that saves other kinds of values), AOTAutograd runs again on the same
+    cannot be (the Inductor executor, compiled autograd, a backward not yet compiled, a forward
+    of the old plan still waiting for its backward, a plan that saves other kinds of values),
+    AOTAutograd runs again on the same
     dynamo graph (its fake inputs, under the tracing context of the first compile, so symbolic
     sizes stay symbolic). The new plan runs from this call on.
     """
@@ -135,6 +136,11 @@ class Replanning:
         attempt = 0
         # (a forward of the running plan whose backward is still to come must run that plan's backward)
         reuse = self.reuse if self.reuse is not None and self.reuse.ready and not TRACKER.forward_pending(self.record) else None
+        if reuse is not None and self.tracing is not None and torch._guards.TracingContext.try_get() is None:
+            # the passes (a min-cut partition made now, say) look for the graph's fake mode there
+            with torch._guards.tracing(self.tracing):
+                self._compile(aot_inputs, real_inputs, sizes, variant, min_cut_fraction)
+            return
         while True:
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
@@ -311,14 +317,19 @@ class Replanning:
         # with the level it was planned at: if the device holds more now, it re-plans
         (self.fn, self.record, self.observed, self.drivers, self.calibrated, self.planned_level,
          self.reuse, targets) = compiled
-        if self.reuse is not None and None not in targets:
-            self.reuse.install(targets)  # (plans made again share their first compile's callable)
+        if self.reuse is not None:
+            # (plans made again share their first compile's callable; a trial keeps plans only
+            # after their warm-up steps, when both are compiled)
+            assert None not in targets, "a plan kept before its backward was compiled"
+            self.reuse.install(targets)
 
     def _trial_step(self, args: Sequence[Any]) -> None:
         """Before a step of a trial: compile and warm up each plan in turn, then run them in
         turn, one step each, and finally keep the fastest (compiled code is kept: going back
         to a plan costs nothing)."""
         trial, rec, observed = self.trial, self.record, self.observed
+        if TRACKER.forward_pending(rec):
+            return  # (a forward of this plan awaits its backward: plans sharing its callable cannot take over)
         if "rounds" not in trial:
             if observed.steps_run < self.TRIAL_WARMUP or self.dropped is None:
                 return  # (plans compiled before the step's dropped outputs are known would be made again)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dynamo import compiled_autograd
 from torch._functorch._aot_autograd import descriptors as d
 
 from .meta import Kind, Role
@@ -104,18 +105,42 @@ def is_backward_node(node: fx.Node) -> bool | None:
 
 def saved_interface(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> tuple:
     """What AOTAutograd's runtime wrapper fixed, when it was built, about a forward and backward
-    pair: the number of forward outputs, how many values saved for backward are symbolic sizes,
-    tensors saved without a version check, or other objects (it slices the forward's outputs by
-    those counts: the number of saved tensors is free), and which gradients backward returns.
-    Another plan of the same joint graph can run inside the same wrapper where these are equal."""
-    outs = fw.graph.output_node().args[0]
-    saved = outs[num_fwd_outputs:]
-    symbolic = sum(1 for n in saved if isinstance(n, fx.Node) and _is_sym(n))
-    unchecked = sum(1 for n in saved if isinstance(n, fx.Node) and n.meta.get("saved_tensor_with_no_vc_check", False))
-    other = sum(1 for n in saved if not isinstance(n, fx.Node)
-                or not (_is_sym(n) or isinstance(n.meta.get("val"), torch.Tensor)))
+    pair: how many values saved for backward are symbolic sizes, tensors saved without a version
+    check, or other objects (it slices the forward's outputs by those counts, from the end: the
+    number of saved tensors is free), and which gradients backward returns. Another plan of the
+    same joint graph can run inside the same wrapper where these are equal. None where the saved
+    values are not in the order the wrapper slices them in (tensors, then tensors without a
+    version check, objects, sizes): no plan can share such a wrapper."""
+    saved = fw.graph.output_node().args[0][num_fwd_outputs:]
+    kinds = [_saved_kind(n) for n in saved]
+    if kinds != sorted(kinds):
+        return None
     grads = tuple(g is None for g in bw.graph.output_node().args[0])
-    return (len(outs) - len(saved), symbolic, unchecked, other, grads)
+    return (kinds.count(1), kinds.count(2), kinds.count(3), grads)
+
+
+def _saved_kind(node: Any) -> int:
+    """0: a tensor, 1: one saved without a version check, 2: another object, 3: a size."""
+    if not isinstance(node, fx.Node):
+        return 2
+    if _is_sym(node):
+        return 3
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return 2
+    return 1 if node.meta.get("saved_tensor_with_no_vc_check", False) else 0
+
+
+def forward_metadata() -> Any:
+    """AOTAutograd's view-and-mutation metadata of the forward it is compiling now (from the
+    tracing context; None outside one), which its runtime wrapper reads at every call."""
+    context = torch._guards.TracingContext.try_get()
+    return context.fw_metadata if context is not None else None
+
+
+def compiled_autograd_enabled() -> bool:
+    """Compiled autograd traces backward from AOTAutograd's first backward graph, whatever runs
+    inside its wrapper later."""
+    return bool(compiled_autograd.compiled_autograd_enabled)
 
 
 def retarget_saved_metadata(fw_metadata: Any, fw: fx.GraphModule, num_fwd_outputs: int) -> None:

@@ -45,22 +45,16 @@ def _attention_flops(q: torch.Size, k: torch.Size, v: torch.Size) -> int:
     return 2 * b * h * sq * sk * d + 2 * b * h * sq * sk * dv
 
 
-# ops torch's table lacks (the CPU kernels of attention), counted by ``_extra_flops``
-_EXTRA_FLOP_OPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+def _attention_backward_flops(grad_out: torch.Size, q: torch.Size, k: torch.Size, v: torch.Size, *rest: Any) -> int:
+    # grad_out, q, k, v, out, logsumexp...: recompute P, then dV, dP, dQ, dK: 2.5x forward
+    return int(2.5 * _attention_flops(q, k, v))
+
+
+# FLOPs of ops torch's table lacks (the CPU kernels of attention), from their argument shapes
+_EXTRA_FLOPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: lambda q, k, v, *rest: _attention_flops(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _attention_backward_flops,
 }
-
-
-def _extra_flops(target: Any, args: tuple) -> int | None:
-    """FLOPs of ops torch's table lacks (the CPU kernels of attention)."""
-    if target in (aten._scaled_dot_product_flash_attention_for_cpu.default,):
-        return _attention_flops(*args[:3])
-    if target in (aten._scaled_dot_product_flash_attention_for_cpu_backward.default,):
-        # grad_out, q, k, v, out, logsumexp...: recompute P, then dV, dP, dQ, dK: 2.5x forward
-        q, k, v = args[1], args[2], args[3]
-        return int(2.5 * _attention_flops(q, k, v))
-    return None
 
 
 def _to_shape(x: Any) -> Any:
@@ -84,17 +78,14 @@ def node_flops(node: fx.Node) -> int:
     if node.op != "call_function":
         return 0
     target = node.target
-    packet = getattr(target, "overloadpacket", None)
-    formula = flop_registry.get(packet)
-    if formula is None and target not in _EXTRA_FLOP_OPS:
+    extra = _EXTRA_FLOPS.get(target)
+    formula = flop_registry.get(getattr(target, "overloadpacket", None))
+    if formula is None and extra is None:
         return 0  # (before reading any size: most ops have no FLOP formula)
     args, kwargs = _arg_vals(node)
     shapes = tree_map(_to_shape, args)
-    extra = _extra_flops(target, shapes)
     if extra is not None:
-        return extra
-    if formula is None:
-        return 0
+        return extra(*shapes)
     try:
         out = tree_map(_to_shape, node.meta.get("val"))
         return int(formula(*shapes, **tree_map(_to_shape, kwargs), out_val=out))

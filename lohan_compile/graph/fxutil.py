@@ -6,6 +6,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 
 from ..layout import dense_layout
 from .shapes import hint_int, nbytes_hint
@@ -92,3 +93,9 @@ def is_dense(val: torch.Tensor | None) -> bool:
     if val is None:
         return False
     return dense_layout([hint_int(s) for s in val.shape], [hint_int(s) for s in val.stride()])
+
+
+def lazy_graph_module(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule of ``graph`` whose Python code is generated when first needed (as dynamo
+    makes them; torch's private class, reached here only)."""
+    return _make_graph_module(root, graph, graph_module_cls=_LazyGraphModule)
