@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent / "dist" / "train_ranks.py"
+SCRIPT = Path(__file__).parent / "ranks" / "train_ranks.py"
 
 
 def ranks(case: str, out: Path) -> list[dict]:

@@ -1,0 +1,52 @@
+"""Run under ``torchrun --nproc_per_node 2`` as ``train_ranks.py CASE OUT_DIR``: what lohan does
+with a model trained by several processes (tests/test_distributed.py). Each rank writes
+``OUT_DIR/rank<N>.json``."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import lohan_compile  # noqa: F401 - the backend's entry point is found without it; imported as users do
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from models import Block  # noqa: E402
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+case, out_dir = sys.argv[1], sys.argv[2]
+
+
+def batches():
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    return [torch.randn(2, 16, 32, generator=g) for _ in range(3)]
+
+
+torch.manual_seed(0)
+model = Block(d=32, heads=2)
+run = torch.nn.parallel.DistributedDataParallel(model) if case.startswith("ddp") else model
+options = {"executor": "fx", **({"data_parallel": False} if case == "apart" else {})}
+if case == "ddp-cpuadamw":
+    opt = lohan_compile.CPUAdamW(model.parameters(), lr=0.1)
+    options["optimizer"] = opt
+else:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+compiled = torch.compile(run, backend="lohan", options=options)
+out = {"rank": rank, "case": case, "initial": float(torch.stack([p.detach().norm() for p in model.parameters()]).sum())}
+try:
+    for x in batches():
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+except Exception as e:  # noqa: BLE001 - reported to the test (torch wraps the backend's error)
+    out["error"] = f"{type(e).__name__}: {e}"
+norm = torch.stack([p.detach().norm() for p in model.parameters()]).sum()
+gathered = [torch.zeros(()) for _ in range(world)]
+dist.all_gather(gathered, norm)
+out["norms"] = [float(t) for t in gathered]
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
