@@ -146,7 +146,9 @@ def after_backward(fn: Callable[[], None]) -> None:
 
 class StepTracker:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # re-entrant: a collection may run ``forward_dropped`` (a finalizer) on this thread while
+        # it holds the lock
+        self._lock = threading.RLock()
         self._last: Report | None = None
         self._extra_at_end = (0, 0)
         self._finished_participants: list = []
@@ -201,9 +203,11 @@ class StepTracker:
         return run
 
     def forward_pending(self, graph: GraphRecord) -> bool:
-        """A forward of ``graph`` ran in the open step and its backward is still to come."""
-        with self._lock:
-            return any(r.graph is graph and r.phase == "forward" and not r.backward_seen for r in self._runs)
+        """A forward of ``graph`` ran in the open step and its backward is still to come.
+        Without the lock: a collection may run ``forward_dropped`` (a finalizer, on this thread)
+        at any allocation, and it takes the lock; the list is read once (a new step replaces it)."""
+        runs = self._runs
+        return any(r.graph is graph and r.phase == "forward" and not r.backward_seen for r in list(runs))
 
     def forward_outputs(self, run: GraphRun, outputs: Sequence[Any]) -> None:
         """Watch the outputs the user receives (weakly: watching keeps nothing alive), to
