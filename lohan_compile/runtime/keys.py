@@ -15,7 +15,8 @@ import weakref
 
 import torch
 
-_lock = threading.Lock()
+# re-entrant: a collection inside ``key_for`` may run ``drop`` (a weakref callback) on this thread
+_lock = threading.RLock()
 _next = itertools.count()
 _key_of: dict[int, int] = {}  # id(param) -> key
 _param_of: dict[int, weakref.ref] = {}  # key -> param

@@ -129,7 +129,8 @@ class Streamed:
         return self.host
 
 
-_lock = threading.Lock()
+# re-entrant: a collection while it is held may run ``drop`` (a weakref callback) on this thread
+_lock = threading.RLock()
 _by_key: dict[int, Streamed] = {}  # keys: runtime/keys.py
 _counters = {"fetches": 0, "fetched_bytes": 0}
 
