@@ -112,13 +112,12 @@ class Partitions:
         self.reused = 0
 
     def get(self, key: Any, make: Callable[[], tuple[fx.GraphModule, fx.GraphModule]]) -> tuple[fx.GraphModule, fx.GraphModule]:
-        if key in self.made:
-            self.reused += 1
-        else:
+        if key not in self.made:
             fw, bw = make()
             self.finish(fw, bw)
             self.made[key] = (_copy(fw), _copy(bw))
             return fw, bw
+        self.reused += 1
         fw, bw = self.made[key]
         return _copy(fw), _copy(bw)
 

@@ -187,7 +187,8 @@ class Reuse:
     partition_kwargs: dict[str, Any]
     partitions: dict[Any, tuple[fx.GraphModule, fx.GraphModule]]
     interface: tuple  # ``aot.saved_interface`` of the first plan: another must match it
-    graphs: tuple  # the first plan's forward and backward, as the pipeline left them
+    planned: tuple[fx.GraphModule, fx.GraphModule]  # the first plan's forward and backward, as the pipeline left them
+    planned_nodes: tuple[int, int]  # ... and their node counts then (AOTAutograd may edit them in place)
     fw_metadata: Any  # AOTAutograd's ViewAndMutationMeta for the forward
     forward: Slot | None = None
     backward: Slot | None = None  # (AOTAutograd compiles backward at its first run)
@@ -357,7 +358,8 @@ class GraphCompiler:
         if self.opts.executor == "fx" and not self.on_meta and interface is not None and not aot.compiled_autograd_enabled():
             self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                      partition_kwargs=kwargs, partitions=graphs.partitions, interface=interface,
-                                     graphs=(graphs.fw, graphs.bw, len(graphs.fw.graph.nodes), len(graphs.bw.graph.nodes)))
+                                     planned=(graphs.fw, graphs.bw),
+                                     planned_nodes=(len(graphs.fw.graph.nodes), len(graphs.bw.graph.nodes)))
         return graphs.fw, graphs.bw
 
     def _compile_again(self, reuse: Reuse) -> Callable[..., Any]:
@@ -385,7 +387,8 @@ class GraphCompiler:
         return self._executable(graphs.fw, example_inputs, phase="inference")
 
     def _compile_forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        unchanged = self._partitioned is not None and _as_planned(gm, *self._partitioned["graphs"][0::2])
+        partitioned = self._partitioned
+        unchanged = partitioned is not None and _as_planned(gm, partitioned["planned"][0], partitioned["planned_nodes"][0])
         fn = self._executable(gm, example_inputs, phase="forward")
         fw_metadata = aot.forward_metadata()
         if not unchanged or fw_metadata is None:
@@ -394,7 +397,7 @@ class GraphCompiler:
         return self.reuse.forward
 
     def _compile_backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        unchanged = self.reuse is not None and _as_planned(gm, self.reuse.graphs[1], self.reuse.graphs[3])
+        unchanged = self.reuse is not None and _as_planned(gm, self.reuse.planned[1], self.reuse.planned_nodes[1])
         fn = self._executable(gm, example_inputs, phase="backward")
         if not unchanged:
             return fn  # (no Reuse is ready without its backward: later plans are traced again)
