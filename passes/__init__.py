@@ -13,6 +13,7 @@ from lohan_compile.passes.classify_saved import classify_saved
 from lohan_compile.passes.offload_grads import offload_grads
 from lohan_compile.passes.partition_graph import partition_graph
 from lohan_compile.passes.plan_memory import plan_memory
+from lohan_compile.passes.reduce_grads import reduce_grads
 from lohan_compile.passes.stream_params import stream_params
 
 
@@ -21,6 +22,7 @@ def default_passes() -> list[Pass]:
         Pass("classify_roles", classify_roles, inference=True),
         Pass("partition_graph", partition_graph, required=True),
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
+        Pass("reduce_grads", reduce_grads, required=True, requires=("classify_roles",)),
         Pass("offload_grads", offload_grads, requires=("classify_roles",)),
         Pass("plan_memory", plan_memory, requires=("classify_saved",)),
         Pass("apply_plan", apply_plan, requires=("plan_memory",)),
@@ -44,5 +46,6 @@ __all__ = [
     "offload_grads",
     "partition_graph",
     "plan_memory",
+    "reduce_grads",
     "stream_params",
 ]

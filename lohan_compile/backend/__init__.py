@@ -21,19 +21,17 @@ optimizer; with the fx executor it has no effect (a log message says so).
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import LohanError
 from ..hardware import auto
 from ..ops import swap_ops_available
 from ..options import Options
 from ..runtime import hosttier
-from .compiler import find_optimizer
+from .distributed import data_parallel
 from .replan import Replanning
 
 log = logging.getLogger(__name__)
@@ -51,9 +49,9 @@ def lohan_backend(
     if opts.hardware == "auto" and any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs):
         opts = opts.replace(hardware=auto(device="cuda"))  # plan a GPU's graph with the GPU's speeds
     check_supported(opts)
-    check_distributed(opts, example_inputs)
+    group = data_parallel(opts, example_inputs)
     use_host_tier(opts)
-    return Replanning(gm, example_inputs, opts)
+    return Replanning(gm, example_inputs, opts, data_parallel=group)
 
 
 _tiers: dict[tuple[int | None, str | None], Any] = {}
@@ -95,45 +93,3 @@ def check_supported(opts: Options) -> None:
             + "; ".join(unsupported)
             + ". Remove them, or use policy 'auto', 'keep-all' or 'recompute-all'."
         )
-
-
-def check_distributed(opts: Options, example_inputs: Sequence[Any]) -> None:
-    """Under a process group of several ranks, refuse a training graph whose gradients nothing
-    would reduce: each rank would train on its own data alone, silently. A model wrapped in
-    ``DistributedDataParallel`` is compiled inside DDP's forward, and DDP reduces its gradients;
-    ``data_parallel=False`` says the ranks are meant to train apart. Parameters sharded by FSDP
-    (DTensors) are refused: lohan's plans and optimizer work on whole tensors."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if any(_is_dtensor(t) for t in example_inputs):
-        raise LohanError(
-            "lohan cannot compile a model whose parameters FSDP shards (DTensor parameters): its plans "
-            "and CPU optimizer work on whole tensors. Wrap the model in DistributedDataParallel instead "
-            "(each rank then holds the whole model, and lohan offloads it as on one GPU).")
-    world = torch.distributed.get_world_size()
-    if world <= 1 or opts.data_parallel is False or not torch.is_grad_enabled():
-        return
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
-        return  # nothing to train
-    if DistributedDataParallel._get_active_ddp_module() is not None:
-        if find_optimizer(opts, example_inputs) is None:
-            return  # compiled inside DDP's forward: DDP reduces the gradients
-        raise LohanError(
-            f"lohan: this process is one of {world}, and the model is wrapped in DistributedDataParallel "
-            "with a lohan CPUAdamW: CPUAdamW takes each gradient inside the compiled backward, before "
-            "DDP's hooks could reduce it, so each rank would update from its own batch alone. lohan does "
-            "not reduce gradients across processes yet: with several processes, train with a torch "
-            "optimizer (DDP reduces its gradients), or pass options={'data_parallel': False, ...} if the "
-            "ranks are meant to train apart.")
-    raise LohanError(
-        f"lohan: this process is one of {world} (torch.distributed's default process group), and the "
-        "model compiled for training is not wrapped in DistributedDataParallel. lohan does not reduce "
-        "gradients across processes yet, so each rank would train on its own batch alone. Compile "
-        "DistributedDataParallel(model) instead (its gradient reduction keeps working with lohan), or "
-        "pass options={'data_parallel': False, ...} if the ranks are meant to train apart.")
-
-
-def _is_dtensor(t: Any) -> bool:
-    # (a DTensor exists only once its module was imported: nothing to import here)
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return dtensor is not None and isinstance(t, dtensor)

@@ -24,7 +24,7 @@ from ..graph import aot
 from ..dump import dump_driver, dump_graphs, plan_table
 from ..graph.fxutil import storage_base
 from ..graph.meta import Role, get_info
-from ..graph.pipeline import CompileFacts, Graphs, InputFact, PassRecord, Pipeline
+from ..graph.pipeline import CompileFacts, DataParallel, Graphs, InputFact, PassRecord, Pipeline
 from ..graph.scratch import OpScratch, estimated, fused_away, writes_arguments
 from ..graph.segments import Driver, compile_segments, excess_over_plan, storage_extent, symbols_of
 from ..graph.shapes import expr_of, hint_int, nbytes_hint, planning_sizes
@@ -228,6 +228,7 @@ class GraphCompiler:
         fused: frozenset[tuple[str, str]] = frozenset(),
         assume_fused: bool = False,
         reuse: Reuse | None = None,
+        data_parallel: DataParallel | None = None,
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -246,6 +247,7 @@ class GraphCompiler:
         self.assume_fused = assume_fused  # ... and whether every result they may fuse is planned fused
         self.unseen_fused: set[tuple[str, str]] = set()  # results the plan holds, none seen fused yet
         self.reuse_from = reuse  # the compile this one plans again, if any
+        self.data_parallel = data_parallel  # the group its gradients are averaged over
         self.reuse: Reuse | None = reuse  # what a later plan can reuse of this one (fx executor)
         self._partitioned: dict[str, Any] | None = None  # the partition function's arguments
         # (``_real_value``'s: the joint graph until the forward's inputs are found on it)
@@ -332,6 +334,7 @@ class GraphCompiler:
             inputs=self.inputs,
             options=self.opts,
             optimizer=self.optimizer,
+            data_parallel=self.data_parallel,
             resident_outside_bytes=self.resident_outside,
             real_inputs=self.real_inputs,
             measured_seconds=self.measured,

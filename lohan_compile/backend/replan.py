@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from ..errors import BudgetError, LohanError
 from ..graph.costmodel import CostModel
+from ..graph.pipeline import DataParallel
 from ..graph.shapes import hint_int
 from ..hardware import resolve
 from ..options import Options
@@ -92,8 +93,10 @@ class Replanning:
     TRIAL_STEPS = 8
     TRIAL_SWITCH = 0.97
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, *,
+                 data_parallel: DataParallel | None = None):
         self.gm = gm
+        self.data_parallel = data_parallel  # (resolved once: a re-plan runs outside DDP's forward)
         # the optimizer weakly: dynamo may keep compiled code (and this object) alive
         # longer than the model; it must not keep the optimizer's state alive with it
         self.optimizer_ref = weakref.ref(opts.optimizer) if opts.optimizer is not None else None
@@ -147,6 +150,7 @@ class Replanning:
                 variant=variant, min_cut_fraction=min_cut_fraction, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
                 outside=self.outside, segment_scratch=dict(learnt.scratch), materialized=frozenset(learnt.materialized),
                 fused=frozenset(learnt.fused), assume_fused=assume_fused, reuse=reuse,
+                data_parallel=self.data_parallel,
             )
             try:
                 self.fn = compiler.compile()

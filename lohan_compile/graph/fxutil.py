@@ -13,9 +13,12 @@ from .shapes import hint_int, nbytes_hint
 
 
 def aliased_input(node: fx.Node) -> fx.Node | None:
-    """The input a view op's output aliases, from the op's schema alias annotations."""
+    """The input a view op's output aliases, from the op's schema alias annotations (and a
+    collective's wait, which returns the tensor it waited for though its schema does not say so)."""
     if node.op != "call_function":
         return None
+    if node.target is torch.ops._c10d_functional.wait_tensor.default:
+        return node.args[0]
     if node.target is operator.getitem:
         parent = node.args[0]
         return _returns_alias(parent) if isinstance(parent, fx.Node) else None

@@ -68,6 +68,14 @@ class InputFact:
 
 
 @dataclass(frozen=True)
+class DataParallel:
+    """The process group a data-parallel step averages its parameter gradients over."""
+
+    world: int
+    group_name: str
+
+
+@dataclass(frozen=True)
 class CompileFacts:
     """Read-only inputs every pass may use."""
 
@@ -77,6 +85,10 @@ class CompileFacts:
     # the lohan optimizer that updates the graph's parameters (the option, else a live one that
     # owns them), or None; passes only name it: what it owns is in ``inputs``
     optimizer: Any = None
+    # several processes training one model, each on its micro-batch: the group its gradients
+    # are averaged over inside the backward graph (``reduce_grads``); None: one process, or a
+    # model DistributedDataParallel reduces
+    data_parallel: DataParallel | None = None
     # device bytes held outside this graph's inputs when it was compiled (other graphs'
     # saved values, optimizer state, ...)
     resident_outside_bytes: int = 0

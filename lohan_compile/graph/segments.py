@@ -51,15 +51,21 @@ from .scratch import restore_peak
 from .shapes import hint_int
 
 
-def is_lohan_op(node: fx.Node) -> bool:
-    """A call of one of lohan's ops (``torch.ops.lohan.*``): runs in the driver, in graph order."""
+# lohan's ops (copies, waits, the optimizer's hand-offs) and torch's functional collectives (a
+# data-parallel step's gradient reductions, issued in the order every rank shares)
+_DRIVER_NAMESPACES = ("lohan", "_c10d_functional")
+
+
+def runs_in_driver(node: fx.Node) -> bool:
+    """A call of one of lohan's ops (``torch.ops.lohan.*``) or a collective: runs in the driver,
+    in graph order, never inside a segment Inductor compiles."""
     if node.op != "call_function":
         return False
     target = node.target
     ns = getattr(target, "namespace", None)
     if ns is None and isinstance(target, torch._ops.OpOverload):
         ns = target.namespace
-    return ns == "lohan"
+    return ns in _DRIVER_NAMESPACES
 
 
 MIN_SEGMENT_OPS = 2  # a run with fewer ops that compute runs eagerly in the driver
@@ -141,11 +147,11 @@ def split(graph: fx.Graph) -> list[Segment | fx.Node]:
             if src in current:
                 current.append(node)
                 continue
-            if is_lohan_op(src) or src.op == "placeholder" or not isinstance(src.meta.get("val"), torch.Tensor):
+            if runs_in_driver(src) or src.op == "placeholder" or not isinstance(src.meta.get("val"), torch.Tensor):
                 close()
                 items.append(node)
                 continue
-        if is_lohan_op(node):
+        if runs_in_driver(node):
             close()
             items.append(node)
         else:
@@ -215,7 +221,7 @@ def _size_binders(
         for n in graph.nodes:
             if position[n] >= start:
                 break
-            if n.op == "output" or is_lohan_op(n):
+            if n.op == "output" or runs_in_driver(n):
                 continue
             if n in segment_of and n not in segment_of[n].outputs:
                 continue  # lives inside an earlier segment only
@@ -314,7 +320,7 @@ class Driver:
                 if total <= 0:
                     weights, total = [1.0] * len(nodes), float(len(nodes) or 1)
                 out.update({n.name: measured * w / total for n, w in zip(nodes, weights)})
-            elif not is_lohan_op(item):
+            elif not runs_in_driver(item):
                 out[item.name] = measured
         return out
 
@@ -324,10 +330,10 @@ class Driver:
         return {
             "segments": len(segs),
             "segment_nodes": sum(len(s.nodes) for s in segs),
-            "lohan_ops": sum(1 for i in self.items if isinstance(i, fx.Node) and is_lohan_op(i)),
-            "direct_ops": sum(1 for i in self.items if isinstance(i, fx.Node) and not is_lohan_op(i)),
+            "lohan_ops": sum(1 for i in self.items if isinstance(i, fx.Node) and runs_in_driver(i)),
+            "direct_ops": sum(1 for i in self.items if isinstance(i, fx.Node) and not runs_in_driver(i)),
             # lohan's ops in the order the driver calls them: (op, elements of its first tensor)
-            "lohan_op_sequence": [_op_record(i) for i in self.items if isinstance(i, fx.Node) and is_lohan_op(i)],
+            "lohan_op_sequence": [_op_record(i) for i in self.items if isinstance(i, fx.Node) and runs_in_driver(i)],
             "driver": self.source,
         }
 
@@ -426,9 +432,9 @@ class Driver:
                     [render(a) for a in node.args] + [f"{k}={render(v)}" for k, v in node.kwargs.items()]
                 ) + ")"
                 line = f"    {var(node) + ' = ' if node.users else ''}{call}"
-                if not is_lohan_op(node) and not _is_cheap(node):
+                if not runs_in_driver(node) and not _is_cheap(node):
                     check_line(f"{self.name} {node.name}", node.all_input_nodes)
-                if is_lohan_op(node):
+                if runs_in_driver(node):
                     lines.append(f"{line}  # {node.target}")
                 else:
                     call_line(i, line)

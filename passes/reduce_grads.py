@@ -1,0 +1,96 @@
+"""reduce_grads: under data parallelism, each parameter's gradient is averaged over the ranks
+inside the backward graph, as backward makes it.
+
+Requires: forward and backward graphs with roles (``classify_roles``), and
+``facts.data_parallel`` (the process group; None: one process, or a model whose gradients
+``DistributedDataParallel`` reduces, and the pass does nothing).
+Ensures, for every parameter gradient the backward graph returns:
+- ``g / world`` goes into ``_c10d_functional.all_reduce(·, "sum", group)`` (torch's functional
+  collective, asynchronous: gloo or NCCL reduces while backward computes on), and
+  ``_c10d_functional.wait_tensor`` of it stands where the gradient stood in the outputs, so a
+  later pass (``offload_grads``) and the optimizer see the average over the ranks;
+- every rank issues its collectives in one order, whatever its plan: decreasing parameter
+  index (parameters a model registers last are used last in forward, so their gradients are
+  made first). A collective is issued once its gradient exists and the one before it in that
+  order was issued. Ranks may run different plans (a re-plan after a measured excess, a trial
+  of another partition), which may compute the gradients in another order; collectives matched
+  in another order would add up different tensors;
+- each wait stands right before the next collective is issued (the last one before backward
+  returns): one reduction in flight while the next gradient is computed, and only one
+  reduced buffer held beyond its gradient.
+The waits are collectives' own (``_c10d_functional.wait_tensor``), which both executors run
+in graph order (the Inductor executor runs collectives outside its segments).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lohan_compile.graph.aot import grad_input_index, output_descs
+from lohan_compile.graph.meta import NodeInfo, Role, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
+from lohan_compile.graph.shapes import nbytes_hint
+
+NAME = "reduce_grads"
+
+_c10d = torch.ops._c10d_functional
+
+
+def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
+    group = facts.data_parallel
+    if group is None:
+        return graphs, {"world": 1, "reduced": 0}
+    bw = graphs.bw
+    out = bw.graph.output_node()
+    values = list(out.args[0])
+    grads = []  # (input index, position in outputs, gradient node)
+    for j, (value, desc) in enumerate(zip(values, output_descs(bw))):
+        idx = grad_input_index(desc)
+        if idx is not None and isinstance(value, fx.Node) and facts.inputs[idx].kind == "param":
+            grads.append((idx, j, value))
+    grads.sort(key=lambda g: -g[0])  # the order every rank issues them in
+
+    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    after, after_at = None, -1  # the last collective issued, and the position of what it follows
+    issued = []  # (position in outputs, collective node)
+    for _, j, grad in grads:
+        if order[grad] > after_at:
+            anchor, after_at = grad, order[grad]
+        else:
+            anchor = after  # (its gradient was made before the previous one's collective was issued)
+        with bw.graph.inserting_before(anchor.next):  # (in this order, right after it)
+            scaled = bw.graph.call_function(torch.ops.aten.div.Tensor, (grad, group.world))
+            reduce = bw.graph.call_function(_c10d.all_reduce.default, (scaled, "sum", group.group_name))
+        scaled.meta["val"] = _fake(lambda v: v / group.world, grad.meta["val"])
+        reduce.meta["val"] = _fake(torch.empty_like, grad.meta["val"])
+        _mark(scaled, "grad_scale")
+        _mark(reduce, "grad_reduce")
+        issued.append((j, reduce))
+        after = reduce
+    for n, (j, reduce) in enumerate(issued):
+        anchor = issued[n + 1][1].args[0] if n + 1 < len(issued) else out  # the next one's scaling
+        with bw.graph.inserting_before(anchor):
+            wait = bw.graph.call_function(_c10d.wait_tensor.default, (reduce,))
+        wait.meta["val"] = reduce.meta["val"]
+        _mark(wait, "grad_reduce_wait")
+        values[j] = wait
+    out.args = (tuple(values),)
+    bw.recompile()
+    return graphs, {
+        "world": group.world,
+        "group": group.group_name,
+        "reduced": len(issued),
+        "reduced_bytes": sum(nbytes_hint(g.meta["val"]) for _, _, g in grads),
+    }
+
+
+def _fake(fn: Any, val: torch.Tensor) -> torch.Tensor:
+    with val.fake_mode:
+        return fn(val)
+
+
+def _mark(node: fx.Node, action: str) -> None:
+    set_info(node, NodeInfo(role=Role.BACKWARD, made_by=NAME, action=action))
