@@ -43,10 +43,12 @@ whose ``compute_loss`` computes the loss outside the model, from its outputs or
 from the weights: gradients that reach ``param.grad`` outside the compiled graph
 (a graph break, code dynamo runs eagerly) are clipped and updated with the rest.
 
-Supported: transformers 5.24 up to 6 (exclusive) with accelerate; one process,
-one device; ``optim`` ``"adamw_torch"`` or ``"adamw_torch_fused"`` (the default);
-``bf16=True`` or fp32. Refused with a message: ``fp16=True`` (it needs loss
-scaling; use bf16), DeepSpeed, FSDP, several processes or GPUs, ``model_init``,
+Supported: transformers 5.24 up to 6 (exclusive) with accelerate; one device per
+process, and several processes (``torchrun``, ``accelerate launch``: the model is
+compiled bare and lohan averages its gradients over the ranks, as DDP would);
+``optim`` ``"adamw_torch"`` or ``"adamw_torch_fused"`` (the default); ``bf16=True``
+or fp32. Refused with a message: ``fp16=True`` (it needs loss scaling; use bf16),
+DeepSpeed, FSDP, several GPUs in one process, ``model_init``,
 ``auto_find_batch_size``, ``torch_compile=True``.
 """
 
@@ -189,8 +191,9 @@ def _check_trainer(trainer: Any) -> None:
         refused.append("auto_find_batch_size")
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
         refused.append("DeepSpeed / FSDP")
-    if args.world_size > 1 or args.n_gpu > 1:
-        refused.append(f"several processes or GPUs (world_size={args.world_size}, n_gpu={args.n_gpu})")
+    if args.n_gpu > 1:
+        refused.append(f"several GPUs in one process (n_gpu={args.n_gpu}): start one process per GPU "
+                       "with torchrun or accelerate launch, and lohan trains them data parallel")
     if args.torch_compile:
         refused.append("torch_compile=True (prepare() compiles the model with backend='lohan'; leave it off)")
     precision = trainer.accelerator.mixed_precision

@@ -13,6 +13,7 @@ SCRIPT = Path(__file__).parent / "ranks" / "train_ranks.py"
 
 
 DATA_PARALLEL = Path(__file__).parent / "ranks" / "train_dp.py"
+HF = Path(__file__).parent / "ranks" / "train_hf.py"
 
 
 def ranks(case: str, out: Path, script: Path = SCRIPT, processes: int = 2) -> list[dict]:
@@ -69,3 +70,22 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(case, pro
         assert all(s["swapped_bytes"] > 0 and s["measured_peak_bytes"] <= s["budget_bytes"] for s in summaries)
     if case == "stream":
         assert all(s["h2d_bytes"] > 0 for s in summaries)  # the weights came from the host
+
+
+@pytest.mark.parametrize("accumulation", ["", "-accumulating"])
+def test_the_trainer_prepared_for_lohan_trains_as_the_plain_trainer_under_ddp(accumulation, tmp_path):
+    """``hf.prepare`` under ``torchrun``: the Trainer's distributed sampler hands each rank its
+    slice, lohan averages the gradients, and the losses, gradient norms and weights equal the
+    plain Trainer's (accelerate's DDP, torch AdamW), with and without accumulation."""
+    pytest.importorskip("accelerate")
+    lohan_ranks = ranks("lohan" + accumulation, tmp_path / "lohan", HF)
+    plain = ranks("ddp" + accumulation, tmp_path / "ddp", HF)
+    assert len(plain[0]["logs"]) == 4
+    for mine, theirs in zip(lohan_ranks[0]["logs"], plain[0]["logs"]):
+        assert mine["step"] == theirs["step"] and mine["learning_rate"] == theirs["learning_rate"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+    for r in lohan_ranks:
+        assert r["norms"][0] == r["norms"][1]  # every rank holds the same weights
+        for name, values in r["state"].items():
+            assert values == pytest.approx(plain[0]["state"][name], abs=1e-5), name
