@@ -67,6 +67,12 @@ for _name, (_schema, _fake) in _RUNTIME_OPS.items():
     _keep_in_graphs(_name)
 
 
+# a collective's wait (a data-parallel step's gradient reduction, ``passes/reduce_grads.py``)
+# stays in the graph even where nothing reads what it waited for: the collective's buffer must
+# not be freed or reused while the collective still writes into it
+torch.fx.node.has_side_effect(torch.ops._c10d_functional.wait_tensor.default)
+
+
 def implement(name: str, kernel: Callable) -> None:
     """The runtime's kernel of op ``name`` (one of the ops defined here), for every device."""
     if name not in _RUNTIME_OPS:

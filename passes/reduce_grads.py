@@ -17,7 +17,10 @@ Ensures, for every parameter gradient the backward graph returns:
   in another order would add up different tensors;
 - each wait stands right before the next collective is issued (the last one before backward
   returns): one reduction in flight while the next gradient is computed, and only one
-  reduced buffer held beyond its gradient.
+  reduced buffer held beyond its gradient;
+- where the ranks' optimizers share the update (``group.owners``), a rank keeps the averages
+  of the parameters it updates only: the backward returns no gradient for the others (their
+  owner's optimizer updates them, and ``opt.step()`` brings the weight here).
 The waits are collectives' own (``_c10d_functional.wait_tensor``), which both executors run
 in graph order (the Inductor executor runs collectives outside its segments).
 """
@@ -55,8 +58,8 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
 
     order = {n: i for i, n in enumerate(bw.graph.nodes)}
     after, after_at = None, -1  # the last collective issued, and the position of what it follows
-    issued = []  # (position in outputs, collective node)
-    for _, j, grad in grads:
+    issued = []  # (input index, position in outputs, collective node)
+    for idx, j, grad in grads:
         if order[grad] > after_at:
             anchor, after_at = grad, order[grad]
         else:
@@ -68,21 +71,31 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
         reduce.meta["val"] = _fake(torch.empty_like, grad.meta["val"])
         _mark(scaled, "grad_scale")
         _mark(reduce, "grad_reduce")
-        issued.append((j, reduce))
+        issued.append((idx, j, reduce))
         after = reduce
-    for n, (j, reduce) in enumerate(issued):
-        anchor = issued[n + 1][1].args[0] if n + 1 < len(issued) else out  # the next one's scaling
+    dropped = []
+    for n, (idx, j, reduce) in enumerate(issued):
+        anchor = issued[n + 1][2].args[0] if n + 1 < len(issued) else out  # the next one's scaling
         with bw.graph.inserting_before(anchor):
             wait = bw.graph.call_function(_c10d.wait_tensor.default, (reduce,))
         wait.meta["val"] = reduce.meta["val"]
         _mark(wait, "grad_reduce_wait")
-        values[j] = wait
+        if group.owners.get(idx, group.rank) == group.rank:
+            values[j] = wait
+        else:
+            # another rank updates this parameter: its average is not kept here (the wait stays:
+            # the collective's buffer must not be reused before it completes)
+            values[j] = None
+            dropped.append(idx)
     out.args = (tuple(values),)
     bw.recompile()
     return graphs, {
         "world": group.world,
         "group": group.group_name,
         "reduced": len(issued),
+        # input index -> the rank that updates it (the others receive its weight at step())
+        "owners": dict(group.owners),
+        "dropped": sorted(dropped),
         "reduced_bytes": sum(nbytes_hint(g.meta["val"]) for _, _, g in grads),
     }
 

@@ -58,7 +58,8 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(case, pro
     parameters (read through ``model.state_dict()``) equal one eager process with AdamW and
     ``clip_grad_norm_`` on the global batch, up to the reduction order: losses within 1e-4,
     parameters within 1e-5 relative in norm and no element off by the learning rate. With a
-    CPUAdamW, a budget that swaps, streamed weights, and a torch optimizer under Inductor."""
+    CPUAdamW, a budget that swaps, streamed weights, and a torch optimizer under Inductor.
+    The ranks' CPUAdamWs share the update: each holds the state of the parameters it updates."""
     results = ranks(case, tmp_path, DATA_PARALLEL, processes)
     for r in results:
         assert r["losses"] == pytest.approx(r["reference_losses"], abs=1e-4)
@@ -66,6 +67,14 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(case, pro
         assert max(r["max_abs_error"].values()) < r["lr"]
         assert all(g["world"] == processes and g["reduced"] == 21 for g in r["reduce_grads"])  # every parameter's
     summaries = results[0]["summaries"]
+    held = [r["state_bytes"] for r in results]
+    if case in ("cpuadamw", "swap"):
+        # each rank's CPUAdamW holds the state of the parameters it updates: about 1/N of one
+        # process's, all of it between them
+        assert sum(held) == results[0]["whole_state_bytes"]
+        assert max(held) <= 1.25 * results[0]["whole_state_bytes"] / processes
+    if case == "stream":  # (streamed weights: every rank updates every parameter)
+        assert held == [results[0]["whole_state_bytes"]] * processes
     if case == "swap":
         assert all(s["swapped_bytes"] > 0 and s["measured_peak_bytes"] <= s["budget_bytes"] for s in summaries)
     if case == "stream":

@@ -114,8 +114,9 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], optimizer
 
 def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], optimizer: Any) -> None:
     """What the passes decided the runtime must take on, from their reports: the gradients the
-    optimizer's runtime takes during backward (``offload_grads``), the parameters streamed from
-    the host tier and those read resident (``stream_params``)."""
+    optimizer's runtime takes during backward (``offload_grads``), which rank updates each
+    parameter under data parallelism (``reduce_grads``), the parameters streamed from the host
+    tier and those read resident (``stream_params``)."""
     reports = {r.name: r.report for r in records if not r.skipped}
     offloaded = reports.get("offload_grads", {}).get("offloaded_inputs", {})
     streaming = reports.get("stream_params", {})
@@ -136,6 +137,12 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
                 runtime.register(param)
         runtime.note_forward_order(reports["offload_grads"]["forward_order"])
         runtime.watch_eager_grads()
+    reduced = reports.get("reduce_grads", {})
+    if reduced.get("world", 1) > 1 and optimizer is not None:
+        # data parallel: where the ranks share the update, each parameter's owner updates it, and
+        # step() brings the others the new weight
+        offload.runtime_of(optimizer).data_parallel(
+            {real_inputs[idx]: owner for idx, owner in reduced["owners"].items()}, reduced["group"])
     for idx in streaming.get("resident_inputs", ()):
         stream.keep_resident(real_inputs[idx])
     for idx, trainable in streamed.items():

@@ -6,6 +6,12 @@ With a default process group of several ranks, a model compiled for training is 
 over the ranks inside the compiled backward, before the optimizer (a torch one reading
 ``param.grad``, or a ``CPUAdamW`` taking each gradient as backward makes it) sees it. A model
 wrapped in ``DistributedDataParallel`` has its gradients reduced by DDP, so lohan does not.
+
+With a ``CPUAdamW`` the ranks share the update, as ZeRO-Offload does: each parameter has one
+owner rank (balanced by bytes), whose optimizer alone holds its fp32 state and updates it; at
+``opt.step()`` the owner's updated weight is broadcast to the other ranks. Host memory and CPU
+work of the optimizer per rank are about 1/N of one process's. Not with ``offload_params=True``
+(a streamed weight lives in its rank's host tier, which the broadcast does not reach yet).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import LohanError
 from ..graph.pipeline import DataParallel
 from ..options import Options
+from ..runtime import keys
 from .compiler import find_optimizer
 
 
@@ -48,7 +55,31 @@ def data_parallel(opts: Options, example_inputs: Sequence[Any]) -> DataParallel 
             "the model without DistributedDataParallel: lohan averages its gradients over the ranks "
             "itself. (Or pass options={'data_parallel': False, ...} if the ranks are meant to train apart.)")
     group = torch.distributed.group.WORLD
-    return DataParallel(world=world, group_name=group.group_name)
+    rank = torch.distributed.get_rank()
+    optimizer = find_optimizer(opts, example_inputs)
+    owners = {}
+    if optimizer is not None and opts.offload_params is not True:
+        owned = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter) and optimizer.owns(t)]
+        if len(owned) >= world:  # (every rank then takes part in every step's update)
+            owners = {i: _owner(example_inputs[i], world) for i in sorted(owned, reverse=True)}
+    return DataParallel(world=world, rank=rank, group_name=group.group_name, owners=owners)
+
+
+# parameter key -> the rank that updates it, and the bytes each rank updates: a parameter keeps
+# its owner across graphs and re-plans. Every rank meets the parameters in the same order (the
+# same model compiled the same way), so every rank makes the same table.
+_owner_of: dict[int, int] = {}
+_owned_bytes: dict[int, list[int]] = {}
+
+
+def _owner(param: torch.Tensor, world: int) -> int:
+    key = keys.key_for(param)
+    if key not in _owner_of:
+        load = _owned_bytes.setdefault(world, [0] * world)
+        rank = min(range(world), key=lambda r: load[r])
+        load[rank] += param.numel() * param.element_size()
+        _owner_of[key] = rank
+    return _owner_of[key]
 
 
 def _is_dtensor(t: Any) -> bool:

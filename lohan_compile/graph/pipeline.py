@@ -69,10 +69,16 @@ class InputFact:
 
 @dataclass(frozen=True)
 class DataParallel:
-    """The process group a data-parallel step averages its parameter gradients over."""
+    """The process group a data-parallel step averages its parameter gradients over, and, where
+    the ranks' CPU optimizers share the update, which rank updates each parameter."""
 
     world: int
+    rank: int
     group_name: str
+    # input index -> the rank whose CPUAdamW holds the parameter's optimizer state and updates
+    # it (the others drop its averaged gradient and receive its updated weight at step());
+    # empty: every rank updates every parameter
+    owners: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

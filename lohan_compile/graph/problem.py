@@ -43,6 +43,25 @@ def _recomputable(node: fx.Node) -> bool:
     return not target._schema.is_mutable
 
 
+_COLLECTIVE_WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+def _hold_collective_buffers(bw: fx.GraphModule, index: dict[fx.Node, int], key_of: dict[fx.Node, str | None],
+                             last_use: dict[str, int]) -> None:
+    """A collective's buffer (a data-parallel gradient's average, ``passes/reduce_grads.py``) is
+    planned as held until the next collective's wait (the last one's until backward ends): the
+    process group's worker thread keeps its own reference until it has finished with the
+    collective, and drops it after the graph's wait may already have returned; the next wait
+    returns once the worker has gone on to the next collective."""
+    waits = [n for n in bw.graph.nodes if n.op == "call_function" and n.target is _COLLECTIVE_WAIT]
+    end = max(index.values(), default=0)
+    for i, wait in enumerate(waits):
+        key = key_of.get(wait)
+        if key is not None:
+            until = index[waits[i + 1]] if i + 1 < len(waits) else end
+            last_use[key] = max(last_use.get(key, -1), until)
+
+
 def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
                   scratch: Callable[[fx.Node], int] | None = None,
                   fused: Callable[[str, fx.Node], bool] | None = None) -> Problem:
@@ -116,6 +135,8 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
             k = key_of.get(n)
             if k is not None:
                 last_use[k] = max(last_use.get(k, -1), index[n])
+
+    _hold_collective_buffers(bw, index, key_of, last_use)
 
     saved_keys: dict[str, fx.Node] = {}
     saved_nodes: set[fx.Node] = set()

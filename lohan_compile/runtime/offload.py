@@ -435,6 +435,10 @@ class OffloadRuntime:
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
         self.eager_only: set[int] = set()  # keys whose gradients come only from code run eagerly
+        # data parallel with the update shared between the ranks (``share_update``): key -> (the
+        # parameter, weakly; the rank that updates it), and the process group
+        self.shared: dict[int, tuple[weakref.ref, int]] = {}
+        self.group_name: str | None = None
         self._grad_hooks: dict[int, Any] = {}  # id(param) -> its eager-gradient hook's handle
         # why the training state is torn (a deferred update failed after step() returned): every
         # later use refuses until a checkpoint is loaded (opt.load_state_dict)
@@ -497,6 +501,38 @@ class OffloadRuntime:
         self._state_moved.add(key)
         return key
 
+    def data_parallel(self, owners: dict[torch.Tensor, int], group_name: str) -> None:
+        """Data parallel over the process group ``group_name``: a gradient that comes from code
+        outside the compiled graphs is averaged over the ranks here. Where each parameter is
+        updated by one rank (``owners``: parameter -> rank), at ``step()`` the global gradient
+        norm and the non-finite check combine every rank's part, and each updated weight goes
+        from its owner to every other rank."""
+        self.group_name = group_name
+        for param, owner in owners.items():
+            self.shared[keys.key_for(param)] = (weakref.ref(param), owner)
+
+    def _group(self):
+        return torch.distributed.distributed_c10d._resolve_process_group(self.group_name)
+
+    def _global_grad_stats(self, st: "_Step") -> None:
+        """This rank's sum of squares and non-finite flag, combined over the ranks (each holds
+        the averaged gradients of the parameters it updates)."""
+        parts = torch.tensor([st.sumsq, float(st.nonfinite)], dtype=torch.float64)
+        torch.distributed.all_reduce(parts, group=self._group())
+        st.sumsq, st.nonfinite = float(parts[0]), bool(parts[1] > 0)
+
+    def _broadcast_weights(self) -> None:
+        """Every shared parameter's weight from the rank that updated it, in key order (the same
+        on every rank)."""
+        group = self._group()
+        for key in sorted(self.shared):
+            ref, owner = self.shared[key]
+            param = ref()
+            if param is None:
+                raise LohanError("a parameter the ranks update together was garbage collected during training")
+            with torch.no_grad():
+                torch.distributed.broadcast(param.data, group_src=owner, group=group)
+
     def watch_eager_grads(self) -> None:
         """Hook every parameter of the optimizer (those not hooked yet) so that a gradient
         autograd accumulates into ``.grad`` outside the compiled graphs comes to this runtime."""
@@ -521,6 +557,11 @@ class OffloadRuntime:
             global _eager_taken
             _eager_taken = True  # its module gets the hooks that make reads outside the step wait
             self.eager_only.add(key)
+        if self.group_name is not None:
+            # (data parallel: the compiled graphs average theirs; autograd runs these hooks in
+            # the same order on every rank)
+            grad = grad.detach().div(torch.distributed.get_world_size(self._group()))
+            torch.distributed.all_reduce(grad, group=self._group())
         host = self.tier.empty(tuple(grad.shape), grad.dtype)
         self.tier.copy_(host, grad.detach().contiguous()).wait()
         param.grad = None
@@ -726,6 +767,8 @@ class OffloadRuntime:
             self.abort()
             raise
         opt = self.opt
+        if self.shared:
+            self._global_grad_stats(st)
         norm, coef = opt.clip_coefficient(st.sumsq)
         skip = st.nonfinite and opt.skip_nonfinite
         design = "speculative" if self._speculative() else "deferred"  # fixed for this step
@@ -755,7 +798,8 @@ class OffloadRuntime:
                         self._writeback(k)
                         if k in st.copy_of:
                             st.copy_of[k].wait()
-                if todo and not self._speculative():
+                # (shared: every weight is on its owner's device before the broadcast)
+                if todo and not self._speculative() and not self.shared:
                     # deferred: the updates run in the order forward reads the weights, while
                     # step() returns; the next forward waits only for the weight it needs.
                     # They use the hyperparameters of this call: a scheduler that steps right
@@ -773,6 +817,8 @@ class OffloadRuntime:
                         self._writeback(k)
             if not self.pending_weights:
                 self._wait_copies()
+            if self.shared:
+                self._broadcast_weights()
         except BaseException:
             self.abort()
             raise

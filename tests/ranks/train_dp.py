@@ -54,6 +54,12 @@ for ids in batches:
 ref = {k: v.detach().clone() for k, v in reference.state_dict().items()}
 del reference, ref_opt, ref_loss
 
+
+def state_bytes(optimizer):
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
 options = {"executor": "inductor" if case == "torch-inductor" else "fx"}
 if case == "swap":
     # below what a plan that keeps everything predicts (the ranks agree: the same model)
@@ -82,7 +88,7 @@ for ids in batches:
     opt.step()
     opt.zero_grad()
     summary = lohan.last_report().summary()
-    out["summaries"].append({k: summary.get(k) for k in ("swapped_bytes", "d2h_bytes", "h2d_bytes", "measured_peak_bytes",
+    out["summaries"].append({k: summary.get(k) for k in ("swapped_bytes", "d2h_bytes", "h2d_bytes", "measured_peak_bytes", "predicted_peak_bytes", "plans",
                                                           "budget_bytes")})
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -95,6 +101,9 @@ out["model_relative_error"] = float(torch.cat([(mine[k] - ref[k]).flatten() for 
                                    / torch.cat([ref[k].flatten() for k in ref]).norm())
 out["max_abs_error"] = {k: float((mine[k] - ref[k]).abs().max()) for k in ref}
 out["lr"] = LR
+out["state_bytes"] = state_bytes(opt) if isinstance(opt, lohan.CPUAdamW) else None
+# one process's CPUAdamW of a compiled fp32 model holds a host master and two moments per weight
+out["whole_state_bytes"] = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 out["reduce_grads"] = [g.pass_report("reduce_grads") for g in lohan.last_report().graphs]
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(out, f)
