@@ -66,6 +66,9 @@ def _describe(p: torch.Tensor) -> str:
     return f"shape {tuple(p.shape)}, {p.dtype}, on {p.device}"
 
 
+_STATE_NAMES = ("step", "exp_avg", "exp_avg_sq", "master")  # what a parameter's state holds
+
+
 class CPUAdamW(Optimizer, OffloadOptimizer):
     """AdamW (or Adam with an L2 penalty) over fp32 masters, fused in one pass per element.
 
@@ -453,6 +456,53 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
                 for name, t in list(st.items()):
                     if self._on_ssd(t):
                         st[name] = self.read_state(t, torch.empty(t.shape, dtype=t.dtype))
+        if runtime is not None and runtime.shared:
+            # data parallel, the update shared: this rank's part only (``full_state_dict()``
+            # gathers the whole one)
+            group = runtime.group()
+            sd["lohan_shard"] = {"rank": torch.distributed.get_rank(group),
+                                 "world": torch.distributed.get_world_size(group)}
+        return sd
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, Any]:
+        """The optimizer state of every parameter, as one process training alone would save it.
+
+        Under data parallelism the ranks share the update: each rank's ``state_dict()`` holds the
+        state of the parameters it updates (``"lohan_shard"`` says which rank of how many). This
+        gathers the whole state from the ranks that hold it; every rank must call it (it is a
+        collective), and every rank receives the whole state. What it returns loads into a
+        ``CPUAdamW`` of one process, or of any number of processes (each then keeps the part it
+        updates). Without data parallelism it is ``state_dict()``."""
+        sd = self.state_dict()
+        runtime = self.__dict__.get("_lohan_offload")
+        if runtime is None or not runtime.shared:
+            return sd
+        group = runtime.group()
+        rank = torch.distributed.get_rank(group)
+        index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+        state = dict(sd["state"])
+        for param, owner in runtime.shared_params():
+            i = index[id(param)]
+            mine = state.get(i) if owner == rank else None
+            # which of the state's tensors the owner holds (none: never updated)
+            has = torch.tensor([mine is not None and name in mine for name in _STATE_NAMES], dtype=torch.int64)
+            torch.distributed.broadcast(has, group_src=owner, group=group)
+            if not has.any():
+                continue
+            got = {}
+            for name, held in zip(_STATE_NAMES, has.tolist()):
+                if not held:
+                    continue
+                if mine is not None:
+                    t = mine[name].detach().to(torch.float32).contiguous()
+                else:
+                    t = torch.empty(() if name == "step" else param.shape, dtype=torch.float32)
+                torch.distributed.broadcast(t, group_src=owner, group=group)
+                got[name] = t if mine is None else mine[name]
+            state[i] = got
+        sd = {**sd, "state": dict(sorted(state.items()))}
+        sd.pop("lohan_shard", None)
         return sd
 
     def clip_coefficient(self, sumsq: float) -> tuple[float, float]:

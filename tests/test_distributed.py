@@ -73,6 +73,10 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(case, pro
         # process's, all of it between them
         assert sum(held) == results[0]["whole_state_bytes"]
         assert max(held) <= 1.25 * results[0]["whole_state_bytes"] / processes
+        for r in results:  # a rank's checkpoint says it is a part; the whole one is one process's
+            assert r["shard"] == {"rank": r["rank"], "world": processes}
+            assert r["full_state_params"] == r["loaded_params"] == 21 and r["full_steps"] == [4.0]
+            assert max(r["moment_errors"]) < 1e-6
     if case == "stream":  # (streamed weights: every rank updates every parameter)
         assert held == [results[0]["whole_state_bytes"]] * processes
     if case == "swap":

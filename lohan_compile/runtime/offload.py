@@ -508,28 +508,41 @@ class OffloadRuntime:
         norm and the non-finite check combine every rank's part, and each updated weight goes
         from its owner to every other rank."""
         self.group_name = group_name
+        rank = torch.distributed.get_rank(self.group())
         for param, owner in owners.items():
             self.shared[keys.key_for(param)] = (weakref.ref(param), owner)
+            if owner != rank:
+                # (a whole state loaded before the model was compiled: another rank updates it)
+                self.opt.state.pop(param, None)
 
-    def _group(self):
+    def group(self):
+        """The process group of data parallelism (``data_parallel``)."""
         return torch.distributed.distributed_c10d._resolve_process_group(self.group_name)
 
-    def _global_grad_stats(self, st: "_Step") -> None:
-        """This rank's sum of squares and non-finite flag, combined over the ranks (each holds
-        the averaged gradients of the parameters it updates)."""
-        parts = torch.tensor([st.sumsq, float(st.nonfinite)], dtype=torch.float64)
-        torch.distributed.all_reduce(parts, group=self._group())
-        st.sumsq, st.nonfinite = float(parts[0]), bool(parts[1] > 0)
-
-    def _broadcast_weights(self) -> None:
-        """Every shared parameter's weight from the rank that updated it, in key order (the same
-        on every rank)."""
-        group = self._group()
+    def shared_params(self) -> list[tuple[torch.Tensor, int]]:
+        """The parameters the ranks share the update of, with the rank that updates each, in
+        key order (the same on every rank)."""
+        out = []
         for key in sorted(self.shared):
             ref, owner = self.shared[key]
             param = ref()
             if param is None:
                 raise LohanError("a parameter the ranks update together was garbage collected during training")
+            out.append((param, owner))
+        return out
+
+    def _global_grad_stats(self, st: "_Step") -> None:
+        """This rank's sum of squares and non-finite flag, combined over the ranks (each holds
+        the averaged gradients of the parameters it updates)."""
+        parts = torch.tensor([st.sumsq, float(st.nonfinite)], dtype=torch.float64)
+        torch.distributed.all_reduce(parts, group=self.group())
+        st.sumsq, st.nonfinite = float(parts[0]), bool(parts[1] > 0)
+
+    def _broadcast_weights(self) -> None:
+        """Every shared parameter's weight from the rank that updated it, in key order (the same
+        on every rank)."""
+        group = self.group()
+        for param, owner in self.shared_params():
             with torch.no_grad():
                 torch.distributed.broadcast(param.data, group_src=owner, group=group)
 
@@ -560,8 +573,8 @@ class OffloadRuntime:
         if self.group_name is not None:
             # (data parallel: the compiled graphs average theirs; autograd runs these hooks in
             # the same order on every rank)
-            grad = grad.detach().div(torch.distributed.get_world_size(self._group()))
-            torch.distributed.all_reduce(grad, group=self._group())
+            grad = grad.detach().div(torch.distributed.get_world_size(self.group()))
+            torch.distributed.all_reduce(grad, group=self.group())
         host = self.tier.empty(tuple(grad.shape), grad.dtype)
         self.tier.copy_(host, grad.detach().contiguous()).wait()
         param.grad = None

@@ -52,6 +52,7 @@ for ids in batches:
     ref_opt.zero_grad()
     reference_losses.append(float(ref_loss.detach()))
 ref = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+ref_moments = {i: (st["exp_avg"].clone(), st["exp_avg_sq"].clone()) for i, st in ref_opt.state_dict()["state"].items()}
 del reference, ref_opt, ref_loss
 
 
@@ -102,6 +103,19 @@ out["model_relative_error"] = float(torch.cat([(mine[k] - ref[k]).flatten() for 
 out["max_abs_error"] = {k: float((mine[k] - ref[k]).abs().max()) for k in ref}
 out["lr"] = LR
 out["state_bytes"] = state_bytes(opt) if isinstance(opt, lohan.CPUAdamW) else None
+if isinstance(opt, lohan.CPUAdamW):
+    # a rank's checkpoint holds its part and says so; the whole one equals one process's state
+    # and loads into a CPUAdamW of one process
+    out["shard"] = opt.state_dict().get("lohan_shard")
+    full = opt.full_state_dict()
+    out["full_state_params"] = len(full["state"])
+    out["full_steps"] = sorted({float(st["step"]) for st in full["state"].values()})
+    out["moment_errors"] = [max(float((st["exp_avg"] - ref_moments[i][0]).abs().max()),
+                                float((st["exp_avg_sq"] - ref_moments[i][1]).abs().max()))
+                            for i, st in full["state"].items()]
+    alone = lohan.CPUAdamW(copy.deepcopy(model).parameters(), lr=LR)
+    alone.load_state_dict(full)
+    out["loaded_params"] = len(alone.state)
 # one process's CPUAdamW of a compiled fp32 model holds a host master and two moments per weight
 out["whole_state_bytes"] = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 out["reduce_grads"] = [g.pass_report("reduce_grads") for g in lohan.last_report().graphs]
