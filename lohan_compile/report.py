@@ -279,6 +279,9 @@ class Report:
             # per graph: what code run eagerly (after a graph break) was measured to allocate
             # between its forward and backward, which this plan holds room for there
             "outside_bytes": [(g.pass_report("plan_memory") or {}).get("outside_bytes", 0) for g in self.graphs],
+            # data parallel: the bytes of gradients the step's collectives average over the ranks
+            # (each rank sends and receives 2 (N - 1) / N of them in a ring all-reduce)
+            "reduced_bytes": sum((g.pass_report("reduce_grads") or {}).get("reduced_bytes", 0) for g in self.graphs),
         }
 
     def trace_events(self, *, pid: int = 2) -> list[dict]:

@@ -15,6 +15,9 @@ Ensures, for every parameter gradient the backward graph returns:
   order was issued. Ranks may run different plans (a re-plan after a measured excess, a trial
   of another partition), which may compute the gradients in another order; collectives matched
   in another order would add up different tensors;
+- small gradients (under ``SMALL_GRAD_BYTES``) consecutive in that order and of one dtype are
+  reduced in one collective (``all_reduce_coalesced``, up to ``BUCKET_BYTES`` and a sixteenth
+  of the gradient bytes): one round trip instead of one each;
 - each wait stands right before the next collective is issued (the last one before backward
   returns): one reduction in flight while the next gradient is computed, and only one
   reduced buffer held beyond its gradient;
@@ -27,6 +30,7 @@ in graph order (the Inductor executor runs collectives outside its segments).
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -38,6 +42,9 @@ from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.shapes import nbytes_hint
 
 NAME = "reduce_grads"
+
+SMALL_GRAD_BYTES = 64 * 1024  # gradients below this are reduced together, in one collective
+BUCKET_BYTES = 1024 * 1024  # ... of at most this many bytes
 
 _c10d = torch.ops._c10d_functional
 
@@ -58,46 +65,87 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
 
     order = {n: i for i, n in enumerate(bw.graph.nodes)}
     after, after_at = None, -1  # the last collective issued, and the position of what it follows
-    issued = []  # (input index, position in outputs, collective node)
-    for idx, j, grad in grads:
-        if order[grad] > after_at:
-            anchor, after_at = grad, order[grad]
+    issued = []  # per collective: (its first scaling node, [(input index, output position, result)])
+    for bucket in _buckets(grads):
+        last = max((grad for _, _, grad in bucket), key=order.__getitem__)
+        if order[last] > after_at:
+            anchor, after_at = last, order[last]
         else:
-            anchor = after  # (its gradient was made before the previous one's collective was issued)
+            anchor = after  # (its gradients were made before the previous collective was issued)
         with bw.graph.inserting_before(anchor.next):  # (in this order, right after it)
-            scaled = bw.graph.call_function(torch.ops.aten.div.Tensor, (grad, group.world))
-            reduce = bw.graph.call_function(_c10d.all_reduce.default, (scaled, "sum", group.group_name))
-        scaled.meta["val"] = _fake(lambda v: v / group.world, grad.meta["val"])
-        reduce.meta["val"] = _fake(torch.empty_like, grad.meta["val"])
-        _mark(scaled, "grad_scale")
+            scaled = []
+            for _, _, grad in bucket:
+                node = bw.graph.call_function(torch.ops.aten.div.Tensor, (grad, group.world))
+                node.meta["val"] = _fake(lambda v: v / group.world, grad.meta["val"])
+                _mark(node, "grad_scale")
+                scaled.append(node)
+            if len(bucket) == 1:
+                reduce = bw.graph.call_function(_c10d.all_reduce.default, (scaled[0], "sum", group.group_name))
+                reduce.meta["val"] = _fake(torch.empty_like, scaled[0].meta["val"])
+                results = [reduce]
+            else:
+                # small gradients of one dtype in one collective: one round trip, not one each
+                reduce = bw.graph.call_function(_c10d.all_reduce_coalesced.default, (scaled, "sum", group.group_name))
+                reduce.meta["val"] = [_fake(torch.empty_like, v.meta["val"]) for v in scaled]
+                results = []
+                for k, v in enumerate(reduce.meta["val"]):
+                    item = bw.graph.call_function(operator.getitem, (reduce, k))
+                    item.meta["val"] = v
+                    _mark(item, "grad_reduce")
+                    results.append(item)
         _mark(reduce, "grad_reduce")
-        issued.append((idx, j, reduce))
-        after = reduce
+        issued.append((scaled[0], [(idx, j, r) for (idx, j, _), r in zip(bucket, results)]))
+        after = results[-1]
     dropped = []
-    for n, (idx, j, reduce) in enumerate(issued):
-        anchor = issued[n + 1][2].args[0] if n + 1 < len(issued) else out  # the next one's scaling
-        with bw.graph.inserting_before(anchor):
-            wait = bw.graph.call_function(_c10d.wait_tensor.default, (reduce,))
-        wait.meta["val"] = reduce.meta["val"]
-        _mark(wait, "grad_reduce_wait")
-        if group.owners.get(idx, group.rank) == group.rank:
-            values[j] = wait
-        else:
-            # another rank updates this parameter: its average is not kept here (the wait stays:
-            # the collective's buffer must not be reused before it completes)
-            values[j] = None
-            dropped.append(idx)
+    for n, (_, members) in enumerate(issued):
+        anchor = issued[n + 1][0] if n + 1 < len(issued) else out  # the next collective's scaling
+        for idx, j, result in members:
+            with bw.graph.inserting_before(anchor):
+                wait = bw.graph.call_function(_c10d.wait_tensor.default, (result,))
+            wait.meta["val"] = result.meta["val"]
+            _mark(wait, "grad_reduce_wait")
+            if group.owners.get(idx, group.rank) == group.rank:
+                values[j] = wait
+            else:
+                # another rank updates this parameter: its average is not kept here (the wait
+                # stays: the collective's buffer must not be reused before it completes)
+                values[j] = None
+                dropped.append(idx)
     out.args = (tuple(values),)
     bw.recompile()
     return graphs, {
         "world": group.world,
         "group": group.group_name,
-        "reduced": len(issued),
+        "reduced": len(grads),
+        "collectives": len(issued),
         # input index -> the rank that updates it (the others receive its weight at step())
         "owners": dict(group.owners),
         "dropped": sorted(dropped),
         "reduced_bytes": sum(nbytes_hint(g.meta["val"]) for _, _, g in grads),
     }
+
+
+def _buckets(grads: list) -> list[list]:
+    """Gradients in issue order, grouped: a large one alone, a run of small ones of one dtype
+    (consecutive in that order) together, up to ``BUCKET_BYTES`` and a sixteenth of all the
+    gradient bytes (a bucket's results exist at once: they stay small beside the step's peak)."""
+    cap = min(BUCKET_BYTES, sum(nbytes_hint(g[2].meta["val"]) for g in grads) // 16)
+    buckets: list[list] = []
+    run: list = []
+    for g in grads:
+        val = g[2].meta["val"]
+        small = nbytes_hint(val) < SMALL_GRAD_BYTES
+        if run and (not small or val.dtype != run[0][2].meta["val"].dtype
+                    or sum(nbytes_hint(m[2].meta["val"]) for m in run) + nbytes_hint(val) > cap):
+            buckets.append(run)
+            run = []
+        if small:
+            run.append(g)
+        else:
+            buckets.append([g])
+    if run:
+        buckets.append(run)
+    return buckets
 
 
 def _fake(fn: Any, val: torch.Tensor) -> torch.Tensor:

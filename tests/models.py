@@ -57,11 +57,11 @@ class ConvBN(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-def tiny_llama(tie: bool = False, layers: int = 2):
+def tiny_llama(tie: bool = False, layers: int = 2, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=tie,
     )

@@ -61,7 +61,10 @@ def data_parallel(opts: Options, example_inputs: Sequence[Any]) -> DataParallel 
     if optimizer is not None and opts.offload_params is not True:
         owned = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter) and optimizer.owns(t)]
         if len(owned) >= world:  # (every rank then takes part in every step's update)
-            owners = {i: _owner(example_inputs[i], world) for i in sorted(owned, reverse=True)}
+            # largest first, each to the rank holding least so far (ties: by position, the same
+            # on every rank)
+            largest_first = sorted(owned, key=lambda i: (-example_inputs[i].numel() * example_inputs[i].element_size(), i))
+            owners = {i: _owner(example_inputs[i], world) for i in largest_first}
     return DataParallel(world=world, rank=rank, group_name=group.group_name, owners=owners)
 
 

@@ -17,13 +17,14 @@ on the device when the graph starts.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from ..plan.problem import Buffer, Candidate, OpInfo, Problem
+from ..plan.problem import Buffer, Candidate, Collective, OpInfo, Problem
 from ..hardware import resolve
 from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
@@ -44,30 +45,49 @@ def _recomputable(node: fx.Node) -> bool:
 
 
 _COLLECTIVE_WAIT = torch.ops._c10d_functional.wait_tensor.default
+_ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+_ALL_REDUCE_COALESCED = torch.ops._c10d_functional.all_reduce_coalesced.default
+_COLLECTIVES = (_ALL_REDUCE, _ALL_REDUCE_COALESCED)
+
+
+def _collective_waits(bw: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """The collectives of a backward (``passes/reduce_grads.py``) in graph order, each with the
+    waits of its results (an ``all_reduce_coalesced``'s through its ``getitem`` nodes)."""
+    out = []
+    for n in bw.graph.nodes:
+        if n.op != "call_function" or n.target not in _COLLECTIVES:
+            continue
+        results = [u for u in n.users if u.target is operator.getitem] if n.target is _ALL_REDUCE_COALESCED else [n]
+        waits = [w for r in results for w in r.users if w.target is _COLLECTIVE_WAIT]
+        if waits:
+            out.append((n, waits))
+    return out
 
 
 def _hold_collective_buffers(bw: fx.GraphModule, index: dict[fx.Node, int], key_of: dict[fx.Node, str | None],
                              last_use: dict[str, int]) -> None:
-    """A collective's buffer (a data-parallel gradient's average, ``passes/reduce_grads.py``) is
-    planned as held until the next collective's wait (the last one's until backward ends): the
-    process group's worker thread keeps its own reference until it has finished with the
-    collective, and drops it after the graph's wait may already have returned; the next wait
-    returns once the worker has gone on to the next collective."""
-    waits = [n for n in bw.graph.nodes if n.op == "call_function" and n.target is _COLLECTIVE_WAIT]
+    """A collective's buffers (a data-parallel gradient's average, ``passes/reduce_grads.py``)
+    are planned as held until the next collective's first wait (the last one's until backward
+    ends): the process group's worker thread keeps its own reference until it has finished with
+    the collective, and drops it after the graph's wait may already have returned; the next
+    wait returns once the worker has gone on to the next collective."""
+    collectives = _collective_waits(bw)
     end = max(index.values(), default=0)
-    for i, wait in enumerate(waits):
-        key = key_of.get(wait)
-        if key is not None:
-            until = index[waits[i + 1]] if i + 1 < len(waits) else end
-            last_use[key] = max(last_use.get(key, -1), until)
+    for i, (_, waits) in enumerate(collectives):
+        until = min(index[w] for w in collectives[i + 1][1]) if i + 1 < len(collectives) else end
+        for wait in waits:
+            key = key_of.get(wait)
+            if key is not None:
+                last_use[key] = max(last_use.get(key, -1), until)
 
 
 def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
                   scratch: Callable[[fx.Node], int] | None = None,
-                  fused: Callable[[str, fx.Node], bool] | None = None) -> Problem:
+                  fused: Callable[[str, fx.Node], bool] | None = None, world: int = 1) -> Problem:
     """``scratch(node)``: the device bytes the op allocates inside itself (``graph/scratch.py``);
     None: none. ``fused(phase, node)``: the executor fuses the node's result into its readers
-    (Inductor): it never exists in memory, and its buffer has no bytes."""
+    (Inductor): it never exists in memory, and its buffer has no bytes. ``world``: the devices
+    a data-parallel step's collectives run among."""
     ops: list[OpInfo] = []
     index: dict[fx.Node, int] = {}
     for phase, gm in (("fw", fw), ("bw", bw)):
@@ -257,7 +277,22 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
         bw_seconds=sum(o.seconds for o in ops[n_fw:]),
         user_outputs=user_outputs,
         saved_outputs=frozenset(pos for pos, (k, _) in user_outputs.items() if k in saved_keys),
+        collectives=_collectives(bw, index, world),
     )
+
+
+def _collectives(bw: fx.GraphModule, index: dict[fx.Node, int], world: int) -> list[Collective]:
+    """The all-reduces of a data-parallel backward (``reduce_grads``), each with its first wait:
+    in a ring all-reduce each of ``world`` devices sends (and receives) 2 (world - 1) / world
+    times the tensors' bytes."""
+    if world <= 1:
+        return []
+    out = []
+    for n, waits in _collective_waits(bw):
+        tensors = n.meta["val"] if isinstance(n.meta["val"], (list, tuple)) else [n.meta["val"]]
+        sent = 2 * (world - 1) * sum(nbytes_hint(t) for t in tensors) // world
+        out.append(Collective(f"bw:{n.name}", index[n], min(index[w] for w in waits), sent))
+    return out
 
 
 def _input_facts(
@@ -335,12 +370,14 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
                 return True
             facts.unseen_fused.add(key)  # (held: the compile says so where no plan fits)
             return False
-    problem = (build_problem(fw, bw, cost, scratch, fused).without_outputs(facts.dropped_outputs)
+    world = facts.data_parallel.world if facts.data_parallel is not None else 1
+    problem = (build_problem(fw, bw, cost, scratch, fused, world).without_outputs(facts.dropped_outputs)
                .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     rates = Rates(
         d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),
         h2d_seconds_per_byte=cost.transfer_seconds(1, "h2d"),
         sharing=hw.sharing,
+        net_seconds_per_byte=1 / hw.allreduce_bandwidth,
     )
     return Profile(problem, rates, hw)

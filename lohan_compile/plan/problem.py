@@ -90,6 +90,18 @@ class Fetch:
         return f"param:{self.input_index}:{self.phase}"
 
 
+@dataclass(frozen=True)
+class Collective:
+    """A collective of a data-parallel step (a gradient's all-reduce): issued after op
+    ``issue_at``, waited for before op ``wait_at``; each device sends ``bytes`` (and receives
+    as many) over the link between the devices."""
+
+    key: str
+    issue_at: int
+    wait_at: int
+    bytes: int
+
+
 @dataclass
 class Problem:
     ops: list[OpInfo]
@@ -120,6 +132,8 @@ class Problem:
     # and the start of backward, while what forward keeps is held (a region dynamo ran eagerly
     # after a graph break: a loss, a chunked LM head): measured, not traced
     outside_bytes: int = 0
+    # the step's collectives (data parallel), in issue order
+    collectives: list[Collective] = field(default_factory=list)
 
     def candidate(self, key: str) -> Candidate:
         for c in self.candidates:
@@ -188,6 +202,7 @@ class Rates:
     d2h_seconds_per_byte: float
     h2d_seconds_per_byte: float
     sharing: Sharing = field(default_factory=Sharing)
+    net_seconds_per_byte: float = 0.0  # the link between devices (a data-parallel step's collectives)
 
 
 @dataclass
@@ -200,6 +215,7 @@ class Prediction:
     d2h_bytes: int
     h2d_bytes: int
     timeline: Timeline
+    net_bytes: int = 0  # what this device sends to the others in the step's collectives
 
 
 @dataclass
@@ -231,13 +247,14 @@ class OpRef:
         return f"{self.index}:{self.name}"
 
 
-TRANSFER_KINDS = ("swap_out", "swap_in", "fetch")
+TRANSFER_KINDS = ("swap_out", "swap_in", "fetch", "reduce")
 
 
 @dataclass(frozen=True)
 class Transfer:
     """An asynchronous copy of a plan: a swap of a candidate out (``swap_out``, device to
-    host) or back in (``swap_in``), or the fetch of a streamed parameter (``fetch``). The
+    host) or back in (``swap_in``), the fetch of a streamed parameter (``fetch``), or a
+    collective of a data-parallel step (``reduce``, between devices). The
     step program issues and waits for it under this name; the rewrite finds its graph
     nodes, the dump and the report its predicted times, by the same record."""
 

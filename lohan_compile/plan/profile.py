@@ -39,10 +39,20 @@ class HardwareProfile:
     host_memory: int | None = None  # bytes of host memory available for the host tier
     op_overhead_s: float = 5e-6  # fixed cost per op (kernel launch, dispatch)
     full_duplex: bool = True  # d2h and h2d run at full speed at the same time
+    # bytes/s each device sends (and receives) in an all-reduce among the server's devices (the
+    # "bus bandwidth" NCCL's tests report); 0: none stated, the devices reduce through host
+    # memory over PCIe (``allreduce_bandwidth``)
+    interconnect_bandwidth: float = 0.0
     # compute/copy interference: zero on a GPU; measured on the CPU stand-in
     compute_slowdown: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     queue_slowdown: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     source: str = ""  # where the figures come from
+
+    @property
+    def allreduce_bandwidth(self) -> float:
+        """Bytes/s of an all-reduce's traffic per device: the interconnect's, or, without one,
+        half the slower PCIe direction (each byte goes to host memory and comes back)."""
+        return self.interconnect_bandwidth or min(self.d2h_bandwidth, self.h2d_bandwidth) / 2
 
     @property
     def sharing(self) -> Sharing:
@@ -104,7 +114,10 @@ H100 = HardwareProfile(
     h2d_bandwidth=50 * GB,
     device_memory=80 * GiB,
     op_overhead_s=4e-6,
-    source="NVIDIA H100 SXM datasheet, PCIe 5.0 x16",
+    # NVLink 4: 900 GB/s per GPU, both directions together; an all-reduce's bus bandwidth taken
+    # as 40% of it
+    interconnect_bandwidth=0.40 * 900 * GB,
+    source="NVIDIA H100 SXM datasheet, PCIe 5.0 x16, NVLink 4",
 )
 
 LOHAN_TESTBED = RTX4090.with_(

@@ -87,6 +87,11 @@ def program_for(
         at("wait", f.first_use, Wait(Transfer("fetch", f.key)))
         at("free", f.last_use, Free(f.key))
 
+    # a data-parallel step's collectives on the link between the devices, in issue order
+    for c in problem.collectives:
+        at("swap_out", c.issue_at, Issue(Transfer("reduce", c.key), "net", c.bytes * rates.net_seconds_per_byte))
+        at("wait", c.wait_at, Wait(Transfer("reduce", c.key)))
+
     for i, op in enumerate(problem.ops):
         held = op.scratch_bytes + op.results_bytes
         if held:
@@ -122,6 +127,7 @@ def predict(problem: Problem, plan_decisions: dict[str, Decision], rates: Rates)
         d2h_bytes=sum(c.bytes for c in swapped),
         h2d_bytes=sum(c.bytes for c in swapped) + sum(f.bytes for f in problem.fetches),
         timeline=t,
+        net_bytes=sum(c.bytes for c in problem.collectives),
     )
 
 

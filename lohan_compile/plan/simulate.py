@@ -8,7 +8,8 @@ by ``OpRef`` and copies by ``Transfer``, so that nothing parses a name back).
   time it takes with nothing running beside it).
 - ``Issue(name, queue, seconds, after=())``: hand work to an asynchronous
   queue (``"d2h"``, ``"h2d"``, ``"cpu"`` for the CPU optimizer,
-  ``"ssd_read"``, ``"ssd_write"``) and go on at once; the queue runs its work
+  ``"ssd_read"``, ``"ssd_write"``, ``"net"`` for collectives between the devices of a
+  data-parallel step) and go on at once; the queue runs its work
   in issue order, one item at a time, and an item starts only once the items
   named in ``after`` (on other queues) have completed: a weight read from SSD
   before it crosses to the device, an update after its gradient arrived. An
@@ -36,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Mapping, Sequence, Union
 
-QUEUES = ("d2h", "h2d", "cpu", "ssd_read", "ssd_write")
+QUEUES = ("d2h", "h2d", "cpu", "ssd_read", "ssd_write", "net")
 TIERS = ("device", "host", "ssd")
 
 

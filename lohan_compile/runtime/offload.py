@@ -542,8 +542,15 @@ class OffloadRuntime:
         """Every shared parameter's weight from the rank that updated it, in key order (the same
         on every rank)."""
         group = self.group()
+        rank = torch.distributed.get_rank(group)
         for param, owner in self.shared_params():
-            with torch.no_grad():
+            if owner != rank and stream.lookup(param) is not None:
+                # (a weight streamed here would take the new value into a copy that goes again)
+                raise LohanError("lohan: a parameter another rank updates is streamed on this one: its "
+                                 "weight cannot receive the update. Pass offload_params=True on every rank "
+                                 "(then every rank updates every parameter), or offload_params=False.")
+            # (the owner's streamed weight is on the device only while it is sent)
+            with torch.no_grad(), stream.fetched_for_reading([param] if owner == rank else []):
                 torch.distributed.broadcast(param.data, group_src=owner, group=group)
 
     def watch_eager_grads(self) -> None:

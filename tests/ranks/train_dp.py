@@ -9,8 +9,10 @@ swaps), ``stream`` (and ``offload_params=True``), ``torch-inductor`` (a torch Ad
 ``param.grad``, clipping by ``clip_grad_norm_``, the Inductor executor).
 """
 
+import contextlib
 import copy
 import json
+import math
 import os
 import sys
 
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models import tiny_llama  # noqa: E402
 
 STEPS, ROWS, TOKENS, LR, CLIP = 4, 2, 16, 1e-2, 1.0
+VOCAB = 512  # (embedding and LM head large enough to be reduced alone, the rest in a bucket)
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -30,7 +33,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 case, out_dir = sys.argv[1], sys.argv[2]
 
 g = torch.Generator().manual_seed(7)
-batches = [torch.randint(0, 128, (world * ROWS, TOKENS), generator=g) for _ in range(STEPS)]
+batches = [torch.randint(0, VOCAB, (world * ROWS, TOKENS), generator=g) for _ in range(STEPS)]
 
 
 def loss_of(m, ids):
@@ -38,7 +41,7 @@ def loss_of(m, ids):
 
 
 torch.manual_seed(0)
-model = tiny_llama()
+model = tiny_llama(vocab=VOCAB)
 # the reference first, and only its result kept: on the CPU stand-in what it holds while the
 # compiled model trains would be device memory beside the step's budget
 reference = copy.deepcopy(model)
@@ -80,16 +83,33 @@ run = torch.nn.parallel.DistributedDataParallel(model) if case == "ddp" else mod
 compiled = torch.compile(run, backend="lohan", options=options)
 
 out = {"rank": rank, "world": world, "case": case, "losses": [], "reference_losses": reference_losses, "summaries": []}
-for ids in batches:
+
+
+def payload(events, name):
+    """Bytes of the fp32 tensors gloo's collectives named ``name`` carried (each event lists the
+    shapes of all its tensors; a 2-element one is the step's exchange of the gradient norm and
+    the non-finite flag, not a gradient)."""
+    return sum(4 * math.prod(shape) for e in events if e.name == name and e.input_shapes != [[2]]
+               for shape in e.input_shapes)
+
+
+for step, ids in enumerate(batches):
     mine = ids[rank * ROWS:(rank + 1) * ROWS]
-    loss = loss_of(compiled, mine)
-    loss.backward()
-    if case in ("torch-inductor", "ddp"):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-    opt.step()
-    opt.zero_grad()
+    profiling = step == len(batches) - 1  # the collectives the last step ran, counted where they ran
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) \
+            if profiling else contextlib.nullcontext() as prof:
+        loss = loss_of(compiled, mine)
+        loss.backward()
+        if case in ("torch-inductor", "ddp"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+    if profiling:
+        events = prof.events()
+        out["measured_reduced_bytes"] = payload(events, "gloo:all_reduce")
+        out["measured_broadcast_bytes"] = payload(events, "gloo:broadcast")
     summary = lohan.last_report().summary()
-    out["summaries"].append({k: summary.get(k) for k in ("swapped_bytes", "d2h_bytes", "h2d_bytes", "measured_peak_bytes", "predicted_peak_bytes", "plans",
+    out["summaries"].append({k: summary.get(k) for k in ("swapped_bytes", "d2h_bytes", "h2d_bytes", "measured_peak_bytes", "predicted_peak_bytes", "plans", "reduced_bytes",
                                                           "budget_bytes")})
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -113,10 +133,11 @@ if isinstance(opt, lohan.CPUAdamW):
     out["moment_errors"] = [max(float((st["exp_avg"] - ref_moments[i][0]).abs().max()),
                                 float((st["exp_avg_sq"] - ref_moments[i][1]).abs().max()))
                             for i, st in full["state"].items()]
-    alone = lohan.CPUAdamW(copy.deepcopy(model).parameters(), lr=LR)
+    alone = lohan.CPUAdamW(tiny_llama(vocab=VOCAB).parameters(), lr=LR)  # (a model of one process)
     alone.load_state_dict(full)
     out["loaded_params"] = len(alone.state)
 # one process's CPUAdamW of a compiled fp32 model holds a host master and two moments per weight
+out["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
 out["whole_state_bytes"] = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 out["reduce_grads"] = [g.pass_report("reduce_grads") for g in lohan.last_report().graphs]
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -25,11 +25,28 @@ def batches():
     return [torch.randn(2, 16, 32, generator=g) for _ in range(3)]
 
 
+class EagerHead(torch.nn.Module):
+    """A block whose head dynamo never compiles: its weight's gradient reaches the optimizer
+    from autograd, outside the compiled graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(d=32, heads=2)
+        self.head = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.eager_head(self.block(x))
+
+    @torch.compiler.disable
+    def eager_head(self, y):
+        return self.head(y)
+
+
 torch.manual_seed(0)
-model = Block(d=32, heads=2)
+model = EagerHead() if case == "eager-head" else Block(d=32, heads=2)
 run = torch.nn.parallel.DistributedDataParallel(model) if case.startswith("ddp") else model
 options = {"executor": "fx", **({"data_parallel": False} if case == "apart" else {})}
-if case == "ddp-cpuadamw":
+if case in ("ddp-cpuadamw", "eager-head"):
     opt = lohan_compile.CPUAdamW(model.parameters(), lr=0.1)
     options["optimizer"] = opt
 else:
