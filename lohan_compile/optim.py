@@ -376,6 +376,11 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         if runtime is not None and runtime.in_step():
             runtime.step()  # the gradients were offloaded during backward
             return loss
+        if runtime is not None and runtime.shared:
+            # data parallel: this rank updates none of the parameters whose gradients came, yet
+            # it takes part in the step's exchanges, as every rank must
+            runtime.step_without_gradients()
+            return loss
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for gi, group in enumerate(self.param_groups):

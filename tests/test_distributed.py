@@ -44,8 +44,9 @@ def test_ranks_train_apart_when_told_together_bare_and_under_ddp(tmp_path):
     norms = apart[0]["norms"]
     assert norms[0] != norms[1]  # each rank its own data: apart, as asked
     # lohan reduces the bare model's gradients (a CPUAdamW those of a head dynamo left eager
-    # too), DDP the wrapped one's
-    for case in ("bare", "eager-head", "ddp"):
+    # too, and a rank that updates none of a model's parameters takes part in its steps), DDP
+    # the wrapped one's
+    for case in ("bare", "eager-head", "lopsided", "ddp"):
         together = ranks(case, tmp_path / case)
         assert all("error" not in r for r in together)
         norms = together[0]["norms"]

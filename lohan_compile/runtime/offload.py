@@ -538,6 +538,19 @@ class OffloadRuntime:
         torch.distributed.all_reduce(parts, group=self.group())
         st.sumsq, st.nonfinite = float(parts[0]), bool(parts[1] > 0)
 
+    def step_without_gradients(self) -> None:
+        """``opt.step()`` on a rank that took no gradient this step (it updates none of the
+        parameters whose gradients came): the exchanges every rank's step makes, with nothing of
+        its own (a zero norm, no updated weight to send)."""
+        with CtrlCDeferred():
+            self.check_usable()
+            st = _Step()
+            self._global_grad_stats(st)
+            self._broadcast_weights()
+        opt = self.opt
+        opt.last_grad_norm = opt.clip_coefficient(st.sumsq)[0]
+        opt.found_inf = st.nonfinite
+
     def _broadcast_weights(self) -> None:
         """Every shared parameter's weight from the rank that updated it, in key order (the same
         on every rank)."""

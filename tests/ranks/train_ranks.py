@@ -42,11 +42,19 @@ class EagerHead(torch.nn.Module):
         return self.head(y)
 
 
+if case == "lopsided":
+    # another model first, whose one large weight rank 0 updates: the next model's parameters
+    # all go to rank 1, which then holds less (rank 0 updates none of them)
+    other = torch.nn.Linear(512, 512)
+    other_opt = lohan_compile.CPUAdamW(other.parameters())
+    torch.compile(other, backend="lohan", options={"executor": "fx"})(torch.randn(2, 512)).sum().backward()
+    other_opt.step()
+
 torch.manual_seed(0)
 model = EagerHead() if case == "eager-head" else Block(d=32, heads=2)
 run = torch.nn.parallel.DistributedDataParallel(model) if case.startswith("ddp") else model
 options = {"executor": "fx", **({"data_parallel": False} if case == "apart" else {})}
-if case in ("ddp-cpuadamw", "eager-head"):
+if case in ("ddp-cpuadamw", "eager-head", "lopsided"):
     opt = lohan_compile.CPUAdamW(model.parameters(), lr=0.1)
     options["optimizer"] = opt
 else:
