@@ -330,6 +330,20 @@ class _LohanTrainer:
         self._lohan.synchronize()
         return super().save_model(*args, **kwargs)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        opt = self._lohan.optimizer
+        runtime = opt.__dict__.get("_lohan_offload")
+        if runtime is None or not runtime.shared:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # several processes sharing the update: every rank takes part in gathering the whole
+        # state, which the process that saves writes (a resume on any number of ranks loads it)
+        full = opt.full_state_dict()
+        opt.state_dict = lambda: full
+        try:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del opt.state_dict
+
     def _load_from_checkpoint(self, *args: Any, **kwargs: Any) -> None:
         self._lohan.synchronize()
         super()._load_from_checkpoint(*args, **kwargs)

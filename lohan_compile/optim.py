@@ -491,7 +491,8 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
             i = index[id(param)]
             mine = state.get(i) if owner == rank else None
             # which of the state's tensors the owner holds (none: never updated)
-            has = torch.tensor([mine is not None and name in mine for name in _STATE_NAMES], dtype=torch.int64)
+            has = torch.tensor([mine is not None and name in mine for name in _STATE_NAMES], dtype=torch.int64,
+                               device=param.device)
             torch.distributed.broadcast(has, group_src=owner, group=group)
             if not has.any():
                 continue
@@ -499,12 +500,13 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
             for name, held in zip(_STATE_NAMES, has.tolist()):
                 if not held:
                     continue
+                # (sent from and to the parameter's device: an NCCL group has no CPU tensors)
                 if mine is not None:
-                    t = mine[name].detach().to(torch.float32).contiguous()
+                    t = mine[name].detach().to(param.device, torch.float32).contiguous()
                 else:
-                    t = torch.empty(() if name == "step" else param.shape, dtype=torch.float32)
+                    t = torch.empty(() if name == "step" else param.shape, dtype=torch.float32, device=param.device)
                 torch.distributed.broadcast(t, group_src=owner, group=group)
-                got[name] = t if mine is None else mine[name]
+                got[name] = t.cpu() if mine is None else mine[name]
             state[i] = got
         sd = {**sd, "state": dict(sorted(state.items()))}
         sd.pop("lohan_shard", None)
@@ -719,6 +721,16 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
             if runtime.in_step():
                 runtime.abort()
         state_dict = state_dict.copy()
+        shard = state_dict.pop("lohan_shard", None)
+        if shard is not None:
+            here = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                    if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1))
+            if here != (shard["rank"], shard["world"]):
+                raise ValueError(
+                    f"this optimizer state is rank {shard['rank']}'s part of {shard['world']} (data parallel, "
+                    f"the update shared), and this process is rank {here[0]} of {here[1]}: the other "
+                    "parameters' state is not in it. Save opt.full_state_dict() instead (it loads anywhere), "
+                    "or load each rank's own part on the same number of ranks.")
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:

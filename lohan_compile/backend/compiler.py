@@ -141,8 +141,7 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
     if reduced.get("world", 1) > 1 and optimizer is not None:
         # data parallel: where the ranks share the update, each parameter's owner updates it, and
         # step() brings the others the new weight
-        offload.runtime_of(optimizer).data_parallel(
-            {real_inputs[idx]: owner for idx, owner in reduced["owners"].items()}, reduced["group"])
+        offload.runtime_of(optimizer).data_parallel(reduced["group"], shared=bool(reduced["owners"]))
     for idx in streaming.get("resident_inputs", ()):
         stream.keep_resident(real_inputs[idx])
     for idx, trainable in streamed.items():

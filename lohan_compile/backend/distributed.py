@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import LohanError
 from ..graph.pipeline import DataParallel
 from ..options import Options
-from ..runtime import keys
+from ..runtime import offload
 from .compiler import find_optimizer
 
 
@@ -59,30 +59,9 @@ def data_parallel(opts: Options, example_inputs: Sequence[Any]) -> DataParallel 
     optimizer = find_optimizer(opts, example_inputs)
     owners = {}
     if optimizer is not None and opts.offload_params is not True:
-        owned = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter) and optimizer.owns(t)]
-        if len(owned) >= world:  # (every rank then takes part in every step's update)
-            # largest first, each to the rank holding least so far (ties: by position, the same
-            # on every rank)
-            largest_first = sorted(owned, key=lambda i: (-example_inputs[i].numel() * example_inputs[i].element_size(), i))
-            owners = {i: _owner(example_inputs[i], world) for i in largest_first}
+        table = offload.owner_ranks(optimizer, world)
+        owners = {i: table[id(t)] for i, t in enumerate(example_inputs) if id(t) in table}
     return DataParallel(world=world, rank=rank, group_name=group.group_name, owners=owners)
-
-
-# parameter key -> the rank that updates it, and the bytes each rank updates: a parameter keeps
-# its owner across graphs and re-plans. Every rank meets the parameters in the same order (the
-# same model compiled the same way), so every rank makes the same table.
-_owner_of: dict[int, int] = {}
-_owned_bytes: dict[int, list[int]] = {}
-
-
-def _owner(param: torch.Tensor, world: int) -> int:
-    key = keys.key_for(param)
-    if key not in _owner_of:
-        load = _owned_bytes.setdefault(world, [0] * world)
-        rank = min(range(world), key=lambda r: load[r])
-        load[rank] += param.numel() * param.element_size()
-        _owner_of[key] = rank
-    return _owner_of[key]
 
 
 def _is_dtensor(t: Any) -> bool:

@@ -261,6 +261,24 @@ def _eager_grad_hook(runtime_ref: "weakref.ref[OffloadRuntime]") -> Callable[[to
     return hook
 
 
+def owner_ranks(opt: Any, world: int) -> dict[int, int]:
+    """Under data parallelism over ``world`` ranks, the rank whose ``CPUAdamW`` updates each of
+    ``opt``'s trainable parameters (by ``id``): largest first, each to the rank holding the
+    fewest bytes so far, ties by position in ``param_groups``, so every rank (the same optimizer
+    built the same way) makes the same table. Empty (every rank updates everything) when there
+    are fewer parameters than ranks."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    if len(params) < world:
+        return {}
+    load = [0] * world
+    table = {}
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel() * params[i].element_size(), i)):
+        rank = min(range(world), key=load.__getitem__)
+        load[rank] += params[i].numel() * params[i].element_size()
+        table[id(params[i])] = rank
+    return table
+
+
 def runtime_of(opt: Any) -> "OffloadRuntime":
     """The offload runtime of a CPUAdamW (made on first use)."""
     runtime = opt.__dict__.get("_lohan_offload")
@@ -437,7 +455,7 @@ class OffloadRuntime:
         self.eager_only: set[int] = set()  # keys whose gradients come only from code run eagerly
         # data parallel with the update shared between the ranks (``share_update``): key -> (the
         # parameter, weakly; the rank that updates it), and the process group
-        self.shared: dict[int, tuple[weakref.ref, int]] = {}
+        self.shared: dict[int, tuple[weakref.ref, int]] = {}  # (by position in the optimizer)
         self.group_name: str | None = None
         self._grad_hooks: dict[int, Any] = {}  # id(param) -> its eager-gradient hook's handle
         # why the training state is torn (a deferred update failed after step() returned): every
@@ -501,19 +519,29 @@ class OffloadRuntime:
         self._state_moved.add(key)
         return key
 
-    def data_parallel(self, owners: dict[torch.Tensor, int], group_name: str) -> None:
+    def data_parallel(self, group_name: str, *, shared: bool) -> None:
         """Data parallel over the process group ``group_name``: a gradient that comes from code
-        outside the compiled graphs is averaged over the ranks here. Where each parameter is
-        updated by one rank (``owners``: parameter -> rank), at ``step()`` the global gradient
-        norm and the non-finite check combine every rank's part, and each updated weight goes
-        from its owner to every other rank."""
+        outside the compiled graphs is averaged over the ranks here. ``shared``: each parameter
+        is updated by one rank (``owner_ranks``); at ``step()`` the global gradient norm and the
+        non-finite check combine every rank's part, and each updated weight goes from its owner
+        to every other rank."""
         self.group_name = group_name
-        rank = torch.distributed.get_rank(self.group())
-        for param, owner in owners.items():
-            self.shared[keys.key_for(param)] = (weakref.ref(param), owner)
+        if not shared or self.shared:
+            return
+        group = self.group()
+        rank = torch.distributed.get_rank(group)
+        table = owner_ranks(self.opt, torch.distributed.get_world_size(group))
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
+        for index, param in enumerate(params):
+            owner = table[id(param)]
+            self.shared[index] = (weakref.ref(param), owner)
             if owner != rank:
                 # (a whole state loaded before the model was compiled: another rank updates it)
                 self.opt.state.pop(param, None)
+
+    def owner_of(self, param: torch.Tensor) -> int | None:
+        """The rank that updates ``param`` when the ranks share the update."""
+        return next((owner for ref, owner in self.shared.values() if ref() is param), None)
 
     def group(self):
         """The process group of data parallelism (``data_parallel``)."""
@@ -521,7 +549,7 @@ class OffloadRuntime:
 
     def shared_params(self) -> list[tuple[torch.Tensor, int]]:
         """The parameters the ranks share the update of, with the rank that updates each, in
-        key order (the same on every rank)."""
+        the optimizer's order (the same on every rank)."""
         out = []
         for key in sorted(self.shared):
             ref, owner = self.shared[key]
@@ -533,10 +561,21 @@ class OffloadRuntime:
 
     def _global_grad_stats(self, st: "_Step") -> None:
         """This rank's sum of squares and non-finite flag, combined over the ranks (each holds
-        the averaged gradients of the parameters it updates)."""
-        parts = torch.tensor([st.sumsq, float(st.nonfinite)], dtype=torch.float64)
-        torch.distributed.all_reduce(parts, group=self.group())
+        the averaged gradients of the parameters it updates), with whether a rank cannot take
+        the step's weights: then every rank raises, none waits for the others."""
+        group = self.group()
+        rank = torch.distributed.get_rank(group)
+        params = self.shared_params()
+        # (a weight streamed here would take the new value into a copy that goes again)
+        cannot = any(owner != rank and stream.lookup(p) is not None for p, owner in params)
+        device = params[0][0].device if params else torch.device("cpu")  # (NCCL: the devices')
+        parts = torch.tensor([st.sumsq, float(st.nonfinite), float(cannot)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(parts, group=group)
         st.sumsq, st.nonfinite = float(parts[0]), bool(parts[1] > 0)
+        if parts[2] > 0:
+            raise LohanError("lohan: a parameter another rank updates is streamed on a rank: its weight "
+                             "cannot receive the update. Pass offload_params=True (then every rank updates "
+                             "every parameter) or offload_params=False.")
 
     def step_without_gradients(self) -> None:
         """``opt.step()`` on a rank that took no gradient this step (it updates none of the
@@ -557,11 +596,6 @@ class OffloadRuntime:
         group = self.group()
         rank = torch.distributed.get_rank(group)
         for param, owner in self.shared_params():
-            if owner != rank and stream.lookup(param) is not None:
-                # (a weight streamed here would take the new value into a copy that goes again)
-                raise LohanError("lohan: a parameter another rank updates is streamed on this one: its "
-                                 "weight cannot receive the update. Pass offload_params=True on every rank "
-                                 "(then every rank updates every parameter), or offload_params=False.")
             # (the owner's streamed weight is on the device only while it is sent)
             with torch.no_grad(), stream.fetched_for_reading([param] if owner == rank else []):
                 torch.distributed.broadcast(param.data, group_src=owner, group=group)
@@ -595,6 +629,10 @@ class OffloadRuntime:
             # the same order on every rank)
             grad = grad.detach().div(torch.distributed.get_world_size(self.group()))
             torch.distributed.all_reduce(grad, group=self.group())
+            owner = self.owner_of(param)
+            if owner is not None and owner != torch.distributed.get_rank(self.group()):
+                param.grad = None  # another rank updates it (and counts it in the norm)
+                return
         host = self.tier.empty(tuple(grad.shape), grad.dtype)
         self.tier.copy_(host, grad.detach().contiguous()).wait()
         param.grad = None
@@ -858,7 +896,8 @@ class OffloadRuntime:
         opt.last_grad_norm = norm
         opt.found_inf = st.nonfinite
         self.state = _Step()
-        self._measure_design(design)
+        if not self.shared:  # (shared: the updates finish inside step(), whatever the design)
+            self._measure_design(design)
         TRACKER.optimizer_step_done()
 
     def abort(self) -> None:

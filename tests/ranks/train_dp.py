@@ -87,9 +87,9 @@ out = {"rank": rank, "world": world, "case": case, "losses": [], "reference_loss
 
 def payload(events, name):
     """Bytes of the fp32 tensors gloo's collectives named ``name`` carried (each event lists the
-    shapes of all its tensors; a 2-element one is the step's exchange of the gradient norm and
-    the non-finite flag, not a gradient)."""
-    return sum(4 * math.prod(shape) for e in events if e.name == name and e.input_shapes != [[2]]
+    shapes of all its tensors; a 3-element one is the step's exchange of the gradient norm, the
+    non-finite flag and whether a rank cannot take the weights, not a gradient)."""
+    return sum(4 * math.prod(shape) for e in events if e.name == name and e.input_shapes != [[3]]
                for shape in e.input_shapes)
 
 

@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 case, out_dir = sys.argv[1], sys.argv[2]
 args = TrainingArguments(
     output_dir=out_dir, use_cpu=True, report_to=[], per_device_train_batch_size=2, max_steps=4,
-    learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, logging_steps=1, save_strategy="no",
+    learning_rate=1e-3, weight_decay=0.1, warmup_steps=1, logging_steps=1, save_strategy="steps", save_steps=4,
     dataloader_num_workers=0, seed=0, optim="adamw_torch", max_grad_norm=1.0, disable_tqdm=True,
     ddp_backend="gloo", gradient_accumulation_steps=2 if case.endswith("-accumulating") else 1,
 )
@@ -39,6 +39,9 @@ state = trainer.model.state_dict()
 norm = torch.stack([v.float().norm() for v in state.values()]).norm()
 gathered = [torch.zeros(()) for _ in range(world)]
 dist.all_gather(gathered, norm)
+# the checkpoint's optimizer state: the whole one (every parameter's), whichever rank saved it
+saved = torch.load(os.path.join(out_dir, "checkpoint-4", "optimizer.pt"), weights_only=True)
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"rank": rank, "world": world, "logs": logs, "norms": [float(t) for t in gathered],
+               "saved_states": len(saved["state"]), "saved_shard": "lohan_shard" in saved,
                "state": {k: v.float().flatten()[:64].tolist() for k, v in state.items()}}, f)

@@ -2,6 +2,7 @@
 with a model trained by several processes (tests/test_distributed.py). Each rank writes
 ``OUT_DIR/rank<N>.json``."""
 
+import copy
 import json
 import os
 import sys
@@ -20,9 +21,12 @@ rank, world = dist.get_rank(), dist.get_world_size()
 case, out_dir = sys.argv[1], sys.argv[2]
 
 
-def batches():
-    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+def batches(of_rank=rank):
+    g = torch.Generator().manual_seed(100 + of_rank)  # each rank its own data
     return [torch.randn(2, 16, 32, generator=g) for _ in range(3)]
+
+
+CLIP = 0.05  # (the gradients' norm is above it: every step clips)
 
 
 class EagerHead(torch.nn.Module):
@@ -42,32 +46,50 @@ class EagerHead(torch.nn.Module):
         return self.head(y)
 
 
-if case == "lopsided":
-    # another model first, whose one large weight rank 0 updates: the next model's parameters
-    # all go to rank 1, which then holds less (rank 0 updates none of them)
-    other = torch.nn.Linear(512, 512)
-    other_opt = lohan_compile.CPUAdamW(other.parameters())
-    torch.compile(other, backend="lohan", options={"executor": "fx"})(torch.randn(2, 512)).sum().backward()
-    other_opt.step()
+class Lopsided(torch.nn.Module):
+    """A block and a large layer the step never uses: rank 0 updates the large weight, rank 1
+    every parameter of the block, so rank 0 takes no gradient in a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Linear(512, 512)
+        self.block = Block(d=32, heads=2)
+
+    def forward(self, x):
+        return self.block(x)
+
 
 torch.manual_seed(0)
-model = EagerHead() if case == "eager-head" else Block(d=32, heads=2)
+model = {"eager-head": EagerHead, "lopsided": Lopsided}.get(case, lambda: Block(d=32, heads=2))()
+reference = copy.deepcopy(model)
 run = torch.nn.parallel.DistributedDataParallel(model) if case.startswith("ddp") else model
 options = {"executor": "fx", **({"data_parallel": False} if case == "apart" else {})}
 if case in ("ddp-cpuadamw", "eager-head", "lopsided"):
-    opt = lohan_compile.CPUAdamW(model.parameters(), lr=0.1)
+    opt = lohan_compile.CPUAdamW(model.parameters(), lr=0.1, max_grad_norm=CLIP if case != "ddp-cpuadamw" else None)
     options["optimizer"] = opt
 else:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 compiled = torch.compile(run, backend="lohan", options=options)
 out = {"rank": rank, "case": case, "initial": float(torch.stack([p.detach().norm() for p in model.parameters()]).sum())}
+out["grad_norms"] = []
 try:
     for x in batches():
         compiled(x).square().mean().backward()
         opt.step()
+        out["grad_norms"].append(getattr(opt, "last_grad_norm", None))
         opt.zero_grad()
 except Exception as e:  # noqa: BLE001 - reported to the test (torch wraps the backend's error)
     out["error"] = f"{type(e).__name__}: {e}"
+if case in ("eager-head", "lopsided"):
+    # one process on the global batch (the mean of the ranks' losses), clipping by its norm
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
+    out["reference_grad_norms"] = []
+    for xs in zip(*(batches(r) for r in range(world))):
+        torch.stack([reference(x).square().mean() for x in xs]).mean().backward()
+        out["reference_grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)))
+        ref_opt.step()
+        ref_opt.zero_grad()
+    out["max_error"] = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), reference.parameters()))
 norm = torch.stack([p.detach().norm() for p in model.parameters()]).sum()
 gathered = [torch.zeros(()) for _ in range(world)]
 dist.all_gather(gathered, norm)
