@@ -9,9 +9,9 @@ Ensures, for every parameter gradient the backward graph returns:
   collective, asynchronous: gloo or NCCL reduces while backward computes on), and
   ``_c10d_functional.wait_tensor`` of it stands where the gradient stood in the outputs, so a
   later pass (``offload_grads``) and the optimizer see the average over the ranks;
-- every rank issues its collectives in one order, whatever its plan: decreasing parameter
-  index (parameters a model registers last are used last in forward, so their gradients are
-  made first). A collective is issued once its gradient exists and the one before it in that
+- every rank issues its collectives in one order, whatever its plan: the order the joint
+  graph makes the gradients in (the same trace on every rank; ties by decreasing parameter
+  index). A collective is issued once its gradients exist and the one before it in that
   order was issued. Ranks may run different plans (a re-plan after a measured excess, a trial
   of another partition), which may compute the gradients in another order; collectives matched
   in another order would add up different tensors;
@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from lohan_compile.graph.aot import grad_input_index, output_descs
-from lohan_compile.graph.meta import NodeInfo, Role, set_info
+from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.shapes import nbytes_hint
 
@@ -61,7 +61,8 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
         idx = grad_input_index(desc)
         if idx is not None and isinstance(value, fx.Node) and facts.inputs[idx].kind == "param":
             grads.append((idx, j, value))
-    grads.sort(key=lambda g: -g[0])  # the order every rank issues them in
+    order_made = _joint_order(graphs.joint)
+    grads.sort(key=lambda g: (order_made.get(g[0], len(order_made)), -g[0]))  # the order every rank issues them in
 
     order = {n: i for i, n in enumerate(bw.graph.nodes)}
     after, after_at = None, -1  # the last collective issued, and the position of what it follows
@@ -123,6 +124,20 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
         "dropped": sorted(dropped),
         "reduced_bytes": sum(nbytes_hint(g.meta["val"]) for _, _, g in grads),
     }
+
+
+def _joint_order(joint: fx.GraphModule | None) -> dict[int, int]:
+    """Input index -> position in the joint graph of the node that makes its gradient: the
+    order AOTAutograd traced backward in, the same on every rank (the same model traced the
+    same way), whatever partition and plan each runs."""
+    made: dict[int, int] = {}
+    if joint is None:
+        return made
+    for pos, n in enumerate(joint.graph.nodes):
+        info = get_info(n)
+        for idx in (info.grad_of if info is not None else ()):
+            made.setdefault(idx, pos)
+    return made
 
 
 def _buckets(grads: list) -> list[list]:

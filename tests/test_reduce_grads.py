@@ -63,7 +63,7 @@ def collectives(bw):
 
 def test_every_parameter_gradient_is_averaged_in_one_order_whatever_the_plan():
     """Every parameter gradient divided by the world size and all-reduced right after it exists,
-    in decreasing parameter index (the order every rank shares): a large one alone, small ones
+    in the order the joint graph makes them (the order every rank shares): a large one alone, small ones
     together in one coalesced collective; each result waited for right before the next
     collective is issued (the last before backward returns), and the backward returns the
     waited average."""
@@ -74,7 +74,12 @@ def test_every_parameter_gradient_is_averaged_in_one_order_whatever_the_plan():
     at = {n: i for i, n in enumerate(nodes)}
     out = graphs.bw.graph.output_node()
     grads = {grad_input_index(d): v for v, d in zip(out.args[0], output_descs(graphs.bw)) if grad_input_index(d) is not None}
-    params = sorted(grads, reverse=True)
+    made = {}
+    for pos, n in enumerate(graphs.joint.graph.nodes):
+        for idx in getattr(get_info(n), "grad_of", ()) or ():
+            made.setdefault(idx, pos)
+    params = sorted(grads, key=lambda i: (made[i], -i))
+    assert params != sorted(grads, reverse=True)  # (not simply by index, in this model)
     assert len(waits) == len(params) == len(list(model.parameters()))
     assert {r.target for r in reduces} == {ALL_REDUCE, COALESCED}
     order = iter(params)
@@ -87,7 +92,7 @@ def test_every_parameter_gradient_is_averaged_in_one_order_whatever_the_plan():
             assert s.target is torch.ops.aten.div.Tensor and s.args[1] == 4
             assert at[s.args[0]] < at[s]  # after its gradient exists
             [wait] = [w for w in r.users if w.target is WAIT]
-            assert grads[next(order)] is wait  # in decreasing parameter index
+            assert grads[next(order)] is wait  # in the joint graph's order
             assert at[wait] < at[first_of_next]  # waited before the next collective is issued
         if reduce.target is COALESCED:
             assert all(s.meta["val"].numel() * 4 < 64 * 1024 for s in scaled)
