@@ -57,8 +57,9 @@ def test_ranks_train_apart_when_told_together_bare_and_under_ddp(tmp_path):
                 assert r["max_error"] < 0.1  # the learning rate (a noise-level gradient's sign)
 
 
-@pytest.mark.parametrize("case, processes", [("cpuadamw", 2), ("swap", 2), ("stream", 2), ("torch-inductor", 2),
-                                             ("cpuadamw", 4)])
+# (4 ranks and more: python bench/data_parallel.py --worlds 2,4; four processes on CI's two cores
+# would slow the rest of the suite beside them)
+@pytest.mark.parametrize("case, processes", [("cpuadamw", 2), ("swap", 2), ("stream", 2), ("torch-inductor", 2)])
 def test_data_parallel_training_equals_one_process_on_the_global_batch(case, processes, tmp_path):
     """A bare LLaMA-style model compiled with lohan under ``torchrun``, each rank on its slice of
     the global batch, 4 steps with clipping: every rank's losses (averaged over the ranks) and
@@ -100,14 +101,14 @@ def test_data_parallel_training_equals_one_process_on_the_global_batch(case, pro
         assert all(s["h2d_bytes"] > 0 for s in summaries)  # the weights came from the host
 
 
-@pytest.mark.parametrize("accumulation", ["", "-accumulating"])
-def test_the_trainer_prepared_for_lohan_trains_as_the_plain_trainer_under_ddp(accumulation, tmp_path):
+def test_the_trainer_prepared_for_lohan_trains_as_the_plain_trainer_under_ddp(tmp_path):
     """``hf.prepare`` under ``torchrun``: the Trainer's distributed sampler hands each rank its
     slice, lohan averages the gradients, and the losses, gradient norms and weights equal the
-    plain Trainer's (accelerate's DDP, torch AdamW), with and without accumulation."""
+    plain Trainer's (accelerate's DDP, torch AdamW), with two micro-batches per step (one that
+    steps, one that accumulates)."""
     pytest.importorskip("accelerate")
-    lohan_ranks = ranks("lohan" + accumulation, tmp_path / "lohan", HF)
-    plain = ranks("ddp" + accumulation, tmp_path / "ddp", HF)
+    lohan_ranks = ranks("lohan-accumulating", tmp_path / "lohan", HF)
+    plain = ranks("ddp-accumulating", tmp_path / "ddp", HF)
     assert len(plain[0]["logs"]) == 4
     for mine, theirs in zip(lohan_ranks[0]["logs"], plain[0]["logs"]):
         assert mine["step"] == theirs["step"] and mine["learning_rate"] == theirs["learning_rate"]
