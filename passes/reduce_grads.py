@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from lohan_compile.graph.aot import grad_input_index, output_descs
+from lohan_compile.graph.fxutil import ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.shapes import nbytes_hint
@@ -46,7 +47,6 @@ NAME = "reduce_grads"
 SMALL_GRAD_BYTES = 64 * 1024  # gradients below this are reduced together, in one collective
 BUCKET_BYTES = 1024 * 1024  # ... of at most this many bytes
 
-_c10d = torch.ops._c10d_functional
 
 
 def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
@@ -81,12 +81,12 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
                 _mark(node, "grad_scale")
                 scaled.append(node)
             if len(bucket) == 1:
-                reduce = bw.graph.call_function(_c10d.all_reduce.default, (scaled[0], "sum", group.group_name))
+                reduce = bw.graph.call_function(ALL_REDUCE, (scaled[0], "sum", group.group_name))
                 reduce.meta["val"] = _fake(torch.empty_like, scaled[0].meta["val"])
                 results = [reduce]
             else:
                 # small gradients of one dtype in one collective: one round trip, not one each
-                reduce = bw.graph.call_function(_c10d.all_reduce_coalesced.default, (scaled, "sum", group.group_name))
+                reduce = bw.graph.call_function(ALL_REDUCE_COALESCED, (scaled, "sum", group.group_name))
                 reduce.meta["val"] = [_fake(torch.empty_like, v.meta["val"]) for v in scaled]
                 results = []
                 for k, v in enumerate(reduce.meta["val"]):
@@ -102,7 +102,7 @@ def reduce_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str,
         anchor = issued[n + 1][0] if n + 1 < len(issued) else out  # the next collective's scaling
         for idx, j, result in members:
             with bw.graph.inserting_before(anchor):
-                wait = bw.graph.call_function(_c10d.wait_tensor.default, (result,))
+                wait = bw.graph.call_function(COLLECTIVE_WAIT, (result,))
             wait.meta["val"] = result.meta["val"]
             _mark(wait, "grad_reduce_wait")
             if group.owners.get(idx, group.rank) == group.rank:

@@ -12,12 +12,18 @@ from ..layout import dense_layout
 from .shapes import hint_int, nbytes_hint
 
 
+# torch's functional collectives, which a data-parallel backward calls (``passes/reduce_grads.py``)
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+ALL_REDUCE_COALESCED = torch.ops._c10d_functional.all_reduce_coalesced.default
+COLLECTIVE_WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
 def aliased_input(node: fx.Node) -> fx.Node | None:
     """The input a view op's output aliases, from the op's schema alias annotations (and a
     collective's wait, which returns the tensor it waited for though its schema does not say so)."""
     if node.op != "call_function":
         return None
-    if node.target is torch.ops._c10d_functional.wait_tensor.default:
+    if node.target is COLLECTIVE_WAIT:
         return node.args[0]
     if node.target is operator.getitem:
         parent = node.args[0]

@@ -29,7 +29,7 @@ from ..hardware import resolve
 from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
 from .costmodel import CostModel
-from .fxutil import is_dense, is_view, results_bytes, storage_base, tensor_val
+from .fxutil import ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT, is_dense, is_view, results_bytes, storage_base, tensor_val
 from .meta import Kind, Role, get_info
 from .scratch import estimated, fused_away
 from .shapes import nbytes_expr, nbytes_hint
@@ -44,10 +44,7 @@ def _recomputable(node: fx.Node) -> bool:
     return not target._schema.is_mutable
 
 
-_COLLECTIVE_WAIT = torch.ops._c10d_functional.wait_tensor.default
-_ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
-_ALL_REDUCE_COALESCED = torch.ops._c10d_functional.all_reduce_coalesced.default
-_COLLECTIVES = (_ALL_REDUCE, _ALL_REDUCE_COALESCED)
+_COLLECTIVES = (ALL_REDUCE, ALL_REDUCE_COALESCED)
 
 
 def _collective_waits(bw: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
@@ -57,8 +54,8 @@ def _collective_waits(bw: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]
     for n in bw.graph.nodes:
         if n.op != "call_function" or n.target not in _COLLECTIVES:
             continue
-        results = [u for u in n.users if u.target is operator.getitem] if n.target is _ALL_REDUCE_COALESCED else [n]
-        waits = [w for r in results for w in r.users if w.target is _COLLECTIVE_WAIT]
+        results = [u for u in n.users if u.target is operator.getitem] if n.target is ALL_REDUCE_COALESCED else [n]
+        waits = [w for r in results for w in r.users if w.target is COLLECTIVE_WAIT]
         if waits:
             out.append((n, waits))
     return out

@@ -453,10 +453,10 @@ class OffloadRuntime:
         self.pending_weights: dict[int, tuple[threading.Event, _Step]] = {}  # a deferred step in flight
         self.accumulating = False
         self.eager_only: set[int] = set()  # keys whose gradients come only from code run eagerly
-        # data parallel with the update shared between the ranks (``share_update``): key -> (the
-        # parameter, weakly; the rank that updates it), and the process group
-        self.shared: dict[int, tuple[weakref.ref, int]] = {}  # (by position in the optimizer)
+        # data parallel (``data_parallel``): the process group, and, where the ranks share the
+        # update, the rank that updates each parameter (by ``id``: ``owner_ranks``)
         self.group_name: str | None = None
+        self.shared: dict[int, int] = {}
         self._grad_hooks: dict[int, Any] = {}  # id(param) -> its eager-gradient hook's handle
         # why the training state is torn (a deferred update failed after step() returned): every
         # later use refuses until a checkpoint is loaded (opt.load_state_dict)
@@ -528,20 +528,11 @@ class OffloadRuntime:
         self.group_name = group_name
         if not shared or self.shared:
             return
-        group = self.group()
-        rank = torch.distributed.get_rank(group)
-        table = owner_ranks(self.opt, torch.distributed.get_world_size(group))
-        params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
-        for index, param in enumerate(params):
-            owner = table[id(param)]
-            self.shared[index] = (weakref.ref(param), owner)
-            if owner != rank:
+        self.shared = owner_ranks(self.opt, torch.distributed.get_world_size(self.group()))
+        for param, owner in self.shared_params():
+            if owner != torch.distributed.get_rank(self.group()):
                 # (a whole state loaded before the model was compiled: another rank updates it)
                 self.opt.state.pop(param, None)
-
-    def owner_of(self, param: torch.Tensor) -> int | None:
-        """The rank that updates ``param`` when the ranks share the update."""
-        return next((owner for ref, owner in self.shared.values() if ref() is param), None)
 
     def group(self):
         """The process group of data parallelism (``data_parallel``)."""
@@ -550,14 +541,7 @@ class OffloadRuntime:
     def shared_params(self) -> list[tuple[torch.Tensor, int]]:
         """The parameters the ranks share the update of, with the rank that updates each, in
         the optimizer's order (the same on every rank)."""
-        out = []
-        for key in sorted(self.shared):
-            ref, owner = self.shared[key]
-            param = ref()
-            if param is None:
-                raise LohanError("a parameter the ranks update together was garbage collected during training")
-            out.append((param, owner))
-        return out
+        return [(p, self.shared[id(p)]) for g in self.opt.param_groups for p in g["params"] if id(p) in self.shared]
 
     def _global_grad_stats(self, st: "_Step") -> None:
         """This rank's sum of squares and non-finite flag, combined over the ranks (each holds
@@ -589,10 +573,11 @@ class OffloadRuntime:
         opt = self.opt
         opt.last_grad_norm = opt.clip_coefficient(st.sumsq)[0]
         opt.found_inf = st.nonfinite
+        TRACKER.optimizer_step_done()
 
     def _broadcast_weights(self) -> None:
-        """Every shared parameter's weight from the rank that updated it, in key order (the same
-        on every rank)."""
+        """Every shared parameter's weight from the rank that updated it, in the optimizer's order
+        (the same on every rank)."""
         group = self.group()
         rank = torch.distributed.get_rank(group)
         for param, owner in self.shared_params():
@@ -629,7 +614,7 @@ class OffloadRuntime:
             # the same order on every rank)
             grad = grad.detach().div(torch.distributed.get_world_size(self.group()))
             torch.distributed.all_reduce(grad, group=self.group())
-            owner = self.owner_of(param)
+            owner = self.shared.get(id(param))
             if owner is not None and owner != torch.distributed.get_rank(self.group()):
                 param.grad = None  # another rank updates it (and counts it in the norm)
                 return
