@@ -261,20 +261,27 @@ def plan(args: argparse.Namespace) -> int:
             raise ValueError("--ssd-count needs --ssd-bandwidth (read bandwidth of one SSD, e.g. 6.5GB)")
         zoo.check_seq(spec, args.seq)
         budget = parse_bytes(args.budget, name="--budget") if args.budget else hw.device_memory
+        if args.gpus < 1:
+            raise ValueError(f"--gpus must be at least 1, got {args.gpus}")
+        if args.gpus > 1 and args.policy in wholestep.BASELINES:
+            raise ValueError(f"the {args.policy} baseline is modeled on one GPU only: drop --gpus, or plan "
+                             f"lohan's policies ({', '.join(wholestep.POLICIES)}, all)")
     except ValueError as e:
         print(f"lohan plan: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     traced = wholestep.trace(spec, args.batch, args.seq, hw)
-    step = wholestep.WholeStep(traced, hw, budget)
-    policies = list(wholestep.POLICIES + wholestep.BASELINES) if args.policy == "all" else [args.policy]
+    step = wholestep.WholeStep(traced, hw, budget, gpus=args.gpus)
+    baselines = wholestep.BASELINES if args.gpus == 1 else ()
+    policies = list(wholestep.POLICIES + baselines) if args.policy == "all" else [args.policy]
     offload = {"auto": "auto", "on": True, "off": False}[args.offload_params]
     plans = [step.plan(p, offload) for p in policies]
     plan_s = time.perf_counter() - start
     result = plans[0]
     if args.json:
         out = {
-            "model": spec.name, "parameters": spec.parameters(), "hardware": hw.name, "batch": args.batch,
+            "model": spec.name, "parameters": spec.parameters(), "hardware": hw.name, "gpus": args.gpus,
+            "batch": args.batch, "global_batch": args.batch * args.gpus,
             "seq": args.seq, "budget_bytes": budget, "planning_s": plan_s,
             "tflops_convention": "6 x parameters x tokens per step / step time; recomputation not counted",
             "feasible": result.feasible, "predicted_step_s": result.step_s, "predicted_tflops": result.tflops,
@@ -285,8 +292,15 @@ def plan(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0 if result.feasible else 1
+    per_gpu = f" per GPU (global batch {args.batch * args.gpus})" if args.gpus > 1 else ""
     print(f"{spec.name}: {spec.parameters() / 1e9:.2f}B parameters ({spec.source}); batch {args.batch} x {args.seq} "
-          f"tokens, {str(traced.dtype).replace('torch.', '')}")
+          f"tokens{per_gpu}, {str(traced.dtype).replace('torch.', '')}")
+    if args.gpus > 1:
+        link = (f"an interconnect of {hw.interconnect_bandwidth / 1e9:.0f} GB/s" if hw.interconnect_bandwidth
+                else "host memory over each GPU's PCIe link")
+        print(f"{args.gpus} GPUs, data parallel: each rank updates 1/{args.gpus} of the optimizer state with "
+              f"1/{args.gpus} of the CPU, host memory and SSD bandwidth; gradients all-reduced through {link}; "
+              "peaks and traffic below are one rank's, TFLOPS the server's")
     print(f"hardware {hw.name}: device {format_bytes(hw.device_memory)} (budget {format_bytes(budget)}, of which "
           f"{format_bytes(wholestep.CONTEXT_BYTES)} CUDA context and workspaces), host "
           f"{format_bytes(hw.host_memory)}, {hw.ssd_count} SSD(s), CPU AdamW {hw.cpu_adam_params_per_s / 1e9:.1f}G "
@@ -347,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ssd-bandwidth", help="read bandwidth of one SSD, e.g. 6.5GB (per second)")
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--budget", help="device memory budget (default: the GPU's memory)")
+    p.add_argument("--budget", help="device memory budget per GPU (default: the GPU's memory)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs in the server, data parallel (--batch is per GPU); they share its host memory, CPU and SSDs")
     p.add_argument("--policy", default="auto",
                    choices=["auto", "keep-all", "swap-all", "recompute-all", "zero-infinity", "zero-offload", "all"])
     p.add_argument("--offload-params", choices=["auto", "on", "off"], default="auto")

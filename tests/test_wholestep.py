@@ -200,3 +200,63 @@ def test_a_mixture_of_experts_of_another_layout_is_refused(tmp_path, capsys):
              "num_hidden_layers": 28, "vocab_size": 151936, "num_key_value_heads": 8, "head_dim": 128}
     with pytest.raises(ValueError, match="head_dim=128"):
         zoo.from_hf_config(dense)
+
+
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_ranks_of_one_server_share_its_host_cpu_and_ssds(tiny, gpus):
+    # plenty of host memory: the step is compute-bound on every GPU, so the server's throughput
+    # is N times one GPU's, less what the gradients' all-reduce costs beside backward
+    one = wholestep.WholeStep(tiny).plan("auto")
+    ws = wholestep.WholeStep(tiny, gpus=gpus)
+    plan = ws.plan("auto")
+    assert one.feasible and plan.feasible, plan.why
+    assert gpus * one.tflops * 0.85 <= plan.tflops <= gpus * one.tflops * 1.001
+    # each rank updates its 1/N of the parameters with 1/N of the CPU: the update takes as long
+    updates = [iv for iv in plan.timeline.intervals if isinstance(iv.name, str) and iv.name.startswith("update:")]
+    updates_one = [iv for iv in one.timeline.intervals if isinstance(iv.name, str) and iv.name.startswith("update:")]
+    assert sum(iv.end - iv.start for iv in updates) == pytest.approx(
+        sum(iv.end - iv.start for iv in updates_one), rel=0.01)
+    # and holds 1/N of the gradients and the state in host memory, beside its own weights
+    params = sum(ws.lay.groups.values())
+    assert plan.placement.host_bytes == pytest.approx(params * (2 + (2 + 12) / gpus), rel=0.01)
+    # through host memory (no NVLink on a 4090): the all-reduce sends and receives 2(N-1)/N of
+    # each gradient over the rank's PCIe link, and the rank copies out 1/N of it
+    grads = sum(w.bytes for w in ws.lay.weights if w.grad_op is not None)
+    reduced = 2 * (gpus - 1) / gpus * grads
+    assert plan.traffic["d2h"] == pytest.approx(one.traffic["d2h"] - grads + grads / gpus + reduced, rel=0.01)
+    assert plan.traffic["net"] == 0
+    # with an interconnect the all-reduce leaves PCIe for it
+    nvlink = tiny.hardware.with_(interconnect_bandwidth=100e9)
+    linked = wholestep.WholeStep(tiny, hardware=nvlink, gpus=gpus).plan("auto")
+    assert linked.traffic["net"] == pytest.approx(reduced, rel=0.01)
+    assert linked.traffic["d2h"] == pytest.approx(plan.traffic["d2h"] - reduced, rel=0.01)
+
+
+def test_ranks_split_host_memory_so_state_that_fit_one_spills_with_four(tiny):
+    deep = wholestep.Traced(**{**tiny.__dict__, "spec": zoo.small(tiny.spec, 16)})
+    n = deep.spec.parameters()
+    # one process: weights, gradients and state fit with room to spare; four processes each keep
+    # their own copy of the weights, which leaves their quarter of the host short of state room
+    hw = tiny.hardware.with_(host_memory=int(n * 20 / 0.95))
+    alone = wholestep.WholeStep(deep, hardware=hw).plan("auto")
+    four = wholestep.WholeStep(deep, hardware=hw, gpus=4).plan("auto")
+    assert alone.feasible and not alone.placement.state_ssd
+    assert four.feasible, four.why
+    assert four.placement.state_ssd and four.peaks["host"] <= hw.host_memory // 4
+
+
+def test_lohan_plan_gpus(capsys):
+    args = ["plan", "--model", "tiny-llama", "--gpu", "rtx4090", "--host-memory", "64GB", "--batch", "2",
+            "--seq", "64", "--json"]
+    assert cli.main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert cli.main(args + ["--gpus", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["gpus"] == 2 and two["global_batch"] == 4
+    assert two["predicted_tflops"] == pytest.approx(
+        6 * zoo.PRESETS["tiny-llama"].parameters() * 2 * 128 / two["predicted_step_s"] / 1e12)
+    assert two["predicted_tflops"] > 1.5 * one["predicted_tflops"]
+    assert cli.main(args + ["--gpus", "2", "--policy", "zero-infinity"]) == 2
+    assert "one GPU only" in capsys.readouterr().err
+    assert cli.main(args + ["--gpus", "0"]) == 2
+    assert "--gpus" in capsys.readouterr().err

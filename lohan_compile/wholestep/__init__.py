@@ -69,14 +69,14 @@ from .placement import (
     Placement,
     place,
 )
-from .program import CONTEXT_BYTES, OURS, STREAM_MIN_BYTES, Design, build_program
+from .program import CONTEXT_BYTES, OURS, STREAM_MIN_BYTES, Design, build_program, per_rank
 from .trace import HEAD_CHUNK_BYTES, Part, Traced, trace
 
 __all__ = [
     "ACTIVATION_STAGING_BYTES", "BASELINES", "CONTEXT_BYTES", "HEAD_CHUNK_BYTES", "HOST_RESERVE_FRACTION", "OURS",
     "POLICIES", "STATE_BYTES_PER_PARAM", "STREAM_MIN_BYTES", "UPDATE_WINDOW", "ZERO_INFINITY_COMPUTE_SCALE",
     "Design", "Layout", "Part", "Placement", "StepPlan", "Traced", "Weight", "WholeStep", "build_program",
-    "layout", "place", "trace",
+    "layout", "per_rank", "place", "trace",
 ]
 
 # ZeRO-Infinity's compute seconds per second our cost model estimates for the same kernels. Not
@@ -132,11 +132,21 @@ def _bases(step_layout: Layout) -> dict[str, list[Candidate]]:
 
 
 class WholeStep:
-    """Plans of a traced model's whole step on ``hardware`` under ``budget`` device bytes."""
+    """Plans of a traced model's whole step on ``hardware`` under ``budget`` device bytes.
 
-    def __init__(self, traced: Traced, hardware: HardwareProfile | None = None, budget: int | None = None):
+    ``gpus``: data-parallel ranks in the server, each running the traced step on its own
+    micro-batch (the global batch is ``gpus`` times the traced one) and sharing the server's host
+    memory, CPU and SSDs (``per_rank``); the plan and its peaks are one rank's, its TFLOPS the
+    server's."""
+
+    def __init__(self, traced: Traced, hardware: HardwareProfile | None = None, budget: int | None = None,
+                 gpus: int = 1):
+        if gpus < 1:
+            raise ValueError(f"gpus must be at least 1, got {gpus}")
         self.traced = traced
-        self.hw = hardware or traced.hardware
+        self.gpus = gpus
+        self.server = hardware or traced.hardware
+        self.hw = per_rank(self.server, gpus)
         self.budget = budget if budget is not None else self.hw.device_memory
         self.lay = layout(traced)
         self.bases = _bases(self.lay)
@@ -147,14 +157,16 @@ class WholeStep:
         keep_free = 0
         for _ in range(2):  # a second placement leaves host room for the swapped activations
             placement = place(self.lay, self.hw, grad_bytes=design.grad_bytes, allow_ssd=design.allow_ssd,
-                              keep_free=keep_free, state_on_ssd=design.state_on_ssd and self.hw.ssd_count > 0)
+                              keep_free=keep_free, state_on_ssd=design.state_on_ssd and self.hw.ssd_count > 0,
+                              gpus=self.gpus)
             plan = StepPlan(policy, False, "", offload_params=design.stream_weights, budget_bytes=self.budget,
                             placement=placement,
                             actions={k: d.action.value for k, d in sorted(base_actions.items())})
             if placement.problem:
                 plan.why = placement.problem
                 return plan
-            program, resident = build_program(self.lay, _expand(self.lay, base_actions), design, placement, self.hw)
+            program, resident = build_program(self.lay, _expand(self.lay, base_actions), design, placement, self.hw,
+                                              self.gpus)
             timeline = simulate(program, initial=resident)
             if (not self.hw.host_memory or timeline.peaks["host"] <= self.hw.host_memory or keep_free
                     or not design.allow_ssd or self.hw.ssd_count <= 0):
@@ -162,10 +174,11 @@ class WholeStep:
             keep_free = timeline.peaks["host"] - resident["host"]  # the activations swapped to the host
         plan.timeline = timeline
         plan.step_s = timeline.step_seconds
-        plan.tflops = 6 * self.traced.spec.active_parameters() * self.traced.tokens / timeline.step_seconds / 1e12
+        plan.tflops = (6 * self.traced.spec.active_parameters() * self.traced.tokens * self.gpus
+                       / timeline.step_seconds / 1e12)
         plan.peaks = dict(timeline.peaks)
-        plan.busy = {r: timeline.busy(r) for r in ("compute", "h2d", "d2h", "cpu", "ssd_read", "ssd_write")}
-        bandwidth = {"h2d": self.hw.h2d_bandwidth, "d2h": self.hw.d2h_bandwidth,
+        plan.busy = {r: timeline.busy(r) for r in ("compute", "h2d", "d2h", "cpu", "ssd_read", "ssd_write", "net")}
+        bandwidth = {"h2d": self.hw.h2d_bandwidth, "d2h": self.hw.d2h_bandwidth, "net": self.hw.interconnect_bandwidth,
                      "ssd_read": self.hw.ssd_read_bandwidth * max(self.hw.ssd_count, 1),
                      "ssd_write": self.hw.ssd_write_bandwidth * max(self.hw.ssd_count, 1)}
         plan.traffic = {q: int(round(plan.busy[q] * rate)) for q, rate in bandwidth.items()}
@@ -177,7 +190,8 @@ class WholeStep:
             if kind in ("fetch", "upload") and seconds > 0 and isinstance(name, str):
                 # a weight that waited for its deferred update: the optimizer held it back
                 group = name.split(":")[1].split("/")[0]
-                update, copy = by_name.get(f"update:{group}"), by_name.get(name)
+                update = by_name.get(f"share:{group}") or by_name.get(f"update:{group}")
+                copy = by_name.get(name)
                 if (update is not None and copy is not None
                         and abs(copy.start - update.end) <= 1e-9 * max(1.0, update.end)):
                     kind = "update"
@@ -201,7 +215,8 @@ class WholeStep:
                         "swap_out": "activation swap-outs (d2h)", "grad": "gradient copies (d2h)",
                         "update": "the CPU optimizer", "write": "SSD writes", "read": "SSD reads",
                         "upload": "weight uploads (h2d)", "ssdw": "activations written to SSD",
-                        "ssdr": "activations read from SSD", "hooks": "framework hooks"}.get(kind, kind)
+                        "ssdr": "activations read from SSD", "hooks": "framework hooks",
+                        "reduce": "gradient all-reduce"}.get(kind, kind)
                 return f"compute busy {compute:.0%} of the step; waits on {what}: {s:.2f} s"
         return f"compute-bound: compute busy {compute:.0%} of the step"
 
@@ -371,6 +386,8 @@ class WholeStep:
     def plan(self, policy: str = "auto", offload_params: Any = "auto") -> StepPlan:
         """The plan of ``policy`` (``POLICIES`` or ``BASELINES``). ``offload_params``: stream the
         weights (True), keep them on the device (False), or "auto": keep them if that fits."""
+        if policy in BASELINES and self.gpus > 1:
+            raise ValueError(f"the {policy} baseline is modeled on one GPU only; plan it with gpus=1")
         if policy == "zero-infinity":
             return self.zero_infinity()
         if policy == "zero-offload":

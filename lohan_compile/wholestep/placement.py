@@ -28,23 +28,30 @@ class Placement:
     problem: str | None = None  # why it does not fit, if it does not
 
 
+def shard_params(params: int, gpus: int) -> int:
+    """One rank's share of a group's parameters when ``gpus`` ranks share its optimizer state."""
+    return -(-params // gpus)
+
+
 def place(layout: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_bytes: int = 2,
           state_bytes: int = STATE_BYTES_PER_PARAM, allow_ssd: bool = True, keep_free: int = 0,
-          state_on_ssd: bool = False) -> Placement:
+          state_on_ssd: bool = False, gpus: int = 1) -> Placement:
     """Host memory first, in the order the step touches the bytes most (weights: fetched twice per
     step; gradients; optimizer state), one group at a time; the rest on SSD. ``keep_free``:
-    host bytes left for what the step itself puts there (swapped activations)."""
+    host bytes left for what the step itself puts there (swapped activations). With ``gpus``
+    ranks, ``hw`` is one rank's share of the server and the placement is one rank's: its own
+    copy of the weights, and its 1/``gpus`` share of each group's gradients and state."""
     available = max(int((hw.host_memory or 0) * (1 - HOST_RESERVE_FRACTION)) - keep_free, 0)
     staging = 0
     for _ in range(3):  # the staging buffers the SSD traffic needs come out of the same memory
         capacity = max(available - staging, 0)
         placement = Placement(host_capacity=available)
         used = 0
-        for per_param, on_ssd, forced in ((weight_bytes, placement.weights_ssd, False),
-                                          (grad_bytes, placement.grads_ssd, state_on_ssd),
-                                          (state_bytes, placement.state_ssd, state_on_ssd)):
+        for per_param, on_ssd, forced, shards in ((weight_bytes, placement.weights_ssd, False, 1),
+                                                  (grad_bytes, placement.grads_ssd, state_on_ssd, gpus),
+                                                  (state_bytes, placement.state_ssd, state_on_ssd, gpus)):
             for group in layout.group_order:
-                nbytes = layout.groups.get(group, 0) * per_param
+                nbytes = shard_params(layout.groups.get(group, 0), shards) * per_param
                 if nbytes and used + nbytes <= capacity and not forced:
                     used += nbytes
                 elif nbytes:
@@ -52,7 +59,8 @@ def place(layout: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_by
                     placement.ssd_bytes += nbytes
         placement.host_bytes = used
         on_any_ssd = placement.state_ssd | placement.grads_ssd | placement.weights_ssd
-        biggest = max((layout.groups.get(group, 0) * (state_bytes + grad_bytes + weight_bytes)
+        biggest = max((shard_params(layout.groups.get(group, 0), gpus) * (state_bytes + grad_bytes)
+                       + layout.groups.get(group, 0) * weight_bytes
                        for group in layout.group_order if group in on_any_ssd), default=0)
         placement.staging_bytes = 2 * UPDATE_WINDOW * biggest
         if placement.staging_bytes <= staging:

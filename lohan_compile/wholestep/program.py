@@ -24,6 +24,7 @@ from .placement import (
     STATE_BYTES_PER_PARAM,
     UPDATE_WINDOW,
     Placement,
+    shard_params,
 )
 
 CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS/flash workspaces: not in the allocator's count, but on the card
@@ -69,9 +70,62 @@ def _layer_of_name(name: str) -> int | None:
     return int(head[1:]) if dot and head.startswith("L") and head[1:].isdigit() else None
 
 
+def per_rank(hw: HardwareProfile, gpus: int) -> HardwareProfile:
+    """One of ``gpus`` data-parallel ranks' share of a server: its own GPU and PCIe link; an equal
+    share of the host memory and its bandwidth, of the CPU (the optimizer's rate) and of each
+    SSD's bandwidth and capacity."""
+    if gpus == 1:
+        return hw
+    return hw.with_(
+        name=f"{hw.name} (1 of {gpus} GPUs)",
+        host_memory=hw.host_memory // gpus if hw.host_memory else hw.host_memory,
+        host_memory_bandwidth=hw.host_memory_bandwidth / gpus,
+        cpu_adam_params_per_s=hw.cpu_adam_params_per_s / gpus,
+        ssd_read_bandwidth=hw.ssd_read_bandwidth / gpus, ssd_write_bandwidth=hw.ssd_write_bandwidth / gpus,
+        ssd_capacity=hw.ssd_capacity // gpus)
+
+
+def _reduce_seconds(gpus: int, hw: HardwareProfile) -> float:
+    """Seconds per gradient byte of a ring all-reduce among ``gpus`` devices: each sends and
+    receives 2 (gpus - 1) / gpus of the bytes."""
+    if gpus == 1:
+        return 0.0
+    return 2 * (gpus - 1) / gpus / hw.allreduce_bandwidth
+
+
+def _reduce(name: str, nbytes: int, gpus: int, hw: HardwareProfile) -> list[Op]:
+    """A gradient's all-reduce: on the interconnect when the server has one; else through host
+    memory, each byte the rank sends crossing its PCIe link out and each it receives in."""
+    if gpus == 1:
+        return []
+    moved = 2 * (gpus - 1) / gpus * nbytes
+    if hw.interconnect_bandwidth:
+        return [Issue(f"reduce:{name}", "net", moved / hw.interconnect_bandwidth)]
+    return [Issue(f"reduce:{name}:out", "d2h", moved / hw.d2h_bandwidth),
+            Issue(f"reduce:{name}:in", "h2d", moved / hw.h2d_bandwidth)]
+
+
+def _share_updated_weights(group: str, params: int, gpus: int, hw: HardwareProfile) -> list[Op]:
+    """The other ranks' updates of ``group`` copied into this rank's host copy of its bf16
+    weights: (gpus - 1) / gpus of them read and written in host memory."""
+    if gpus == 1:
+        return []
+    moved = 2 * params * (gpus - 1) / gpus
+    return [Issue(f"share:{group}", "cpu", 2 * moved / hw.host_memory_bandwidth, after=(f"update:{group}",))]
+
+
 def build_program(layout: Layout, decisions: dict[str, Decision], design: Design, placement: Placement,
-                  hw: HardwareProfile) -> tuple[list[Op], dict[str, int]]:
-    """The simulator program of the step, and the bytes resident per tier when it starts."""
+                  hw: HardwareProfile, gpus: int = 1) -> tuple[list[Op], dict[str, int]]:
+    """The simulator program of the step, and the bytes resident per tier when it starts.
+
+    With ``gpus`` data-parallel ranks, the program is one rank's (every rank runs the same one
+    at the same time) and ``hw`` is that rank's share of the server (``per_rank``): its own GPU
+    and PCIe link, 1/``gpus`` of the host memory, its bandwidth, the CPU and the SSDs. Each
+    gradient is all-reduced as backward makes it (over the interconnect, or through host memory
+    over the rank's PCIe link when there is none) and the rank copies out its 1/``gpus`` share;
+    the rank updates its share of each group's optimizer state; the updated weights then reach
+    every rank's own host copy (a copy in host memory, on the CPU queue) before a fetch or an
+    upload reads them."""
     problem = layout.problem
     full_recompute_s = layout.full_recompute_s
     if design.compute_scale != 1.0:
@@ -142,7 +196,8 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
     # d2h: swap-outs and gradients share the link, in the order they are made
     outbound = [Outbound(f"swap_out:{c.key}", c.produced_at, c.bytes * d2h_s_per_byte, c.last_fw_use)
                 for c in swapped]
-    outbound += [Outbound(f"grad:{w.name}", w.grad_op, w.bytes * d2h_s_per_byte, w.grad_op)
+    reduce_s = _reduce_seconds(gpus, hw)
+    outbound += [Outbound(f"grad:{w.name}", w.grad_op, w.bytes * (reduce_s + d2h_s_per_byte / gpus), w.grad_op)
                  for w in layout.weights if w.grad_op is not None]
     release = release_points(ends, sorted(outbound, key=lambda t: (t.made, t.key)), last=len(ends) - 1)
     decisions = dict(decisions)
@@ -156,7 +211,7 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
     # the optimizer
     updates: dict[str, str] = {}  # group -> its deferred update
     update_at: dict[str, int] = {}  # group -> the op before which its deferred update is issued
-    group_params = layout.groups
+    group_params = {group: shard_params(params, gpus) for group, params in layout.groups.items()}
 
     def ssd_read_bytes(group: str) -> int:
         return group_params[group] * ((STATE_BYTES_PER_PARAM if group in placement.state_ssd else 0)
@@ -187,8 +242,9 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
             if write:
                 update_ops.append(Issue(f"write:{group}", "ssd_write", write * ssd_write_s_per_byte,
                                         after=(f"update:{group}",)))
-            at("prefetch", issue_op, *update_ops)
-            updates[group] = f"update:{group}"
+            share = _share_updated_weights(group, layout.groups[group], gpus, hw)
+            at("prefetch", issue_op, *update_ops, *share)
+            updates[group] = share[0].name if share else f"update:{group}"
             update_at[group] = issue_op
     else:
         # after backward, every group in order; serial: each waits for the one before
@@ -205,13 +261,16 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
             optimizer_ops.append(Issue(f"update:{group}", "cpu", group_params[group] / hw.cpu_adam_params_per_s,
                                        after=after))
             prev = f"update:{group}"
+            share = _share_updated_weights(group, layout.groups[group], gpus, hw)
+            optimizer_ops.extend(share)
+            updated = share[0].name if share else prev
             write = ssd_write_bytes(group)
             if write:
                 optimizer_ops.append(Issue(f"write:{group}", "ssd_write", write * ssd_write_s_per_byte, after=(prev,)))
                 prev = f"write:{group}"
             if not design.stream_weights:  # updated weights go back to the device
-                optimizer_ops.append(Issue(f"upload:{group}", "h2d", 2 * group_params[group] * h2d_s_per_byte,
-                                           after=(f"update:{group}",)))
+                optimizer_ops.append(Issue(f"upload:{group}", "h2d", 2 * layout.groups[group] * h2d_s_per_byte,
+                                           after=(updated,)))
                 prev = f"upload:{group}" if design.serial_optimizer else prev
         optimizer_ops += [Wait(o.name) for o in optimizer_ops if isinstance(o, Issue)]
         at("release", len(problem.ops) - 1, *optimizer_ops)
@@ -248,7 +307,9 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
             continue
         name = f"grad:{w.name}"
         at("alloc", w.grad_op, Alloc(f"g:{w.name}", w.bytes))
-        at("swap_out", w.grad_op, Issue(name, "d2h", w.bytes * d2h_s_per_byte))
+        reduce = _reduce(w.name, w.bytes, gpus, hw)
+        at("swap_out", w.grad_op, *reduce,
+           Issue(name, "d2h", w.bytes / gpus * d2h_s_per_byte, after=tuple(op.name for op in reduce)))
         after_ops: list[Op] = [Wait(name), Free(f"g:{w.name}")]
         if w.group in placement.grads_ssd:
             after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes * ssd_write_s_per_byte))
