@@ -163,3 +163,110 @@ def fingerprint(t: torch.Tensor) -> int:
     load()
     value = int(torch.ops.lohan.fingerprint(t))
     return value & 0xFFFFFFFFFFFFFFFF
+
+
+# -- the chunked LM head and loss (``passes/chunk_loss.py``) -------------------------------
+#
+# Cross-entropy over a vocabulary, computed a chunk of rows at a time so that no tensor of all
+# the rows' logits in the loss's dtype, their log-softmax or their gradient ever exists: forward
+# keeps only each row's log-sum-exp, and backward recomputes each chunk's logits from the
+# hidden states and the head's weight. Pure computations (no side effects): dead-code
+# elimination may drop them like any aten op.
+
+_NLL_MEAN, _NLL_SUM = 1, 2  # nll_loss's reduction codes (0 would be "none": not chunked)
+
+
+def _row_chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, rows)) for start in range(0, rows, max(chunk, 1))]
+
+
+@torch.library.custom_op("lohan::chunked_ce_forward", mutates_args=())
+def chunked_ce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: int,
+                       compute_dtype: torch.dtype, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``nll_loss_forward(log_softmax(logits.to(compute_dtype)), target)`` chunk by chunk of
+    rows: (loss, total weight, each row's log-sum-exp in fp32, what backward needs)."""
+    rows = logits.shape[0]
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    count = torch.zeros((), dtype=torch.int64, device=logits.device)
+    for start, end in _row_chunks(rows, chunk):
+        x = logits[start:end].to(torch.float32)
+        row_lse = torch.logsumexp(x, dim=1)
+        lse[start:end] = row_lse
+        t = target[start:end]
+        valid = t != ignore_index
+        picked = x.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+        total += torch.where(valid, row_lse - picked, 0.0).sum()
+        count += valid.sum()
+    weight = count.to(compute_dtype)
+    loss = (total / count if reduction == _NLL_MEAN else total).to(compute_dtype)
+    return loss, weight, lse
+
+
+@chunked_ce_forward.register_fake
+def _chunked_ce_forward_fake(logits, target, ignore_index, reduction, compute_dtype, chunk):
+    return (logits.new_empty((), dtype=compute_dtype), logits.new_empty((), dtype=compute_dtype),
+            logits.new_empty((logits.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("lohan::chunked_linear_ce_backward", mutates_args=())
+def chunked_linear_ce_backward(grad_loss: torch.Tensor, grad_logits: torch.Tensor | None, hidden: torch.Tensor,
+                               weight_t: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+                               total_weight: torch.Tensor, ignore_index: int, reduction: int,
+                               compute_dtype: torch.dtype, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``hidden`` (rows x hidden) and of ``weight_t.t()`` (vocabulary x
+    hidden) through ``logits = hidden @ weight_t`` and the chunked loss, chunk by chunk of rows:
+    each chunk's logits recomputed, its softmax from the saved log-sum-exp, the loss's gradient
+    cast back to the logits' dtype and ``grad_logits`` (the gradient of the logits themselves,
+    where they are also an output) added; the weight's gradient summed over chunks in fp32."""
+    rows = hidden.shape[0]
+    if grad_logits is not None:
+        grad_logits = grad_logits.reshape(rows, -1)  # (the logits' tangent comes in the output's shape)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_weight = torch.zeros(weight_t.shape[1], weight_t.shape[0], dtype=torch.float32, device=hidden.device)
+    scale = (grad_loss.to(torch.float32) / total_weight.to(torch.float32) if reduction == _NLL_MEAN
+             else grad_loss.to(torch.float32))
+    for start, end in _row_chunks(rows, chunk):
+        h = hidden[start:end]
+        x = torch.mm(h, weight_t)
+        p = torch.exp(x.to(torch.float32) - lse[start:end].unsqueeze(1))
+        del x
+        t = target[start:end]
+        valid = t != ignore_index
+        p.scatter_add_(1, torch.where(valid, t, 0).unsqueeze(1),
+                       torch.full((end - start, 1), -1.0, dtype=torch.float32, device=p.device))
+        p.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
+        g = p.to(compute_dtype).to(hidden.dtype)
+        del p
+        if grad_logits is not None:
+            g = grad_logits[start:end] + g
+        grad_hidden[start:end] = torch.mm(g, weight_t.t())
+        grad_weight.addmm_(g.t().to(torch.float32), h.to(torch.float32))
+    return grad_hidden, grad_weight.to(weight_t.dtype)
+
+
+@chunked_linear_ce_backward.register_fake
+def _chunked_linear_ce_backward_fake(grad_loss, grad_logits, hidden, weight_t, target, lse, total_weight,
+                                     ignore_index, reduction, compute_dtype, chunk):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            weight_t.new_empty((weight_t.shape[1], weight_t.shape[0])))
+
+
+# lohan's ops that compute and do nothing else: measured and estimated like aten's
+PURE_OPS = frozenset({"chunked_ce_forward", "chunked_linear_ce_backward"})
+
+
+def pure_op_scratch(name: str, args: list) -> int:
+    """The device bytes a ``PURE_OPS`` op holds beyond its inputs and outputs at its highest
+    point, from its arguments' (fake) values, as its kernel above allocates: a chunk's logits,
+    their fp32 copy, its shifted copy and its softmax (forward: no softmax); backward also the
+    weight gradient's fp32 accumulator where the weight is not fp32."""
+    if name == "chunked_ce_forward":
+        logits, chunk = args[0], args[5]
+        vocab, itemsize = logits.shape[1], logits.element_size()
+        return int(chunk * vocab * (8 + (4 if itemsize != 4 else 0)))
+    hidden, weight_t, chunk = args[2], args[3], args[10]
+    vocab, itemsize = weight_t.shape[1], weight_t.element_size()
+    per_row = vocab * (itemsize + 8 + (4 if itemsize != 4 else 0))
+    accumulator = weight_t.shape[0] * vocab * 4 if itemsize != 4 else 0
+    return int(chunk * per_row + accumulator)

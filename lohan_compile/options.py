@@ -45,6 +45,15 @@ def _one_of(name: str, value: Any, choices) -> Any:
     return value
 
 
+def _loss_chunks(value: Any) -> Any:
+    if value == "auto" and isinstance(value, str):
+        return value
+    if type(value) is int and value >= 1:
+        return value
+    raise ValueError(f"loss_chunks={value!r} is not valid; choose 'auto' or a number of chunks (an int >= 1; "
+                     "1: never chunk the loss).")
+
+
 def _folder(name: str, value: Any, *, must_exist: bool) -> str | None:
     if value is None:
         return None
@@ -77,7 +86,10 @@ class Options:
     (policy ``"auto"`` under a budget: when other plans are predicted close to the one it
     chose, run each for a few steps and keep the fastest measured; default True),
     ``data_parallel`` (``"auto"``: under a process group of several ranks the step must be
-    data parallel; ``False``: each rank trains on its own data, on purpose).
+    data parallel; ``False``: each rank trains on its own data, on purpose), ``loss_chunks``
+    (the LM head's cross-entropy computed a chunk of tokens at a time, ``passes/chunk_loss.py``:
+    ``"auto"`` under a budget where its logits are large beside it, or a number of chunks, 1
+    never).
     """
 
     memory_budget: int | None = None
@@ -94,6 +106,7 @@ class Options:
     debug: bool | None = None
     tune_plans: bool = True
     data_parallel: Any = "auto"
+    loss_chunks: Any = "auto"
 
     def __init__(self, **options: Any) -> None:
         valid = [f.name for f in fields(self)]
@@ -126,6 +139,7 @@ class Options:
             "debug": _check_bool("debug", values["debug"], allow_none=True),
             "tune_plans": _check_bool("tune_plans", values["tune_plans"]),
             "data_parallel": _one_of("data_parallel", values["data_parallel"], DATA_PARALLEL),
+            "loss_chunks": _loss_chunks(values["loss_chunks"]),
         }
         for key, value in parsed.items():
             object.__setattr__(self, key, value)

@@ -95,6 +95,10 @@ class GraphRecord:
     # runtime watches (what it sees is in runtime/observed.py)
     watch_outputs: tuple[int, ...] = ()
     watch_objects: frozenset[int] = frozenset()  # of those, watched as tensors (their storage is saved)
+    # outputs the plan released when forward ends though no step was yet seen dropping them (no
+    # plan fits holding them): position -> bytes; a backward that finds one alive refuses to run
+    must_drop: dict[int, int] = field(default_factory=dict)
+    must_drop_budget: int | None = None  # ... and the smallest budget of a plan holding them
 
     def note_variants(self) -> None:
         """Which of auto's plans runs, and which others it could run (from the passes' reports)."""
@@ -175,6 +179,7 @@ class GraphRun:
     # a forward run: weak references to the storages of the outputs its graph watches, and the
     # device bytes allocated at its start less those when its graph was planned
     output_refs: list = field(default_factory=list)
+    outputs_alive: frozenset = frozenset()  # a backward's: its forward's outputs still alive when it began
     level_growth: int | None = None
     start: float = 0.0  # perf_counter() when it began
     peak_before: int | None = None  # the step's device peak so far when it began

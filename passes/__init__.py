@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lohan_compile.graph.pipeline import Pass, Pipeline
 from lohan_compile.passes.apply_plan import apply_plan
+from lohan_compile.passes.chunk_loss import chunk_loss
 from lohan_compile.passes.classify_roles import classify_roles
 from lohan_compile.passes.classify_saved import classify_saved
 from lohan_compile.passes.offload_grads import offload_grads
@@ -20,6 +21,7 @@ from lohan_compile.passes.stream_params import stream_params
 def default_passes() -> list[Pass]:
     return [
         Pass("classify_roles", classify_roles, inference=True),
+        Pass("chunk_loss", chunk_loss, requires=("classify_roles",)),
         Pass("partition_graph", partition_graph, required=True),
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
         Pass("reduce_grads", reduce_grads, required=True, requires=("classify_roles",)),
@@ -39,6 +41,7 @@ PASS_NAMES = tuple(p.name for p in default_passes())
 __all__ = [
     "PASS_NAMES",
     "apply_plan",
+    "chunk_loss",
     "classify_roles",
     "classify_saved",
     "default_passes",

@@ -31,12 +31,14 @@ from ..graph.shapes import expr_of, hint_int, nbytes_hint, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
 from .. import passes
+from ..passes.chunk_loss import LOSS_OPS, chunk_loss_may_apply
 from ..plan.problem import Action
 from ..report import GraphRecord
 from ..runtime import device as device_memory
 from ..runtime import keys, modules, offload, stream
 from ..runtime.observed import Observed
 from ..runtime.step import TRACKER
+from ..errors import BudgetError
 from ..units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -233,6 +235,7 @@ class GraphCompiler:
         materialized: frozenset[tuple[str, str]] = frozenset(),
         fused: frozenset[tuple[str, str]] = frozenset(),
         assume_fused: bool = False,
+        assume_outputs_dropped: bool = False,
         reuse: Reuse | None = None,
         data_parallel: DataParallel | None = None,
     ):
@@ -251,6 +254,7 @@ class GraphCompiler:
         self.materialized = materialized  # results Inductor segments held that the plan had fused away
         self.fused = fused  # results Inductor segments were seen to fuse into their readers
         self.assume_fused = assume_fused  # ... and whether every result they may fuse is planned fused
+        self.assume_outputs_dropped = assume_outputs_dropped  # no plan fits holding the forward's outputs
         self.unseen_fused: set[tuple[str, str]] = set()  # results the plan holds, none seen fused yet
         self.reuse_from = reuse  # the compile this one plans again, if any
         self.data_parallel = data_parallel  # the group its gradients are averaged over
@@ -290,6 +294,11 @@ class GraphCompiler:
             from torch._inductor.decomposition import select_decomp_table
 
             kwargs["decompositions"] = select_decomp_table()
+            if chunk_loss_may_apply(self.opts, self.gm):
+                # the loss's ops stay whole in the joint graph for ``chunk_loss`` to find (one it
+                # leaves unchunked runs as the eager kernel, which Inductor falls back to)
+                kwargs["decompositions"] = {op: fn for op, fn in kwargs["decompositions"].items()
+                                            if op not in LOSS_OPS}
         elif self.opts.mode != "default":
             log.info("lohan: mode=%r has no effect with the fx executor", self.opts.mode)
         try:
@@ -354,6 +363,7 @@ class GraphCompiler:
             materialized=self.materialized,
             fused=self.fused,
             assume_fused=self.assume_fused,
+            assume_outputs_dropped=self.assume_outputs_dropped,
             unseen_fused=self.unseen_fused,
             **extra,
         )
@@ -361,8 +371,8 @@ class GraphCompiler:
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
         self._joint = joint  # (``_real_value`` finds the inputs on its placeholders)
         facts = self._facts(num_fwd_outputs=num_fwd_outputs, joint_inputs=joint_inputs, partition_kwargs=kwargs)
+        self.record.training = True  # (before the passes: a BudgetError they raise is a training step's)
         graphs = self._run_pipeline(Graphs(joint=joint), facts)
-        self.record.training = True
         interface = aot.saved_interface(graphs.fw, graphs.bw, num_fwd_outputs)
         if self.opts.executor == "fx" and not self.on_meta and interface is not None and not aot.compiled_autograd_enabled():
             self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -379,8 +389,8 @@ class GraphCompiler:
         self._joint = reuse.joint
         facts = self._facts(num_fwd_outputs=reuse.num_fwd_outputs, joint_inputs=reuse.joint_inputs,
                             partition_kwargs=reuse.partition_kwargs, partitions=reuse.partitions)
-        graphs = self._run_pipeline(Graphs(joint=reuse.joint), facts)
         self.record.training = True
+        graphs = self._run_pipeline(Graphs(joint=reuse.joint), facts)
         reuse.partitions.update(graphs.partitions)
         if aot.saved_interface(graphs.fw, graphs.bw, reuse.num_fwd_outputs) != reuse.interface:
             raise NotReusable("the new plan saves other kinds of values for backward than the first")
@@ -434,6 +444,11 @@ class GraphCompiler:
         if planned is not None:
             self.record.watch_outputs = tuple(sorted(planned["problem"].user_outputs))
             self.record.watch_objects = planned["problem"].saved_outputs
+            if self.assume_outputs_dropped:
+                problem = planned["problem"]
+                self.record.must_drop = {
+                    pos: problem.buffers[key].bytes for pos, (key, _) in problem.user_outputs.items()
+                    if pos in problem.dropped_outputs and pos not in problem.saved_outputs}
         if self.opts.policy == "auto":
             self.record.note_variants()
         if graphs.fw is not None:
@@ -705,6 +720,24 @@ def describe_compile(record: GraphRecord, graphs: Graphs) -> str:
     return text + f"; passes: {timings}"
 
 
+def _check_outputs_dropped(record: GraphRecord, run: Any) -> None:
+    """A plan that fits only with the forward's outputs released when forward ends (the first
+    plan, made before any step showed which the user keeps) refuses a backward whose forward's
+    outputs are still alive: running it would pass the budget."""
+    kept = sorted(set(record.must_drop) & run.outputs_alive)
+    if not kept:
+        return
+    held = sum(record.must_drop[pos] for pos in kept)
+    need = (f"or raise memory_budget to at least {format_bytes(record.must_drop_budget)} (the smallest plan "
+            "that holds them)" if record.must_drop_budget else "or raise memory_budget")
+    raise BudgetError(
+        f"memory_budget={format_bytes(record.budget_bytes)} fits {record.name}'s step only if the step drops "
+        f"the forward's outputs before backward, and {len(kept)} of them ({format_bytes(held)}: the "
+        f"outputs at positions {kept}) are still alive when backward starts. Keep only what backward "
+        "needs (loss = model(**batch).loss, or del the output object before loss.backward()), "
+        f"{need}.", smallest_feasible_bytes=record.must_drop_budget)
+
+
 def _is_symbolic(val: Any) -> bool:
     if isinstance(val, torch.SymInt):
         return True
@@ -740,6 +773,7 @@ def _tracked(fn: Callable[[list], Any], record: GraphRecord, observed: Observed,
             step_run = TRACKER.backward_begin(record, observed)
             start = time.perf_counter()
             try:
+                _check_outputs_dropped(record, step_run)
                 return fn(args)
             except BaseException:
                 step_run.failed = True

@@ -136,6 +136,8 @@ class Replanning:
             opts = opts.replace(optimizer=optimizer)
         learnt = self.segments_learnt.setdefault(variant, SegmentsLearnt())
         assume_fused = False
+        assume_dropped = False  # (no plan fits holding the forward's outputs)
+        held_smallest: int | None = None
         attempt = 0
         # (a forward of the running plan whose backward is still to come must run that plan's backward)
         reuse = self.reuse if self.reuse is not None and self.reuse.ready and not TRACKER.forward_pending(self.record) else None
@@ -150,6 +152,7 @@ class Replanning:
                 variant=variant, min_cut_fraction=min_cut_fraction, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
                 outside=self.outside, segment_scratch=dict(learnt.scratch), materialized=frozenset(learnt.materialized),
                 fused=frozenset(learnt.fused), assume_fused=assume_fused, reuse=reuse,
+                assume_outputs_dropped=assume_dropped,
                 data_parallel=self.data_parallel,
             )
             try:
@@ -158,17 +161,25 @@ class Replanning:
                 log.info("lohan %s: traced again: %s", compiler.record.name, e)
                 reuse = None
                 continue
-            except BudgetError:
+            except BudgetError as e:
                 # holding results Inductor may fuse that no segment was yet seen fusing, no plan
                 # fits: plan them fused (the first steps may then pass the budget by what
                 # Inductor keeps after all, until its segments are measured)
-                if assume_fused or not compiler.unseen_fused:
-                    raise
-                assume_fused = True
-                log.info("lohan %s: no plan fits holding the %d results Inductor may fuse that no segment "
-                         "was yet seen fusing; planned with them fused", compiler.record.name,
-                         len(compiler.unseen_fused))
-                continue
+                if not assume_fused and compiler.unseen_fused:
+                    assume_fused = True
+                    log.info("lohan %s: no plan fits holding the %d results Inductor may fuse that no segment "
+                             "was yet seen fusing; planned with them fused", compiler.record.name,
+                             len(compiler.unseen_fused))
+                    continue
+                # holding the forward's outputs through backward (before a step showed which the
+                # user drops), no plan fits: plan them dropped when forward ends, as training
+                # loops that keep only the loss do; a backward that finds one alive refuses to run
+                if not assume_dropped and self.dropped is None and compiler.record.training:
+                    assume_dropped, held_smallest = True, e.smallest_feasible_bytes
+                    log.info("lohan %s: no plan fits holding the forward's outputs through backward; planned "
+                             "with the step dropping them before backward", compiler.record.name)
+                    continue
+                raise
             if not self._segments_overrun(compiler.record, learnt):
                 break
             if attempt == self.SEGMENT_REPLANS:
@@ -178,6 +189,7 @@ class Replanning:
                 break
             attempt += 1
         self.record = compiler.record
+        self.record.must_drop_budget = held_smallest
         self.reuse = compiler.reuse
         self.observed = compiler.observed
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run,

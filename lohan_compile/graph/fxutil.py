@@ -18,12 +18,19 @@ ALL_REDUCE_COALESCED = torch.ops._c10d_functional.all_reduce_coalesced.default
 COLLECTIVE_WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
+# ``_unsafe_view`` (what AOTAutograd makes of the reshape after a linear layer's mm) returns a
+# view of its input's storage, though its schema does not say so (autograd is told it is a new
+# tensor): in memory, it is a view
+UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
+
+
 def aliased_input(node: fx.Node) -> fx.Node | None:
     """The input a view op's output aliases, from the op's schema alias annotations (and a
-    collective's wait, which returns the tensor it waited for though its schema does not say so)."""
+    collective's wait, which returns the tensor it waited for, and ``_unsafe_view``, which
+    returns a view: neither schema says so)."""
     if node.op != "call_function":
         return None
-    if node.target is COLLECTIVE_WAIT:
+    if node.target is COLLECTIVE_WAIT or node.target is UNSAFE_VIEW:
         return node.args[0]
     if node.target is operator.getitem:
         parent = node.args[0]

@@ -122,6 +122,9 @@ class CompileFacts:
     # positions of forward outputs an earlier plan of this graph saw dropped before backward
     # started (the user kept only the loss): planned as released when forward ends
     dropped_outputs: frozenset[int] = frozenset()
+    # the first plan of a graph, where no plan fits holding its outputs: plan every user output
+    # of the forward released when forward ends (the runtime checks that the step drops them)
+    assume_outputs_dropped: bool = False
     # device bytes an earlier plan of this graph was measured to hold above its predicted peak
     # (the executor allocates what the simulator does not model: Inductor, fusing torch's
     # min-cut recomputation chains, keeps their inputs alive longer): planned as held all step

@@ -350,6 +350,11 @@ def resident_input_bytes(fw: fx.GraphModule) -> int:
     return sum(nbytes_hint(tensor_val(n)) for n in fw.graph.nodes if n.op == "placeholder" and tensor_val(n) is not None)
 
 
+# outputs at least this large are planned released when forward ends where no plan fits holding
+# them (``CompileFacts.assume_outputs_dropped``)
+ASSUME_DROPPED_MIN_BYTES = 1 << 20
+
+
 def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     """The ``Profile`` of a partition whose saved values are classified (``classify_saved``),
     planned with what ``facts`` (a ``CompileFacts``) says: hardware, measured op times, outputs
@@ -368,8 +373,13 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
             facts.unseen_fused.add(key)  # (held: the compile says so where no plan fits)
             return False
     world = facts.data_parallel.world if facts.data_parallel is not None else 1
-    problem = (build_problem(fw, bw, cost, scratch, fused, world).without_outputs(facts.dropped_outputs)
-               .with_outside(facts.outside_bytes).with_scratch(facts.segment_scratch))
+    problem = build_problem(fw, bw, cost, scratch, fused, world)
+    dropped = facts.dropped_outputs
+    if facts.assume_outputs_dropped:  # (the large ones: a loss or a metric the user keeps anyway)
+        dropped = frozenset(pos for pos, (key, _) in problem.user_outputs.items()
+                            if key in problem.buffers and problem.buffers[key].bytes >= ASSUME_DROPPED_MIN_BYTES)
+    problem = (problem.without_outputs(dropped).with_outside(facts.outside_bytes)
+               .with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes
     rates = Rates(
         d2h_seconds_per_byte=cost.transfer_seconds(1, "d2h"),

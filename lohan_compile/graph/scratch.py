@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..ops import PURE_OPS, pure_op_scratch
 from .fxutil import is_view
 from .shapes import hint_int, nbytes_hint
 
@@ -63,7 +64,8 @@ def _measurable(node: fx.Node) -> bool:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    if target.namespace in _NOT_RUN or is_view(node) or target._opname.startswith("_assert"):
+    if (target.namespace in _NOT_RUN and not _pure_lohan(target)) or is_view(node) \
+            or target._opname.startswith("_assert"):
         return False
     if torch.Tag.pointwise in target.tags or torch.Tag.nondeterministic_seeded in target.tags:
         return False  # an elementwise kernel writes its output and nothing else
@@ -121,11 +123,19 @@ def signature(node: fx.Node) -> tuple:
     return (str(node.target), _describe(tuple(node.args)), tuple(sorted((k, _describe(v)) for k, v in node.kwargs.items())))
 
 
+def _pure_lohan(target: Any) -> bool:
+    """One of lohan's ops that only compute (``ops.PURE_OPS``: the chunked loss)."""
+    return target.namespace == "lohan" and target._opname in PURE_OPS
+
+
 def estimate_scratch(node: fx.Node) -> int:
     """A conservative guess for ops known to allocate inside (none for the others)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return 0
+    if _pure_lohan(target):
+        return pure_op_scratch(target._opname, [a.meta.get("val") if isinstance(a, fx.Node) else a
+                                                for a in node.args])
     if target._opname.lstrip("_") not in {n.lstrip("_") for n in _ESTIMATED}:
         return 0
     return 2 * max((nbytes_hint(v) for v in _tensor_vals(node) if isinstance(v, torch.Tensor)), default=0)

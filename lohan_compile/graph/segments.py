@@ -55,13 +55,21 @@ from .shapes import hint_int
 # data-parallel step's gradient reductions, issued in the order every rank shares)
 _DRIVER_NAMESPACES = ("lohan", "_c10d_functional")
 
+# the cross-entropy's ops, traced whole rather than decomposed where ``chunk_loss`` may chunk the
+# loss: one it leaves whole has no Inductor lowering (Inductor decomposes these when it traces
+# itself), so it runs as its eager kernel, in the driver
+LOSS_OPS = frozenset({torch.ops.aten._log_softmax.default, torch.ops.aten.nll_loss_forward.default,
+                      torch.ops.aten.nll_loss_backward.default, torch.ops.aten._log_softmax_backward_data.default})
+
 
 def runs_in_driver(node: fx.Node) -> bool:
-    """A call of one of lohan's ops (``torch.ops.lohan.*``) or a collective: runs in the driver,
-    in graph order, never inside a segment Inductor compiles."""
+    """A call of one of lohan's ops (``torch.ops.lohan.*``), a collective, or one of
+    ``LOSS_OPS``: runs in the driver, in graph order, never inside a segment Inductor compiles."""
     if node.op != "call_function":
         return False
     target = node.target
+    if target in LOSS_OPS:
+        return True
     ns = getattr(target, "namespace", None)
     if ns is None and isinstance(target, torch._ops.OpOverload):
         ns = target.namespace

@@ -230,8 +230,10 @@ class StepTracker:
                 if r.graph is graph and r.phase == "forward" and not r.backward_seen:
                     r.backward_seen = True
                     run.level_growth = r.level_growth
+                    gone = frozenset(pos for pos, expired in r.output_refs if expired())
+                    run.outputs_alive = frozenset(pos for pos, _ in r.output_refs) - gone
                     if observed is not None:
-                        observed.dropped_seen = frozenset(pos for pos, gone in r.output_refs if gone())
+                        observed.dropped_seen = gone
                     r.output_refs = []
                     break
             self._runs.append(run)

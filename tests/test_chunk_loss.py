@@ -1,0 +1,181 @@
+"""The LM head's cross-entropy a chunk of tokens at a time (passes/chunk_loss.py, its ops in ops.py)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lohan_compile as lohan
+from lohan_compile import ops  # noqa: F401 - defines the ops
+from lohan_compile.errors import BudgetError
+from lohan_compile.measure import measure_device_peak
+from models import tiny_llama
+
+MiB = 2**20
+
+
+def _reference(hidden, weight, target, tangent, reduction, upcast):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    logits = hidden @ weight.t()
+    loss = F.cross_entropy(logits.float() if upcast else logits, target, ignore_index=-100,
+                           reduction="mean" if reduction == 1 else "sum")
+    torch.autograd.backward([loss, logits], [torch.tensor(0.7, dtype=loss.dtype), tangent])
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [1, 2])
+@pytest.mark.parametrize("with_tangent", [False, True])
+def test_the_chunked_ops_equal_cross_entropy_and_its_gradients(dtype, reduction, with_tangent):
+    g = torch.Generator().manual_seed(0)
+    rows, hidden_size, vocab = 37, 16, 50
+    hidden = torch.randn(rows, hidden_size, generator=g).to(dtype)
+    weight = torch.randn(vocab, hidden_size, generator=g).to(dtype)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[[0, 5, 6]] = -100
+    tangent = torch.randn(rows, vocab, generator=g).to(dtype) if with_tangent else torch.zeros(rows, vocab, dtype=dtype)
+    upcast = dtype != torch.float32
+    compute = torch.float32
+    want_loss, want_hidden, want_weight = _reference(hidden, weight, target, tangent, reduction, upcast)
+    logits = hidden @ weight.t()
+    loss, total, lse = torch.ops.lohan.chunked_ce_forward(logits, target, -100, reduction, compute, 8)
+    grad_hidden, grad_weight = torch.ops.lohan.chunked_linear_ce_backward(
+        torch.tensor(0.7, dtype=compute), tangent if with_tangent else None, hidden, weight.t(), target, lse, total,
+        -100, reduction, compute, 8)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert total.item() == 34
+    torch.testing.assert_close(loss, want_loss, **tol)
+    torch.testing.assert_close(grad_hidden, want_hidden, **tol)
+    torch.testing.assert_close(grad_weight, want_weight, **tol)
+    # no chunk of these rows' own: every row ignored makes the mean NaN, as cross_entropy's does
+    none = torch.full_like(target, -100)
+    assert torch.isnan(torch.ops.lohan.chunked_ce_forward(logits, none, -100, 1, compute, 8)[0])
+
+
+def test_the_chunked_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(9, 4, generator=g), torch.randn(11, 4, generator=g)
+    target = torch.randint(0, 11, (9,), generator=g)
+    logits = hidden @ weight.t()
+    torch.library.opcheck(torch.ops.lohan.chunked_ce_forward.default, (logits, target, -100, 1, torch.float32, 4))
+    loss, total, lse = torch.ops.lohan.chunked_ce_forward(logits, target, -100, 1, torch.float32, 4)
+    torch.library.opcheck(torch.ops.lohan.chunked_linear_ce_backward.default,
+                          (torch.tensor(1.0), None, hidden, weight.t(), target, lse, total, -100, 1, torch.float32, 4))
+
+
+def _llama_step(model, ids, labels, call=None):
+    for p in model.parameters():
+        p.grad = None
+    out = (call if call is not None else model)(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("executor", ["fx", "inductor"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_hugging_face_loss_chunked_equals_eager(executor, tie):
+    torch.manual_seed(0)
+    model = tiny_llama(tie=tie, layers=1, vocab=300)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 24))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="lohan", options={"loss_chunks": 5, "executor": executor})
+    for _ in range(2):
+        loss, grads = _llama_step(model, ids, labels, cm)
+        want_loss, want_grads = _llama_step(ref, ids, labels)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    report = lohan.last_report().graphs[0].pass_report("chunk_loss")
+    assert report["chunked"] == 1 and report["regions"][0]["chunks"] == 5
+    assert report["regions"][0]["rows"] == 48 and report["regions"][0]["vocab"] == 300
+
+
+def test_without_a_budget_auto_leaves_the_loss_whole_and_says_why():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=1, vocab=300)
+    ids = torch.randint(0, 300, (2, 24))
+    torch._dynamo.reset()
+    torch.compile(model, backend="lohan", options={"executor": "fx"})(input_ids=ids, labels=ids).loss.backward()
+    report = lohan.last_report().graphs[0].pass_report("chunk_loss")
+    assert report["chunked"] == 0 and report["skipped"] == ["nll_loss_forward: no memory budget"]
+
+
+def test_a_loss_on_sliced_logits_is_left_whole_and_says_why():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 40, bias=False)
+
+        def forward(self, h, y):
+            logits = self.head(h)
+            return F.cross_entropy(logits[:, :-1].reshape(-1, 40), y[:, 1:].reshape(-1))
+
+    torch._dynamo.reset()
+    cm = torch.compile(Head(), backend="lohan", options={"loss_chunks": 4, "executor": "fx"})
+    cm(torch.randn(2, 6, 8), torch.randint(0, 40, (2, 6))).backward()
+    report = lohan.last_report().graphs[0].pass_report("chunk_loss")
+    assert report["chunked"] == 0 and "sliced" in report["skipped"][0] or "not from the head's mm" in report["skipped"][0]
+
+
+def _qwen(vocab=4000):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, use_cache=False)
+    return Qwen2ForCausalLM(cfg).train()
+
+
+def _peak(options, ids, keep_output=False, steps=2):
+    def build():
+        torch._dynamo.reset()
+        model = _qwen()
+        return model, torch.compile(model, backend="lohan", options=options)
+
+    def step(state):
+        model, cm = state
+        for p in model.parameters():
+            p.grad = None
+        out = cm(input_ids=ids, labels=ids)
+        loss = out.loss
+        if not keep_output:
+            del out
+        loss.backward()
+
+    return measure_device_peak(build, step, steps=steps).peak_bytes
+
+
+def _smallest(options, ids) -> int:
+    with pytest.raises(Exception) as info:
+        _peak({**options, "memory_budget": 1 << 20}, ids, steps=1)
+    err = BudgetError.within(info.value)
+    assert err is not None and err.smallest_feasible_bytes
+    return err.smallest_feasible_bytes
+
+
+def test_chunking_lowers_the_smallest_budget_and_the_step_keeps_it():
+    # 4 x 256 tokens, vocabulary 4000: 15.6 MiB of fp32 logits, the largest tensors of the step
+    ids = torch.randint(0, 4000, (4, 256), generator=torch.Generator().manual_seed(1))
+    whole = _smallest({"executor": "fx", "loss_chunks": 1}, ids)
+    chunked = _smallest({"executor": "fx"}, ids)
+    assert chunked < 0.6 * whole
+    budget = int(chunked * 1.002)
+    measured = _peak({"executor": "fx", "memory_budget": budget}, ids)
+    report = lohan.last_report()
+    assert report.graphs[0].pass_report("chunk_loss")["chunked"] == 1
+    assert measured <= budget
+    assert report.summary()["predicted_peak_bytes"] == pytest.approx(measured, rel=0.02)
+
+
+def test_a_plan_that_needs_the_logits_dropped_refuses_a_step_that_keeps_them():
+    ids = torch.randint(0, 4000, (4, 256), generator=torch.Generator().manual_seed(1))
+    chunked = _smallest({"executor": "fx"}, ids)
+    options = {"executor": "fx", "memory_budget": int(chunked * 1.002)}
+    with pytest.raises(BudgetError, match="still alive when backward starts") as info:
+        _peak(options, ids, keep_output=True, steps=1)
+    assert info.value.smallest_feasible_bytes > chunked  # a plan that holds them needs more
