@@ -159,8 +159,8 @@ def _smallest(options, ids) -> int:
 
 
 def test_chunking_lowers_the_smallest_budget_and_the_step_keeps_it():
-    # 4 x 256 tokens, vocabulary 4000: 15.6 MiB of fp32 logits, the largest tensors of the step
-    ids = torch.randint(0, 4000, (4, 256), generator=torch.Generator().manual_seed(1))
+    # 4 x 128 tokens, vocabulary 4000: 7.8 MiB of fp32 logits, the largest tensors of the step
+    ids = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(1))
     whole = _smallest({"executor": "fx", "loss_chunks": 1}, ids)
     chunked = _smallest({"executor": "fx"}, ids)
     assert chunked < 0.6 * whole
@@ -173,7 +173,7 @@ def test_chunking_lowers_the_smallest_budget_and_the_step_keeps_it():
 
 
 def test_a_plan_that_needs_the_logits_dropped_refuses_a_step_that_keeps_them():
-    ids = torch.randint(0, 4000, (4, 256), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 4000, (4, 128), generator=torch.Generator().manual_seed(1))
     chunked = _smallest({"executor": "fx"}, ids)
     options = {"executor": "fx", "memory_budget": int(chunked * 1.002)}
     with pytest.raises(BudgetError, match="still alive when backward starts") as info:
