@@ -119,7 +119,7 @@ def smallest(name: str, options: dict) -> int:
     raise AssertionError("1 MiB was enough")
 
 
-def lowest(name: str, options: dict, named: int, tries: int = 3) -> tuple[int, int]:
+def lowest(name: str, options: dict, named: int, tries: int = 8) -> tuple[int, int]:
     """The step measured at the smallest budget the planner names (times 1.002); where the plan
     made at that budget names a larger one (the Inductor executor plans again once it has
     measured its segments), at that one: (budget, measured peak)."""

@@ -94,6 +94,10 @@ def chunk_loss(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     setting = facts.options.loss_chunks
     if setting == 1:
         return graphs, {"chunked": 0, "why": "loss_chunks=1"}
+    done = _chunked_before(joint)
+    if done:
+        # (a re-plan of a joint graph this pass rewrote already: the same regions, reported again)
+        return graphs, {"chunked": len(done), "regions": done, "skipped": []}
     regions, skipped = [], []
     for node in list(joint.graph.nodes):
         if node.op == "call_function" and node.target is aten.nll_loss_forward.default:
@@ -118,14 +122,25 @@ def chunk_loss(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
         chunks = max(1, min(chunks, region.rows))
         if chunks == 1:
             continue
-        rows_per_chunk = math.ceil(region.rows / chunks)
-        _rewrite(joint, region, rows_per_chunk)
-        chunked.append({"loss": region.loss.name, "rows": region.rows, "vocab": region.vocab,
-                        "chunks": math.ceil(region.rows / rows_per_chunk), "rows_per_chunk": rows_per_chunk,
-                        "logits_fp32_bytes": full_bytes})
+        _rewrite(joint, region, math.ceil(region.rows / chunks))
+        chunked.append(region)
     if chunked:
         joint.recompile()
-    return graphs, {"chunked": len(chunked), "regions": chunked, "skipped": skipped}
+    done = _chunked_before(joint)
+    return graphs, {"chunked": len(done), "regions": done, "skipped": skipped}
+
+
+def _chunked_before(joint: fx.GraphModule) -> list[dict[str, Any]]:
+    """The regions an earlier run of this pass chunked in ``joint``."""
+    out = []
+    for node in joint.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.lohan.chunked_ce_forward.default:
+            logits = node.args[0].meta["val"]
+            rows, vocab, rows_per_chunk = hint_int(logits.shape[0]), hint_int(logits.shape[1]), node.args[5]
+            out.append({"loss": node.name, "rows": rows, "vocab": vocab,
+                        "chunks": math.ceil(rows / rows_per_chunk), "rows_per_chunk": rows_per_chunk,
+                        "logits_fp32_bytes": rows * vocab * 4})
+    return out
 
 
 def _match(loss: fx.Node) -> _Region | str:
