@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from .ext import load as load_extension
+from .graph.shapes import hint_int
 from .layout import dense_layout
 
 _LIB = torch.library.Library("lohan", "FRAGMENT")
@@ -236,10 +237,11 @@ def chunked_linear_ce_backward(grad_loss: torch.Tensor, grad_logits: torch.Tenso
         p.scatter_add_(1, torch.where(valid, t, 0).unsqueeze(1),
                        torch.full((end - start, 1), -1.0, dtype=torch.float32, device=p.device))
         p.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
-        g = p.to(compute_dtype).to(hidden.dtype)
+        g = p.to(compute_dtype)
         del p
-        if grad_logits is not None:
-            g = grad_logits[start:end] + g
+        if grad_logits is not None:  # (added in the dtype of the logits it is the gradient of)
+            g = grad_logits[start:end] + g.to(grad_logits.dtype)
+        g = g.to(hidden.dtype)
         grad_hidden[start:end] = torch.mm(g, weight_t.t())
         grad_weight.addmm_(g.t().to(torch.float32), h.to(torch.float32))
     return grad_hidden, grad_weight.to(weight_t.dtype)
@@ -263,10 +265,10 @@ def pure_op_scratch(name: str, args: list) -> int:
     weight gradient's fp32 accumulator where the weight is not fp32."""
     if name == "chunked_ce_forward":
         logits, chunk = args[0], args[5]
-        vocab, itemsize = logits.shape[1], logits.element_size()
+        vocab, itemsize = hint_int(logits.shape[1]), logits.element_size()
         return int(chunk * vocab * (8 + (4 if itemsize != 4 else 0)))
     hidden, weight_t, chunk = args[2], args[3], args[10]
-    vocab, itemsize = weight_t.shape[1], weight_t.element_size()
+    vocab, itemsize = hint_int(weight_t.shape[1]), weight_t.element_size()
     per_row = vocab * (itemsize + 8 + (4 if itemsize != 4 else 0))
-    accumulator = weight_t.shape[0] * vocab * 4 if itemsize != 4 else 0
+    accumulator = hint_int(weight_t.shape[0]) * vocab * 4 if itemsize != 4 else 0
     return int(chunk * per_row + accumulator)

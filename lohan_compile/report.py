@@ -179,7 +179,7 @@ class GraphRun:
     # a forward run: weak references to the storages of the outputs its graph watches, and the
     # device bytes allocated at its start less those when its graph was planned
     output_refs: list = field(default_factory=list)
-    outputs_alive: frozenset = frozenset()  # a backward's: its forward's outputs still alive when it began
+    alive_refs: list = field(default_factory=list)  # a backward's: its forward's outputs alive when it began
     level_growth: int | None = None
     start: float = 0.0  # perf_counter() when it began
     peak_before: int | None = None  # the step's device peak so far when it began

@@ -85,6 +85,8 @@ class _Region:
     grad_weight_mm: fx.Node
     rows: int
     vocab: int
+    hidden_size: int
+    itemsize: int  # of the logits (and the weight)
 
 
 def chunk_loss(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
@@ -115,6 +117,11 @@ def chunk_loss(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
                 continue
             if full_bytes < AUTO_MIN_BYTES:
                 skipped.append(f"{region.loss.name}: fp32 logits of {full_bytes} bytes, under {AUTO_MIN_BYTES}")
+                continue
+            accumulator = region.vocab * region.hidden_size * 4 if region.itemsize != 4 else 0
+            if accumulator * 2 > full_bytes:
+                skipped.append(f"{region.loss.name}: the weight gradient's fp32 accumulator ({accumulator} bytes) "
+                               "would take more than chunking saves")
                 continue
             chunks = AUTO_CHUNKS
         else:
@@ -177,7 +184,7 @@ def _match(loss: fx.Node) -> _Region | str:
         (user,) = node.users
         if user.target in _VIEWS or _is_plain_cast(user):
             node = user
-        elif user.target is aten.add.Tensor and tangent is None and len(user.args) == 2:
+        elif user.target is aten.add.Tensor and tangent is None and len(user.args) == 2 and not user.kwargs:
             other = user.args[1] if user.args[0] is node else user.args[0]
             info = get_info(other) if isinstance(other, fx.Node) else None
             if info is None or info.role is not Role.TANGENT:
@@ -200,7 +207,8 @@ def _match(loss: fx.Node) -> _Region | str:
     if grad_hidden_mm is None or grad_weight_mm is None or len(grad.users) != 2:
         return "the logits' gradient is read by more than the head's two gradient mm"
     return _Region(loss, logits, hidden, weight_t, target, xval.dtype, nll_bw[0].args[0], tangent,
-                   grad_hidden_mm, grad_weight_mm, hint_int(lval.shape[0]), hint_int(lval.shape[1]))
+                   grad_hidden_mm, grad_weight_mm, hint_int(lval.shape[0]), hint_int(lval.shape[1]),
+                   hint_int(hidden.meta["val"].shape[1]), lval.element_size())
 
 
 def _is_plain_cast(node: fx.Node) -> bool:
@@ -266,7 +274,9 @@ def _set_meta(node: fx.Node, like: fx.Node, role: Role, *, val: bool = True) -> 
         mode = next(a.fake_mode for a in args if isinstance(a, torch.Tensor))
         with mode:
             node.meta["val"] = node.target(*args)
-    set_info(node, NodeInfo(role=role, made_by=NAME, action="chunked_loss"))
+    info = get_info(like)  # (a replaced gradient node keeps what it was the gradient of)
+    set_info(node, info.with_(made_by=NAME, action="chunked_loss") if info is not None and val is False
+             else NodeInfo(role=role, made_by=NAME, action="chunked_loss"))
 
 
 def _erase_dead(graph: fx.Graph, start: list[fx.Node]) -> None:

@@ -119,7 +119,8 @@ def test_a_loss_on_sliced_logits_is_left_whole_and_says_why():
     cm = torch.compile(Head(), backend="lohan", options={"loss_chunks": 4, "executor": "fx"})
     cm(torch.randn(2, 6, 8), torch.randint(0, 40, (2, 6))).backward()
     report = lohan.last_report().graphs[0].pass_report("chunk_loss")
-    assert report["chunked"] == 0 and "sliced" in report["skipped"][0] or "not from the head's mm" in report["skipped"][0]
+    assert report["chunked"] == 0
+    assert "sliced" in report["skipped"][0] or "not from the head's mm" in report["skipped"][0]
 
 
 def _qwen(vocab=4000):
@@ -179,3 +180,22 @@ def test_a_plan_that_needs_the_logits_dropped_refuses_a_step_that_keeps_them():
     with pytest.raises(BudgetError, match="still alive when backward starts") as info:
         _peak(options, ids, keep_output=True, steps=1)
     assert info.value.smallest_feasible_bytes > chunked  # a plan that holds them needs more
+
+
+def test_fp32_logits_of_a_bf16_head_take_their_tangent_in_fp32():
+    # a model returning head(h).float(): the logits' tangent is fp32, the head's gradients bf16
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(12, 8, generator=g).to(torch.bfloat16)
+    weight = torch.randn(30, 8, generator=g).to(torch.bfloat16)
+    target = torch.randint(0, 30, (12,), generator=g)
+    tangent = torch.randn(12, 30, generator=g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = (h @ w.t()).float()
+    loss = F.cross_entropy(logits, target)
+    torch.autograd.backward([loss, logits], [torch.tensor(1.0), tangent])
+    lse_out = torch.ops.lohan.chunked_ce_forward(hidden @ weight.t(), target, -100, 1, torch.float32, 5)
+    grad_hidden, grad_weight = torch.ops.lohan.chunked_linear_ce_backward(
+        torch.tensor(1.0), tangent, hidden, weight.t(), target, lse_out[2], lse_out[1], -100, 1, torch.float32, 5)
+    assert grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_hidden, h.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad_weight, w.grad, rtol=2e-2, atol=2e-2)

@@ -724,7 +724,13 @@ def _check_outputs_dropped(record: GraphRecord, run: Any) -> None:
     """A plan that fits only with the forward's outputs released when forward ends (the first
     plan, made before any step showed which the user keeps) refuses a backward whose forward's
     outputs are still alive: running it would pass the budget."""
-    kept = sorted(set(record.must_drop) & run.outputs_alive)
+    kept = [pos for pos, _ in run.alive_refs if pos in record.must_drop]
+    if not kept:
+        return
+    # (reference cycles, dynamo's trace of a graph compiled during the step among them, may hold
+    # an output the loop dropped until Python's next full collection)
+    gc.collect()
+    kept = sorted(pos for pos, expired in run.alive_refs if pos in record.must_drop and not expired())
     if not kept:
         return
     held = sum(record.must_drop[pos] for pos in kept)

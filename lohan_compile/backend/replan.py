@@ -179,6 +179,12 @@ class Replanning:
                     log.info("lohan %s: no plan fits holding the forward's outputs through backward; planned "
                              "with the step dropping them before backward", compiler.record.name)
                     continue
+                if assume_dropped and held_smallest and e.smallest_feasible_bytes \
+                        and e.smallest_feasible_bytes < held_smallest:
+                    raise BudgetError(
+                        f"{e} (a budget that small needs the step to drop the forward's large outputs before "
+                        f"backward, as loss = model(**batch).loss does; holding them, at least "
+                        f"{format_bytes(held_smallest)})", smallest_feasible_bytes=e.smallest_feasible_bytes) from e
                 raise
             if not self._segments_overrun(compiler.record, learnt):
                 break

@@ -355,6 +355,15 @@ def resident_input_bytes(fw: fx.GraphModule) -> int:
 ASSUME_DROPPED_MIN_BYTES = 1 << 20
 
 
+def droppable_outputs(problem: Problem) -> frozenset[int]:
+    """The forward's outputs a first plan may release when forward ends where none fits holding
+    them: at least ``ASSUME_DROPPED_MIN_BYTES``, and not saved for backward (dropping those
+    frees nothing)."""
+    return frozenset(pos for pos, (key, _) in problem.user_outputs.items()
+                     if pos not in problem.saved_outputs and key in problem.buffers
+                     and problem.buffers[key].bytes >= ASSUME_DROPPED_MIN_BYTES)
+
+
 def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     """The ``Profile`` of a partition whose saved values are classified (``classify_saved``),
     planned with what ``facts`` (a ``CompileFacts``) says: hardware, measured op times, outputs
@@ -376,8 +385,7 @@ def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
     problem = build_problem(fw, bw, cost, scratch, fused, world)
     dropped = facts.dropped_outputs
     if facts.assume_outputs_dropped:  # (the large ones: a loss or a metric the user keeps anyway)
-        dropped = frozenset(pos for pos, (key, _) in problem.user_outputs.items()
-                            if key in problem.buffers and problem.buffers[key].bytes >= ASSUME_DROPPED_MIN_BYTES)
+        dropped = droppable_outputs(problem)
     problem = (problem.without_outputs(dropped).with_outside(facts.outside_bytes)
                .with_scratch(facts.segment_scratch))
     problem.resident_bytes = resident_input_bytes(fw) + facts.resident_outside_bytes + facts.executor_excess_bytes

@@ -231,7 +231,7 @@ class StepTracker:
                     r.backward_seen = True
                     run.level_growth = r.level_growth
                     gone = frozenset(pos for pos, expired in r.output_refs if expired())
-                    run.outputs_alive = frozenset(pos for pos, _ in r.output_refs) - gone
+                    run.alive_refs = [(pos, expired) for pos, expired in r.output_refs if pos not in gone]
                     if observed is not None:
                         observed.dropped_seen = gone
                     r.output_refs = []

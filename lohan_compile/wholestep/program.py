@@ -85,12 +85,12 @@ def per_rank(hw: HardwareProfile, gpus: int) -> HardwareProfile:
         ssd_capacity=hw.ssd_capacity // gpus)
 
 
-def _reduce_seconds(gpus: int, hw: HardwareProfile) -> float:
-    """Seconds per gradient byte of a ring all-reduce among ``gpus`` devices: each sends and
-    receives 2 (gpus - 1) / gpus of the bytes."""
-    if gpus == 1:
+def _reduce_d2h_seconds(gpus: int, hw: HardwareProfile) -> float:
+    """Seconds per gradient byte an all-reduce among ``gpus`` devices holds the d2h link (each
+    sends 2 (gpus - 1) / gpus of the bytes; none with an interconnect)."""
+    if gpus == 1 or hw.interconnect_bandwidth:
         return 0.0
-    return 2 * (gpus - 1) / gpus / hw.allreduce_bandwidth
+    return 2 * (gpus - 1) / gpus / hw.d2h_bandwidth
 
 
 def _reduce(name: str, nbytes: int, gpus: int, hw: HardwareProfile) -> list[Op]:
@@ -196,7 +196,7 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
     # d2h: swap-outs and gradients share the link, in the order they are made
     outbound = [Outbound(f"swap_out:{c.key}", c.produced_at, c.bytes * d2h_s_per_byte, c.last_fw_use)
                 for c in swapped]
-    reduce_s = _reduce_seconds(gpus, hw)
+    reduce_s = _reduce_d2h_seconds(gpus, hw)
     outbound += [Outbound(f"grad:{w.name}", w.grad_op, w.bytes * (reduce_s + d2h_s_per_byte / gpus), w.grad_op)
                  for w in layout.weights if w.grad_op is not None]
     release = release_points(ends, sorted(outbound, key=lambda t: (t.made, t.key)), last=len(ends) - 1)
@@ -218,8 +218,9 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
                                       + (design.grad_bytes if group in placement.grads_ssd else 0))
 
     def ssd_write_bytes(group: str) -> int:
-        return group_params[group] * ((STATE_BYTES_PER_PARAM if group in placement.state_ssd else 0)
-                                      + (2 if group in placement.weights_ssd else 0))
+        # (the rank's state is its share; its copy of the weights is whole, every rank's updates in it)
+        return (group_params[group] * (STATE_BYTES_PER_PARAM if group in placement.state_ssd else 0)
+                + layout.groups[group] * (2 if group in placement.weights_ssd else 0))
 
     if design.optimizer == "deferred":
         # each group is updated UPDATE_WINDOW groups ahead of the forward that needs it
@@ -312,7 +313,7 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
            Issue(name, "d2h", w.bytes / gpus * d2h_s_per_byte, after=tuple(op.name for op in reduce)))
         after_ops: list[Op] = [Wait(name), Free(f"g:{w.name}")]
         if w.group in placement.grads_ssd:
-            after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes * ssd_write_s_per_byte))
+            after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes / gpus * ssd_write_s_per_byte))
         at("release", release[name], *after_ops)
     # activations spilled to SSD: d2h into a staging buffer, then written; read back, then h2d
     spilled_order = sorted((c for c in swapped if c.key in spilled), key=lambda c: c.produced_at)
