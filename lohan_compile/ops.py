@@ -1,6 +1,6 @@
 """Every ``torch.library`` op of lohan_compile, with its fake kernel, in one place.
 
-Two kinds of op:
+Kinds of op:
 
 - ops the C++ extension defines (``csrc/host_tier_ops.cpp``, ``csrc/adam_ops.cpp``): the host
   tier's graph interface and the CPU optimizer's kernels. ``load()`` builds or loads the
@@ -21,8 +21,10 @@ Two kinds of op:
   Defined here, below the passes, so that a pass can insert them without importing the
   runtime. On the meta device (``lohan.explain`` plans on meta) they do nothing.
 
-Every op here has side effects the graph cannot see (a copy in flight, a keepalive, an
-optimizer update), so dead-code elimination keeps it even when its output looks unused.
+Every op of those two kinds has side effects the graph cannot see (a copy in flight, a
+keepalive, an optimizer update), so dead-code elimination keeps it even when its output looks
+unused. A third kind only computes (``PURE_OPS``: the chunked LM head and loss of
+``passes/chunk_loss.py``), in Python, and is treated like an aten op.
 """
 
 from __future__ import annotations

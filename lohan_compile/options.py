@@ -88,8 +88,8 @@ class Options:
     ``data_parallel`` (``"auto"``: under a process group of several ranks the step must be
     data parallel; ``False``: each rank trains on its own data, on purpose), ``loss_chunks``
     (the LM head's cross-entropy computed a chunk of tokens at a time, ``passes/chunk_loss.py``:
-    ``"auto"`` under a budget where its logits are large beside it, or a number of chunks, 1
-    never).
+    ``"auto"``: under a budget, where its fp32 logits take at least 4 MiB; or a number of
+    chunks, 1 never).
     """
 
     memory_budget: int | None = None
