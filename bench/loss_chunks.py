@@ -140,28 +140,40 @@ def lowest(name: str, options: dict, named: int, tries: int = 8) -> tuple[int, i
 
 
 def timed(name: str, variants: dict[str, dict], rounds: int, per_round: int = 3) -> dict[str, float]:
-    device_memory.install()  # (counts what the runners below allocate)
+    """Median seconds per step of each variant, in interleaved rounds. Every model is built
+    before any compiles, and each step leaves no gradient behind, so what the device holds
+    beside a runner is the same when it is planned and when it runs; a lohan runner's budget is
+    its own above that (the budget counts the whole device)."""
+    device_memory.install()  # (counts what is built below)
+    built = {label: make(name) for label in variants}
+    gc.collect()
+    everything = device_memory.allocated()
     runners = {}
     for label, how in variants.items():
+        model, ids = built[label]
         if how["kind"] == "lohan":
-            # the variants made before this one are alive beside it: its budget is for its own
-            # step, above what they hold (the budget counts the whole device)
-            gc.collect()
-            held = device_memory.allocated()
-            how = {**how, "options": {**how["options"], "memory_budget": how["options"]["memory_budget"] + held}}
-        model, ids = make(name)
+            own = sum(p.numel() * p.element_size() for p in model.parameters())
+            how = {**how, "options": {**how["options"],
+                                      "memory_budget": how["options"]["memory_budget"] + everything - own}}
         call = compiled(model, how, reset=not runners)
-        step(model, call, ids)  # compile
-        step(model, call, ids)  # (a re-plan after the first step)
-        runners[label] = (model, call, ids, how)
+        for _ in range(2):  # compile; a re-plan after the first step
+            step(model, call, ids)
+            free_grads(model)
+        runners[label] = (model, call, ids)
     times: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(rounds):
-        for label, (model, call, ids, how) in runners.items():
+        for label, (model, call, ids) in runners.items():
             start = time.perf_counter()
             for _ in range(per_round):
                 step(model, call, ids)
             times[label].append((time.perf_counter() - start) / per_round)
+            free_grads(model)
     return {label: statistics.median(v) for label, v in times.items()}
+
+
+def free_grads(model) -> None:
+    for p in model.parameters():
+        p.grad = None
 
 
 def head_region(executor: str) -> dict:
