@@ -166,7 +166,8 @@ def test_chunking_lowers_the_smallest_budget_and_the_step_keeps_it():
     chunked = _smallest({"executor": "fx"}, ids)
     assert chunked < 0.6 * whole
     budget = int(chunked * 1.002)
-    measured = _peak({"executor": "fx", "memory_budget": budget}, ids)
+    # (no trial of other plans: the step measured is the plan reported, whatever this machine's load)
+    measured = _peak({"executor": "fx", "memory_budget": budget, "tune_plans": False}, ids)
     report = lohan.last_report()
     assert report.graphs[0].pass_report("chunk_loss")["chunked"] == 1
     assert measured <= budget

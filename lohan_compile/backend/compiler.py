@@ -448,7 +448,7 @@ class GraphCompiler:
                 problem = planned["problem"]
                 self.record.must_drop = {
                     pos: problem.buffers[key].bytes for pos, (key, _) in problem.user_outputs.items()
-                    if pos in problem.dropped_outputs and pos not in problem.saved_outputs}
+                    if pos in problem.dropped_outputs}
         if self.opts.policy == "auto":
             self.record.note_variants()
         if graphs.fw is not None:

@@ -356,12 +356,11 @@ ASSUME_DROPPED_MIN_BYTES = 1 << 20
 
 
 def droppable_outputs(problem: Problem) -> frozenset[int]:
-    """The forward's outputs a first plan may release when forward ends where none fits holding
-    them: at least ``ASSUME_DROPPED_MIN_BYTES``, and not saved for backward (dropping those
-    frees nothing)."""
+    """The forward's outputs a first plan may release (when forward ends; one saved for
+    backward, after backward's last read of it) where none fits holding them: those of at
+    least ``ASSUME_DROPPED_MIN_BYTES``."""
     return frozenset(pos for pos, (key, _) in problem.user_outputs.items()
-                     if pos not in problem.saved_outputs and key in problem.buffers
-                     and problem.buffers[key].bytes >= ASSUME_DROPPED_MIN_BYTES)
+                     if key in problem.buffers and problem.buffers[key].bytes >= ASSUME_DROPPED_MIN_BYTES)
 
 
 def profile(fw: fx.GraphModule, bw: fx.GraphModule, facts) -> Profile:
