@@ -38,7 +38,6 @@ import torch.fx as fx
 
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
-from lohan_compile.graph.segments import LOSS_OPS  # noqa: F401 - the backend traces them whole for this pass
 from lohan_compile.graph.shapes import hint_int
 
 NAME = "chunk_loss"

@@ -26,12 +26,12 @@ from ..graph.fxutil import storage_base
 from ..graph.meta import Role, get_info
 from ..graph.pipeline import CompileFacts, DataParallel, Graphs, InputFact, PassRecord, Pipeline
 from ..graph.scratch import OpScratch, estimated, fused_away, writes_arguments
-from ..graph.segments import Driver, compile_segments, excess_over_plan, storage_extent, symbols_of
+from ..graph.segments import LOSS_OPS, Driver, compile_segments, excess_over_plan, storage_extent, symbols_of
 from ..graph.shapes import expr_of, hint_int, nbytes_hint, planning_sizes
 from ..optim import live_optimizers
 from ..options import Options
 from .. import passes
-from ..passes.chunk_loss import LOSS_OPS, chunk_loss_may_apply
+from ..passes.chunk_loss import chunk_loss_may_apply
 from ..plan.problem import Action
 from ..report import GraphRecord
 from ..runtime import device as device_memory
