@@ -176,7 +176,7 @@ def fingerprint(t: torch.Tensor) -> int:
 # hidden states and the head's weight. Pure computations (no side effects): dead-code
 # elimination may drop them like any aten op.
 
-_NLL_MEAN, _NLL_SUM = 1, 2  # nll_loss's reduction codes (0 would be "none": not chunked)
+_NLL_MEAN = 1  # nll_loss's reduction code for "mean" (2 is "sum"; 0, "none", is not chunked)
 
 
 def _row_chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
