@@ -66,10 +66,14 @@ auto guarded(F&& f) -> decltype(f()) {
 struct HostBlockCtx {
   std::shared_ptr<HostArena> arena;
   void* ptr;
+  // a staging block's bytes are counted here while it lives (HostTier::staging_in_use)
+  std::shared_ptr<std::atomic<uint64_t>> staging;
+  uint64_t bytes = 0;
 };
 
 void delete_host_block(void* ctx) {
   auto* c = static_cast<HostBlockCtx*>(ctx);
+  if (c->staging) c->staging->fetch_sub(c->bytes);
   try {
     c->arena->free(c->ptr);
   } catch (...) {
@@ -116,8 +120,13 @@ std::vector<int64_t> dense_strides(const at::Tensor& t) {
 }
 
 at::Tensor wrap_host_block(const std::shared_ptr<HostArena>& arena, void* p, at::IntArrayRef sizes,
-                           at::IntArrayRef strides, at::ScalarType dtype) {
-  auto* ctx = new HostBlockCtx{arena, p};
+                           at::IntArrayRef strides, at::ScalarType dtype,
+                           std::shared_ptr<std::atomic<uint64_t>> staging = nullptr) {
+  auto* ctx = new HostBlockCtx{arena, p, staging, 0};
+  if (staging) {
+    ctx->bytes = arena->block_size(p);
+    staging->fetch_add(ctx->bytes);
+  }
   return at::for_blob(p, sizes)
       .strides(strides)
       .context(ctx, &delete_host_block)
@@ -321,7 +330,7 @@ at::Tensor HostTier::alloc_ssd(int64_t nbytes) {
 }
 
 at::Tensor HostTier::empty_strided(std::vector<int64_t> sizes, std::vector<int64_t> strides, at::ScalarType dtype,
-                                   bool ssd) {
+                                   bool ssd, bool staging) {
   check_open();
   TORCH_CHECK_VALUE(sizes.size() == strides.size(), "lohan host tier: sizes and strides differ in length");
   uint64_t n = c10::elementSize(dtype);
@@ -335,14 +344,21 @@ at::Tensor HostTier::empty_strided(std::vector<int64_t> sizes, std::vector<int64
     return wrap_ssd_block(std::move(b), sizes, strides, dtype);
   }
   void* p = guarded([&] { return arena_->allocate(n); });
-  return wrap_host_block(arena_, p, sizes, strides, dtype);
+  return wrap_host_block(arena_, p, sizes, strides, dtype, staging ? staging_in_use_ : nullptr);
 }
 
 at::Tensor HostTier::host_like(const at::Tensor& src, bool allow_ssd) {
   auto strides = dense_strides(src);
   uint64_t n = nbytes_of(src);
   if (n == 0) return wrap_host_block_empty(src, strides);
-  void* p = guarded([&] { return arena_->try_allocate(n); });
+  const uint64_t reserve = spill_reserve_.load();
+  bool room = true;
+  if (ssd_ && allow_ssd && reserve > 0) {
+    // what is not staging stays out of the reserve, whatever staging holds right now
+    auto st = arena_->stats();
+    room = st.in_use_bytes - std::min(st.in_use_bytes, staging_in_use_->load()) + n + reserve <= st.budget_bytes;
+  }
+  void* p = room ? guarded([&] { return arena_->try_allocate(n); }) : nullptr;
   if (p) return wrap_host_block(arena_, p, src.sizes(), strides, src.scalar_type());
   if (ssd_ && allow_ssd) {
     auto b = guarded([&] { return ssd_->allocate(n); });
@@ -480,6 +496,7 @@ c10::Dict<std::string, int64_t> HostTier::stats() {
   auto s = arena_->stats();
   c10::Dict<std::string, int64_t> d;
   d.insert("in_use_bytes", as_i64(s.in_use_bytes));
+  d.insert("staging_in_use_bytes", as_i64(staging_in_use_->load()));
   d.insert("requested_bytes", as_i64(s.requested_bytes));
   d.insert("peak_in_use_bytes", as_i64(s.peak_in_use_bytes));
   d.insert("reserved_bytes", as_i64(s.reserved_bytes));
@@ -549,6 +566,13 @@ void HostTier::reset_peak() { arena_->reset_peak(); }
 int64_t HostTier::trim() { return static_cast<int64_t>(arena_->trim()); }
 
 void HostTier::set_budget(int64_t b) { arena_->set_budget(b < 0 ? UINT64_MAX : static_cast<uint64_t>(b)); }
+
+void HostTier::set_spill_reserve(int64_t b) {
+  TORCH_CHECK_VALUE(b >= 0, "lohan host tier: a negative spill reserve");
+  spill_reserve_.store(static_cast<uint64_t>(b));
+}
+
+int64_t HostTier::spill_reserve() { return static_cast<int64_t>(spill_reserve_.load()); }
 
 void HostTier::check() {
   try {

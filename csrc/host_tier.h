@@ -22,6 +22,7 @@
 #include <c10/core/Stream.h>
 #include <torch/custom_class.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -109,8 +110,9 @@ class HostTier : public torch::CustomClassHolder {
   at::Tensor alloc(int64_t nbytes);
   at::Tensor alloc_ssd(int64_t nbytes);
   // A dense host-tier tensor of the given layout (an SSD block with ssd=true).
+  // staging: a short-lived buffer of the runtime's (counted apart: the spill reserve is its room)
   at::Tensor empty_strided(std::vector<int64_t> sizes, std::vector<int64_t> strides, at::ScalarType dtype,
-                           bool ssd);
+                           bool ssd, bool staging);
   // Host memory for `src`'s bytes in the layout dense_strides(src); an SSD
   // block when the budget is full and there is an SSD tier.
   at::Tensor host_like(const at::Tensor& src, bool allow_ssd);
@@ -138,6 +140,10 @@ class HostTier : public torch::CustomClassHolder {
   void reset_peak();
   int64_t trim();
   void set_budget(int64_t b);
+  // Bytes of the budget that blocks able to spill (swap_out's) leave free: with an SSD tier they
+  // go to SSD once they would eat into it, so the optimizer's staging always finds room.
+  void set_spill_reserve(int64_t b);
+  int64_t spill_reserve();
   void check();
   int64_t copy_threads();
   bool pinned();
@@ -162,6 +168,8 @@ class HostTier : public torch::CustomClassHolder {
   std::shared_ptr<host::SsdTier> ssd_;
   std::mutex close_m_;
   bool closed_ = false;
+  std::atomic<uint64_t> spill_reserve_{0};
+  std::shared_ptr<std::atomic<uint64_t>> staging_in_use_ = std::make_shared<std::atomic<uint64_t>>(0);
   std::mutex streams_m_;
   std::map<std::pair<int, bool>, c10::Stream> streams_;
 };

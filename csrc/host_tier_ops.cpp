@@ -35,6 +35,8 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
       .def("reset_peak", &HostTier::reset_peak)
       .def("trim", &HostTier::trim)
       .def("set_budget", &HostTier::set_budget)
+      .def("set_spill_reserve", &HostTier::set_spill_reserve)
+      .def("spill_reserve", &HostTier::spill_reserve)
       .def("check", &HostTier::check)
       .def("copy_threads", &HostTier::copy_threads)
       .def("pinned", &HostTier::pinned)

@@ -59,10 +59,10 @@ from typing import Any
 
 import torch
 
-from .errors import LohanError
-from .backend import check_supported
+from .backend import check_supported, use_host_tier
 from .optim import CPUAdamW
 from .options import Options
+from .runtime import stream
 from .runtime.offload import runtime_of
 
 SUPPORTED_TRANSFORMERS = ("5.24", "6")  # lowest supported, first unsupported
@@ -125,21 +125,15 @@ def prepare(trainer: Any, *, overlap: str = "auto", skip_nonfinite: bool = True,
         )
     # unknown keys, malformed values and what this version cannot honour fail here, not
     # wrapped by torch at the first step
-    check_supported(Options(**options))
-    if options.get("offload_params") is True:
-        # the Trainer saves checkpoints with model.state_dict(), which would read streamed
-        # weights between steps, where they have no device memory
-        raise LohanError(
-            "hf.prepare cannot honour offload_params=True yet: the Trainer's checkpoints read the "
-            "weights between steps, where streamed weights have no device memory. Compile the model "
-            "yourself with offload_params=True and save with lohan_compile.state_dict(model)."
-        )
+    checked = Options(**options)
+    check_supported(checked)
     _check_trainer(trainer)
     cls = _lohan_class(type(trainer))
     opt = _optimizer(trainer, overlap=overlap, skip_nonfinite=skip_nonfinite)
     # the offload runtime now, not at the first compile: optimizer state that a checkpoint loads
     # before then is allocated in the host tier, where the runtime keeps it, and not counted as
-    # device memory by the plan
+    # device memory by the plan (the tier of host_memory_budget / ssd_dir, made current first)
+    use_host_tier(checked)
     runtime_of(opt)
     compiled = torch.compile(trainer.model, backend="lohan", options={**options, "optimizer": opt})
     if trainer.accelerator.mixed_precision == "bf16":
@@ -290,6 +284,8 @@ class _State:
         with torch.no_grad():
             for group in opt.param_groups:
                 for p in group["params"]:
+                    if stream.lookup(p) is not None:
+                        continue  # streamed: loading the model's state dict updated its master
                     master = opt.state.get(p, {}).get("master")
                     if master is not None:
                         opt.write_state(master, p.detach().float())
@@ -317,6 +313,13 @@ class _LohanTrainer:
         out = super().train(*args, **kwargs)
         self._lohan.synchronize()  # the caller reads the weights next
         return out
+
+    def _wrap_model(self, model: Any, training: bool = True, dataloader: Any = None) -> Any:
+        if not training and model is self.model and any(stream.lookup(p) is not None for p in model.parameters()):
+            # evaluation and prediction run the model itself, whose streamed weights have no
+            # device memory between steps: the compiled model fetches them where they are read
+            return self.model_wrapped
+        return super()._wrap_model(model, training, dataloader)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         self._lohan.synchronize()
@@ -357,7 +360,8 @@ class _LohanTrainer:
 
 @functools.cache
 def _lohan_class(cls: type) -> type:
-    missing = [name for name in ("_clip_grad_norm", "_get_grad_norm", "_load_from_checkpoint", "_load_best_model")
+    missing = [name for name in ("_clip_grad_norm", "_get_grad_norm", "_load_from_checkpoint", "_load_best_model",
+                                 "_wrap_model")
                if not callable(getattr(cls, name, None))]
     if missing:
         raise ImportError(

@@ -262,7 +262,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         t = self._alloc(shape)
         if not self._on_ssd(t):
             return t.zero_() if init is None else t.copy_(init)
-        src = self.state_tier.empty(tuple(shape), torch.float32)
+        src = self.state_tier.empty(tuple(shape), torch.float32, where="staging")
         src.zero_() if init is None else src.copy_(init)
         self.state_tier.copy_(t, src).wait()
         return t
@@ -279,7 +279,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
     def write_state(self, t: torch.Tensor, src: torch.Tensor) -> None:
         """Overwrite a state tensor (in host memory or on SSD) with ``src`` (either too)."""
         if self._on_ssd(src):
-            src = self.read_state(src, self.state_tier.empty(tuple(src.shape), src.dtype))
+            src = self.read_state(src, self.state_tier.empty(tuple(src.shape), src.dtype, where="staging"))
         if not self._on_ssd(t):
             t.copy_(src)
             return
@@ -301,7 +301,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
                             or key in self._prefetched):
                         continue
                     try:
-                        h = self.state_tier.empty(tuple(t.shape), t.dtype)
+                        h = self.state_tier.empty(tuple(t.shape), t.dtype, where="staging")
                     except HostMemoryError:
                         return
                     self._prefetched[key] = (h, self.state_tier.copy_(h, t))
@@ -332,7 +332,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
                     reads.append(ev)
                     self.state_reads_ahead += 1
                 else:
-                    h = tier.empty(tuple(t.shape), t.dtype)
+                    h = tier.empty(tuple(t.shape), t.dtype, where="staging")
                     reads.append(tier.copy_(h, t))
                 out.append(h)
                 staged.append((t, h))

@@ -292,8 +292,45 @@ def test_what_prepare_cannot_honour_is_refused_before_training(tmp_path, changes
 
 
 def test_options_this_version_cannot_honour_are_refused_before_training(tmp_path):
-    with pytest.raises(lohan.LohanError, match="offload_params=True"):
-        hf.prepare(small_trainer(tmp_path), offload_params=True)
+    with pytest.raises(lohan.LohanError, match="zero-infinity"):
+        hf.prepare(small_trainer(tmp_path), policy="zero-infinity")
+
+
+@pytest.mark.slow
+def test_weights_and_state_beyond_host_memory_train_as_the_trainer(tmp_path):
+    """offload_params=True with ssd_dir and a host budget a quarter of the weights and moments:
+    the Trainer's losses, gradient norms and evaluation as with its own AdamW; its checkpoint
+    (through the model's state_dict) holds the trained weights."""
+    from safetensors.torch import load_file
+    from test_ssd_weights import deep_llama, host_budget_for
+    from test_stream_params import budget_for
+
+    base = deep_llama()
+    run = {"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 4}
+    limit = clip_limit(base, tmp_path / "norms", max_steps=4)
+    eval_data = Tokens(4, seed=9)
+    eager_logs, eager_eval = train(copy.deepcopy(base), tmp_path / "eager", max_grad_norm=limit,
+                                   eval_data=eval_data, **run)
+    eager_weights = load_file(str(tmp_path / "eager" / "checkpoint-4" / "model.safetensors"))
+    (tmp_path / "ssd").mkdir()
+    opts = {"memory_budget": budget_for(deep_llama, 0.5), "offload_params": True, "executor": "fx",
+            "host_memory_budget": host_budget_for(base), "ssd_dir": str(tmp_path / "ssd")}
+    logs, eval_loss = train(copy.deepcopy(base), tmp_path / "lohan", max_grad_norm=limit, eval_data=eval_data,
+                            lohan_options=opts, **run)
+    summary = lohan.last_report().summary()
+    assert_same_logs(eager_logs, logs)
+    assert eval_loss == pytest.approx(eager_eval, abs=1e-4)
+    assert summary["measured_peak_bytes"] <= opts["memory_budget"], summary
+    assert summary["host_peak_bytes"] <= opts["host_memory_budget"], summary
+    from lohan_compile.runtime import hosttier
+
+    tier = hosttier.current()  # the one of host_memory_budget and ssd_dir
+    assert tier.ssd is not None and tier.stats().ssd_bytes_read > 4 * opts["host_memory_budget"]
+    weights = load_file(str(tmp_path / "lohan" / "checkpoint-4" / "model.safetensors"))
+    assert weights.keys() == eager_weights.keys()
+    for name, t in weights.items():
+        torch.testing.assert_close(t, eager_weights[name], atol=1e-4, rtol=0, msg=name)
+    torch._dynamo.reset()
 
 
 def test_a_torch_optimizer_given_to_the_trainer_is_refused(tmp_path):

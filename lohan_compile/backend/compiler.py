@@ -35,7 +35,7 @@ from ..passes.chunk_loss import chunk_loss_may_apply
 from ..plan.problem import Action
 from ..report import GraphRecord
 from ..runtime import device as device_memory
-from ..runtime import keys, modules, offload, stream
+from ..runtime import hosttier, keys, modules, offload, stream
 from ..runtime.observed import Observed
 from ..runtime.step import TRACKER
 from ..errors import BudgetError
@@ -148,7 +148,11 @@ def bind_runtime(records: Sequence[PassRecord], real_inputs: Sequence[Any], opti
         stream.keep_resident(real_inputs[idx])
     for idx, trainable in streamed.items():
         param = real_inputs[idx]
-        stream.register(param, trainable=trainable, updater=offload.runtime_offloading(param), release=False)
+        runtime = offload.runtime_offloading(param)
+        # its host copies stay in memory while the host budget keeps what the step needs beside
+        # them (the optimizer runtime's reserve), on SSD beyond
+        reserve = max(runtime.reserve if runtime is not None else 0, hosttier.current().spill_reserve)
+        stream.register(param, trainable=trainable, updater=runtime, release=False, reserve=reserve)
     # the optimizer state is made now, not at the first update (a disk too small for the state
     # beyond the host budget is found before any step runs, never in the middle of one), after the
     # streamed weights' host buffers (the state goes where they leave room), from each weight's value

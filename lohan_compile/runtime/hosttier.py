@@ -123,6 +123,7 @@ class HostStats:
     copy_d2h_bytes: int
     copy_h2d_bytes: int
     copy_other_bytes: int
+    staging_in_use_bytes: int = 0
     ssd_in_use_bytes: int = 0
     ssd_peak_in_use_bytes: int = 0
     ssd_file_bytes: int = 0
@@ -290,15 +291,40 @@ class HostTier:
         stride=None,
         where: str = "host",
     ) -> torch.Tensor:
-        """An uninitialised host-tier tensor (``where="ssd"``: an SSD block, no host memory)."""
+        """An uninitialised host-tier tensor. ``where``: ``"host"`` (host memory), ``"ssd"`` (an
+        SSD block, no host memory), ``"staging"`` (host memory for a short while: a read of an
+        SSD block, an update's buffers; counted apart, as what the spill reserve is kept for)."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if stride is None:
             stride = _contiguous_strides(shape)
         elif not dense_layout(shape, stride):
             raise ValueError(f"stride={stride}: host-tier tensors are dense (no gaps, no overlap)")
-        if where not in ("host", "ssd"):
-            raise ValueError(f"where={where!r}: expected 'host' or 'ssd'")
-        return self._obj.empty_strided(shape, stride, dtype, where == "ssd")
+        if where not in ("host", "ssd", "staging"):
+            raise ValueError(f"where={where!r}: expected 'host', 'ssd' or 'staging'")
+        return self._obj.empty_strided(shape, stride, dtype, where == "ssd", where == "staging")
+
+    def home_for(self, nbytes: int, reserve: int = 0) -> str:
+        """Where a block of ``nbytes`` that is to stay should live: ``"host"`` while the host
+        memory holds it with ``reserve`` bytes of the budget to spare (always, without a budget or
+        an SSD tier), else ``"ssd"``."""
+        stats = self.stats()
+        if not self._obj.has_ssd() or stats.budget_bytes is None:
+            return "host"
+        # (staging in flight comes out of the reserve, not out of this block's room)
+        held = stats.in_use_bytes - min(stats.in_use_bytes, stats.staging_in_use_bytes)
+        return "host" if held + nbytes + reserve <= stats.budget_bytes else "ssd"
+
+    def is_on_ssd(self, t: torch.Tensor) -> bool:
+        """An SSD-resident tensor of this tier (no host memory behind it)."""
+        return t.numel() > 0 and t.data_ptr() == 0 and self.location(t) == "ssd"
+
+    def in_memory(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` itself, or for an SSD-resident ``t`` a host-memory copy of it (read now)."""
+        if not self.is_on_ssd(t):
+            return t
+        out = self.empty_like(t, where="staging")
+        self.copy_(out, t).wait()
+        return out
 
     def empty_like(self, t: torch.Tensor, *, where: str = "host") -> torch.Tensor:
         """Host-tier tensor with ``t``'s shape and dtype, in ``t``'s layout when dense."""
@@ -345,6 +371,17 @@ class HostTier:
 
     def set_budget(self, host_memory_budget: int | str | None) -> None:
         self._obj.set_budget(-1 if host_memory_budget is None else parse_bytes(host_memory_budget))
+
+    @property
+    def spill_reserve(self) -> int:
+        """Bytes of the budget that blocks able to spill (``swap_out``'s) leave free."""
+        return self._obj.spill_reserve()
+
+    def set_spill_reserve(self, nbytes: int) -> None:
+        """With an SSD tier, ``swap_out`` puts a block on SSD once host memory would keep fewer
+        than ``nbytes`` of the budget free: room that staging (the optimizer's reads and writes of
+        SSD-resident state) always finds."""
+        self._obj.set_spill_reserve(int(nbytes))
 
     def check(self) -> None:
         """Raises ``RuntimeError`` if an allocator invariant is broken (tests)."""

@@ -100,7 +100,7 @@ def _after_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, lo
         if before is not None:  # between backward and step(): the weight eager would show
             state_dict[prefix + name] = before
         elif s is not None:
-            state_dict[prefix + name] = s.value().clone()
+            state_dict[prefix + name] = s.value()
 
 
 def _before_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -132,11 +132,11 @@ def _after_load(module: torch.nn.Module, incompatible_keys: Any) -> None:
     for _, p in _managed(module):
         s = stream.lookup(p)
         if s is not None and id(s) in fetched:
-            s.host.copy_(p.detach())  # what the next fetch reads
+            value = p.detach().clone()  # (the device's copy goes: the value stays for the optimizer)
+            s.set_value(value)  # what the next fetch reads
             s.release()
-            value = s.host
         elif s is not None:
-            value = s.host if not s.resident else p.detach()
+            value = s.value() if not s.resident else p.detach()
         else:
             value = p.detach()
         runtime = offload.runtime_offloading(p)

@@ -76,7 +76,10 @@ def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
 
 
 def _grads_ready_impl(host_bucket: torch.Tensor, keys: list[int]) -> None:
-    # a bucket of small gradients, flattened in ``keys`` order: each gets its slice
+    # a bucket of small gradients, flattened in ``keys`` order: each gets its slice (of memory:
+    # an SSD block is read whole)
+    if keys:
+        host_bucket = runtime_for(keys[0]).tier.in_memory(host_bucket)
     offset = 0
     for key in keys:
         runtime = runtime_for(key)
@@ -313,6 +316,9 @@ class _Step:
     weights_changed: set[int] = field(default_factory=set)
     copies: list[Any] = field(default_factory=list)
     copy_of: dict[int, Any] = field(default_factory=dict)  # key -> its writeback's copy event
+    # key -> the updated weight of a resident parameter, until its write-back copies it to the
+    # device (beyond host memory: a buffer of that update alone)
+    weight_out: dict[int, torch.Tensor] = field(default_factory=dict)
     sumsq: float = 0.0
     nonfinite: bool = False
     speculate: bool | None = None  # the design this step uses (decided once, at its first need)
@@ -330,26 +336,42 @@ def host_reserve_bytes(opt: Any) -> int:
     host gradient and a weight buffer per parameter, and room to stage the largest update (its
     three state tensors read from SSD while the previous one is written back and the next one
     read ahead)."""
-    params = [p for g in opt.param_groups for p in g["params"]]
+    return sum(_reserve_blocks(opt))
+
+
+def _params_of(opt: Any) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _staging_blocks(opt: Any) -> list[int]:
+    """What an update stages in host memory when everything else of the step may be on SSD,
+    as blocks of the largest parameter: its three state tensors three times over (read ahead,
+    updated, written back), two gradients (the one updated and the next one read), two
+    roll-back copies being made, two updated weights (written, and on their way to SSD or the
+    device), and 64 KiB of small buffers."""
+    params = _params_of(opt)
     largest = max((p.numel() for p in params), default=0)
-    return sum((4 + p.element_size()) * p.numel() for p in params) + 3 * 3 * 4 * largest + (64 << 10)
+    widest = max((p.element_size() for p in params), default=4)
+    return [4 * largest] * (9 + 2 + 2) + [widest * largest] * 2 + [64 << 10]
 
 
 def _reserve_blocks(opt: Any) -> list[int]:
-    """``host_reserve_bytes`` as the tier's blocks (each rounded to 4 KiB), largest first."""
-    params = [p for g in opt.param_groups for p in g["params"]]
+    """The blocks of ``host_reserve_bytes``: every parameter's gradient and weight buffer, and
+    the staging of the largest update."""
+    params = _params_of(opt)
     largest = max((p.numel() for p in params), default=0)
     sizes = [4 * p.numel() for p in params] + [p.element_size() * p.numel() for p in params]
-    sizes += [4 * largest] * 9 + [64 << 10]
-    return sorted((-(-n // 4096) * 4096 for n in sizes if n > 0), reverse=True)
+    return sizes + [4 * largest] * 9 + [64 << 10]
 
 
-def smallest_host_budget(opt: Any) -> int:
-    """A ``host_memory_budget`` whose tier holds ``host_reserve_bytes`` as blocks however they
-    are placed: packed first-fit into the arena's chunks (an eighth of the budget each), with a
-    chunk's room to spare for each block (what a block that does not fit the rest of a chunk
-    leaves unused at worst)."""
-    blocks = _reserve_blocks(opt)
+def smallest_host_budget(opt: Any, *, beyond_host: bool = False) -> int:
+    """A ``host_memory_budget`` whose tier holds the blocks of ``host_reserve_bytes`` (or, with
+    ``beyond_host``, of the staging alone: gradients and weights then live on SSD too) however
+    they are placed: packed first-fit into the arena's chunks (an eighth of the budget each),
+    with a chunk's room to spare for each block (what a block that does not fit the rest of a
+    chunk leaves unused at worst)."""
+    blocks = _staging_blocks(opt) if beyond_host else _reserve_blocks(opt)
+    blocks = sorted((-(-n // 4096) * 4096 for n in blocks if n > 0), reverse=True)
     budget = sum(blocks)
     while True:
         chunk = hosttier.HostTier.arena_bytes_for(budget)
@@ -368,18 +390,14 @@ def smallest_host_budget(opt: Any) -> int:
         budget = total
 
 
-def _spilling_allocator(tier: Any, opt: Any):
-    """State tensors in the host tier while it keeps room for what the step itself puts there
-    (``host_reserve_bytes``); on SSD beyond."""
-    reserve = host_reserve_bytes(opt)
-    budget = tier.stats().budget_bytes
+def _spilling_allocator(tier: Any, reserve: int):
+    """State tensors in the host tier while it keeps ``reserve`` bytes for what the step itself
+    puts there; on SSD beyond."""
 
     def alloc(shape, dtype):
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        used = tier.stats().in_use_bytes  # (counts buffers of the reserve already made: errs toward SSD)
-        if used + nbytes + reserve > budget:
-            return tier.empty(tuple(shape), dtype, where="ssd")
-        return tier.empty(tuple(shape), dtype)
+        # (in use counts buffers of the reserve already made: errs toward SSD)
+        return tier.empty(tuple(shape), dtype, where=tier.home_for(nbytes, reserve))
 
     return alloc
 
@@ -429,18 +447,34 @@ class OffloadRuntime:
         install_guards()
         self.opt_ref = weakref.ref(opt)
         self.tier = hosttier.current()
+        # host bytes that what stays in the tier (optimizer state, streamed weights) leaves free
+        # for the step; ``beyond_host``: the step's gradients and updated weights may be on SSD
+        # too, and the reserve is only what an update stages
+        self.reserve = 0
+        self.beyond_host = False
         if opt.state_allocator is default_state_allocator:
             # master weights and moments live in the host tier, not in device memory; with an SSD
             # folder, beyond the host budget on SSD (leaving the budget room to stage updates)
             tier = self.tier
             budget = tier.stats().budget_bytes
             if tier.ssd is not None and budget is not None:
-                if budget < sum(_reserve_blocks(opt)):
-                    # the step's gradients would spill to SSD, where the update cannot read them
-                    raise _too_small(budget, smallest_host_budget(opt), "each parameter's gradient and "
-                                     "updated weight stay in host memory during a step")
+                if budget >= host_reserve_bytes(opt):
+                    # the step's gradients and updated weights stay in host memory
+                    self.reserve = host_reserve_bytes(opt)
+                else:
+                    # beyond host memory: gradients, weights and state live on SSD where the host
+                    # memory does not hold them, and the host tier keeps room to stage updates
+                    needed = smallest_host_budget(opt, beyond_host=True)
+                    if budget < needed:
+                        raise _too_small(budget, needed, "an update stages its parameter's gradient, "
+                                         "optimizer state and weight in host memory")
+                    self.beyond_host = True
+                    self.reserve = sum(_staging_blocks(opt))
+                    # the graph's blocks (swapped activations, gradients on their way out) go to
+                    # SSD rather than take that room
+                    tier.set_spill_reserve(max(tier.spill_reserve, self.reserve))
                 opt.state_tier = tier
-                opt.state_allocator = _spilling_allocator(tier, opt)
+                opt.state_allocator = _spilling_allocator(tier, self.reserve)
             else:
                 opt.state_allocator = lambda shape, dtype: tier.empty(tuple(shape), dtype)
         # weakly: a runtime outliving its model (a stray reference) must not keep the weights alive
@@ -672,7 +706,7 @@ class OffloadRuntime:
                 "backward ran again before opt.step(): the previous step's updates were rolled back. "
                 "Run micro-batches that should not step inside `with opt.accumulate():`"
             )
-        if host_grad.numel() > 0 and host_grad.data_ptr() == 0:
+        if host_grad.numel() > 0 and host_grad.data_ptr() == 0 and not self.beyond_host:
             host_grad = self._into_host_memory(host_grad)
         TRACKER.join_step(self)
         st.begun = True
@@ -943,20 +977,39 @@ class OffloadRuntime:
 
     def _take_grad(self, key: int, host_grad: torch.Tensor, final: bool) -> None:
         st = self.state
+        tier = self.tier
         if not host_grad.is_contiguous():
             # a gradient computed as a transposed view arrives with its strides; the kernel
             # reads it flat, in the parameter's order (host-tier memory, not the device's)
-            host_grad = self.tier.empty(tuple(host_grad.shape), host_grad.dtype).copy_(host_grad)
+            host_grad = self._kept(tier.in_memory(host_grad))
         if key in st.grads:
-            st.grads[key].add_(host_grad)
+            total = tier.in_memory(st.grads[key])
+            total.add_(tier.in_memory(host_grad))
+            st.grads[key] = self._kept(total) if tier.is_on_ssd(st.grads[key]) else total
         elif self.accumulating and host_grad.dtype != torch.float32:
-            st.grads[key] = self.tier.empty(tuple(host_grad.shape), torch.float32).copy_(host_grad)
+            st.grads[key] = self._kept(tier.in_memory(host_grad), torch.float32)
         else:
             st.grads[key] = host_grad
         if final:
             self._count([key])
             if self._speculative():
                 self._speculate([key])
+
+    def _kept(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``t`` (in memory, any layout) as a contiguous host-tier tensor of ``dtype`` that stays:
+        in host memory while the budget keeps the staging reserve, on SSD beyond (a step beyond
+        host memory). Copies are made in the host tier, never in the device's allocator."""
+        dtype = t.dtype if dtype is None else dtype
+        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+        if self.beyond_host and self.tier.home_for(nbytes, self.reserve) == "ssd":
+            if not (t.is_contiguous() and t.dtype == dtype):
+                t = self.tier.empty(tuple(t.shape), dtype, where="staging").copy_(t)
+            block = self.tier.empty(tuple(t.shape), dtype, where="ssd")
+            self.tier.copy_(block, t).wait()
+            return block
+        if not (self.tier.location(t) == "host" and t.is_contiguous() and t.dtype == dtype):
+            t = self.tier.empty(tuple(t.shape), dtype).copy_(t)
+        return t
 
     def _finish_backward(self) -> None:
         st = self.state
@@ -980,10 +1033,14 @@ class OffloadRuntime:
 
         st = self.state
         start = time.perf_counter()
-        stats = adam_ops.grad_stats([st.grads[k] for k in keys], num_threads=self._threads())
+        on_ssd = any(self.tier.is_on_ssd(st.grads[k]) for k in keys)
+        # gradients on SSD are read one at a time (the staging reserve holds one)
+        for batch in ([[k] for k in keys] if on_ssd else [keys]):
+            stats = adam_ops.grad_stats([self.tier.in_memory(st.grads[k]) for k in batch],
+                                        num_threads=self._threads())
+            st.sumsq += stats.sumsq
+            st.nonfinite |= stats.nonfinite
         self.events.append(Event("stats", keys[0], start, time.perf_counter()))
-        st.sumsq += stats.sumsq
-        st.nonfinite |= stats.nonfinite
         st.counted.update(keys)
 
     def _speculate(self, keys) -> None:
@@ -1066,15 +1123,40 @@ class OffloadRuntime:
     def _streamed(self, key: int):
         return stream.lookup(self.params[key])
 
-    def _weight_buf(self, key: int) -> torch.Tensor:
+    def _weight_out(self, key: int) -> torch.Tensor:
+        """Host memory an update of ``key`` writes its new weight into."""
         s = self._streamed(key)
-        if s is not None:
+        if s is not None and not self.tier.is_on_ssd(s.spare):
             return s.spare  # a streamed weight's update goes beside the value fetches read
+        p = self.params[key]
+        if s is not None or self.beyond_host:
+            # staged: on its way to the SSD block (streamed) or the device, then dropped
+            return self.tier.empty(tuple(p.shape), p.dtype, where="staging")
         buf = self.weight_bufs.get(key)
         if buf is None:
-            p = self.params[key]
             buf = self.weight_bufs[key] = self.tier.empty(tuple(p.shape), p.dtype)
         return buf
+
+    def _weight_written(self, st: _Step, key: int, out: torch.Tensor) -> None:
+        """An update wrote ``out`` (from ``_weight_out``): a streamed weight's goes to its spare
+        buffer on SSD now; a resident one's waits for the write-back."""
+        s = self._streamed(key)
+        if s is not None:
+            if out is not s.spare:
+                self.tier.copy_(s.spare, out).wait()
+        else:
+            st.weight_out[key] = out
+
+    def _state_value(self, t: torch.Tensor) -> torch.Tensor:
+        """A state tensor in host memory: itself, or read from SSD into staging (after the
+        write-back of an update not yet written)."""
+        if not self.opt._on_ssd(t):
+            return t
+        return self.opt.read_state(t, self.tier.empty(tuple(t.shape), t.dtype, where="staging"))
+
+    def _master_value(self, key: int) -> torch.Tensor:
+        """The fp32 master of ``key`` in host memory."""
+        return self._state_value(self.opt.state[self.params[key]]["master"])
 
     def _backup(self, key: int) -> None:
         state = self.opt._state_of(self.params[key])
@@ -1084,7 +1166,7 @@ class OffloadRuntime:
         def keep(t: torch.Tensor) -> torch.Tensor:
             if t.dim() == 0:  # the step count
                 return self.tier.empty((), t.dtype).copy_(t)
-            src = opt.read_state(t, self.tier.empty(tuple(t.shape), t.dtype)) if opt._on_ssd(t) else t
+            src = self._state_value(t)
             return opt._new_state(t.shape, src)  # beside the state: on SSD when the host budget is full
 
         self.state.backups[key] = tuple(
@@ -1110,10 +1192,12 @@ class OffloadRuntime:
             if restore_weights and key in st.weights_changed:
                 s = self._streamed(key)
                 if s is not None:
-                    opt.read_state(state["master"], s.host)  # the value the next fetch reads
+                    s.set_value(self._master_value(key))  # the value the next fetch reads
                 else:
-                    opt.read_state(state["master"], self._weight_buf(key))
-                    st.copies.append(self.tier.copy_(self.params[key].detach(), self._weight_buf(key)))
+                    st.weight_out.pop(key, None)
+                    buf = self._weight_out(key)
+                    buf.copy_(self._master_value(key))
+                    st.copies.append(self.tier.copy_(self.params[key].detach(), buf))
             st.written.discard(key)
             if restore_weights:
                 st.weights_changed.discard(key)
@@ -1135,8 +1219,14 @@ class OffloadRuntime:
         # the update runs then shows as a change at step() (and the update is redone), never hidden
         hyper = {k: self._hyper(k) for k in keys}
         start = time.perf_counter()
-        self.opt.update_params([self.params[k] for k in keys], [st.grads[k] for k in keys], grad_scale=coef,
-                               weights_out=[self._weight_buf(k) for k in keys], groups=groups)
+        # beyond host memory, one parameter at a time: the staging reserve holds one update
+        for batch in ([[k] for k in keys] if self.beyond_host else [keys]):
+            outs = [self._weight_out(k) for k in batch]
+            self.opt.update_params([self.params[k] for k in batch],
+                                   [self.tier.in_memory(st.grads[k]) for k in batch], grad_scale=coef,
+                                   weights_out=outs, groups=groups)
+            for k, out in zip(batch, outs):
+                self._weight_written(st, k, out)
         end = time.perf_counter()
         if self.opt.state_tier is not None:
             self._read_ahead(keys)
@@ -1172,7 +1262,13 @@ class OffloadRuntime:
                 # (backward no longer reads this weight, and the update that wrote it is done)
                 s.swap_buffers()
                 return
-            copy = self.tier.copy_(self.params[key].detach(), self._weight_buf(key))
+            out = st.weight_out.pop(key, None)
+            copy = self.tier.copy_(self.params[key].detach(), self.weight_bufs[key] if out is None else out)
+            if self.beyond_host:
+                # its buffer is staging, which holds one update's: free it now (the copy keeps
+                # it alive until waited for; the device's weight is the parameter, not freed)
+                copy.wait()
+                return
             st.copies.append(copy)
             st.copy_of[key] = copy
 

@@ -75,6 +75,12 @@ class Streamed:
     # the optimizer runtime that updates it (held weakly), when one does: ``wait_weight(key)``
     # returns once no update of this weight is in flight
     updater: weakref.ref | None = None
+    reserve: int = 0  # host bytes its buffers leave free (else they live on SSD)
+
+    def __repr__(self) -> str:
+        # (never the tensors: an SSD block has no memory to print)
+        where = self.tier.location(self.host) if self.tier is not None else "?"
+        return f"Streamed(key={self.key}, {self.nbytes} bytes, value in {where}, resident={self.resident})"
 
     @property
     def param(self) -> torch.Tensor:
@@ -96,7 +102,13 @@ class Streamed:
         # the device memory comes from the step thread (DESIGN: device tier allocated where
         # the step runs); the copy engine only writes into it
         p.untyped_storage().resize_(self.nbytes)
-        self.copy = self.tier.copy_(p.detach(), self.host)
+        if p.device.type != "cpu" and self.tier.is_on_ssd(self.host):
+            # an accelerator reads SSD through host memory: the read now, the upload at the wait
+            staging = self.tier.empty_like(self.host, where="staging")
+            self.copy = _Staged(self.tier.copy_(staging, self.host), staging, p.detach(), self.tier)
+        else:
+            # (an SSD block is read straight into the CPU stand-in's device memory)
+            self.copy = self.tier.copy_(p.detach(), self.host)
         with _lock:
             _counters["fetches"] += 1
             _counters["fetched_bytes"] += self.nbytes
@@ -125,8 +137,41 @@ class Streamed:
         self.host, self.spare = self.spare, self.host
 
     def value(self) -> torch.Tensor:
-        """The parameter's current value (the host buffer; wait for nothing else)."""
-        return self.host
+        """A copy of the parameter's current value, in ordinary CPU memory (outside the host
+        tier and its budget: what ``state_dict()`` returns). Waits for nothing else."""
+        out = torch.empty(self.host.shape, dtype=self.host.dtype)
+        if self.tier.is_on_ssd(self.host):
+            self.tier.copy_(out, self.host).wait()
+        else:
+            out.copy_(self.host)
+        return out
+
+    def set_value(self, value: torch.Tensor) -> None:
+        """What the next fetch reads becomes ``value`` (in memory, any float dtype: cast)."""
+        if not self.tier.is_on_ssd(self.host):
+            self.host.copy_(value)
+            return
+        staging = self.tier.empty_like(self.host, where="staging").copy_(value)
+        self.tier.copy_(self.host, staging).wait()
+
+    def new_buffer(self) -> torch.Tensor:
+        """Room for the parameter's value: host memory while the budget keeps ``reserve`` spare,
+        else an SSD block."""
+        return self.tier.empty(tuple(self.param.shape), self.param.dtype,
+                               where=self.tier.home_for(self.nbytes, self.reserve))
+
+
+class _Staged:
+    """A fetch from SSD to an accelerator: the read into host memory (started), then the upload,
+    started when the fetch is waited for."""
+
+    def __init__(self, read: Any, staging: torch.Tensor, target: torch.Tensor, tier: Any) -> None:
+        self.read, self.staging, self.target, self.tier = read, staging, target, tier
+
+    def wait(self) -> None:
+        self.read.wait()
+        # (the staging buffer lives until the upload is done: the event keeps it)
+        self.tier.copy_(self.target, self.staging).wait()
 
 
 # re-entrant: a collection while it is held may run ``drop`` (a weakref callback) on this thread
@@ -201,16 +246,18 @@ def release_at_rest(param: torch.Tensor) -> None:
         param.untyped_storage().resize_(0)
 
 
-def register(param: torch.Tensor, *, trainable: bool, updater: Any = None, release: bool = True) -> Streamed:
+def register(param: torch.Tensor, *, trainable: bool, updater: Any = None, release: bool = True,
+             reserve: int = 0) -> Streamed:
     """Stream ``param`` from now on (compile time, once the passes ran): copy its value to the
     host tier and free its device memory (every use is preceded by a ``fetch_param``;
     ``release`` False: the caller frees it with ``release_at_rest`` once it has read the value).
     ``updater``: the optimizer runtime that updates it, if any (fetches wait for its update of
-    the weight). Registering again returns the same entry."""
+    the weight). Its buffers go to host memory while the host budget keeps ``reserve`` bytes
+    free beside them, to the tier's SSD beyond. Registering again returns the same entry."""
     existing = lookup(param)
     if existing is not None:
         if trainable and existing.spare is None:
-            existing.spare = existing.tier.empty(tuple(param.shape), param.dtype)
+            existing.spare = existing.new_buffer()
         if updater is not None:
             existing.updater = weakref.ref(updater)
         return existing
@@ -227,14 +274,20 @@ def register(param: torch.Tensor, *, trainable: bool, updater: Any = None, relea
         # a storage made before the device counter was installed (the model is usually built
         # first) moves into one the counter sees: every fetch resizes it, and is counted
         device.adopt(param)
-        host = tier.empty(tuple(param.shape), param.dtype).copy_(param.detach())
-        spare = tier.empty(tuple(param.shape), param.dtype) if trainable else None
+        # both buffers in the same place: host memory only where both fit there
+        where = tier.home_for((2 if trainable else 1) * nbytes, reserve)
+        host = tier.empty(tuple(param.shape), param.dtype, where=where)
+        if where == "ssd":  # (written from CPU memory: an accelerator's copy comes down first)
+            tier.copy_(host, param.detach() if param.device.type == "cpu" else param.detach().cpu()).wait()
+        else:
+            host.copy_(param.detach())
+        spare = tier.empty(tuple(param.shape), param.dtype, where=where) if trainable else None
     if release:
         release_at_rest(param)
     key = keys.key_for(param)
     with _lock:
         s = Streamed(key, weakref.ref(param, _forget(key)), nbytes, host, spare, None, tier,
-                     weakref.ref(updater) if updater is not None else None)
+                     weakref.ref(updater) if updater is not None else None, reserve)
         _by_key[key] = s
     return s
 
@@ -293,7 +346,7 @@ def state_dict(module: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, 
     for name, t in sd.items():
         s = streamed.get(id(t)) if isinstance(t, torch.Tensor) else None
         if s is not None:
-            out[name] = s.value().clone()
+            out[name] = s.value()
         else:
             out[name] = t.detach() if isinstance(t, torch.Tensor) else t
     return out

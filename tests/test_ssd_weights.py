@@ -1,0 +1,200 @@
+"""Beyond host memory: streamed weights, gradients and optimizer state on SSD, the host tier a
+bounded staging area in front of it. Weights twice the device budget, weights and moments four
+times the host budget: exact AdamW with clipping, both budgets held, resume bit-exact."""
+
+import os
+
+import pytest
+import torch
+
+import lohan_compile as lohan
+from lohan_compile.measure import measure_device_peak
+from lohan_compile.runtime import hosttier, stream
+from test_offload import eager_reference, lm_loss
+from test_stream_params import budget_for, weight_bytes
+
+VOCAB = 256
+
+
+def deep_llama(dtype=torch.float32):
+    """Many parameters of the same size (the MLP's: 32768 elements, streamed in fp32 and bf16):
+    3.7 MB of fp32 weights, and no one parameter large beside the host budget."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=512, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def batches(n, b=2, t=16):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (b, t), generator=g) for _ in range(n)]
+
+
+def moment_bytes(model):
+    return sum(8 * p.numel() for p in model.parameters())
+
+
+def host_budget_for(model):
+    """A quarter of the weights and fp32 moments."""
+    return (weight_bytes(model) + moment_bytes(model)) // 4
+
+
+def clip_limit(data):
+    _, norms = eager_reference(deep_llama(), data, lm_loss, lr=1e-3, max_grad_norm=None)
+    return sorted(norms)[len(norms) // 2]  # some steps clip, some do not
+
+
+class Run:
+    """A lohan run of ``deep_llama(dtype)`` with offload_params; ``host``: the host budget and
+    SSD folder (None: everything in host memory)."""
+
+    def __init__(self, dtype, budget, limit, ssd_dir=None, checkpoint=None):
+        self.model = deep_llama(dtype)
+        self.host_budget = host_budget_for(self.model)
+        self.opt = lohan.CPUAdamW(self.model.parameters(), lr=1e-3, max_grad_norm=limit)
+        if checkpoint is not None:
+            ckpt = torch.load(checkpoint, weights_only=True)
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["opt"])
+            del ckpt
+            # the loaded optimizer state is in torch's CPU memory until compiling moves it to the
+            # host tier: on the CPU stand-in, device bytes the first plan must hold beside the step
+            budget = budget_for(deep_llama, 0.5)
+        options = {"optimizer": self.opt, "memory_budget": budget, "offload_params": True, "executor": "fx"}
+        if ssd_dir is not None:
+            os.makedirs(ssd_dir, exist_ok=True)
+            options.update(host_memory_budget=self.host_budget, ssd_dir=str(ssd_dir))
+        self.cm = torch.compile(self.model, backend="lohan", options=options)
+        self.losses, self.norms, self.peaks, self.ssd = [], [], [], []
+
+    def step(self, ids):
+        loss = lm_loss(self.cm, ids)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.losses.append(loss.detach())
+        self.norms.append(self.opt.last_grad_norm)
+        summary = lohan.last_report().summary()
+        self.peaks.append((summary["measured_peak_bytes"], summary["host_peak_bytes"]))
+        if self.opt.state_tier is not None:
+            self.ssd.append(self.opt.state_tier.stats().ssd_in_use_bytes)
+
+    def check_beyond_host(self, budget):
+        """Both budgets held every step; the SSD holds most of the state between steps."""
+        model, tier = self.model, self.opt.state_tier
+        assert weight_bytes(model) + moment_bytes(model) >= 4 * self.host_budget
+        assert max(p for p, _ in self.peaks) <= budget, (self.peaks, budget)
+        assert max(h for _, h in self.peaks) <= self.host_budget, (self.peaks, self.host_budget)
+        assert tier.stats().peak_in_use_bytes <= self.host_budget
+        streamed = [stream.lookup(p) for p in model.parameters() if stream.lookup(p) is not None]
+        on_ssd = sum(s.nbytes for s in streamed if tier.is_on_ssd(s.host))
+        assert on_ssd >= 0.5 * sum(s.nbytes for s in streamed), on_ssd
+        state = weight_bytes(model) + moment_bytes(model)
+        assert min(self.ssd) >= state // 2, (self.ssd, state)  # (after every step, not just once)
+
+
+def closed_tier(run):
+    """Closes the run's tier; its SSD folder, which must have held files until then."""
+    tier = run.opt.state_tier
+    folder = tier.ssd.folder
+    assert os.listdir(folder)
+    run.opt.state.clear()
+    tier.close()
+    return folder
+
+
+def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp_path):
+    data = batches(4)
+    limit = clip_limit(data)
+    eager = deep_llama()
+    le, ne = eager_reference(eager, data, lm_loss, lr=1e-3, max_grad_norm=limit)
+    eager_sd = {k: v.clone() for k, v in eager.state_dict().items()}
+    del eager
+    budget = budget_for(deep_llama, 0.5)
+    held = budget - weight_bytes(deep_llama()) // 2
+    torch._dynamo.reset()
+    previous = hosttier.current_if_set()
+    box = {}
+
+    def build():
+        box["run"] = Run(torch.float32, budget, limit, tmp_path / "ssd")
+        return box["run"]
+
+    def step(run):
+        run.step(data[len(run.losses)])
+
+    try:
+        # two steps under the profiler; every step's peak by lohan's own counter (run.peaks)
+        peak = measure_device_peak(build, step, steps=2)
+        run = box["run"]
+        # a checkpoint, to disk and gone (on the CPU stand-in, tensors held between steps are
+        # device bytes), then the last two steps
+        torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict()}, tmp_path / "ckpt.pt")
+        for ids in data[2:]:
+            run.step(ids)
+        assert weight_bytes(run.model) >= 2 * (budget - held)
+        assert max(peak.step_peaks[1:]) <= budget, (peak.step_peaks, budget)
+        run.check_beyond_host(budget)
+        # exact AdamW with clipping, read through the model's own state_dict()
+        for a, b in zip(le, run.losses):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert run.norms == pytest.approx(ne, rel=1e-4)
+        final = run.model.state_dict()
+        for name, ref in eager_sd.items():
+            torch.testing.assert_close(final[name], ref, atol=1e-4, rtol=0, msg=name)
+        folder = closed_tier(run)
+        assert not os.path.exists(folder)  # the SSD files go with the tier
+        # resume from the checkpoint taken after step 2, in a new tier: the last two steps again,
+        # bit for bit
+        losses = [float(x) for x in run.losses]
+        del run, box["run"]
+        torch._dynamo.reset()
+        hosttier.set_current(None)
+        again = Run(torch.float32, None, limit, tmp_path / "ssd2", checkpoint=tmp_path / "ckpt.pt")
+        for ids in data[2:]:
+            again.step(ids)
+        assert [float(x) for x in again.losses] == losses[2:]
+        resumed = again.model.state_dict()
+        for name, t in final.items():
+            assert torch.equal(resumed[name], t), name
+        closed_tier(again)
+    finally:
+        torch._dynamo.reset()
+        hosttier.set_current(previous)
+
+
+def test_bf16_weights_beyond_host_memory_train_bitwise_as_in_host_memory(tmp_path):
+    """bf16 weights, fp32 masters: the same steps as a run whose state all fits in host memory,
+    bit for bit (the two differ only in where the state lives)."""
+    data = batches(3)
+    limit = clip_limit(data)
+    make = lambda: deep_llama(torch.bfloat16)  # noqa: E731
+    previous = hosttier.current_if_set()
+    try:
+        torch._dynamo.reset()
+        hosttier.set_current(None)
+        ref = Run(torch.bfloat16, budget_for(make, 0.5), limit)
+        for ids in data:
+            ref.step(ids)
+        ref_losses, ref_sd = [float(x) for x in ref.losses], ref.model.state_dict()
+        del ref
+        torch._dynamo.reset()
+        hosttier.set_current(None)
+        budget = budget_for(make, 0.5)  # (beside the reference's weights, held here)
+        held = budget - weight_bytes(make()) // 2
+        run = Run(torch.bfloat16, budget, limit, tmp_path)
+        for ids in data:
+            run.step(ids)
+        assert weight_bytes(run.model) >= 2 * (budget - held)
+        run.check_beyond_host(budget)
+        assert [float(x) for x in run.losses] == ref_losses
+        final = run.model.state_dict()
+        for name, t in ref_sd.items():
+            assert final[name].dtype == torch.bfloat16 or "norm" in name, name
+            assert torch.equal(final[name], t), name
+        closed_tier(run)
+    finally:
+        torch._dynamo.reset()
+        hosttier.set_current(previous)
