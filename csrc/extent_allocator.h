@@ -87,6 +87,13 @@ class ExtentAllocator {
     return take(it, size);
   }
 
+  // Best fit inside one region (the smallest free block there that holds size).
+  std::optional<Extent> allocate_in(uint64_t region, uint64_t size) {
+    for (auto it = free_.lower_bound({size, 0, 0}); it != free_.end(); ++it)
+      if (std::get<1>(*it) == region) return take(it, size);
+    return std::nullopt;
+  }
+
   // Returns the block at (region, offset); returns its size. Coalesces.
   uint64_t release(uint64_t region, uint64_t offset) {
     auto it = blocks_.find({region, offset});

@@ -276,7 +276,7 @@ int64_t CopyEvent::nbytes() const { return static_cast<int64_t>(nbytes_); }
 // ---- the manager ----------------------------------------------------------------
 
 HostTier::HostTier(int64_t budget, int64_t arena_bytes, int64_t alignment, bool pin, int64_t copy_threads,
-                   int64_t copy_chunk_bytes, std::string ssd_dir, int64_t ssd_files, int64_t ssd_threads,
+                   int64_t copy_chunk_bytes, std::vector<std::string> ssd_dirs, int64_t ssd_files, int64_t ssd_threads,
                    int64_t ssd_chunk_bytes, int64_t direct, bool preallocate) {
   guarded([&] {
     host::HostArenaOptions o;
@@ -287,9 +287,9 @@ HostTier::HostTier(int64_t budget, int64_t arena_bytes, int64_t alignment, bool 
     arena_ = std::make_shared<HostArena>(o);
     engine_ = std::make_shared<CopyEngine>(static_cast<int>(copy_threads),
                                            static_cast<uint64_t>(copy_chunk_bytes));
-    if (!ssd_dir.empty()) {
+    if (!ssd_dirs.empty()) {
       host::SsdOptions so;
-      so.dir = ssd_dir;
+      so.dirs = ssd_dirs;
       so.files = static_cast<int>(ssd_files);
       so.threads = static_cast<int>(ssd_threads);
       so.chunk_bytes = static_cast<uint64_t>(ssd_chunk_bytes);
@@ -306,7 +306,7 @@ HostTier::~HostTier() { close(); }
 c10::intrusive_ptr<HostTier> HostTier::make_default() {
   unsigned hw = std::thread::hardware_concurrency();
   int64_t threads = hw >= 4 ? 2 : 1;
-  return c10::make_intrusive<HostTier>(-1, 256ll << 20, 4096, cuda_present(), threads, 2ll << 20, "", 2, 4,
+  return c10::make_intrusive<HostTier>(-1, 256ll << 20, 4096, cuda_present(), threads, 2ll << 20, std::vector<std::string>{}, 2, 4,
                                        4ll << 20, -1, true);
 }
 
@@ -536,6 +536,9 @@ c10::Dict<std::string, std::string> HostTier::ssd_info() {
   c10::Dict<std::string, std::string> d;
   if (!ssd_) return d;
   d.insert("folder", ssd_->folder());
+  std::string folders;
+  for (const auto& f : ssd_->folders()) folders += (folders.empty() ? "" : "\n") + f;
+  d.insert("folders", folders);
   d.insert("direct_io", ssd_->direct_io() ? "1" : "0");
   d.insert("io_mode", ssd_->io_mode());
   std::string files;
@@ -550,7 +553,7 @@ std::vector<int64_t> HostTier::ssd_extent(const at::Tensor& t) {
   SsdTokenCtx* c = ssd_ctx(t);
   TORCH_CHECK_VALUE(c, "lohan host tier: not an SSD-resident tensor");
   return {c->block->file(), static_cast<int64_t>(c->block->offset()),
-          static_cast<int64_t>(c->block->padded_bytes())};
+          static_cast<int64_t>(c->block->parts()[0].bytes)};
 }
 
 double HostTier::bench_alloc(int64_t nbytes, int64_t count, bool c10) {

@@ -98,9 +98,9 @@ class CopyEvent : public torch::CustomClassHolder {
 
 class HostTier : public torch::CustomClassHolder {
  public:
-  // budget < 0: unlimited. ssd_dir "": no SSD tier. direct: -1 auto, 0 off, 1 required.
+  // budget < 0: unlimited. ssd_dirs empty: no SSD tier (several: striped). direct: -1 auto, 0 off, 1 required.
   HostTier(int64_t budget, int64_t arena_bytes, int64_t alignment, bool pin, int64_t copy_threads,
-           int64_t copy_chunk_bytes, std::string ssd_dir, int64_t ssd_files, int64_t ssd_threads,
+           int64_t copy_chunk_bytes, std::vector<std::string> ssd_dirs, int64_t ssd_files, int64_t ssd_threads,
            int64_t ssd_chunk_bytes, int64_t direct, bool preallocate);
   ~HostTier() override;
 

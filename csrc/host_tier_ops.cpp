@@ -19,7 +19,7 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
       .def("nbytes", &CopyEvent::nbytes);
 
   m.class_<HostTier>("HostTier")
-      .def(torch::init<int64_t, int64_t, int64_t, bool, int64_t, int64_t, std::string, int64_t, int64_t,
+      .def(torch::init<int64_t, int64_t, int64_t, bool, int64_t, int64_t, std::vector<std::string>, int64_t, int64_t,
                        int64_t, int64_t, bool>())
       .def("alloc", &HostTier::alloc)
       .def("alloc_ssd", &HostTier::alloc_ssd)

@@ -235,81 +235,105 @@ std::shared_ptr<SsdTier> SsdTier::create(const SsdOptions& opts) {
     throw Error(ErrorKind::Usage, "lohan SSD tier: ssd_files and ssd_threads must be at least 1");
   if (opts.chunk_bytes == 0 || opts.chunk_bytes % kAlign != 0)
     throw Error(ErrorKind::Usage, "lohan SSD tier: chunk_bytes must be a positive multiple of 4096");
-  const std::string& dir = opts.dir;
-  struct stat st;
-  if (stat(dir.c_str(), &st) != 0) {
-    int err = errno;
-    if (err == ENOENT)
-      storage_error("ssd_dir '" + dir + "' does not exist: create it first (mkdir -p " + dir +
-                        ") or choose another folder.",
-                    err);
-    storage_error("cannot access ssd_dir '" + dir + "': " + errno_text(err) + ". " + advice_for(err), err);
+  if (opts.dirs.empty()) throw Error(ErrorKind::Usage, "lohan SSD tier: no ssd_dir folder given");
+  for (const std::string& dir : opts.dirs) {
+    struct stat st;
+    if (stat(dir.c_str(), &st) != 0) {
+      int err = errno;
+      if (err == ENOENT)
+        storage_error("ssd_dir '" + dir + "' does not exist: create it first (mkdir -p " + dir +
+                          ") or choose another folder.",
+                      err);
+      storage_error("cannot access ssd_dir '" + dir + "': " + errno_text(err) + ". " + advice_for(err), err);
+    }
+    if (!S_ISDIR(st.st_mode))
+      storage_error("ssd_dir '" + dir + "' is not a folder (it is a file or a device): give the path of a folder.",
+                    ENOTDIR);
   }
-  if (!S_ISDIR(st.st_mode))
-    storage_error("ssd_dir '" + dir + "' is not a folder (it is a file or a device): give the path of a folder.",
-                  ENOTDIR);
   std::shared_ptr<SsdTier> t(new SsdTier(opts));
-  t->dir_ = dir;
+  const int n = static_cast<int>(opts.dirs.size());
+  // at least one data file per folder, and as many in each (file i lives in folder i % n)
+  t->opts_.files = (std::max(opts.files, n) + n - 1) / n * n;
+  t->dirs_ = opts.dirs;
+  t->folders_.assign(opts.dirs.size(), "");
+  t->lock_fds_.assign(opts.dirs.size(), -1);
   t->owner_pid_ = getpid();
-  int dirfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dirfd < 0) {
-    int err = errno;
-    storage_error("cannot open ssd_dir '" + dir + "': " + errno_text(err), err);
-  }
+  std::vector<int> folder_fds;
   try {
-    DirLock lock(dirfd, dir);
-    cleanup_locked(dirfd);
-    std::string name = kPrefix + random_hex();
-    if (mkdirat(dirfd, name.c_str(), 0700) != 0) {
+    for (size_t i = 0; i < opts.dirs.size(); ++i) {
+      int dirfd = open(opts.dirs[i].c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (dirfd < 0) {
+        int err = errno;
+        storage_error("cannot open ssd_dir '" + opts.dirs[i] + "': " + errno_text(err), err);
+      }
+      try {
+        t->make_folder(i, dirfd);
+      } catch (...) {
+        ::close(dirfd);
+        throw;
+      }
+      int ffd = openat(dirfd, t->folders_[i].substr(opts.dirs[i].size() + 1).c_str(),
+                       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
       int err = errno;
-      storage_error("cannot create a private folder in ssd_dir '" + dir + "': " + errno_text(err) + ". " +
-                        advice_for(err),
-                    err);
+      ::close(dirfd);
+      if (ffd < 0) storage_error("cannot open the private folder " + t->folders_[i] + ": " + errno_text(err), err);
+      folder_fds.push_back(ffd);
     }
-    t->folder_ = dir + "/" + name;
-    int ffd = openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (ffd < 0) {
-      int err = errno;
-      storage_error("cannot open the private folder " + t->folder_ + ": " + errno_text(err), err);
-    }
-    t->lock_fd_ = openat(ffd, kOwnLock, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (t->lock_fd_ < 0 || flock(t->lock_fd_, LOCK_EX | LOCK_NB) != 0) {
-      int err = errno;
-      ::close(ffd);
-      storage_error("cannot create the lock file in " + t->folder_ + ": " + errno_text(err), err);
-    }
-    std::string pid = std::to_string(getpid()) + "\n";
-    if (::write(t->lock_fd_, pid.data(), pid.size()) < 0) { /* informational only */ }
-    try {
-      t->open_files(ffd);
-    } catch (...) {
-      ::close(ffd);
-      throw;
-    }
-    ::close(ffd);
+    t->open_files(folder_fds);
   } catch (...) {
-    ::close(dirfd);
+    for (int fd : folder_fds) ::close(fd);
     t->close();  // removes whatever was created
     throw;
   }
-  ::close(dirfd);
+  for (int fd : folder_fds) ::close(fd);
   t->start_threads();
   return t;
 }
 
-void SsdTier::open_files(int ffd) {
+void SsdTier::make_folder(size_t i, int dirfd) {
+  const std::string& dir = dirs_[i];
+  DirLock lock(dirfd, dir);
+  cleanup_locked(dirfd);
+  std::string name = kPrefix + random_hex();
+  if (mkdirat(dirfd, name.c_str(), 0700) != 0) {
+    int err = errno;
+    storage_error("cannot create a private folder in ssd_dir '" + dir + "': " + errno_text(err) + ". " +
+                      advice_for(err),
+                  err);
+  }
+  folders_[i] = dir + "/" + name;
+  int ffd = openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (ffd < 0) {
+    int err = errno;
+    storage_error("cannot open the private folder " + folders_[i] + ": " + errno_text(err), err);
+  }
+  // (created and locked under the dir lock: a cleaner never sees this folder unlocked)
+  lock_fds_[i] = openat(ffd, kOwnLock, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (lock_fds_[i] < 0 || flock(lock_fds_[i], LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    ::close(ffd);
+    storage_error("cannot create the lock file in " + folders_[i] + ": " + errno_text(err), err);
+  }
+  ::close(ffd);
+  std::string pid = std::to_string(getpid()) + "\n";
+  if (::write(lock_fds_[i], pid.data(), pid.size()) < 0) { /* informational only */ }
+}
+
+void SsdTier::open_files(const std::vector<int>& folder_fds) {
   int flags = O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
   direct_ = opts_.direct != 0;
   std::string why;
+  const size_t n = folders_.size();
   for (int i = 0; i < opts_.files; ++i) {
+    const size_t f = static_cast<size_t>(i) % n;
     std::string name = "data-" + std::to_string(i);
-    std::string path = folder_ + "/" + name;
-    int fd = openat(ffd, name.c_str(), flags | (direct_ ? O_DIRECT : 0), 0600);
+    std::string path = folders_[f] + "/" + name;
+    int fd = openat(folder_fds[f], name.c_str(), flags | (direct_ ? O_DIRECT : 0), 0600);
     if (fd < 0 && direct_ && errno == EINVAL) {
-      why = "the filesystem refused O_DIRECT when opening (EINVAL)";
+      why = "the filesystem of " + folders_[f] + " refused O_DIRECT when opening (EINVAL)";
       direct_ = false;
-      unlinkat(ffd, name.c_str(), 0);  // the refused open may have created it already
-      fd = openat(ffd, name.c_str(), flags, 0600);
+      unlinkat(folder_fds[f], name.c_str(), 0);  // the refused open may have created it already
+      fd = openat(folder_fds[f], name.c_str(), flags, 0600);
     }
     if (fd < 0) {
       int err = errno;
@@ -319,23 +343,28 @@ void SsdTier::open_files(int ffd) {
     fds_.push_back(fd);
   }
   if (direct_) {
-    // Some filesystems accept O_DIRECT at open and refuse it at the first I/O: probe once.
+    // Some filesystems accept O_DIRECT at open and refuse it at the first I/O: probe each folder
+    // once (its first file, i < folders).
     void* probe = mmap(nullptr, kAlign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (probe == MAP_FAILED) storage_error("cannot map a probe buffer: " + errno_text(errno), errno);
-    ssize_t r = pwrite(fds_[0], probe, kAlign, 0);
-    int err = errno;
-    munmap(probe, kAlign);
-    if (r < 0 && err == EINVAL) {
-      why = "the filesystem accepted O_DIRECT but refused an aligned direct write (EINVAL)";
-      direct_ = false;
-      for (int fd : fds_) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT);
-    } else if (r < 0) {
-      storage_error("cannot write to " + paths_[0] + ": " + errno_text(err) + ". " + advice_for(err), err);
+    for (size_t f = 0; f < n && direct_; ++f) {
+      ssize_t r = pwrite(fds_[f], probe, kAlign, 0);
+      int err = errno;
+      if (r < 0 && err == EINVAL) {
+        why = "the filesystem of " + folders_[f] + " accepted O_DIRECT but refused an aligned direct write (EINVAL)";
+        direct_ = false;
+      } else if (r < 0) {
+        munmap(probe, kAlign);
+        storage_error("cannot write to " + paths_[f] + ": " + errno_text(err) + ". " + advice_for(err), err);
+      }
+      if (ftruncate(fds_[f], 0) != 0) { /* the probe block is reused as space anyway */ }
     }
-    if (ftruncate(fds_[0], 0) != 0) { /* the probe block is reused as space anyway */ }
+    munmap(probe, kAlign);
+    if (!direct_)
+      for (int fd : fds_) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT);
   }
   if (!direct_ && opts_.direct == 1)
-    storage_error("direct I/O was required (direct_io=True) but " + why + " in " + folder_ +
+    storage_error("direct I/O was required (direct_io=True) but " + why +
                       ". Use direct_io='auto' to fall back to buffered I/O.",
                   EINVAL);
   if (direct_)
@@ -377,71 +406,107 @@ void SsdTier::close() {
   workers_.clear();
   for (int fd : fds_) ::close(fd);
   fds_.assign(fds_.size(), -1);
-  // A forked child shares the parent's folder: only the creating process removes it.
-  if (getpid() == owner_pid_ && !folder_.empty()) {
-    int dirfd = open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dirfd >= 0) {
-      try {
-        DirLock lock(dirfd, dir_);  // no cleaner looks at the folder while it goes
-        remove_folder(dirfd, folder_.substr(dir_.size() + 1));
-      } catch (...) {
+  // A forked child shares the parent's folders: only the creating process removes them.
+  for (size_t i = 0; i < folders_.size(); ++i) {
+    if (getpid() == owner_pid_ && !folders_[i].empty()) {
+      int dirfd = open(dirs_[i].c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (dirfd >= 0) {
+        try {
+          DirLock lock(dirfd, dirs_[i]);  // no cleaner looks at the folder while it goes
+          remove_folder(dirfd, folders_[i].substr(dirs_[i].size() + 1));
+        } catch (...) {
+        }
+        ::close(dirfd);
       }
-      ::close(dirfd);
     }
+    if (lock_fds_[i] >= 0) ::close(lock_fds_[i]);
+    lock_fds_[i] = -1;
   }
-  if (lock_fd_ >= 0) ::close(lock_fd_);
-  lock_fd_ = -1;
 }
 
 std::vector<std::string> SsdTier::file_paths() const { return paths_; }
 
 // ---- space --------------------------------------------------------------------
 
-std::shared_ptr<SsdBlock> SsdTier::allocate(uint64_t nbytes) {
-  if (closed_) throw Error(ErrorKind::Usage, "lohan SSD tier: allocation after the tier was closed");
-  uint64_t padded = round_up(std::max<uint64_t>(nbytes, 1), kAlign);
-  uint64_t chunks = (nbytes + opts_.chunk_bytes - 1) / opts_.chunk_bytes;
-  std::lock_guard<std::mutex> g(m_);
-  auto ext = ext_.allocate(padded);
-  if (!ext) {
-    // Grow the smallest file at its end (a free tail there counts).
-    uint64_t best = 0, best_size = UINT64_MAX;
-    for (const auto& [f, size] : ext_.regions())
-      if (size < best_size) {
-        best = f;
-        best_size = size;
-      }
-    uint64_t extra = padded - ext_.free_tail(best);
-    if (opts_.preallocate && can_fallocate_) {
-      int fd = fds_[best];
-      int rc;
-      while ((rc = fallocate(fd, 0, static_cast<off_t>(best_size), static_cast<off_t>(extra))) != 0 &&
-             errno == EINTR) {
-      }
-      if (rc != 0) {
-        int err = errno;
-        if (err == EOPNOTSUPP) {
-          can_fallocate_ = false;  // errors will surface at write time instead
-        } else {
-          storage_error("cannot reserve " + format_bytes(extra) + " in " + paths_[best] + " (file size " +
-                            format_bytes(best_size) + "): " + errno_text(err) + ". " + advice_for(err),
-                        err);
-        }
+ExtentAllocator::Extent SsdTier::take_space(int file, uint64_t bytes) {
+  const uint64_t region = static_cast<uint64_t>(file);
+  if (auto ext = ext_.allocate_in(region, bytes)) return *ext;
+  // grow the file at its end (a free tail there counts)
+  const uint64_t size = ext_.region_size(region);
+  const uint64_t extra = bytes - ext_.free_tail(region);
+  if (opts_.preallocate && can_fallocate_) {
+    int rc;
+    while ((rc = fallocate(fds_[file], 0, static_cast<off_t>(size), static_cast<off_t>(extra))) != 0 &&
+           errno == EINTR) {
+    }
+    if (rc != 0) {
+      int err = errno;
+      if (err == EOPNOTSUPP) {
+        can_fallocate_ = false;  // errors will surface at write time instead
+      } else {
+        storage_error("cannot reserve " + format_bytes(extra) + " in " + paths_[file] + " (file size " +
+                          format_bytes(size) + "): " + errno_text(err) + ". " + advice_for(err),
+                      err);
       }
     }
-    ext_.grow_region(best, extra);
-    ext = ext_.allocate(padded);
-    if (!ext) throw std::logic_error("SsdTier: grown file has no room");
+  }
+  ext_.grow_region(region, extra);
+  auto ext = ext_.allocate_in(region, bytes);
+  if (!ext) throw std::logic_error("SsdTier: grown file has no room");
+  return *ext;
+}
+
+std::shared_ptr<SsdBlock> SsdTier::allocate(uint64_t nbytes) {
+  if (closed_) throw Error(ErrorKind::Usage, "lohan SSD tier: allocation after the tier was closed");
+  const uint64_t chunk = opts_.chunk_bytes;
+  const uint64_t padded = round_up(std::max<uint64_t>(nbytes, 1), kAlign);
+  const uint64_t chunks = (nbytes + chunk - 1) / chunk;
+  const uint64_t files = static_cast<uint64_t>(opts_.files);
+  std::lock_guard<std::mutex> g(m_);
+  std::vector<SsdBlock::Part> parts;
+  if (folders_.size() == 1) {
+    // one drive: best fit in any file, else grow the smallest file
+    auto ext = ext_.allocate(padded);
+    if (!ext) {
+      uint64_t best = 0, best_size = UINT64_MAX;
+      for (const auto& [f, size] : ext_.regions())
+        if (size < best_size) {
+          best = f;
+          best_size = size;
+        }
+      ext = take_space(static_cast<int>(best), padded);
+    }
+    parts.push_back({static_cast<int>(ext->region), ext->offset, padded});
+  } else {
+    // several drives: the block's chunks dealt over files of consecutive folders, starting
+    // where the last block ended (consecutive files are in consecutive folders)
+    const uint64_t n = std::max<uint64_t>(1, std::min<uint64_t>(folders_.size(), chunks));
+    const uint64_t first = next_file_ % files;
+    next_file_ = first + n;
+    try {
+      for (uint64_t j = 0; j < n; ++j) {
+        uint64_t count = chunks > j ? (chunks - j + n - 1) / n : 0;
+        uint64_t bytes = count * chunk;
+        if (chunks > 0 && (chunks - 1) % n == j)  // holds the last chunk: only its sectors
+          bytes = (count - 1) * chunk + round_up(nbytes - (chunks - 1) * chunk, kAlign);
+        bytes = std::max<uint64_t>(bytes, kAlign);
+        int file = static_cast<int>((first + j) % files);
+        auto ext = take_space(file, bytes);
+        parts.push_back({file, ext.offset, bytes});
+      }
+    } catch (...) {
+      for (const auto& p : parts) ext_.release(static_cast<uint64_t>(p.file), p.offset);
+      throw;
+    }
   }
   ++live_blocks_;
   if (ext_.used_bytes() > peak_in_use_) peak_in_use_ = ext_.used_bytes();
-  return std::shared_ptr<SsdBlock>(new SsdBlock(shared_from_this(), static_cast<int>(ext->region),
-                                                ext->offset, nbytes, padded, chunks));
+  return std::shared_ptr<SsdBlock>(new SsdBlock(shared_from_this(), std::move(parts), nbytes, padded, chunks));
 }
 
 void SsdTier::release(const SsdBlock& b) {
   std::lock_guard<std::mutex> g(m_);
-  ext_.release(static_cast<uint64_t>(b.file_), b.offset_);
+  for (const auto& p : b.parts_) ext_.release(static_cast<uint64_t>(p.file), p.offset);
   --live_blocks_;
 }
 
@@ -488,14 +553,13 @@ std::shared_ptr<Completion> SsdTier::write(const std::shared_ptr<SsdBlock>& b, c
     if (!failed) ++writes_;
   });
   bool in_place = direct_ && reinterpret_cast<uintptr_t>(src) % kAlign == 0 && src_capacity >= b->padded_;
-  std::vector<Task> tasks;
-  for (uint64_t c = 0; c < chunks; ++c)
-    tasks.push_back(Task{true, blk, c, const_cast<char*>(static_cast<const char*>(src)), in_place, done, count_as});
+  std::vector<Task> tasks =
+      chunk_tasks(true, blk, const_cast<char*>(static_cast<const char*>(src)), in_place, done, count_as);
   if (chunks == 0) {
     std::lock_guard<std::mutex> g(blk->m_);
     blk->state_ = SsdBlock::State::Valid;
   }
-  submit(tasks, b->file_);
+  submit(tasks);
   return done;
 }
 
@@ -528,23 +592,33 @@ std::shared_ptr<Completion> SsdTier::read(const std::shared_ptr<SsdBlock>& b, vo
     if (!failed) ++reads_;
   });
   bool in_place = direct_ && reinterpret_cast<uintptr_t>(dst) % kAlign == 0 && dst_capacity >= b->padded_;
-  std::vector<Task> tasks;
-  for (uint64_t c = 0; c < chunks; ++c)
-    tasks.push_back(Task{false, blk, c, static_cast<char*>(dst), in_place, done, count_as});
+  std::vector<Task> tasks = chunk_tasks(false, blk, static_cast<char*>(dst), in_place, done, count_as);
   if (chunks == 0) {
     std::lock_guard<std::mutex> g(blk->m_);
     --blk->reads_in_flight_;
   }
-  submit(tasks, b->file_);
+  submit(tasks);
   return done;
 }
 
-void SsdTier::submit(std::vector<Task>& tasks, int file) {
+std::vector<SsdTier::Task> SsdTier::chunk_tasks(bool write, SsdBlock* b, char* buf, bool in_place,
+                                                const std::shared_ptr<Completion>& done, Direction dir) const {
+  std::vector<Task> tasks;
+  for (uint64_t c = 0; c < b->sums_.size(); ++c) tasks.push_back(Task{write, b, c, buf, in_place, done, dir});
+  return tasks;
+}
+
+void SsdTier::submit(std::vector<Task>& tasks) {
   if (tasks.empty()) return;
   {
     std::lock_guard<std::mutex> g(qm_);
     if (stop_) throw Error(ErrorKind::Usage, "lohan SSD tier: I/O after the tier was closed");
-    for (auto& t : tasks) queues_[static_cast<size_t>(file)].push_back(std::move(t));
+    for (auto& t : tasks) {
+      // each chunk on the queue of the file that holds it
+      const auto& parts = t.block->parts_;
+      const size_t file = static_cast<size_t>(parts[t.chunk % parts.size()].file);
+      queues_[file].push_back(std::move(t));
+    }
   }
   qcv_.notify_all();
 }
@@ -603,9 +677,10 @@ void SsdTier::execute(const Task& t, char* staging) {
   const SsdBlock& b = *t.block;
   const uint64_t off = t.chunk * opts_.chunk_bytes;
   const uint64_t len = std::min(opts_.chunk_bytes, b.nbytes_ - off);
-  const uint64_t file_off = b.offset_ + off;
-  const int fd = fds_[static_cast<size_t>(b.file_)];
-  const std::string& path = paths_[static_cast<size_t>(b.file_)];
+  const SsdBlock::Part& part = b.parts_[t.chunk % b.parts_.size()];
+  const uint64_t file_off = part.offset + (t.chunk / b.parts_.size()) * opts_.chunk_bytes;
+  const int fd = fds_[static_cast<size_t>(part.file)];
+  const std::string& path = paths_[static_cast<size_t>(part.file)];
   // Direct I/O moves whole 4096-byte sectors; the block's padding absorbs the tail.
   const uint64_t io_len = direct_ ? round_up(len, kAlign) : len;
   char* user = t.buf + off;

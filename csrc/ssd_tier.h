@@ -1,14 +1,21 @@
-// The SSD tier: blocks stored in files under ssd_dir, read and written by a
-// pool of I/O threads.
+// The SSD tier: blocks stored in files under one or several folders (ssd_dir),
+// read and written by a pool of I/O threads.
 //
-// Layout. Each tier owns a private folder ssd_dir/lohan-ssd-<32 random hex>
-// (mode 0700) holding a lock file and `files` data files (mode 0600). The
+// Layout. In each folder the tier owns a private folder
+// <dir>/lohan-ssd-<32 random hex> (mode 0700) holding a lock file and data
+// files (mode 0600): data file i lives in folder i % folders. A private
 // folder is created, and stale folders of dead runs are removed, while
-// holding ssd_dir/.lohan-ssd.lock (flock), so a cleaner never sees a folder
+// holding <dir>/.lohan-ssd.lock (flock), so a cleaner never sees a folder
 // between its creation and the moment its owner locks it. A live tier holds
-// flock on its own lock file for its whole life; the kernel drops that lock
+// flock on its own lock files for its whole life; the kernel drops them
 // when the process dies, which is how the next run knows a folder is stale.
-// Several runs (or several tiers in one process) can share ssd_dir.
+// Several runs (or several tiers in one process) can share a folder.
+//
+// Striping. With several folders (one per drive, as a RAID 0), a block of
+// more than one chunk is cut in chunk_bytes stripes dealt round-robin over
+// parts in files of different folders, so its chunks are read and written on
+// every drive at once; a block of one chunk lives in one file, the next block
+// in the next folder's.
 //
 // I/O. pread/pwrite in chunks, with O_DIRECT where the filesystem takes it
 // (offsets, lengths and buffers aligned to 4096; data that is not aligned
@@ -46,8 +53,8 @@ namespace lohan {
 namespace host {
 
 struct SsdOptions {
-  std::string dir;
-  int files = 2;
+  std::vector<std::string> dirs;  // one folder, or several striped
+  int files = 2;                  // data files in all (at least one per folder)
   int threads = 4;
   uint64_t chunk_bytes = 4ull << 20;
   int direct = -1;  // -1: O_DIRECT where supported; 0: never; 1: required
@@ -76,22 +83,28 @@ class SsdBlock {
   SsdBlock& operator=(const SsdBlock&) = delete;
   uint64_t nbytes() const { return nbytes_; }
   uint64_t padded_bytes() const { return padded_; }
-  int file() const { return file_; }
-  uint64_t offset() const { return offset_; }
+  // Where its chunks are: chunk c in part c % parts, at (c / parts) * chunk_bytes in it.
+  struct Part {
+    int file;
+    uint64_t offset;
+    uint64_t bytes;  // on disk
+  };
+  const std::vector<Part>& parts() const { return parts_; }
+  int file() const { return parts_[0].file; }
+  uint64_t offset() const { return parts_[0].offset; }
   // True once a write completed successfully (and no write is in flight).
   bool valid() const;
   const std::shared_ptr<SsdTier>& tier() const { return tier_; }
 
  private:
   friend class SsdTier;
-  SsdBlock(std::shared_ptr<SsdTier> tier, int file, uint64_t offset, uint64_t nbytes, uint64_t padded,
+  SsdBlock(std::shared_ptr<SsdTier> tier, std::vector<Part> parts, uint64_t nbytes, uint64_t padded,
            uint64_t chunks)
-      : tier_(std::move(tier)), file_(file), offset_(offset), nbytes_(nbytes), padded_(padded), sums_(chunks) {}
+      : tier_(std::move(tier)), parts_(std::move(parts)), nbytes_(nbytes), padded_(padded), sums_(chunks) {}
 
   enum class State { Empty, Writing, Valid, Failed };
   std::shared_ptr<SsdTier> tier_;
-  int file_;
-  uint64_t offset_;
+  std::vector<Part> parts_;
   uint64_t nbytes_;
   uint64_t padded_;
   std::vector<uint64_t> sums_;  // one fingerprint per chunk, set by the write
@@ -127,7 +140,8 @@ class SsdTier : public std::enable_shared_from_this<SsdTier> {
   void close();
   bool closed() const { return closed_.load(); }
 
-  const std::string& folder() const { return folder_; }
+  const std::string& folder() const { return folders_[0]; }  // the first folder's
+  const std::vector<std::string>& folders() const { return folders_; }
   bool direct_io() const { return direct_; }
   const std::string& io_mode() const { return io_mode_; }
   std::vector<std::string> file_paths() const;
@@ -142,7 +156,10 @@ class SsdTier : public std::enable_shared_from_this<SsdTier> {
  private:
   friend class SsdBlock;
   explicit SsdTier(const SsdOptions& opts) : opts_(opts) {}
-  void open_files(int dirfd);
+  void make_folder(size_t i, int dirfd);
+  void open_files(const std::vector<int>& folder_fds);
+  // Space for `bytes` in `file`, growing it at its end when nothing free there holds it.
+  ExtentAllocator::Extent take_space(int file, uint64_t bytes);
   void start_threads();
   void release(const SsdBlock& b);
 
@@ -155,17 +172,20 @@ class SsdTier : public std::enable_shared_from_this<SsdTier> {
     std::shared_ptr<Completion> done;
     Direction dir;
   };
-  void submit(std::vector<Task>& tasks, int file);
+  void submit(std::vector<Task>& tasks);
   void run(int index);
   void execute(const Task& t, char* staging);
+  std::vector<Task> chunk_tasks(bool write, SsdBlock* b, char* buf, bool in_place,
+                                const std::shared_ptr<Completion>& done, Direction dir) const;
   int file_fd(int file) const { return fds_[file]; }
 
   SsdOptions opts_;
-  std::string folder_;
-  std::string dir_;
+  std::vector<std::string> folders_;  // the private folders, one per dirs entry
+  std::vector<std::string> dirs_;
   std::vector<std::string> paths_;
   std::vector<int> fds_;
-  int lock_fd_ = -1;
+  std::vector<int> lock_fds_;
+  uint64_t next_file_ = 0;  // where the next one-chunk block or stripe set starts
   pid_t owner_pid_ = 0;
   bool direct_ = false;
   std::string io_mode_;

@@ -67,6 +67,21 @@ def _folder(name: str, value: Any, *, must_exist: bool) -> str | None:
     return path
 
 
+def _folders(name: str, value: Any) -> str | tuple[str, ...] | None:
+    """One existing folder (a path), or several (a list or tuple of paths: one per drive)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{name}=[]: give a folder, a list of folders, or None")
+        paths = tuple(_folder(name, v, must_exist=True) for v in value)
+        real = [os.path.realpath(p) for p in paths]
+        if len(set(real)) != len(real):
+            raise ValueError(f"{name}={list(paths)!r} names a folder twice; give each drive's folder once")
+        return paths if len(paths) > 1 else paths[0]
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name}={value!r}: expected a folder path, a list of folder paths, or None")
+    return _folder(name, value, must_exist=True)
+
+
 class OffloadOptimizer:
     """Base of the optimizers the ``optimizer`` option accepts (``lohan.CPUAdamW``): optimizers
     that take each gradient as backward makes it and update on the host."""
@@ -96,7 +111,7 @@ class Options:
     optimizer: Any = None
     hardware: Any = "auto"
     offload_params: Any = "auto"
-    ssd_dir: str | None = None
+    ssd_dir: str | tuple[str, ...] | None = None  # one folder, or several (striped)
     host_memory_budget: int | None = None
     policy: str = "auto"
     dump_dir: str | None = None
@@ -125,7 +140,7 @@ class Options:
             "optimizer": _check_optimizer(values["optimizer"]),
             "hardware": _check_hardware(values["hardware"]),
             "offload_params": _one_of("offload_params", values["offload_params"], OFFLOAD_PARAMS),
-            "ssd_dir": _folder("ssd_dir", values["ssd_dir"], must_exist=True),
+            "ssd_dir": _folders("ssd_dir", values["ssd_dir"]),
             "host_memory_budget": None
             if values["host_memory_budget"] is None
             else parse_bytes(values["host_memory_budget"], name="host_memory_budget"),

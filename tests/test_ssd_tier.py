@@ -382,6 +382,73 @@ def test_ssd_dir_option_is_checked_up_front(tmp_path):
         t.close()
 
 
+def test_several_folders_stripe_each_block_over_every_drive(make_tier, tmp_path):
+    """ssd_dir as a list (one folder per drive, a RAID 0): a block of several chunks has a part
+    in every folder, round trips bit-exact at every size, a flipped byte in its second part is
+    refused, and closing removes every private folder."""
+    from lohan_compile import Options
+
+    dirs = [tmp_path / f"nvme{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    tier = make_tier(None, ssd_dir=Options(ssd_dir=[str(d) for d in dirs]).ssd_dir, ssd_chunk_bytes="64KiB")
+    info = tier.ssd
+    assert len(info.folders) == 3 and len(info.files) == 3
+    assert [os.path.dirname(f) for f in info.folders] == [str(d) for d in dirs]
+    for f, folder in zip(info.files, info.folders):
+        assert os.path.dirname(f) == folder
+    # ten chunks: four in one folder's file, three in each other's, read back whole
+    x = torch.randn(10 * 65536 // 4)
+    before = [os.path.getsize(f) for f in info.files]
+    tok = tier.empty_like(x, where="ssd")  # (space is reserved here)
+    tier.copy_(tok, x).wait()
+    grown = [os.path.getsize(f) - b for f, b in zip(info.files, before)]
+    assert all(g > 0 for g in grown), grown  # every drive holds part of it
+    back = torch.empty_like(x)
+    tier.copy_(back, tok).wait()
+    assert torch.equal(back, x)
+    for n in NBYTES:
+        y = bytes_of(torch.uint8, n)
+        assert torch.equal(ssd_round_trip(tier, y), y), n
+    blocks = [tier.empty((65536 // 4,), where="ssd") for _ in range(3)]  # one chunk each
+    for b in blocks:
+        tier.copy_(b, torch.zeros(65536 // 4)).wait()
+    assert len({tier.ssd_extent(b)[0] for b in blocks}) == 3  # one-chunk blocks take turns
+    # a flipped byte in a part that is not the first: refused by its checksum
+    second = next(f for f in info.files if f != tier.ssd_extent(tok)[0] and os.path.getsize(f) > 0)
+    with open(second, "r+b") as f:
+        data = bytearray(f.read())
+    first_nonzero = next(i for i, b in enumerate(data) if b)
+    with open(second, "r+b") as f:
+        f.seek(first_nonzero)
+        f.write(bytes([data[first_nonzero] ^ 0xFF]))
+    corrupted = 0
+    for t, ref in [(tok, x)]:
+        try:
+            tier.copy_(torch.empty_like(ref), t).wait()
+        except StorageError as e:
+            assert "checksum mismatch" in str(e) and second in str(e)
+            corrupted += 1
+    assert corrupted == 1
+    folders = info.folders
+    del tok, blocks
+    tier.close()
+    assert not any(os.path.exists(f) for f in folders)
+
+
+def test_ssd_dir_lists_are_checked_up_front(tmp_path):
+    from lohan_compile import Options
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match="does not exist"):
+        Options(ssd_dir=[str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="names a folder twice"):
+        Options(ssd_dir=[str(tmp_path / "a"), str(tmp_path / "a" / ".")])
+    with pytest.raises(ValueError, match="a list of folder paths"):
+        Options(ssd_dir=3)
+    assert Options(ssd_dir=[str(tmp_path / "a")]).ssd_dir == str(tmp_path / "a")
+
+
 @pytest.fixture
 def ramfs(tmp_path):
     """A filesystem that refuses O_DIRECT (ramfs), when this machine lets us mount one."""

@@ -64,8 +64,10 @@ class Run:
             budget = budget_for(deep_llama, 0.5)
         options = {"optimizer": self.opt, "memory_budget": budget, "offload_params": True, "executor": "fx"}
         if ssd_dir is not None:
-            os.makedirs(ssd_dir, exist_ok=True)
-            options.update(host_memory_budget=self.host_budget, ssd_dir=str(ssd_dir))
+            dirs = [ssd_dir] if isinstance(ssd_dir, (str, os.PathLike)) else ssd_dir
+            for d in dirs:
+                os.makedirs(d, exist_ok=True)
+            options.update(host_memory_budget=self.host_budget, ssd_dir=[str(d) for d in dirs])
         self.cm = torch.compile(self.model, backend="lohan", options=options)
         self.losses, self.norms, self.peaks, self.ssd = [], [], [], []
 
@@ -96,13 +98,14 @@ class Run:
 
 
 def closed_tier(run):
-    """Closes the run's tier; its SSD folder, which must have held files until then."""
+    """Closes the run's tier; its SSD folders, which must have held data until then."""
     tier = run.opt.state_tier
-    folder = tier.ssd.folder
-    assert os.listdir(folder)
+    folders = tier.ssd.folders
+    assert all(os.listdir(f) for f in folders)
+    assert all(os.path.getsize(f) > 0 for f in tier.ssd.files)
     run.opt.state.clear()
     tier.close()
-    return folder
+    return folders
 
 
 def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp_path):
@@ -119,7 +122,8 @@ def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp
     box = {}
 
     def build():
-        box["run"] = Run(torch.float32, budget, limit, tmp_path / "ssd")
+        # two folders, striped as two drives would be
+        box["run"] = Run(torch.float32, budget, limit, [tmp_path / "nvme0", tmp_path / "nvme1"])
         return box["run"]
 
     def step(run):
@@ -144,8 +148,8 @@ def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp
         final = run.model.state_dict()
         for name, ref in eager_sd.items():
             torch.testing.assert_close(final[name], ref, atol=1e-4, rtol=0, msg=name)
-        folder = closed_tier(run)
-        assert not os.path.exists(folder)  # the SSD files go with the tier
+        folders = closed_tier(run)
+        assert len(folders) == 2 and not any(os.path.exists(f) for f in folders)  # gone with the tier
         # resume from the checkpoint taken after step 2, in a new tier: the last two steps again,
         # bit for bit
         losses = [float(x) for x in run.losses]

@@ -39,7 +39,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -160,12 +160,13 @@ class HostStats:
 
 @dataclass(frozen=True)
 class SSDInfo:
-    folder: str
+    folder: str  # the first private folder
     direct_io: bool
     io_mode: str
     files: tuple[str, ...]
     chunk_bytes: int
     threads: int
+    folders: tuple[str, ...] = ()  # one private folder per ssd_dir folder
 
 
 class CopyEvent:
@@ -194,6 +195,15 @@ _DIRECT = {"auto": -1, False: 0, True: 1}
 _LIVE: "weakref.WeakSet[HostTier]" = weakref.WeakSet()
 
 
+def ssd_folders(ssd_dir: Any) -> list[str]:
+    """``ssd_dir`` (None, one folder, or a list of folders) as a list of paths."""
+    if ssd_dir is None:
+        return []
+    if isinstance(ssd_dir, (str, os.PathLike)):
+        return [os.fspath(ssd_dir)]
+    return [os.fspath(d) for d in ssd_dir]
+
+
 class HostTier:
     """A host memory manager: arenas outside the c10 allocator under a budget,
     an optional SSD tier that blocks spill to, and a copy engine.
@@ -201,7 +211,8 @@ class HostTier:
     Args:
         host_memory_budget: bound on host bytes the arenas may map (bytes or a
             string such as ``"8GiB"``); ``None``: no bound but the OS's.
-        ssd_dir: folder for the SSD tier; a private folder is made inside it.
+        ssd_dir: folder for the SSD tier, or a list of folders (one per drive: blocks are
+            striped over them like a RAID 0); a private folder is made inside each.
         arena_bytes: size of one arena (larger requests get their own).
         alignment: block granule and alignment (a power of two >= 4096).
         pin: register arenas as pinned CUDA memory; ``"auto"``: when CUDA is available.
@@ -218,7 +229,7 @@ class HostTier:
         self,
         host_memory_budget: int | str | None = None,
         *,
-        ssd_dir: str | os.PathLike | None = None,
+        ssd_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         arena_bytes: int | str = "256MiB",
         alignment: int = 4096,
         pin: bool | str = "auto",
@@ -252,7 +263,7 @@ class HostTier:
                 pin,
                 int(copy_threads),
                 parse_bytes(copy_chunk_bytes, name="copy_chunk_bytes"),
-                "" if ssd_dir is None else os.fspath(ssd_dir),
+                ssd_folders(ssd_dir),
                 int(ssd_files),
                 int(ssd_threads),
                 parse_bytes(ssd_chunk_bytes, name="ssd_chunk_bytes"),
@@ -399,6 +410,7 @@ class HostTier:
             files=tuple(info["files"].split("\n")),
             chunk_bytes=int(info["chunk_bytes"]),
             threads=int(info["threads"]),
+            folders=tuple(info["folders"].split("\n")),
         )
 
     def ssd_extent(self, t: torch.Tensor) -> tuple[str, int, int]:
