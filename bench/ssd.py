@@ -10,7 +10,7 @@ host memory, side by side in one process.
    (``oflag=direct`` / ``iflag=direct``, the better of bs=4M and bs=64M) on the same disk,
    interleaved rep by rep, best of --reps. On this machine every folder is on one disk, so
    more folders cannot be faster; on a machine with one folder per drive, give them with
-   ``--dir A --dir B ...``. Gate (issue 23): at least 80% of dd each way, every folder count.
+   ``--dir A --dir B ...``. Gate: at least 80% of dd each way, every folder count.
 2. A LLaMA-style model (hidden 256, 12 layers, vocabulary 1024: 12.3M parameters, 49 MB of fp32
    weights) with ``offload_params=True``, clipping, the device budget half its weights, trained
    in two configurations, one step of each in turn: "host" (no host budget: weights, gradients
@@ -27,6 +27,7 @@ host memory, side by side in one process.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -191,10 +192,12 @@ def train_side_by_side(ssd_dir: Path, steps: int) -> dict:
         # tensor is device memory, and a model not yet compiled holds its weights there
         torch._dynamo.reset()
         hosttier.set_current(None)
+        gc.collect()
+        budget = device.allocated() + weights // 2  # (what the process holds before this model)
         m = model()
         opt = lohan.CPUAdamW(m.parameters(), lr=1e-4, max_grad_norm=1.0)
         options = {"optimizer": opt, "offload_params": True, "executor": "fx", "tune_plans": False,
-                   "memory_budget": device.allocated() + weights // 2}
+                   "memory_budget": budget}
         if name == "ssd":
             options.update(host_memory_budget=(weights + moments) // 4, ssd_dir=str(ssd_dir))
         cm = torch.compile(m, backend="lohan", options=options)

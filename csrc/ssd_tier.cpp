@@ -360,9 +360,11 @@ void SsdTier::open_files(const std::vector<int>& folder_fds) {
       if (ftruncate(fds_[f], 0) != 0) { /* the probe block is reused as space anyway */ }
     }
     munmap(probe, kAlign);
-    if (!direct_)
-      for (int fd : fds_) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT);
   }
+  // buffered on every file once one folder refused direct I/O (files opened before it have
+  // O_DIRECT set, which unaligned buffered I/O cannot use)
+  if (!direct_)
+    for (int fd : fds_) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT);
   if (!direct_ && opts_.direct == 1)
     storage_error("direct I/O was required (direct_io=True) but " + why +
                       ". Use direct_io='auto' to fall back to buffered I/O.",

@@ -9,7 +9,7 @@ import torch
 
 import lohan_compile as lohan
 from lohan_compile.measure import measure_device_peak
-from lohan_compile.runtime import hosttier, stream
+from lohan_compile.runtime import device, hosttier, offload, stream
 from test_offload import eager_reference, lm_loss
 from test_stream_params import budget_for, weight_bytes
 
@@ -47,8 +47,9 @@ def clip_limit(data):
 
 
 class Run:
-    """A lohan run of ``deep_llama(dtype)`` with offload_params; ``host``: the host budget and
-    SSD folder (None: everything in host memory)."""
+    """A lohan run of ``deep_llama(dtype)`` with offload_params; with ``ssd_dir`` (a folder or
+    a list), the host budget a quarter of the weights and moments (else everything in host
+    memory); ``checkpoint``: a file to resume from."""
 
     def __init__(self, dtype, budget, limit, ssd_dir=None, checkpoint=None):
         self.model = deep_llama(dtype)
@@ -86,7 +87,13 @@ class Run:
     def check_beyond_host(self, budget):
         """Both budgets held every step; the SSD holds most of the state between steps."""
         model, tier = self.model, self.opt.state_tier
+        runtime = offload.runtime_of(self.opt)
+        assert runtime.beyond_host
         assert weight_bytes(model) + moment_bytes(model) >= 4 * self.host_budget
+        self.opt.synchronize()
+        # between steps, staging holds at most the reserve (the last update's state, not yet
+        # written back): no gradient or weight stayed in a staging block
+        assert tier.stats().staging_in_use_bytes <= runtime.reserve
         assert max(p for p, _ in self.peaks) <= budget, (self.peaks, budget)
         assert max(h for _, h in self.peaks) <= self.host_budget, (self.peaks, self.host_budget)
         assert tier.stats().peak_in_use_bytes <= self.host_budget
@@ -115,9 +122,9 @@ def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp
     le, ne = eager_reference(eager, data, lm_loss, lr=1e-3, max_grad_norm=limit)
     eager_sd = {k: v.clone() for k, v in eager.state_dict().items()}
     del eager
-    budget = budget_for(deep_llama, 0.5)
-    held = budget - weight_bytes(deep_llama()) // 2
     torch._dynamo.reset()
+    held = device.allocated()  # (on the CPU stand-in, what the process holds counts too)
+    budget = budget_for(deep_llama, 0.5)
     previous = hosttier.current_if_set()
     box = {}
 
@@ -186,8 +193,8 @@ def test_bf16_weights_beyond_host_memory_train_bitwise_as_in_host_memory(tmp_pat
         del ref
         torch._dynamo.reset()
         hosttier.set_current(None)
-        budget = budget_for(make, 0.5)  # (beside the reference's weights, held here)
-        held = budget - weight_bytes(make()) // 2
+        held = device.allocated()  # (the reference's final weights, among others)
+        budget = budget_for(make, 0.5)
         run = Run(torch.bfloat16, budget, limit, tmp_path)
         for ids in data:
             run.step(ids)

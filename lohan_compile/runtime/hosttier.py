@@ -329,11 +329,14 @@ class HostTier:
         """An SSD-resident tensor of this tier (no host memory behind it)."""
         return t.numel() > 0 and t.data_ptr() == 0 and self.location(t) == "ssd"
 
-    def in_memory(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` itself, or for an SSD-resident ``t`` a host-memory copy of it (read now)."""
+    def in_memory(self, t: torch.Tensor, *, where: str = "staging") -> torch.Tensor:
+        """``t`` itself, or for an SSD-resident ``t`` a host-memory copy of it, read now into a
+        staging block (``where="host"``: a block that is to stay). The block is read as it is
+        on disk: an optimizer's state tensor whose write-back may be pending is read through
+        ``CPUAdamW.read_state`` instead."""
         if not self.is_on_ssd(t):
             return t
-        out = self.empty_like(t, where="staging")
+        out = self.empty_like(t, where=where)
         self.copy_(out, t).wait()
         return out
 

@@ -132,8 +132,8 @@ def _after_load(module: torch.nn.Module, incompatible_keys: Any) -> None:
     for _, p in _managed(module):
         s = stream.lookup(p)
         if s is not None and id(s) in fetched:
-            value = p.detach().clone()  # (the device's copy goes: the value stays for the optimizer)
-            s.set_value(value)  # what the next fetch reads
+            s.set_value(p.detach())  # what the next fetch reads
+            value = s.value()  # (a host copy for the optimizer's master: the device's copy goes)
             s.release()
         elif s is not None:
             value = s.value() if not s.resident else p.detach()

@@ -78,8 +78,8 @@ def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
 def _grads_ready_impl(host_bucket: torch.Tensor, keys: list[int]) -> None:
     # a bucket of small gradients, flattened in ``keys`` order: each gets its slice (of memory:
     # an SSD block is read whole)
-    if keys:
-        host_bucket = runtime_for(keys[0]).tier.in_memory(host_bucket)
+    if keys:  # (into a block that stays: its slices are the step's gradients, not staging)
+        host_bucket = runtime_for(keys[0]).tier.in_memory(host_bucket, where="host")
     offset = 0
     for key in keys:
         runtime = runtime_for(key)
@@ -468,8 +468,16 @@ class OffloadRuntime:
                     if budget < needed:
                         raise _too_small(budget, needed, "an update stages its parameter's gradient, "
                                          "optimizer state and weight in host memory")
+                    if any(p.device.type == "cuda" for p in _params_of(opt)):
+                        # swap_out does not spill CUDA tensors to SSD: every gradient leaving
+                        # the GPU needs host memory, which this budget does not have
+                        raise HostMemoryError(
+                            f"host_memory_budget={format_bytes(budget)} is below what a step's gradients "
+                            f"and weight buffers need in host memory ({format_bytes(host_reserve_bytes(opt))}); "
+                            "keeping them on SSD instead is not implemented for CUDA parameters yet. Raise "
+                            "host_memory_budget to at least that")
                     self.beyond_host = True
-                    self.reserve = sum(_staging_blocks(opt))
+                    self.reserve = needed  # (the staging blocks as the arena packs them)
                     # the graph's blocks (swapped activations, gradients on their way out) go to
                     # SSD rather than take that room
                     tier.set_spill_reserve(max(tier.spill_reserve, self.reserve))
@@ -983,7 +991,7 @@ class OffloadRuntime:
             # reads it flat, in the parameter's order (host-tier memory, not the device's)
             host_grad = self._kept(tier.in_memory(host_grad))
         if key in st.grads:
-            total = tier.in_memory(st.grads[key])
+            total = tier.in_memory(st.grads[key], where="host")  # (the sum stays: not staging)
             total.add_(tier.in_memory(host_grad))
             st.grads[key] = self._kept(total) if tier.is_on_ssd(st.grads[key]) else total
         elif self.accumulating and host_grad.dtype != torch.float32:
@@ -1197,7 +1205,11 @@ class OffloadRuntime:
                     st.weight_out.pop(key, None)
                     buf = self._weight_out(key)
                     buf.copy_(self._master_value(key))
-                    st.copies.append(self.tier.copy_(self.params[key].detach(), buf))
+                    copy = self.tier.copy_(self.params[key].detach(), buf)
+                    if self.beyond_host:
+                        copy.wait()  # (buf is staging: one at a time)
+                    else:
+                        st.copies.append(copy)
             st.written.discard(key)
             if restore_weights:
                 st.weights_changed.discard(key)
@@ -1227,6 +1239,11 @@ class OffloadRuntime:
                                    weights_out=outs, groups=groups)
             for k, out in zip(batch, outs):
                 self._weight_written(st, k, out)
+                if self.beyond_host:
+                    # its staged weight leaves now where backward is done with the weight
+                    # (the staging reserve holds two updates' outputs, not all of them)
+                    st.updated.add(k)
+                    self._writeback(k, st)
         end = time.perf_counter()
         if self.opt.state_tier is not None:
             self._read_ahead(keys)
@@ -1264,13 +1281,13 @@ class OffloadRuntime:
                 return
             out = st.weight_out.pop(key, None)
             copy = self.tier.copy_(self.params[key].detach(), self.weight_bufs[key] if out is None else out)
-            if self.beyond_host:
-                # its buffer is staging, which holds one update's: free it now (the copy keeps
-                # it alive until waited for; the device's weight is the parameter, not freed)
-                copy.wait()
+            if not self.beyond_host:
+                st.copies.append(copy)
+                st.copy_of[key] = copy
                 return
-            st.copies.append(copy)
-            st.copy_of[key] = copy
+        # beyond host memory its buffer is staging, which holds two updates' outputs: freed once
+        # copied (waited outside the lock, which backward's weight_ready takes)
+        copy.wait()
 
     def _wait_copies(self) -> None:
         for ev in self.state.copies:

@@ -170,8 +170,8 @@ class _Staged:
 
     def wait(self) -> None:
         self.read.wait()
-        # (the staging buffer lives until the upload is done: the event keeps it)
         self.tier.copy_(self.target, self.staging).wait()
+        self.staging = None
 
 
 # re-entrant: a collection while it is held may run ``drop`` (a weakref callback) on this thread
