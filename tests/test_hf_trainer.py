@@ -314,6 +314,7 @@ def test_weights_and_state_beyond_host_memory_train_as_the_trainer(tmp_path):
     eager_weights = load_file(str(tmp_path / "eager" / "checkpoint-4" / "model.safetensors"))
     (tmp_path / "ssd").mkdir()
     opts = {"memory_budget": budget_for(deep_llama, 0.5), "offload_params": True, "executor": "fx",
+            "tune_plans": False,
             "host_memory_budget": host_budget_for(base), "ssd_dir": str(tmp_path / "ssd")}
     logs, eval_loss = train(copy.deepcopy(base), tmp_path / "lohan", max_grad_norm=limit, eval_data=eval_data,
                             lohan_options=opts, **run)

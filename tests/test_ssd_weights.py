@@ -1,6 +1,7 @@
 """Beyond host memory: streamed weights, gradients and optimizer state on SSD, the host tier a
 bounded staging area in front of it. Weights twice the device budget, weights and moments four
-times the host budget: exact AdamW with clipping, both budgets held, resume bit-exact."""
+times the host budget: exact AdamW with clipping, both budgets held, a checkpoint resumed bit
+for bit."""
 
 import os
 
@@ -63,7 +64,9 @@ class Run:
             # the loaded optimizer state is in torch's CPU memory until compiling moves it to the
             # host tier: on the CPU stand-in, device bytes the first plan must hold beside the step
             budget = budget_for(deep_llama, 0.5)
-        options = {"optimizer": self.opt, "memory_budget": budget, "offload_params": True, "executor": "fx"}
+        # (no plan trials: they time other plans in later steps, which this test does not check)
+        options = {"optimizer": self.opt, "memory_budget": budget, "offload_params": True, "executor": "fx",
+                   "tune_plans": False}
         if ssd_dir is not None:
             dirs = [ssd_dir] if isinstance(ssd_dir, (str, os.PathLike)) else ssd_dir
             for d in dirs:
@@ -115,7 +118,7 @@ def closed_tier(run):
     return folders
 
 
-def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp_path):
+def test_fp32_state_beyond_host_memory_trains_as_adamw(tmp_path):
     data = batches(4)
     limit = clip_limit(data)
     eager = deep_llama()
@@ -140,9 +143,6 @@ def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp
         # two steps under the profiler; every step's peak by lohan's own counter (run.peaks)
         peak = measure_device_peak(build, step, steps=2)
         run = box["run"]
-        # a checkpoint, to disk and gone (on the CPU stand-in, tensors held between steps are
-        # device bytes), then the last two steps
-        torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict()}, tmp_path / "ckpt.pt")
         for ids in data[2:]:
             run.step(ids)
         assert weight_bytes(run.model) >= 2 * (budget - held)
@@ -157,28 +157,16 @@ def test_fp32_state_beyond_host_memory_trains_as_adamw_and_resumes_bit_exact(tmp
             torch.testing.assert_close(final[name], ref, atol=1e-4, rtol=0, msg=name)
         folders = closed_tier(run)
         assert len(folders) == 2 and not any(os.path.exists(f) for f in folders)  # gone with the tier
-        # resume from the checkpoint taken after step 2, in a new tier: the last two steps again,
-        # bit for bit
-        losses = [float(x) for x in run.losses]
-        del run, box["run"]
-        torch._dynamo.reset()
-        hosttier.set_current(None)
-        again = Run(torch.float32, None, limit, tmp_path / "ssd2", checkpoint=tmp_path / "ckpt.pt")
-        for ids in data[2:]:
-            again.step(ids)
-        assert [float(x) for x in again.losses] == losses[2:]
-        resumed = again.model.state_dict()
-        for name, t in final.items():
-            assert torch.equal(resumed[name], t), name
-        closed_tier(again)
     finally:
         torch._dynamo.reset()
         hosttier.set_current(previous)
 
 
-def test_bf16_weights_beyond_host_memory_train_bitwise_as_in_host_memory(tmp_path):
-    """bf16 weights, fp32 masters: the same steps as a run whose state all fits in host memory,
-    bit for bit (the two differ only in where the state lives)."""
+def test_bf16_weights_beyond_host_memory_resume_bitwise_in_host_memory(tmp_path):
+    """bf16 weights, fp32 masters: a checkpoint saved after step 1 of a run beyond host memory
+    (weights and state read back from SSD), resumed by a run whose state all fits in host
+    memory, repeats steps 2 and 3 bit for bit: the checkpoint is whole, and where the state
+    lives changes nothing."""
     data = batches(3)
     limit = clip_limit(data)
     make = lambda: deep_llama(torch.bfloat16)  # noqa: E731
@@ -186,26 +174,29 @@ def test_bf16_weights_beyond_host_memory_train_bitwise_as_in_host_memory(tmp_pat
     try:
         torch._dynamo.reset()
         hosttier.set_current(None)
-        ref = Run(torch.bfloat16, budget_for(make, 0.5), limit)
-        for ids in data:
-            ref.step(ids)
-        ref_losses, ref_sd = [float(x) for x in ref.losses], ref.model.state_dict()
-        del ref
-        torch._dynamo.reset()
-        hosttier.set_current(None)
-        held = device.allocated()  # (the reference's final weights, among others)
+        held = device.allocated()
         budget = budget_for(make, 0.5)
-        run = Run(torch.bfloat16, budget, limit, tmp_path)
-        for ids in data:
+        run = Run(torch.bfloat16, budget, limit, tmp_path / "ssd")
+        run.step(data[0])
+        # to disk and gone (on the CPU stand-in, tensors held between steps are device bytes)
+        torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict()}, tmp_path / "ckpt.pt")
+        for ids in data[1:]:
             run.step(ids)
         assert weight_bytes(run.model) >= 2 * (budget - held)
         run.check_beyond_host(budget)
-        assert [float(x) for x in run.losses] == ref_losses
-        final = run.model.state_dict()
-        for name, t in ref_sd.items():
-            assert final[name].dtype == torch.bfloat16 or "norm" in name, name
-            assert torch.equal(final[name], t), name
+        losses, final = [float(x) for x in run.losses], run.model.state_dict()
+        assert all(t.dtype == torch.bfloat16 or "norm" in name for name, t in final.items())
         closed_tier(run)
+        del run
+        torch._dynamo.reset()
+        hosttier.set_current(None)
+        resumed = Run(torch.bfloat16, None, limit, checkpoint=tmp_path / "ckpt.pt")
+        for ids in data[1:]:
+            resumed.step(ids)
+        assert [float(x) for x in resumed.losses] == losses[1:]
+        again = resumed.model.state_dict()
+        for name, t in final.items():
+            assert torch.equal(again[name], t), name
     finally:
         torch._dynamo.reset()
         hosttier.set_current(previous)
