@@ -202,6 +202,12 @@ class Report:
     engine_base: tuple[int, int] | None = None  # copy-engine counters when the step began
     d2h_bytes: int = 0
     h2d_bytes: int = 0
+    # the SSD tier's reads and writes since the step before ended: the windows of consecutive
+    # steps meet, so traffic between them (a deferred update runs after step() returned) counts
+    # once, in the later step
+    ssd_base: tuple[int, int] = (0, 0)
+    ssd_read_bytes: int = 0
+    ssd_write_bytes: int = 0
     measured_peak_bytes: int | None = None
     host_peak_bytes: int | None = None
     optimizer_events: list = field(default_factory=list)  # offload runtime events of this step
@@ -271,6 +277,8 @@ class Report:
             "host_peak_bytes": self.host_peak_bytes if measured else None,
             "d2h_bytes": self.d2h_bytes if measured else None,
             "h2d_bytes": self.h2d_bytes if measured else None,
+            "ssd_read_bytes": self.ssd_read_bytes if measured else None,
+            "ssd_write_bytes": self.ssd_write_bytes if measured else None,
             "measured_step_s": self.step_seconds if measured else None,
             "graphs": len(self.graphs),
             # policy "auto": which of its plans each graph runs ("partition/family"), and the

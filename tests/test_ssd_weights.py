@@ -73,7 +73,7 @@ class Run:
                 os.makedirs(d, exist_ok=True)
             options.update(host_memory_budget=self.host_budget, ssd_dir=[str(d) for d in dirs])
         self.cm = torch.compile(self.model, backend="lohan", options=options)
-        self.losses, self.norms, self.peaks, self.ssd = [], [], [], []
+        self.losses, self.norms, self.peaks, self.ssd, self.traffic = [], [], [], [], []
 
     def step(self, ids):
         loss = lm_loss(self.cm, ids)
@@ -84,6 +84,7 @@ class Run:
         self.norms.append(self.opt.last_grad_norm)
         summary = lohan.last_report().summary()
         self.peaks.append((summary["measured_peak_bytes"], summary["host_peak_bytes"]))
+        self.traffic.append((summary["ssd_read_bytes"], summary["ssd_write_bytes"]))
         if self.opt.state_tier is not None:
             self.ssd.append(self.opt.state_tier.stats().ssd_in_use_bytes)
 
@@ -105,6 +106,9 @@ class Run:
         assert on_ssd >= 0.5 * sum(s.nbytes for s in streamed), on_ssd
         state = weight_bytes(model) + moment_bytes(model)
         assert min(self.ssd) >= state // 2, (self.ssd, state)  # (after every step, not just once)
+        # the report counts the SSD traffic of each step: the state on SSD is read and written
+        for read, written in self.traffic[1:]:
+            assert read >= state // 2 and written >= state // 2, (self.traffic, state)
 
 
 def closed_tier(run):

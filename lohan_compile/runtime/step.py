@@ -74,6 +74,15 @@ def _engine_bytes() -> tuple[int, int]:
     return moved["d2h_bytes"], moved["h2d_bytes"]
 
 
+def _ssd_bytes() -> tuple[int, int]:
+    """Bytes the SSD tier has read and written, process-wide (counted by its I/O threads)."""
+    ht = _hosttier()
+    if ht is None:
+        return (0, 0)
+    moved = ht.bytes_moved()
+    return moved["ssd_read_bytes"], moved["ssd_write_bytes"]
+
+
 _recording = False
 
 
@@ -151,6 +160,10 @@ class StepTracker:
         self._lock = threading.RLock()
         self._last: Report | None = None
         self._extra_at_end = (0, 0)
+        # the SSD tier's counters when the last step ended: a step's SSD traffic runs from there
+        # (a deferred update reads and writes its state after step() returned, before the next
+        # forward)
+        self._ssd_mark = _ssd_bytes()
         self._finished_participants: list = []
         self._open_step()
 
@@ -338,11 +351,13 @@ class StepTracker:
                 h2d_bytes=self.h2d_bytes + h2d - self._engine_base[1],
                 host_peak_bytes=_host_peak(),
                 measured_peak_bytes=device_memory.peak(self._device) + uncounted,
+                ssd_base=self._ssd_mark,
                 copy_events=_copy_spans(self._step_start),
                 memory_timeline=_memory_timeline(self._device, self._step_start),
                 uncounted_bytes=uncounted,
             )
             self._open_step()
+        self._ssd_counted(self._last)
         # weakly: a finished step must not keep an optimizer (and its parameters) alive
         self._finished_participants = [weakref.ref(r) for r in participants]
         # outside the lock (it may submit work), once autograd has finished the whole backward
@@ -391,7 +406,14 @@ class StepTracker:
             d2h, h2d = _engine_bytes()
             report.d2h_bytes = self._extra_at_end[0] + d2h - report.engine_base[0]
             report.h2d_bytes = self._extra_at_end[1] + h2d - report.engine_base[1]
+        self._ssd_counted(report)
         self._write_dump(report)
+
+    def _ssd_counted(self, report: Report) -> None:
+        """The SSD tier's reads and writes from the end of the step before ``report``'s to now."""
+        read, written = self._ssd_mark = _ssd_bytes()
+        report.ssd_read_bytes = read - report.ssd_base[0]
+        report.ssd_write_bytes = written - report.ssd_base[1]
 
     def reset(self) -> None:
         with self._lock:
