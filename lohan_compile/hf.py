@@ -193,9 +193,9 @@ def _check_trainer(trainer: Any) -> None:
     precision = trainer.accelerator.mixed_precision
     if args.fp16 or precision == "fp16":
         refused.append(
-            "fp16=True: fp16 needs loss scaling, and a GradScaler cannot see gradients that leave the "
-            "device during backward (CPUAdamW does not scale losses yet). Use bf16=True (autocast, "
-            "no scaling), or load the model in bfloat16 (CPUAdamW keeps fp32 master weights)"
+            "fp16=True: the Trainer's loss scaling through accelerate is not supported with lohan yet. "
+            "Use bf16=True (autocast, no scaling), or load the model in bfloat16 (CPUAdamW keeps fp32 "
+            "master weights); a training loop of your own can use torch.amp.GradScaler with CPUAdamW"
         )
     elif precision not in ("no", "bf16"):
         refused.append(f"mixed_precision={precision!r} (lohan trains fp32 or bf16 autocast: use bf16=True)")

@@ -373,13 +373,15 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
             with torch.enable_grad():
                 loss = closure()
         runtime = self.__dict__.get("_lohan_offload")
+        # the inverse of the loss scale the gradients carry: set by GradScaler.step (runtime.amp)
+        inv_scale = self.__dict__.get("_inv_loss_scale", 1.0)
         if runtime is not None and runtime.in_step():
-            runtime.step()  # the gradients were offloaded during backward
+            runtime.step(inv_scale)  # the gradients were offloaded during backward
             return loss
         if runtime is not None and runtime.shared:
             # data parallel: this rank updates none of the parameters whose gradients came, yet
             # it takes part in the step's exchanges, as every rank must
-            runtime.step_without_gradients()
+            runtime.step_without_gradients(inv_scale)
             return loss
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
@@ -401,7 +403,14 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
             self.last_grad_norm = 0.0 if self.max_grad_norm is not None else None
             return loss
         grad_scale = 1.0
-        if self.max_grad_norm is not None:
+        if inv_scale != 1.0:
+            # loss-scaled: unscaled in the update, skipped on an inf or NaN (as GradScaler does)
+            stats = _ops().grad_stats(grads, isa=self.isa, num_threads=self._threads())
+            self.last_grad_norm, clip = self.clip_coefficient(stats.sumsq * inv_scale * inv_scale)
+            self.found_inf = stats.nonfinite
+            if not stats.nonfinite:
+                self._update(params, grads, [None] * len(params), clip * inv_scale)
+        elif self.max_grad_norm is not None:
             stats = _ops().grad_stats(grads, isa=self.isa, num_threads=self._threads())
             self.last_grad_norm, grad_scale = self.clip_coefficient(stats.sumsq)
             stats = self._update(params, grads, [None] * len(params), grad_scale)

@@ -239,18 +239,55 @@ def test_clip_grad_norm_on_offloaded_parameters_raises_instead_of_doing_nothing(
     assert torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0) > 0
 
 
-def test_a_grad_scaler_around_an_offloading_optimizer_raises_and_says_what_to_do():
+def test_fp16_loss_scaling_with_a_grad_scaler_equals_grad_scaler_and_adamw_through_overflows():
+    """torch's GradScaler around an offloading CPUAdamW (fp16 autocast, clipping): the same
+    losses, scales, skipped steps, norms and weights as GradScaler + clip_grad_norm_ + AdamW in
+    eager, through steps whose scaled gradients overflow fp16."""
     torch.manual_seed(0)
-    model = MLP()
-    opt = lohan.CPUAdamW(model.parameters(), lr=1e-2)
-    cm = torch.compile(model, backend="lohan", options={"optimizer": opt})
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(F.mse_loss(cm(torch.randn(4, 32)), torch.randn(4, 8))).backward()
-    for call in (scaler.unscale_, scaler.step):
-        with pytest.raises(lohan.LohanError, match="skip_nonfinite"):
-            call(opt)
-    opt.zero_grad()  # the step is dropped, as it would be in eager
-    # a scaler around another optimizer keeps working
+    data = [(torch.randn(4, 32, generator=torch.Generator().manual_seed(i)),
+             torch.randn(4, 8, generator=torch.Generator().manual_seed(100 + i))) for i in range(8)]
+    # 2**24 overflows fp16 in backward; the scale backs off by 4 until it fits, then doubles
+    # after every step that fits, until it overflows again
+    scaler_args = dict(init_scale=2.0 ** 24, backoff_factor=0.25, growth_interval=1)
+    limit = 0.5
+
+    def train(model, opt, scaler, clip, norm):
+        losses, scales, norms = [], [], []
+        for x, t in data:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.mse_loss(model(x), t)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            clip(model)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+            scales.append(scaler.get_scale())
+            norms.append(norm())
+        return losses, scales, norms
+
+    eager = MLP()
+    reference = copy.deepcopy(eager)
+    eager_opt = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.01)
+    eager_norms = []
+    le, se, ne = train(eager, eager_opt, torch.amp.GradScaler("cpu", **scaler_args),
+                       lambda m: eager_norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), limit))),
+                       lambda: eager_norms[-1])
+    opt = lohan.CPUAdamW(reference.parameters(), lr=1e-2, weight_decay=0.01, max_grad_norm=limit)
+    cm = torch.compile(reference, backend="lohan", options={"optimizer": opt})
+    lo, so, no = train(cm, opt, torch.amp.GradScaler("cpu", **scaler_args), lambda m: None,
+                       lambda: opt.last_grad_norm)
+    backed_off = [b < a for a, b in zip([scaler_args["init_scale"]] + se, se)]
+    assert backed_off[0] and sum(backed_off) >= 3 and not all(backed_off)  # overflows, and steps taken
+    assert so == se
+    assert lo == pytest.approx(le, abs=1e-4)
+    steps = [i for i, skipped in enumerate(backed_off) if not skipped]
+    assert [no[i] for i in steps] == pytest.approx([ne[i] for i in steps], rel=1e-4)
+    opt.synchronize()  # (deferred updates: raw reads of the parameters wait for them)
+    for a, b in zip(eager.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # a scaler around another optimizer keeps working as torch's
     other = MLP()
     other_opt = torch.optim.AdamW(other.parameters())
     scaler2 = torch.amp.GradScaler("cpu")

@@ -68,7 +68,7 @@ import torch
 from .. import ops
 from ..errors import HostMemoryError, LohanError
 from ..units import format_bytes
-from . import hosttier, keys, stream
+from . import amp, hosttier, keys, stream
 from .step import TRACKER, after_backward
 
 def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
@@ -175,36 +175,31 @@ def _guard_grad_utility(name: str, fn: Callable) -> Callable:
     return guarded
 
 
-def _guard_grad_scaler(name: str, fn: Callable) -> Callable:
-    """GradScaler unscales and checks ``param.grad``; with offloaded gradients it would find
-    none (and fail with an opaque assertion, or step without its inf check): say what to do."""
+def _scaled_step(name: str, fn: Callable) -> Callable:
+    """GradScaler unscales and checks ``param.grad``: for an optimizer whose gradients lohan
+    offloads, ``unscale_`` and ``step`` go through ``runtime.amp`` (the optimizer unscales and
+    checks them itself)."""
     import functools
 
     @functools.wraps(fn)
-    def guarded(self, optimizer, *args, **kwargs):
-        if getattr(optimizer, "_offloaded", None) and self.is_enabled():
-            raise LohanError(
-                f"GradScaler.{name}() reads param.grad, but lohan offloads this optimizer's gradients "
-                "during backward (param.grad stays None). CPUAdamW checks gradients itself: with "
-                "skip_nonfinite=True (the default) a step with an inf or NaN gradient is skipped, as "
-                "GradScaler would; train in bfloat16 (torch.autocast(..., dtype=torch.bfloat16)), "
-                "which needs no loss scaling, or drop the GradScaler."
-            )
+    def routed(self, optimizer, *args, **kwargs):
+        if getattr(optimizer, "_offloaded", None):
+            return getattr(amp, name)(self, optimizer, *args, **kwargs)
         return fn(self, optimizer, *args, **kwargs)
 
-    return guarded
+    return routed
 
 
 def install_guards() -> None:
-    """Wrap torch's gradient utilities (``clip_grad_norm_``, ``clip_grad_value_``,
-    ``GradScaler.unscale_``/``step``) so that on offloaded gradients they raise and say what to
-    use instead. Idempotent; called when the first offload runtime is made."""
+    """Wrap torch's gradient utilities so that on offloaded gradients ``clip_grad_norm_`` and
+    ``clip_grad_value_`` raise and say what to use instead, and ``GradScaler.unscale_``/``step``
+    work (``runtime.amp``). Idempotent; called when the first offload runtime is made."""
     from torch.amp.grad_scaler import GradScaler
 
     for name in ("unscale_", "step"):
         original = getattr(GradScaler, name)
         if not getattr(original, "_lohan_guard", False):
-            guarded = _guard_grad_scaler(name, original)
+            guarded = _scaled_step(name, original)
             guarded._lohan_guard = True
             setattr(GradScaler, name, guarded)
 
@@ -504,6 +499,7 @@ class OffloadRuntime:
         # later use refuses until a checkpoint is loaded (opt.load_state_dict)
         self.failed: str | None = None
         self.recent_clips: collections.deque = collections.deque(maxlen=10)  # steps that clipped or skipped
+        self.loss_scaled = False  # a step's gradients carried a loss scale (GradScaler): defer updates
         # overlap="auto" measures both designs: seconds between consecutive step() returns, per design
         self.step_intervals: dict[str, collections.deque] = {
             "speculative": collections.deque(maxlen=5), "deferred": collections.deque(maxlen=5)}
@@ -603,7 +599,7 @@ class OffloadRuntime:
                              "cannot receive the update. Pass offload_params=True (then every rank updates "
                              "every parameter) or offload_params=False.")
 
-    def step_without_gradients(self) -> None:
+    def step_without_gradients(self, inv_scale: float = 1.0) -> None:
         """``opt.step()`` on a rank that took no gradient this step (it updates none of the
         parameters whose gradients came): the exchanges every rank's step makes, with nothing of
         its own (a zero norm, no updated weight to send)."""
@@ -613,7 +609,7 @@ class OffloadRuntime:
             self._global_grad_stats(st)
             self._broadcast_weights()
         opt = self.opt
-        opt.last_grad_norm = opt.clip_coefficient(st.sumsq)[0]
+        opt.last_grad_norm = opt.clip_coefficient(st.sumsq * inv_scale * inv_scale)[0]
         opt.found_inf = st.nonfinite
         TRACKER.optimizer_step_done()
 
@@ -846,13 +842,16 @@ class OffloadRuntime:
     def in_step(self) -> bool:
         return self.state.active
 
-    def step(self) -> None:
+    def step(self, inv_scale: float = 1.0) -> None:
         """Finish the step: wait, clip or skip, redo what must be redone, write weights back.
-        All or nothing for Ctrl-C: a SIGINT arriving meanwhile is raised when the step is done."""
+        ``inv_scale``: the inverse of the loss scale the gradients carry (``runtime.amp``): they
+        are unscaled in the update, the norm is theirs unscaled, and an inf or NaN skips the
+        step. All or nothing for Ctrl-C: a SIGINT arriving meanwhile is raised when the step is
+        done."""
         with CtrlCDeferred():
-            self._step()
+            self._step(inv_scale)
 
-    def _step(self) -> None:
+    def _step(self, inv_scale: float) -> None:
         self.check_usable()
         st = self.state
         if self.accumulating:
@@ -867,10 +866,14 @@ class OffloadRuntime:
         opt = self.opt
         if self.shared:
             self._global_grad_stats(st)
-        norm, coef = opt.clip_coefficient(st.sumsq)
-        skip = st.nonfinite and opt.skip_nonfinite
+        norm, clip = opt.clip_coefficient(st.sumsq * inv_scale * inv_scale)
+        coef = clip * inv_scale  # (one multiplication of each gradient unscales and clips it)
+        skip = st.nonfinite and (opt.skip_nonfinite or inv_scale != 1.0)
+        if inv_scale != 1.0:
+            # speculative updates ran unscaled: every one would be redone
+            self.loss_scaled = True
         design = "speculative" if self._speculative() else "deferred"  # fixed for this step
-        self.recent_clips.append(skip or coef != 1.0)
+        self.recent_clips.append(skip or clip != 1.0)
         try:
             if skip:
                 self._rollback(set(st.speculative), restore_weights=True)
@@ -1088,6 +1091,8 @@ class OffloadRuntime:
             return mode == "speculative"
         if len(self.recent_clips) >= 3 and sum(self.recent_clips) > 0.3 * len(self.recent_clips):
             return False
+        if self.loss_scaled:
+            return False  # every speculative update would be redone with the loss scale
         if not self._may_roll_back():
             return True  # updates are final as they run: overlapping backward costs nothing extra
         stats = self.tier.stats()
