@@ -34,10 +34,9 @@ from lohan_compile.graph.fxutil import aliased_input, storage_base, tensor_val
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.shapes import nbytes_hint
+from lohan_compile.plan.state import STREAM_MIN_BYTES
 
 NAME = "stream_params"
-
-STREAM_MIN_BYTES = 64 * 1024
 
 
 def streamed_elsewhere(fw: fx.GraphModule, facts: CompileFacts) -> dict[int, int]:

@@ -54,13 +54,13 @@ def program_for(
         d = plan_decisions[c.key]
         if d.action is Action.SWAP:
             out, inn = Transfer("swap_out", c.key), Transfer("swap_in", c.key)
-            at("swap_out", c.produced_at, Issue(out, "d2h", c.bytes * rates.d2h_seconds_per_byte),
+            at("swap_out", c.produced_at, Issue(out, "d2h", c.bytes * rates.d2h_seconds_per_byte, nbytes=c.bytes),
                Alloc(f"host:{c.key}", c.bytes, "host"))
             release = max(d.release_at if d.release_at is not None else c.last_fw_use, c.last_fw_use)
             at("release", release, Wait(out), Free(c.key))
             prefetch = min(d.prefetch_at if d.prefetch_at is not None else first_use[c.key], first_use[c.key])
             at("prefetch", prefetch, Alloc(f"dev:{c.key}", c.bytes),
-               Issue(inn, "h2d", c.bytes * rates.h2d_seconds_per_byte))
+               Issue(inn, "h2d", c.bytes * rates.h2d_seconds_per_byte, nbytes=c.bytes))
             at("wait", first_use[c.key], Wait(inn), Free(f"host:{c.key}"))
             at("free", c.last_bw_use, Free(f"dev:{c.key}"))
         elif d.action is Action.RECOMPUTE:
@@ -83,13 +83,13 @@ def program_for(
     # streamed parameters share the h2d link with swap-ins
     for f in problem.fetches:
         issue = min(f.issue_at if f.issue_at is not None else f.first_use, f.first_use)
-        at("prefetch", issue, Alloc(f.key, f.bytes), Issue(Transfer("fetch", f.key), "h2d", f.bytes * rates.h2d_seconds_per_byte))
+        at("prefetch", issue, Alloc(f.key, f.bytes), Issue(Transfer("fetch", f.key), "h2d", f.bytes * rates.h2d_seconds_per_byte, nbytes=f.bytes))
         at("wait", f.first_use, Wait(Transfer("fetch", f.key)))
         at("free", f.last_use, Free(f.key))
 
     # a data-parallel step's collectives on the link between the devices, in issue order
     for c in problem.collectives:
-        at("swap_out", c.issue_at, Issue(Transfer("reduce", c.key), "net", c.bytes * rates.net_seconds_per_byte))
+        at("swap_out", c.issue_at, Issue(Transfer("reduce", c.key), "net", c.bytes * rates.net_seconds_per_byte, nbytes=c.bytes))
         at("wait", c.wait_at, Wait(Transfer("reduce", c.key)))
 
     for i, op in enumerate(problem.ops):

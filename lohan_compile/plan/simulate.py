@@ -53,6 +53,7 @@ class Issue:
     queue: str
     seconds: float  # time the item takes on its queue with nothing beside it
     after: tuple[Hashable, ...] = ()  # items that must complete before this one starts
+    nbytes: int = 0  # bytes it moves over its link (0: work that moves none, such as an update)
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUES:
@@ -113,13 +114,21 @@ class Timeline:
     peaks: dict[str, int]  # tier -> highest bytes in use
     curves: dict[str, list[tuple[float, int]]]  # tier -> (time, bytes in use) after each change
     peak_at: dict[str, float]  # tier -> first time the peak was reached
+    moved: dict[str, int] = field(default_factory=dict)  # queue -> bytes its items moved
 
     @property
     def exposed_seconds(self) -> float:
         return sum(self.exposed.values())
 
     def busy(self, resource: str) -> float:
-        return sum(i.end - i.start for i in self.intervals if i.resource == resource)
+        """Seconds ``resource`` was busy: the union of its items' intervals (an item that became
+        ready first but was overtaken by one ready earlier in the queue spans the other's)."""
+        total, end = 0.0, -math.inf
+        for i in sorted((i for i in self.intervals if i.resource == resource), key=lambda i: i.start):
+            if i.end > end:
+                total += i.end - max(i.start, end)
+                end = i.end
+        return total
 
     def interval(self, name: Hashable) -> Interval:
         for i in self.intervals:
@@ -163,6 +172,7 @@ def simulate(
     items: dict[str, _Item] = {}
     intervals: list[Interval] = []
     exposed: dict[str, float] = {}
+    moved: dict[str, int] = {}  # queue -> bytes issued on it
     sizes: dict[str, tuple[int, str]] = {}
     in_use = {t: int((initial or {}).get(t, 0)) for t in TIERS}
     peaks = dict(in_use)
@@ -192,6 +202,7 @@ def simulate(
             elif isinstance(op, Issue):
                 item = _Item(op.name, op.queue, op.seconds, now, tuple(items[a] for a in op.after))
                 items[op.name] = item
+                moved[op.queue] = moved.get(op.queue, 0) + op.nbytes
                 queues[op.queue].append(item)
             elif isinstance(op, Wait):
                 item = items[op.name]
@@ -261,6 +272,7 @@ def simulate(
         peaks=peaks,
         curves=curves,
         peak_at=peak_at,
+        moved=moved,
     )
 
 

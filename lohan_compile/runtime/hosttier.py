@@ -46,6 +46,7 @@ import torch
 from ..errors import HostMemoryError, StorageError
 from ..layout import dense_layout
 from ..ops import load
+from ..plan.state import arena_chunk_bytes
 from ..units import format_bytes, parse_bytes
 
 _ERRNO_RE = re.compile(r"\(errno (\d+)\)")
@@ -285,7 +286,7 @@ class HostTier:
     @staticmethod
     def arena_bytes_for(budget: int) -> int:
         """The arena chunk a tier with host budget ``budget`` grows by (an eighth of it, 1 to 256 MiB)."""
-        return max(1 << 20, min(256 << 20, budget // 8))
+        return arena_chunk_bytes(budget)
 
     @classmethod
     def from_options(cls, options, **kwargs: Any) -> "HostTier":

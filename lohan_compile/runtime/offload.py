@@ -67,6 +67,7 @@ import torch
 
 from .. import ops
 from ..errors import HostMemoryError, LohanError
+from ..plan.state import packed_budget, staging_blocks
 from ..units import format_bytes
 from . import amp, hosttier, keys, stream
 from .step import TRACKER, after_backward
@@ -339,15 +340,12 @@ def _params_of(opt: Any) -> list[torch.Tensor]:
 
 
 def _staging_blocks(opt: Any) -> list[int]:
-    """What an update stages in host memory when everything else of the step may be on SSD,
-    as blocks of the largest parameter: its three state tensors three times over (read ahead,
-    updated, written back), two gradients (the one updated and the next one read), two
-    roll-back copies being made, two updated weights (written, and on their way to SSD or the
-    device), and 64 KiB of small buffers."""
+    """What an update stages in host memory when everything else of the step may be on SSD
+    (``plan.state.staging_blocks``: ``lohan plan`` counts the same)."""
     params = _params_of(opt)
     largest = max((p.numel() for p in params), default=0)
     widest = max((p.element_size() for p in params), default=4)
-    return [4 * largest] * (9 + 2 + 2) + [widest * largest] * 2 + [64 << 10]
+    return staging_blocks(largest, widest)
 
 
 def _reserve_blocks(opt: Any) -> list[int]:
@@ -362,27 +360,8 @@ def _reserve_blocks(opt: Any) -> list[int]:
 def smallest_host_budget(opt: Any, *, beyond_host: bool = False) -> int:
     """A ``host_memory_budget`` whose tier holds the blocks of ``host_reserve_bytes`` (or, with
     ``beyond_host``, of the staging alone: gradients and weights then live on SSD too) however
-    they are placed: packed first-fit into the arena's chunks (an eighth of the budget each),
-    with a chunk's room to spare for each block (what a block that does not fit the rest of a
-    chunk leaves unused at worst)."""
-    blocks = _staging_blocks(opt) if beyond_host else _reserve_blocks(opt)
-    blocks = sorted((-(-n // 4096) * 4096 for n in blocks if n > 0), reverse=True)
-    budget = sum(blocks)
-    while True:
-        chunk = hosttier.HostTier.arena_bytes_for(budget)
-        free: list[int] = []  # room left in each chunk
-        total = 0
-        for b in blocks:
-            i = next((i for i, room in enumerate(free) if room >= b), None)
-            if i is None:
-                size = max(chunk, b)
-                free.append(size - b)
-                total += size
-            else:
-                free[i] -= b
-        if total <= budget:
-            return budget
-        budget = total
+    they are placed (``plan.state.packed_budget``)."""
+    return packed_budget(_staging_blocks(opt) if beyond_host else _reserve_blocks(opt))
 
 
 def _spilling_allocator(tier: Any, reserve: int):

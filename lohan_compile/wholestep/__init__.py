@@ -61,15 +61,15 @@ from ..plan.problem import Action, Candidate, Decision, Transfer
 from ..plan.simulate import Timeline, simulate
 from ..units import format_bytes
 from .layout import Layout, Weight, layout
+from ..plan.state import STATE_BYTES_PER_PARAM, STREAM_MIN_BYTES
 from .placement import (
     ACTIVATION_STAGING_BYTES,
     HOST_RESERVE_FRACTION,
-    STATE_BYTES_PER_PARAM,
     UPDATE_WINDOW,
     Placement,
     place,
 )
-from .program import CONTEXT_BYTES, OURS, STREAM_MIN_BYTES, Design, build_program, per_rank
+from .program import CONTEXT_BYTES, OURS, Design, build_program, per_rank
 from .trace import HEAD_CHUNK_BYTES, Part, Traced, trace
 
 __all__ = [
@@ -156,9 +156,10 @@ class WholeStep:
     def evaluate(self, policy: str, base_actions: dict[str, Decision], design: Design) -> StepPlan:
         keep_free = 0
         for _ in range(2):  # a second placement leaves host room for the swapped activations
-            placement = place(self.lay, self.hw, grad_bytes=design.grad_bytes, allow_ssd=design.allow_ssd,
-                              keep_free=keep_free, state_on_ssd=design.state_on_ssd and self.hw.ssd_count > 0,
-                              gpus=self.gpus)
+            placement = place(self.lay, self.hw, grad_bytes=design.grad_bytes_for(self.lay.itemsize),
+                              weight_bytes=self.lay.itemsize, allow_ssd=design.allow_ssd, keep_free=keep_free,
+                              state_on_ssd=design.state_on_ssd and self.hw.ssd_count > 0, gpus=self.gpus,
+                              staging_rule=design.staging_rule)
             plan = StepPlan(policy, False, "", offload_params=design.stream_weights, budget_bytes=self.budget,
                             placement=placement,
                             actions={k: d.action.value for k, d in sorted(base_actions.items())})
@@ -178,10 +179,7 @@ class WholeStep:
                        / timeline.step_seconds / 1e12)
         plan.peaks = dict(timeline.peaks)
         plan.busy = {r: timeline.busy(r) for r in ("compute", "h2d", "d2h", "cpu", "ssd_read", "ssd_write", "net")}
-        bandwidth = {"h2d": self.hw.h2d_bandwidth, "d2h": self.hw.d2h_bandwidth, "net": self.hw.interconnect_bandwidth,
-                     "ssd_read": self.hw.ssd_read_bandwidth * max(self.hw.ssd_count, 1),
-                     "ssd_write": self.hw.ssd_write_bandwidth * max(self.hw.ssd_count, 1)}
-        plan.traffic = {q: int(round(plan.busy[q] * rate)) for q, rate in bandwidth.items()}
+        plan.traffic = {q: int(timeline.moved.get(q, 0)) for q in ("h2d", "d2h", "net", "ssd_read", "ssd_write")}
         by_name = {iv.name: iv for iv in timeline.intervals}
         for name, seconds in timeline.exposed.items():
             # the plan's swaps are named by Transfer records; the rest of the step's copies by

@@ -43,6 +43,7 @@ class Layout:
     group_order: list[str]  # the order the forward needs the groups
     first_fw_op: dict[str, int]  # group -> its first forward op
     full_recompute_s: float  # one block's forward (what a checkpointed layer recomputes)
+    itemsize: int = 2  # bytes per element of the weights (and of their gradients)
 
 
 def layout(traced: Traced) -> Layout:
@@ -183,4 +184,4 @@ def layout(traced: Traced) -> Layout:
     problem = Problem(ops=ops, n_fw=n_fw, buffers=buffers, candidates=candidates,
                       fw_seconds=sum(o.seconds for o in ops[:n_fw]), bw_seconds=sum(o.seconds for o in ops[n_fw:]))
     return Layout(problem, base, weights, layer_of, {g: n for g, n in groups.items() if n}, order, first_fw,
-                  full_recompute_s=traced.block.seconds_fw)
+                  full_recompute_s=traced.block.seconds_fw, itemsize=itemsize)

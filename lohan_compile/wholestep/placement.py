@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..plan.profile import GiB, HardwareProfile
+from ..plan.state import STATE_BYTES_PER_PARAM, packed_budget, staging_blocks
 from ..units import format_bytes
 from .layout import Layout
 
-STATE_BYTES_PER_PARAM = 12  # fp32 master weight, first and second moments
 HOST_RESERVE_FRACTION = 0.05  # host memory left to the OS, Python, the framework
 UPDATE_WINDOW = 2  # deferred updates run this many layers ahead of the forward
 ACTIVATION_STAGING_BYTES = 8 * GiB  # pinned host buffers that activations going to or from SSD pass through
@@ -35,12 +35,16 @@ def shard_params(params: int, gpus: int) -> int:
 
 def place(layout: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_bytes: int = 2,
           state_bytes: int = STATE_BYTES_PER_PARAM, allow_ssd: bool = True, keep_free: int = 0,
-          state_on_ssd: bool = False, gpus: int = 1) -> Placement:
+          state_on_ssd: bool = False, gpus: int = 1, staging_rule: str = "group") -> Placement:
     """Host memory first, in the order the step touches the bytes most (weights: fetched twice per
     step; gradients; optimizer state), one group at a time; the rest on SSD. ``keep_free``:
     host bytes left for what the step itself puts there (swapped activations). With ``gpus``
     ranks, ``hw`` is one rank's share of the server and the placement is one rank's: its own
-    copy of the weights, and its 1/``gpus`` share of each group's gradients and state."""
+    copy of the weights, and its 1/``gpus`` share of each group's gradients and state.
+    ``staging_rule``: the host buffers SSD traffic passes through, for updates of a whole group at a
+    time, ``UPDATE_WINDOW`` groups in flight (``"group"``), or for lohan's runtime, which
+    updates one parameter at a time (``"parameter"``: ``plan.state.staging_blocks``, as the
+    host tier packs them)."""
     available = max(int((hw.host_memory or 0) * (1 - HOST_RESERVE_FRACTION)) - keep_free, 0)
     staging = 0
     for _ in range(3):  # the staging buffers the SSD traffic needs come out of the same memory
@@ -59,10 +63,14 @@ def place(layout: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_by
                     placement.ssd_bytes += nbytes
         placement.host_bytes = used
         on_any_ssd = placement.state_ssd | placement.grads_ssd | placement.weights_ssd
-        biggest = max((shard_params(layout.groups.get(group, 0), gpus) * (state_bytes + grad_bytes)
-                       + layout.groups.get(group, 0) * weight_bytes
-                       for group in layout.group_order if group in on_any_ssd), default=0)
-        placement.staging_bytes = 2 * UPDATE_WINDOW * biggest
+        if staging_rule == "parameter":
+            largest = max((w.params for w in layout.weights if w.group in on_any_ssd), default=0)
+            placement.staging_bytes = packed_budget(staging_blocks(largest, weight_bytes)) if largest else 0
+        else:
+            biggest = max((shard_params(layout.groups.get(group, 0), gpus) * (state_bytes + grad_bytes)
+                           + layout.groups.get(group, 0) * weight_bytes
+                           for group in layout.group_order if group in on_any_ssd), default=0)
+            placement.staging_bytes = 2 * UPDATE_WINDOW * biggest
         if placement.staging_bytes <= staging:
             break
         staging = placement.staging_bytes

@@ -18,17 +18,16 @@ from ..plan.program import program_for
 from ..plan.schedule import Inbound, Outbound, just_in_time, op_timeline, release_points
 from ..plan.simulate import Alloc, Compute, Free, Issue, Op, Wait
 from .layout import Layout
+from ..plan.state import STATE_BYTES_PER_PARAM, STREAM_MIN_BYTES
 from .placement import (
     ACTIVATION_STAGING_BYTES,
     HOST_RESERVE_FRACTION,
-    STATE_BYTES_PER_PARAM,
     UPDATE_WINDOW,
     Placement,
     shard_params,
 )
 
 CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS/flash workspaces: not in the allocator's count, but on the card
-STREAM_MIN_BYTES = 1 << 20  # weights under 1 MiB (norms, biases) stay on the device, as LoHan does
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Design:
     stream_weights: bool
     optimizer: str  # "deferred" (lohan) or "after-backward" (the ZeRO baselines)
     prefetch_ahead: int | None = None  # None: just in time
-    grad_bytes: int = 2  # per parameter, in the host tier
+    grad_bytes: int | None = None  # per parameter, in the host tier (None: the weights' dtype)
     serial_optimizer: bool = False  # read, update, write one group after another
     checkpoint_layers: bool = False  # recompute each block's forward in backward
     allow_ssd: bool = True
@@ -46,9 +45,23 @@ class Design:
     # seconds of GPU compute per second the cost model estimates: a baseline's own kernel and
     # framework efficiency, calibrated against its published throughput (1.0: as estimated)
     compute_scale: float = 1.0
+    # the host buffers SSD traffic passes through (``placement.place``): "group" (a group's
+    # update at a time, UPDATE_WINDOW in flight) or "parameter" (lohan's runtime)
+    staging_rule: str = "group"
+    # a deferred update writes a weight on SSD there, and the forward's fetch reads it back
+    # (lohan's runtime); False: the fetch takes it from the update's staging buffer
+    weights_reread: bool = False
+    # gradients on SSD are read once more before the updates, for the global norm and the
+    # inf/NaN check (lohan's runtime computes both on the host)
+    grad_norm_read: bool = False
+
+    def grad_bytes_for(self, itemsize: int) -> int:
+        return itemsize if self.grad_bytes is None else self.grad_bytes
 
 
-OURS = Design(stream_weights=True, optimizer="deferred")
+# lohan's runtime, as it runs: gradients leave in the weights' dtype
+OURS = Design(stream_weights=True, optimizer="deferred", staging_rule="parameter", weights_reread=True,
+              grad_norm_read=True)
 
 
 def _scaled(problem: Problem, scale: float) -> Problem:
@@ -100,9 +113,9 @@ def _reduce(name: str, nbytes: int, gpus: int, hw: HardwareProfile) -> list[Op]:
         return []
     moved = 2 * (gpus - 1) / gpus * nbytes
     if hw.interconnect_bandwidth:
-        return [Issue(f"reduce:{name}", "net", moved / hw.interconnect_bandwidth)]
-    return [Issue(f"reduce:{name}:out", "d2h", moved / hw.d2h_bandwidth),
-            Issue(f"reduce:{name}:in", "h2d", moved / hw.h2d_bandwidth)]
+        return [Issue(f"reduce:{name}", "net", moved / hw.interconnect_bandwidth, nbytes=int(moved))]
+    return [Issue(f"reduce:{name}:out", "d2h", moved / hw.d2h_bandwidth, nbytes=int(moved)),
+            Issue(f"reduce:{name}:in", "h2d", moved / hw.h2d_bandwidth, nbytes=int(moved))]
 
 
 def _share_updated_weights(group: str, params: int, gpus: int, hw: HardwareProfile) -> list[Op]:
@@ -213,14 +226,17 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
     update_at: dict[str, int] = {}  # group -> the op before which its deferred update is issued
     group_params = {group: shard_params(params, gpus) for group, params in layout.groups.items()}
 
+    itemsize = layout.itemsize
+    grad_bytes = design.grad_bytes_for(itemsize)
+
     def ssd_read_bytes(group: str) -> int:
         return group_params[group] * ((STATE_BYTES_PER_PARAM if group in placement.state_ssd else 0)
-                                      + (design.grad_bytes if group in placement.grads_ssd else 0))
+                                      + (grad_bytes if group in placement.grads_ssd else 0))
 
     def ssd_write_bytes(group: str) -> int:
         # (the rank's state is its share; its copy of the weights is whole, every rank's updates in it)
         return (group_params[group] * (STATE_BYTES_PER_PARAM if group in placement.state_ssd else 0)
-                + layout.groups[group] * (2 if group in placement.weights_ssd else 0))
+                + layout.groups[group] * (itemsize if group in placement.weights_ssd else 0))
 
     if design.optimizer == "deferred":
         # each group is updated UPDATE_WINDOW groups ahead of the forward that needs it
@@ -235,14 +251,14 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
             read = ssd_read_bytes(group)
             after: tuple[str, ...] = ()
             if read:
-                update_ops.append(Issue(f"read:{group}", "ssd_read", read * ssd_read_s_per_byte))
+                update_ops.append(Issue(f"read:{group}", "ssd_read", read * ssd_read_s_per_byte, nbytes=read))
                 after = (f"read:{group}",)
             update_ops.append(Issue(f"update:{group}", "cpu", group_params[group] / hw.cpu_adam_params_per_s,
                                     after=after))
             write = ssd_write_bytes(group)
             if write:
                 update_ops.append(Issue(f"write:{group}", "ssd_write", write * ssd_write_s_per_byte,
-                                        after=(f"update:{group}",)))
+                                        after=(f"update:{group}",), nbytes=write))
             share = _share_updated_weights(group, layout.groups[group], gpus, hw)
             at("prefetch", issue_op, *update_ops, *share)
             updates[group] = share[0].name if share else f"update:{group}"
@@ -257,7 +273,8 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
             read = ssd_read_bytes(group)
             after = (prev,) if (prev and design.serial_optimizer) else ()
             if read:
-                optimizer_ops.append(Issue(f"read:{group}", "ssd_read", read * ssd_read_s_per_byte, after=after))
+                optimizer_ops.append(Issue(f"read:{group}", "ssd_read", read * ssd_read_s_per_byte, after=after,
+                                           nbytes=read))
                 after = (f"read:{group}",)
             optimizer_ops.append(Issue(f"update:{group}", "cpu", group_params[group] / hw.cpu_adam_params_per_s,
                                        after=after))
@@ -267,11 +284,12 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
             updated = share[0].name if share else prev
             write = ssd_write_bytes(group)
             if write:
-                optimizer_ops.append(Issue(f"write:{group}", "ssd_write", write * ssd_write_s_per_byte, after=(prev,)))
+                optimizer_ops.append(Issue(f"write:{group}", "ssd_write", write * ssd_write_s_per_byte, after=(prev,),
+                                           nbytes=write))
                 prev = f"write:{group}"
             if not design.stream_weights:  # updated weights go back to the device
-                optimizer_ops.append(Issue(f"upload:{group}", "h2d", 2 * layout.groups[group] * h2d_s_per_byte,
-                                           after=(updated,)))
+                optimizer_ops.append(Issue(f"upload:{group}", "h2d", itemsize * layout.groups[group] * h2d_s_per_byte,
+                                           after=(updated,), nbytes=itemsize * layout.groups[group]))
                 prev = f"upload:{group}" if design.serial_optimizer else prev
         optimizer_ops += [Wait(o.name) for o in optimizer_ops if isinstance(o, Issue)]
         at("release", len(problem.ops) - 1, *optimizer_ops)
@@ -287,12 +305,15 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
                 fetch_ops: list[Op] = [Alloc(f"w:{w.name}:{phase}", w.bytes)]
                 after = update if phase == "fw" else ()  # the forward fetch waits for the group's update
                 if phase == "bw" and w.group in placement.weights_ssd:
-                    fetch_ops.append(Issue(f"wread:{w.name}", "ssd_read", w.bytes * ssd_read_s_per_byte))
+                    fetch_ops.append(Issue(f"wread:{w.name}", "ssd_read", w.bytes * ssd_read_s_per_byte, nbytes=w.bytes))
                     after = (f"wread:{w.name}",)
-                elif phase == "fw" and w.group in placement.weights_ssd and not update:
-                    fetch_ops.append(Issue(f"wread:{w.name}:fw", "ssd_read", w.bytes * ssd_read_s_per_byte))
+                elif phase == "fw" and w.group in placement.weights_ssd and (design.weights_reread or not update):
+                    # (read back once its update is written)
+                    written = (f"write:{w.group}",) if update and ssd_write_bytes(w.group) else update
+                    fetch_ops.append(Issue(f"wread:{w.name}:fw", "ssd_read", w.bytes * ssd_read_s_per_byte,
+                                           after=written, nbytes=w.bytes))
                     after = (f"wread:{w.name}:fw",)
-                fetch_ops.append(Issue(name, "h2d", w.bytes * h2d_s_per_byte, after=after))
+                fetch_ops.append(Issue(name, "h2d", w.bytes * h2d_s_per_byte, after=after, nbytes=w.bytes))
                 when = max(issue[name], update_at.get(w.group, 0)) if phase == "fw" else issue[name]
                 at("prefetch", when, *fetch_ops)
                 at("wait", uses[0], Wait(name))
@@ -300,7 +321,7 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
         elif update and w.fw_uses:
             # a weight kept on the device still receives its update over the link
             name = f"upload:{w.name}"
-            at("prefetch", update_at[w.group], Issue(name, "h2d", w.bytes * h2d_s_per_byte, after=update))
+            at("prefetch", update_at[w.group], Issue(name, "h2d", w.bytes * h2d_s_per_byte, after=update, nbytes=w.bytes))
             at("wait", w.fw_uses[0], Wait(name))
     # gradients leave as they are made; their buffers are counted by these g: allocations
     for w in layout.weights:
@@ -310,10 +331,15 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
         at("alloc", w.grad_op, Alloc(f"g:{w.name}", w.bytes))
         reduce = _reduce(w.name, w.bytes, gpus, hw)
         at("swap_out", w.grad_op, *reduce,
-           Issue(name, "d2h", w.bytes / gpus * d2h_s_per_byte, after=tuple(op.name for op in reduce)))
+           Issue(name, "d2h", w.bytes / gpus * d2h_s_per_byte, after=tuple(op.name for op in reduce),
+                 nbytes=w.bytes // gpus))
         after_ops: list[Op] = [Wait(name), Free(f"g:{w.name}")]
         if w.group in placement.grads_ssd:
-            after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes / gpus * ssd_write_s_per_byte))
+            after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes / gpus * ssd_write_s_per_byte,
+                                   nbytes=w.bytes // gpus))
+            if design.grad_norm_read:  # read back for the norm as soon as it is written
+                after_ops.append(Issue(f"gnorm:{w.name}", "ssd_read", w.bytes / gpus * ssd_read_s_per_byte,
+                                       after=(f"gwrite:{w.name}",), nbytes=w.bytes // gpus))
         at("release", release[name], *after_ops)
     # activations spilled to SSD: d2h into a staging buffer, then written; read back, then h2d
     spilled_order = sorted((c for c in swapped if c.key in spilled), key=lambda c: c.produced_at)
@@ -322,10 +348,10 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
         out, back = f"swap_out:{c.key}", f"swap_in:{c.key}"
         at("alloc", c.produced_at, Alloc(c.key, c.bytes))
         at("swap_out", c.produced_at, Alloc(f"stage:{c.key}", c.bytes, "host"),
-           Issue(out, "d2h", c.bytes * d2h_s_per_byte))
+           Issue(out, "d2h", c.bytes * d2h_s_per_byte, nbytes=c.bytes))
         release_at = max(d.release_at if d.release_at is not None else c.last_fw_use, c.last_fw_use)
         at("release", release_at, Wait(out), Free(c.key),
-           Issue(f"ssdw:{c.key}", "ssd_write", c.bytes * ssd_write_s_per_byte, after=(out,)),
+           Issue(f"ssdw:{c.key}", "ssd_write", c.bytes * ssd_write_s_per_byte, after=(out,), nbytes=c.bytes),
            Alloc(f"ssd:{c.key}", c.bytes, "ssd"))
         # the pinned staging pool is bounded: a buffer is waited for (its write done) once the
         # swaps after it have used the rest of the pool
@@ -339,8 +365,9 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
         at("release", max(written_at, release_at), Wait(f"ssdw:{c.key}"), Free(f"stage:{c.key}"))
         prefetch_at = min(d.prefetch_at if d.prefetch_at is not None else first_use[c.key], first_use[c.key])
         at("prefetch", prefetch_at, Alloc(f"stage_in:{c.key}", c.bytes, "host"),
-           Issue(f"ssdr:{c.key}", "ssd_read", c.bytes * ssd_read_s_per_byte), Alloc(f"dev:{c.key}", c.bytes),
-           Issue(back, "h2d", c.bytes * h2d_s_per_byte, after=(f"ssdr:{c.key}",)))
+           Issue(f"ssdr:{c.key}", "ssd_read", c.bytes * ssd_read_s_per_byte, nbytes=c.bytes),
+           Alloc(f"dev:{c.key}", c.bytes),
+           Issue(back, "h2d", c.bytes * h2d_s_per_byte, after=(f"ssdr:{c.key}",), nbytes=c.bytes))
         at("wait", first_use[c.key], Wait(back), Free(f"stage_in:{c.key}"), Free(f"ssd:{c.key}"))
         at("free", c.last_bw_use, Free(f"dev:{c.key}"))
     # what this program moves itself leaves the plan's problem: gradients, spilled activations
