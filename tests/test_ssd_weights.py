@@ -204,3 +204,50 @@ def test_bf16_weights_beyond_host_memory_resume_bitwise_in_host_memory(tmp_path)
     finally:
         torch._dynamo.reset()
         hosttier.set_current(previous)
+
+
+def test_lohan_plan_predicts_the_bytes_each_link_moves_beyond_host_memory(tmp_path):
+    """``lohan plan``'s whole-step model of the same model, budgets and hardware profile predicts
+    the bytes the runtime moves on each link (h2d, d2h, SSD read, SSD write) within 10%, with
+    the state on SSD and the activations on the device (bench/link_bytes.py measures more)."""
+    import dataclasses
+
+    from lohan_compile.hardware import resolve
+    from lohan_compile.wholestep import HOST_RESERVE_FRACTION, WholeStep, trace
+    from lohan_compile.zoo import from_hf_config
+
+    previous = hosttier.current_if_set()
+    try:
+        torch._dynamo.reset()
+        hosttier.set_current(None)
+        model = deep_llama()
+        model.config.num_hidden_layers = 2
+        model.model.layers = model.model.layers[:2]
+        opt = lohan.CPUAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+        host = offload.smallest_host_budget(opt, beyond_host=True)
+        cm = torch.compile(model, backend="lohan", options={
+            "optimizer": opt, "offload_params": True, "executor": "fx", "tune_plans": False,
+            "host_memory_budget": host, "ssd_dir": str(tmp_path)})
+        summaries = []
+        for ids in batches(3):
+            lm_loss(cm, ids).backward()
+            opt.step()
+            opt.zero_grad()
+            summaries.append(lohan.last_report().summary())
+        # (a step's SSD window closes at its step(); its deferred updates count in the next one)
+        measured = summaries[-2]
+        spec = from_hf_config(model.config.to_dict(), "deep-llama")
+        hw = dataclasses.replace(resolve("auto"), device_memory=64 << 30, ssd_count=1, ssd_read_bandwidth=2e9,
+                                 ssd_write_bandwidth=3e9, ssd_capacity=1 << 40,
+                                 host_memory=int(host / (1 - HOST_RESERVE_FRACTION)) + 1)
+        plan = WholeStep(trace(spec, 2, 16, hw, dtype=torch.float32), hw).plan("auto", offload_params=True)
+        assert plan.feasible, plan.why
+        assert measured["swapped_bytes"] == 0 and measured["ssd_read_bytes"] > 0
+        for link in ("h2d", "d2h", "ssd_read", "ssd_write"):
+            assert measured[f"{link}_bytes"] == pytest.approx(plan.traffic[link], rel=0.10), (link, measured, plan.traffic)
+        opt.synchronize()
+        opt.state.clear()
+        hosttier.current().close()
+    finally:
+        torch._dynamo.reset()
+        hosttier.set_current(previous)
