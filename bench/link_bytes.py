@@ -15,6 +15,7 @@ from the same config, traced in the same dtype, on this machine's measured profi
 ``host_memory_budget`` (``lohan plan`` leaves 5% of the host memory to the system) and one SSD.
 
 Cases:
+- ``host memory``: no host budget, no SSD (the state in host memory), for the step time;
 - ``all on SSD``: the smallest host budget (only the staging of one update in host memory);
   the device budget leaves every activation on the device.
 - ``quarter``: the host budget a quarter of the weights and fp32 moments, as in
@@ -24,6 +25,12 @@ Cases:
   ``bench/ssd.py``: the runtime's planner and the whole-step model each choose how the
   activations leave the device; reported, not gated (the two plan different graphs: the
   runtime the model's own joint graph, ``lohan plan`` a block of ``zoo.Block`` traced on meta).
+
+Also printed: each case's step time (median of the steps after the second, each ending with
+``opt.synchronize()`` so that its deferred updates count in it; not interleaved, so read it
+beside ``bench/ssd.py``'s) against the predicted one, with the waits the plan predicts and
+how long it predicts the SSD queues busy, on SSD bandwidths given as ``--ssd-read`` and
+``--ssd-write`` (default: the tier's own on this machine, ``bench/results/ssd.json``).
 
 Gate: every link within 10% in every case but the last.
 """
@@ -35,9 +42,11 @@ import dataclasses
 import gc
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -72,40 +81,48 @@ def measure(cfg: dict, dtype: torch.dtype, host: str, device_fraction: float | N
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})).to(dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = lohan.CPUAdamW(model.parameters(), lr=1e-4, max_grad_norm=1.0)
+    options = {"optimizer": opt, "offload_params": True, "executor": "fx", "tune_plans": False}
     if host == "smallest":
         host_budget = offload.smallest_host_budget(opt, beyond_host=True)
-    else:  # a quarter of the weights and fp32 moments
+    elif host == "quarter":  # a quarter of the weights and fp32 moments
         host_budget = (weights + 8 * sum(p.numel() for p in model.parameters())) // 4
-    options = {"optimizer": opt, "offload_params": True, "executor": "fx", "tune_plans": False,
-               "host_memory_budget": host_budget, "ssd_dir": str(ssd_dir)}
+    else:  # everything in host memory
+        host_budget = None
+    if host_budget is not None:
+        options.update(host_memory_budget=host_budget, ssd_dir=str(ssd_dir))
     if device_fraction is not None:
         options["memory_budget"] = held + int(device_fraction * weights)
     cm = torch.compile(model, backend="lohan", options=options)
     batch = torch.randint(0, cfg["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    rows = []
+    rows, seconds = [], []
     for _ in range(steps):
+        start = time.perf_counter()
         loss = cm(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
+        opt.synchronize()  # (the step's deferred updates inside its time)
+        seconds.append(time.perf_counter() - start)
         opt.zero_grad()
         rows.append(lohan.last_report().summary())
-    opt.synchronize()
-    row = rows[-2]  # (the last step's window closes before its deferred updates ran)
+    row = rows[-2]  # (the last step's SSD window closes before anything after it ran)
     out = {k: row[k] for k in LINKS + ("swapped_bytes", "recomputed_bytes", "host_peak_bytes")}
+    out["step_s"] = statistics.median(seconds[2:])  # (after the compiles and first measurements)
     out.update(host_memory_budget=host_budget, weights_bytes=weights,
                memory_budget=options.get("memory_budget"), device_budget_over_held=options.get("memory_budget")
                and options["memory_budget"] - held)
     opt.state.clear()
-    hosttier.current().close()
+    if host_budget is not None:
+        hosttier.current().close()
     return out
 
 
-def predict(cfg: dict, dtype: torch.dtype, measured: dict) -> dict:
+def predict(cfg: dict, dtype: torch.dtype, measured: dict, ssd_read: float, ssd_write: float) -> dict:
     spec = from_hf_config(cfg, "link-bytes")
+    host = measured["host_memory_budget"]
     hw = dataclasses.replace(
-        resolve("auto"), device_memory=64 << 30, ssd_count=1, ssd_read_bandwidth=2e9, ssd_write_bandwidth=3e9,
-        ssd_capacity=1 << 40,
-        host_memory=int(measured["host_memory_budget"] / (1 - HOST_RESERVE_FRACTION)) + 1)
+        resolve("auto"), device_memory=64 << 30, ssd_count=1 if host else 0, ssd_read_bandwidth=ssd_read,
+        ssd_write_bandwidth=ssd_write, ssd_capacity=1 << 40,
+        host_memory=int(host / (1 - HOST_RESERVE_FRACTION)) + 1 if host else 1 << 40)
     over = measured["device_budget_over_held"]
     budget = (over + CONTEXT_BYTES) if over else hw.device_memory
     plan = WholeStep(trace(spec, BATCH, SEQ, hw, dtype=dtype), hw, budget=budget).plan("auto", offload_params=True)
@@ -115,6 +132,7 @@ def predict(cfg: dict, dtype: torch.dtype, measured: dict) -> dict:
         "h2d_bytes": plan.traffic["h2d"], "d2h_bytes": plan.traffic["d2h"],
         "ssd_read_bytes": plan.traffic["ssd_read"], "ssd_write_bytes": plan.traffic["ssd_write"],
         "device_peak_bytes": plan.peaks.get("device", 0) - CONTEXT_BYTES,
+        "step_s": plan.step_s, "exposed_s": plan.exposed, "busy_s": plan.busy,
         "groups_on_ssd": {"weights": len(placement.weights_ssd), "gradients": len(placement.grads_ssd),
                           "state": len(placement.state_ssd)},
         "activations": {k: v for k, v in plan.actions.items() if v != "keep"},
@@ -125,12 +143,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--ssd-read", type=float, default=2.2e9,
+                   help="SSD read bytes/s of the profile (bench/results/ssd.json: the tier's, here)")
+    p.add_argument("--ssd-write", type=float, default=4.4e9, help="SSD write bytes/s of the profile")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result: dict = {"command": "python " + " ".join(sys.argv), "commit": commit, "cases": []}
     print(f"command: {result['command']}\ncommit {commit}; torch {torch.__version__}")
-    cases = [("all on SSD", torch.float32, "smallest", None, True), ("quarter", torch.float32, "quarter", None, True),
+    cases = [("host memory", torch.float32, "all", None, True),
+             ("all on SSD", torch.float32, "smallest", None, True), ("quarter", torch.float32, "quarter", None, True),
              ("bf16", torch.bfloat16, "smallest", None, True),
              ("activations planned", torch.float32, "quarter", 0.5, False)]
     base = Path(tempfile.mkdtemp(prefix="lohan-bench-links-", dir=Path.cwd()))
@@ -141,13 +163,13 @@ def main() -> int:
             folder = base / name.replace(" ", "-")
             folder.mkdir()
             measured = measure(cfg, dtype, host, fraction, folder, a.steps)
-            predicted = predict(cfg, dtype, measured)
+            predicted = predict(cfg, dtype, measured, a.ssd_read, a.ssd_write)
             ratios = {k: measured[k] / predicted[k] if predicted[k] else float("inf") for k in LINKS}
             within = all(abs(r - 1) <= GATE for r in ratios.values())
             ok &= within or not gated
             result["cases"].append({"case": name, "dtype": str(dtype), "gated": gated, "within_gate": within,
                                     "measured": measured, "predicted": predicted, "ratio": ratios})
-            print(f"\n{name} ({dtype}, host budget {measured['host_memory_budget']:,} B, "
+            print(f"\n{name} ({dtype}, host budget {measured['host_memory_budget'] or 'none'}, "
                   f"{'device budget ' + format(measured['memory_budget'], ',') + ' B' if fraction else 'no device budget'})"
                   f": plan {'feasible' if predicted['feasible'] else 'INFEASIBLE'}, groups on SSD "
                   f"{predicted['groups_on_ssd']}")
@@ -155,6 +177,9 @@ def main() -> int:
                 print(f"   {k:>16} measured {measured[k]:>13,}  predicted {predicted[k]:>13,}  {ratios[k]:.3f}")
             print(f"   activations: runtime swapped {measured['swapped_bytes']:,} B, recomputed "
                   f"{measured['recomputed_bytes']:,} B; lohan plan: {predicted['activations'] or 'all kept'}")
+            print(f"   step: measured {measured['step_s']:.3f} s, predicted {predicted['step_s']:.3f} s; predicted "
+                  f"waits {({k: round(v, 3) for k, v in predicted['exposed_s'].items() if v > 1e-4})}, SSD busy "
+                  f"{predicted['busy_s']['ssd_read']:.3f} s read, {predicted['busy_s']['ssd_write']:.3f} s write")
             print(f"   {'within' if within else 'NOT within'} {GATE:.0%}{'' if gated else ' (not gated)'}")
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -53,8 +53,11 @@ def _alias(t: torch.Tensor, key: int) -> torch.Tensor:
 
 # name -> (schema, fake kernel: also the Meta kernel)
 _RUNTIME_OPS: dict[str, tuple[str, Callable]] = {
-    "grad_ready": ("grad_ready(Tensor host_grad, int key) -> ()", lambda host_grad, key: None),
-    "grads_ready": ("grads_ready(Tensor host_bucket, int[] keys) -> ()", lambda host_bucket, keys: None),
+    # ``stats``: the gradient's (the bucket's) ``grad_stats``, computed on the device before it left
+    "grad_ready": ("grad_ready(Tensor host_grad, int key, Tensor? stats=None) -> ()",
+                   lambda host_grad, key, stats=None: None),
+    "grads_ready": ("grads_ready(Tensor host_bucket, int[] keys, Tensor? stats=None) -> ()",
+                    lambda host_bucket, keys, stats=None: None),
     "weight_ready": ("weight_ready(int key) -> ()", lambda key: None),
     "weight_wait": ("weight_wait(Tensor(a) weight, int key) -> Tensor(a)", _alias),
     "fetch_param": ("fetch_param(int key) -> ()", lambda key: None),

@@ -5,7 +5,9 @@ Requires: forward and backward graphs with roles (``classify_roles``), and a
 graph's parameters), with which parameters it updates and their keys (``facts.inputs``).
 Ensures, for every parameter the optimizer updates and the graph computes a
 gradient for:
-- right after the gradient is computed: ``h = lohan::swap_out(grad)``;
+- right after the gradient is computed: on the CPU stand-in, its sum of squares and
+  inf/NaN flag (``lohan::grad_stats``, the kernel the host would run on it), and
+  ``h = lohan::swap_out(grad)``;
   small gradients (under ``SMALL_GRAD_BYTES``) of one dtype are bucketed, as
   DDP does: once the last of a run of them is computed, they are flattened into
   one device buffer of at most ``BUCKET_BYTES`` (and at most a sixteenth of all
@@ -16,7 +18,10 @@ gradient for:
 - the copy is waited for (``lohan::wait_tensor``, which frees the device
   gradient) where the next offloaded gradient is produced (so that copy
   overlaps that computation), and then handed to the optimizer runtime
-  (``lohan::grad_ready(h, key)``), which updates the parameter on CPU threads;
+  (``lohan::grad_ready(h, key, stats)``), which updates the parameter on CPU threads
+  (the statistics spare it reading a gradient back from SSD for the global norm; on CUDA
+  none are computed yet: the host computes them, as it does for a gradient added to an
+  earlier micro-batch's);
 - after the parameter's last use in backward (and after its gradient left):
   ``lohan::weight_ready(key)``: from there the updated weight may be written;
 - the backward graph returns no gradient for it, so ``param.grad`` stays None.
@@ -77,6 +82,7 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
             values[j] = None
         if len(group) == 1:
             with bw.graph.inserting_after(last):
+                stats = _stats(bw, last)
                 h = bw.graph.call_function(swap_out, (last,))
             h.meta["val"] = _fake_call(swap_out, last.meta["val"])
             _mark(h, "grad_out")
@@ -91,22 +97,23 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
                 cat = bw.graph.call_function(torch.ops.aten.cat.default, (flats,))
                 cat.meta["val"] = _fake_call(lambda *v: torch.cat(v), *[f.meta["val"] for f in flats])
                 _mark(cat, "grad_bucket")
+                stats = _stats(bw, *grads)
                 h = bw.graph.call_function(swap_out, (cat,))
             h.meta["val"] = _fake_call(swap_out, cat.meta["val"])
             _mark(h, "grad_out")
-        swaps.append((h, [(m[2], m[3]) for m in group]))
+        swaps.append((h, [(m[2], m[3]) for m in group], stats))
     # each copy is waited for where the next gradient leaves (its copy overlaps that
     # gradient's computation); the last ones just before backward returns
-    for n, (h, members) in enumerate(swaps):
+    for n, (h, members, stats) in enumerate(swaps):
         anchor = swaps[n + 1][0] if n + 1 < len(swaps) else out
         with bw.graph.inserting_before(anchor):
             host = bw.graph.call_function(wait_tensor, (h,))
             host.meta["val"] = h.meta["val"]
             _mark(host, "grad_out_wait")
             if len(members) == 1:
-                ready = bw.graph.call_function(ops.grad_ready.default, (host, members[0][1]))
+                ready = bw.graph.call_function(ops.grad_ready.default, (host, members[0][1], stats))
             else:
-                ready = bw.graph.call_function(ops.grads_ready.default, (host, [k for _, k in members]))
+                ready = bw.graph.call_function(ops.grads_ready.default, (host, [k for _, k in members], stats))
             ready.meta["val"] = None
             _mark(ready, "grad_ready")
         for idx, key in members:
@@ -125,6 +132,27 @@ def offload_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str
         "grad_copies": len(swaps),
         "offloaded_grad_bytes": sum(int(m[1].meta["val"].numel()) * m[1].meta["val"].element_size() for m in managed),
     }
+
+
+def _stats(bw: fx.GraphModule, *grads: fx.Node) -> fx.Node | None:
+    """Each gradient's sum of squares and inf/NaN flag (``lohan::grad_stats``, one row per
+    gradient, at the insertion point), where they are contiguous CPU tensors (the stand-in; a
+    transposed gradient is read in the host tier); None elsewhere."""
+    vals = [g.meta["val"] for g in grads]
+    if any(v.device.type != "cpu" or not v.is_contiguous() for v in vals):
+        return None
+    rows = []
+    for g in grads:
+        row = bw.graph.call_function(torch.ops.lohan.grad_stats.default, ([g],))
+        row.meta["val"] = _fake_call(lambda v: torch.ops.lohan.grad_stats.default([v]), g.meta["val"])
+        _mark(row, "grad_stats")
+        rows.append(row)
+    if len(rows) == 1:
+        return rows[0]
+    stats = bw.graph.call_function(torch.ops.aten.stack.default, (rows,))
+    stats.meta["val"] = _fake_call(lambda *v: torch.stack(v), *[r.meta["val"] for r in rows])
+    _mark(stats, "grad_stats")
+    return stats
 
 
 def _nbytes(node: fx.Node) -> int:

@@ -72,21 +72,32 @@ from ..units import format_bytes
 from . import amp, hosttier, keys, stream
 from .step import TRACKER, after_backward
 
-def _grad_ready_impl(host_grad: torch.Tensor, key: int) -> None:
-    runtime_for(key).grad_ready(key, host_grad)
+def _exact_sum(values: list[float]) -> float:
+    """The correctly rounded sum (``math.fsum``), inf or NaN as a plain sum gives them."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):
+        return sum(values)
 
 
-def _grads_ready_impl(host_bucket: torch.Tensor, keys: list[int]) -> None:
+def _grad_ready_impl(host_grad: torch.Tensor, key: int, stats: torch.Tensor | None = None) -> None:
+    runtime = runtime_for(key)
+    runtime.grad_ready(key, host_grad, counted=stats is not None and runtime.took_stats(stats, [key]))
+
+
+def _grads_ready_impl(host_bucket: torch.Tensor, keys: list[int], stats: torch.Tensor | None = None) -> None:
     # a bucket of small gradients, flattened in ``keys`` order: each gets its slice (of memory:
     # an SSD block is read whole)
     if keys:  # (into a block that stays: its slices are the step's gradients, not staging)
         host_bucket = runtime_for(keys[0]).tier.in_memory(host_bucket, where="host")
+    runtimes = {id(runtime_for(k)) for k in keys}
+    counted = stats is not None and len(runtimes) == 1 and runtime_for(keys[0]).took_stats(stats, keys)
     offset = 0
     for key in keys:
         runtime = runtime_for(key)
         shape = runtime.params[key].shape
         n = shape.numel()
-        runtime.grad_ready(key, host_bucket.narrow(0, offset, n).view(shape))
+        runtime.grad_ready(key, host_bucket.narrow(0, offset, n).view(shape), counted=counted)
         offset += n
     if offset != host_bucket.numel():
         raise LohanError(f"gradient bucket of {host_bucket.numel()} elements, parameters of {offset}")
@@ -302,6 +313,7 @@ class _Step:
     grads: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> host gradient (summed)
     counted: set[int] = field(default_factory=set)  # keys whose gradient is in sumsq
     producers: dict[int, int] = field(default_factory=dict)  # grad_ready calls in this backward
+    received: set[int] = field(default_factory=set)  # keys with a gradient in this step (step thread)
     updated: set[int] = field(default_factory=set)  # keys whose update has run
     speculative: set[int] = field(default_factory=set)  # updated during backward, with a roll-back copy
     backups: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
@@ -317,6 +329,12 @@ class _Step:
     weight_out: dict[int, torch.Tensor] = field(default_factory=dict)
     sumsq: float = 0.0
     nonfinite: bool = False
+    # each gradient's sum of squares, computed in the host tier (worker thread) or on the device
+    # as it left (step thread; then nothing reads it back for the norm); added up exactly at
+    # step() (math.fsum: the step's norm does not depend on where or in what order they came)
+    sumsq_of: dict[int, float] = field(default_factory=dict)
+    device_sumsq_of: dict[int, float] = field(default_factory=dict)
+    device_nonfinite: bool = False
     speculate: bool | None = None  # the design this step uses (decided once, at its first need)
     begun: bool = False  # a gradient arrived (set on the step thread)
     backward_done: bool = False
@@ -679,7 +697,24 @@ class OffloadRuntime:
         )
         return LohanError(self.failed)
 
-    def grad_ready(self, key: int, host_grad: torch.Tensor) -> None:
+    def took_stats(self, stats: torch.Tensor, keys: list[int]) -> bool:
+        """Count ``stats`` (``lohan::grad_stats`` of the gradients of ``keys``, one or a bucket,
+        computed on the device) into the step's global norm, if each gradient is final (no other
+        gradient of the same parameter is added to it this step): then nothing reads them back
+        for the norm."""
+        st = self.state
+        if st.backward_done and not self.accumulating:
+            return False  # (grad_ready refuses this backward)
+        if self.accumulating or not all(self.single_producer.get(k, False) and k not in st.received for k in keys):
+            return False  # (a gradient added to one of an earlier micro-batch: the sum's norm is read)
+        for key, (sumsq, nonfinite) in zip(keys, stats.view(-1, 2).tolist()):
+            st.device_sumsq_of[key] = sumsq
+            st.device_nonfinite |= nonfinite != 0
+        return True
+
+    def grad_ready(self, key: int, host_grad: torch.Tensor, *, counted: bool = False) -> None:
+        """The gradient of ``key`` is in the host tier (``counted``: its norm is in the step's
+        already, from the device)."""
         self.finish_pending()
         st = self.state
         if st.backward_done and not self.accumulating:
@@ -694,8 +729,9 @@ class OffloadRuntime:
         TRACKER.join_step(self)
         st.begun = True
         st.producers[key] = st.producers.get(key, 0) + 1
+        st.received.add(key)
         final = self.single_producer.get(key, False) and not self.accumulating
-        self._submit(self._take_grad, key, host_grad, final)
+        self._submit(self._take_grad, key, host_grad, final, counted)
 
     def _into_host_memory(self, grad: torch.Tensor) -> torch.Tensor:
         """A gradient the copy out spilled to the SSD tier (the host memory was full of other
@@ -843,6 +879,9 @@ class OffloadRuntime:
             self.abort()
             raise
         opt = self.opt
+        # (the worker is done: both threads' counts meet here)
+        st.sumsq = _exact_sum([*st.sumsq_of.values(), *st.device_sumsq_of.values()])
+        st.nonfinite |= st.device_nonfinite
         if self.shared:
             self._global_grad_stats(st)
         norm, clip = opt.clip_coefficient(st.sumsq * inv_scale * inv_scale)
@@ -965,7 +1004,7 @@ class OffloadRuntime:
 
     # ---- work on the worker thread ---------------------------------------------------------
 
-    def _take_grad(self, key: int, host_grad: torch.Tensor, final: bool) -> None:
+    def _take_grad(self, key: int, host_grad: torch.Tensor, final: bool, counted: bool = False) -> None:
         st = self.state
         tier = self.tier
         if not host_grad.is_contiguous():
@@ -981,7 +1020,10 @@ class OffloadRuntime:
         else:
             st.grads[key] = host_grad
         if final:
-            self._count([key])
+            if counted:
+                st.counted.add(key)
+            else:
+                self._count([key])
             if self._speculative():
                 self._speculate([key])
 
@@ -1023,12 +1065,10 @@ class OffloadRuntime:
 
         st = self.state
         start = time.perf_counter()
-        on_ssd = any(self.tier.is_on_ssd(st.grads[k]) for k in keys)
-        # gradients on SSD are read one at a time (the staging reserve holds one)
-        for batch in ([[k] for k in keys] if on_ssd else [keys]):
-            stats = adam_ops.grad_stats([self.tier.in_memory(st.grads[k]) for k in batch],
-                                        num_threads=self._threads())
-            st.sumsq += stats.sumsq
+        # one at a time: each gradient's own sum (the staging reserve holds one read from SSD)
+        for k in keys:
+            stats = adam_ops.grad_stats([self.tier.in_memory(st.grads[k])], num_threads=self._threads())
+            st.sumsq_of[k] = stats.sumsq
             st.nonfinite |= stats.nonfinite
         self.events.append(Event("stats", keys[0], start, time.perf_counter()))
         st.counted.update(keys)

@@ -52,7 +52,8 @@ class Design:
     # (lohan's runtime); False: the fetch takes it from the update's staging buffer
     weights_reread: bool = False
     # gradients on SSD are read once more before the updates, for the global norm and the
-    # inf/NaN check (lohan's runtime computes both on the host)
+    # inf/NaN check (False: the device computed both as the gradients left, as lohan's runtime
+    # does on the CPU stand-in)
     grad_norm_read: bool = False
 
     def grad_bytes_for(self, itemsize: int) -> int:
@@ -60,8 +61,7 @@ class Design:
 
 
 # lohan's runtime, as it runs: gradients leave in the weights' dtype
-OURS = Design(stream_weights=True, optimizer="deferred", staging_rule="parameter", weights_reread=True,
-              grad_norm_read=True)
+OURS = Design(stream_weights=True, optimizer="deferred", staging_rule="parameter", weights_reread=True)
 
 
 def _scaled(problem: Problem, scale: float) -> Problem:
