@@ -164,7 +164,8 @@ def main() -> int:
             folder.mkdir()
             measured = measure(cfg, dtype, host, fraction, folder, a.steps)
             predicted = predict(cfg, dtype, measured, a.ssd_read, a.ssd_write)
-            ratios = {k: measured[k] / predicted[k] if predicted[k] else float("inf") for k in LINKS}
+            ratios = {k: measured[k] / predicted[k] if predicted[k] else (1.0 if not measured[k] else float("inf"))
+                      for k in LINKS}
             within = all(abs(r - 1) <= GATE for r in ratios.values())
             ok &= within or not gated
             result["cases"].append({"case": name, "dtype": str(dtype), "gated": gated, "within_gate": within,
