@@ -107,6 +107,24 @@ def run_dd(args: list[str]) -> float:
     return nbytes / float(m.group(1)) / 1e9
 
 
+def tier_pass(tier, bufs: list, tokens: list, pattern: torch.Tensor, total: int, write: bool) -> float:
+    """GB/s of one pass of the SSD tier: host blocks ``bufs`` written to the SSD blocks
+    ``tokens``, or read back from them over zeros and checked (block i holds i in its first
+    byte, ``pattern`` after its eighth)."""
+    if not write:
+        for b in bufs:
+            b.zero_()
+    t0 = time.perf_counter()
+    pairs = zip(tokens, bufs) if write else zip(bufs, tokens)
+    for ev in [tier.copy_(dst, src) for dst, src in pairs]:
+        ev.wait()
+    seconds = time.perf_counter() - t0
+    if not write:
+        for i, b in enumerate(bufs):
+            assert int(b[0]) == i and torch.equal(b[8:], pattern[8:]), "SSD round trip corrupted data"
+    return total / seconds / 1e9
+
+
 def bench_ssd(folder: Path, total: int, reps: int) -> dict:
     """SSD tier and dd, interleaved rep by rep (the disk's speed drifts over
     time on a shared machine; interleaving gives both sides the same moments)."""
@@ -131,19 +149,7 @@ def bench_ssd(folder: Path, total: int, reps: int) -> dict:
                 b[:8] = i  # every block differs
 
         def ours(kind, write):
-            bufs, toks = kinds[kind], tokens[kind]
-            if not write:
-                for b in bufs:
-                    b.zero_()  # read back over zeros, then check
-            t0 = time.perf_counter()
-            pairs = zip(toks, bufs) if write else zip(bufs, toks)
-            for ev in [tier.copy_(dst, src) for dst, src in pairs]:
-                ev.wait()
-            seconds = time.perf_counter() - t0
-            if not write:
-                for i, b in enumerate(bufs):
-                    assert int(b[0]) == i and torch.equal(b[8:], pattern[8:]), "SSD round trip corrupted data"
-            return total / seconds / 1e9
+            return tier_pass(tier, kinds[kind], tokens[kind], pattern, total, write)
 
         for bufs in kinds.values():
             fill(bufs)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lohan_compile as lohan  # noqa: E402
-from host_tier import run_dd  # noqa: E402
+from host_tier import run_dd, tier_pass  # noqa: E402
 from lohan_compile.runtime import device, hosttier, offload  # noqa: E402
 from lohan_compile.units import format_bytes, parse_bytes  # noqa: E402
 
@@ -68,18 +68,7 @@ def throughput(dirs: list[Path], dd_dir: Path, total: int, reps: int) -> dict:
         tokens = [tier.empty((block,), torch.uint8, where="ssd") for _ in range(n)]
 
         def ours(write: bool) -> float:
-            if not write:
-                for b in bufs:
-                    b.zero_()
-            t0 = time.perf_counter()
-            pairs = zip(tokens, bufs) if write else zip(bufs, tokens)
-            for ev in [tier.copy_(dst, src) for dst, src in pairs]:
-                ev.wait()
-            seconds = time.perf_counter() - t0
-            if not write:
-                for i, b in enumerate(bufs):
-                    assert int(b[0]) == i and torch.equal(b[8:], pattern[8:]), "SSD round trip corrupted data"
-            return total / seconds / 1e9
+            return tier_pass(tier, bufs, tokens, pattern, total, write)
 
         dd_file = dd_dir / "dd-bench.bin"
         for _ in range(reps):
