@@ -104,7 +104,7 @@ def measure(cfg: dict, dtype: torch.dtype, host: str, device_fraction: float | N
         seconds.append(time.perf_counter() - start)
         opt.zero_grad()
         rows.append(lohan.last_report().summary())
-    row = rows[-2]  # (the last step's SSD window closes before anything after it ran)
+    row = rows[-2]  # (a steady step whose successor ran: its deferred updates' I/O is counted)
     out = {k: row[k] for k in LINKS + ("swapped_bytes", "recomputed_bytes", "host_peak_bytes")}
     out["step_s"] = statistics.median(seconds[2:])  # (after the compiles and first measurements)
     out.update(host_memory_budget=host_budget, weights_bytes=weights,

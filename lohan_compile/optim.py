@@ -374,7 +374,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
                 loss = closure()
         runtime = self.__dict__.get("_lohan_offload")
         # the inverse of the loss scale the gradients carry: set by GradScaler.step (runtime.amp)
-        inv_scale = self.__dict__.get("_inv_loss_scale", 1.0)
+        inv_scale = self.__dict__.get("_inv_loss_scale")
         if runtime is not None and runtime.in_step():
             runtime.step(inv_scale)  # the gradients were offloaded during backward
             return loss
@@ -403,7 +403,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
             self.last_grad_norm = 0.0 if self.max_grad_norm is not None else None
             return loss
         grad_scale = 1.0
-        if inv_scale != 1.0:
+        if inv_scale is not None:
             # loss-scaled: unscaled in the update, skipped on an inf or NaN (as GradScaler does)
             stats = _ops().grad_stats(grads, isa=self.isa, num_threads=self._threads())
             self.last_grad_norm, clip = self.clip_coefficient(stats.sumsq * inv_scale * inv_scale)

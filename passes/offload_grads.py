@@ -43,7 +43,7 @@ from lohan_compile.graph.aot import grad_input_index, output_descs
 from lohan_compile.graph.fxutil import storage_base
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
-from lohan_compile.graph.shapes import hint_int
+from lohan_compile.graph.shapes import definitely_contiguous, hint_int
 from lohan_compile.ops import swap_ops
 
 NAME = "offload_grads"
@@ -139,7 +139,7 @@ def _stats(bw: fx.GraphModule, *grads: fx.Node) -> fx.Node | None:
     gradient, at the insertion point), where they are contiguous CPU tensors (the stand-in; a
     transposed gradient is read in the host tier); None elsewhere."""
     vals = [g.meta["val"] for g in grads]
-    if any(v.device.type != "cpu" or not v.is_contiguous() for v in vals):
+    if any(v.device.type != "cpu" or not definitely_contiguous(v) for v in vals):
         return None
     rows = []
     for g in grads:

@@ -292,11 +292,11 @@ def _interrupt_at(phase, monkeypatch):
         original = OffloadRuntime.grad_ready
         calls = []
 
-        def grad_ready(self, *a):
+        def grad_ready(self, *a, **k):
             calls.append(1)
             if len(calls) == 3:
                 once()
-            return original(self, *a)
+            return original(self, *a, **k)
 
         monkeypatch.setattr(OffloadRuntime, "grad_ready", grad_ready)
     elif phase in ("step", "step-error"):  # inside opt.step(), in the updates it runs itself
@@ -639,11 +639,11 @@ def test_abandoning_a_step_whose_updates_ran_final_refuses_the_torn_state():
         opt.zero_grad()
     original, calls = OffloadRuntime.grad_ready, []
 
-    def grad_ready(self, *a):
+    def grad_ready(self, *a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, *a)
+        return original(self, *a, **k)
 
     OffloadRuntime.grad_ready = grad_ready
     try:

@@ -3,14 +3,18 @@ bounded staging area in front of it. Weights twice the device budget, weights an
 times the host budget: exact AdamW with clipping, both budgets held, a checkpoint resumed bit
 for bit."""
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import lohan_compile as lohan
+from lohan_compile.hardware import resolve
 from lohan_compile.measure import measure_device_peak
 from lohan_compile.runtime import device, hosttier, offload, stream
+from lohan_compile.wholestep import HOST_RESERVE_FRACTION, WholeStep, trace
+from lohan_compile.zoo import from_hf_config
 from test_offload import eager_reference, lm_loss
 from test_stream_params import budget_for, weight_bytes
 
@@ -210,12 +214,6 @@ def test_lohan_plan_predicts_the_bytes_each_link_moves_beyond_host_memory(tmp_pa
     """``lohan plan``'s whole-step model of the same model, budgets and hardware profile predicts
     the bytes the runtime moves on each link (h2d, d2h, SSD read, SSD write) within 10%, with
     the state on SSD and the activations on the device (bench/link_bytes.py measures more)."""
-    import dataclasses
-
-    from lohan_compile.hardware import resolve
-    from lohan_compile.wholestep import HOST_RESERVE_FRACTION, WholeStep, trace
-    from lohan_compile.zoo import from_hf_config
-
     previous = hosttier.current_if_set()
     try:
         torch._dynamo.reset()

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import sympy
 import torch
+from torch._prims_common import is_contiguous_or_false
 
 # Used only when an unbacked size has no hint at all (data-dependent sizes).
 UNBACKED_FALLBACK = 4096
@@ -71,6 +72,12 @@ def hint_int(x: Any) -> int:
             return int(x)
         raise ValueError(f"no hint for symbolic size {x}")
     raise TypeError(f"expected an int or SymInt, got {type(x).__name__}")
+
+
+def definitely_contiguous(val: torch.Tensor) -> bool:
+    """``val`` is contiguous whatever its symbolic sizes stand for (False when that depends on
+    them), without adding a guard."""
+    return bool(is_contiguous_or_false(val))
 
 
 def nbytes_expr(val: torch.Tensor) -> sympy.Expr:

@@ -6,7 +6,7 @@ by ``OpRef`` and copies by ``Transfer``, so that nothing parses a name back).
 
 - ``Compute(name, seconds)``: work on the compute stream (``seconds`` is the
   time it takes with nothing running beside it).
-- ``Issue(name, queue, seconds, after=())``: hand work to an asynchronous
+- ``Issue(name, queue, seconds, after=(), nbytes=0)``: hand work to an asynchronous
   queue (``"d2h"``, ``"h2d"``, ``"cpu"`` for the CPU optimizer,
   ``"ssd_read"``, ``"ssd_write"``, ``"net"`` for collectives between the devices of a
   data-parallel step) and go on at once; the queue runs its work
@@ -14,7 +14,8 @@ by ``OpRef`` and copies by ``Transfer``, so that nothing parses a name back).
   named in ``after`` (on other queues) have completed: a weight read from SSD
   before it crosses to the device, an update after its gradient arrived. An
   item still waiting for those does not hold up ready items behind it (the
-  runtime hands a copy to its engine when its prerequisites are done).
+  runtime hands a copy to its engine when its prerequisites are done). ``nbytes``: what
+  it moves over its link, added up per queue in the timeline's ``moved``.
 - ``Wait(name)``: block until the issued item ``name`` has completed.
 - ``Alloc(buffer, bytes, tier)`` and ``Free(buffer)``: memory on a tier
   (``"device"``, ``"host"``, ``"ssd"``), at that moment of the step thread.
@@ -121,8 +122,9 @@ class Timeline:
         return sum(self.exposed.values())
 
     def busy(self, resource: str) -> float:
-        """Seconds ``resource`` was busy: the union of its items' intervals (an item that became
-        ready first but was overtaken by one ready earlier in the queue spans the other's)."""
+        """Seconds ``resource`` was busy: the union of its items' intervals. Items of one queue
+        can overlap in time (an item that started is overtaken by one earlier in the queue whose
+        prerequisites completed), so their durations do not simply add up."""
         total, end = 0.0, -math.inf
         for i in sorted((i for i in self.intervals if i.resource == resource), key=lambda i: i.start):
             if i.end > end:

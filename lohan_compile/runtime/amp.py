@@ -13,10 +13,27 @@ one edit here.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
+
+
+_SCALING: "weakref.WeakSet[GradScaler]" = weakref.WeakSet()  # enabled scalers that scaled a loss
+
+
+def scaling_seen() -> bool:
+    """A live, enabled GradScaler has scaled a loss: an offloading optimizer's updates during
+    backward would run on scaled gradients, so they keep roll-back copies (or wait for
+    ``step()``, where the scale is known)."""
+    return len(_SCALING) > 0
+
+
+def note_scale(scaler: GradScaler) -> None:
+    """``scaler.scale(...)`` is about to scale a loss (``scaling_seen`` while the scaler lives)."""
+    if scaler.is_enabled():
+        _SCALING.add(scaler)
 
 
 def _optimizer_state(scaler: GradScaler, optimizer: Any, method: str) -> dict:
@@ -48,7 +65,8 @@ def step(scaler: GradScaler, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("step() has already been called since the last update().")
     scale = scaler._scale
-    # the reciprocal as torch's unscale_ computes it (in fp64, rounded to fp32)
+    # the reciprocal as torch's unscale_ computes it (in fp64, rounded to fp32); its presence
+    # tells the optimizer the gradients are scaled (even by 1)
     inv_scale = float(scale.double().reciprocal().float())
     optimizer._inv_loss_scale = inv_scale
     try:

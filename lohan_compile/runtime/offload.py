@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import math
 import queue
 import signal
@@ -167,7 +168,6 @@ def offloaded_among(params) -> list[torch.Tensor]:
 def _guard_grad_utility(name: str, fn: Callable) -> Callable:
     """torch's gradient utilities read ``param.grad``: on offloaded parameters they would
     silently do nothing, so they raise and say what to use instead."""
-    import functools
 
     @functools.wraps(fn)
     def guarded(parameters, *args, **kwargs):
@@ -191,15 +191,27 @@ def _scaled_step(name: str, fn: Callable) -> Callable:
     """GradScaler unscales and checks ``param.grad``: for an optimizer whose gradients lohan
     offloads, ``unscale_`` and ``step`` go through ``runtime.amp`` (the optimizer unscales and
     checks them itself)."""
-    import functools
+    offloaded = {"unscale_": amp.unscale_, "step": amp.step}[name]
 
     @functools.wraps(fn)
     def routed(self, optimizer, *args, **kwargs):
         if getattr(optimizer, "_offloaded", None):
-            return getattr(amp, name)(self, optimizer, *args, **kwargs)
+            return offloaded(self, optimizer, *args, **kwargs)
         return fn(self, optimizer, *args, **kwargs)
 
     return routed
+
+
+def _noted_scale(fn: Callable) -> Callable:
+    """``GradScaler.scale``, telling ``runtime.amp`` that losses are scaled before any backward
+    runs (updates during backward then keep roll-back copies)."""
+
+    @functools.wraps(fn)
+    def noted(self, outputs):
+        amp.note_scale(self)
+        return fn(self, outputs)
+
+    return noted
 
 
 def install_guards() -> None:
@@ -208,6 +220,10 @@ def install_guards() -> None:
     work (``runtime.amp``). Idempotent; called when the first offload runtime is made."""
     from torch.amp.grad_scaler import GradScaler
 
+    if not getattr(GradScaler.scale, "_lohan_guard", False):
+        noted = _noted_scale(GradScaler.scale)
+        noted._lohan_guard = True
+        GradScaler.scale = noted
     for name in ("unscale_", "step"):
         original = getattr(GradScaler, name)
         if not getattr(original, "_lohan_guard", False):
@@ -596,7 +612,7 @@ class OffloadRuntime:
                              "cannot receive the update. Pass offload_params=True (then every rank updates "
                              "every parameter) or offload_params=False.")
 
-    def step_without_gradients(self, inv_scale: float = 1.0) -> None:
+    def step_without_gradients(self, inv_scale: float | None = None) -> None:
         """``opt.step()`` on a rank that took no gradient this step (it updates none of the
         parameters whose gradients came): the exchanges every rank's step makes, with nothing of
         its own (a zero norm, no updated weight to send)."""
@@ -606,7 +622,8 @@ class OffloadRuntime:
             self._global_grad_stats(st)
             self._broadcast_weights()
         opt = self.opt
-        opt.last_grad_norm = opt.clip_coefficient(st.sumsq * inv_scale * inv_scale)[0]
+        unscale = 1.0 if inv_scale is None else inv_scale
+        opt.last_grad_norm = opt.clip_coefficient(st.sumsq * unscale * unscale)[0]
         opt.found_inf = st.nonfinite
         TRACKER.optimizer_step_done()
 
@@ -729,6 +746,8 @@ class OffloadRuntime:
         TRACKER.join_step(self)
         st.begun = True
         st.producers[key] = st.producers.get(key, 0) + 1
+        if key in st.received:  # a second gradient: the norm is the sum's, counted in the host tier
+            st.device_sumsq_of.pop(key, None)
         st.received.add(key)
         final = self.single_producer.get(key, False) and not self.accumulating
         self._submit(self._take_grad, key, host_grad, final, counted)
@@ -857,16 +876,16 @@ class OffloadRuntime:
     def in_step(self) -> bool:
         return self.state.active
 
-    def step(self, inv_scale: float = 1.0) -> None:
+    def step(self, inv_scale: float | None = None) -> None:
         """Finish the step: wait, clip or skip, redo what must be redone, write weights back.
-        ``inv_scale``: the inverse of the loss scale the gradients carry (``runtime.amp``): they
-        are unscaled in the update, the norm is theirs unscaled, and an inf or NaN skips the
-        step. All or nothing for Ctrl-C: a SIGINT arriving meanwhile is raised when the step is
-        done."""
+        ``inv_scale``: the inverse of the loss scale the gradients carry (``runtime.amp``; None:
+        not scaled): they are unscaled in the update, the norm is theirs unscaled, and an inf or
+        NaN skips the step. All or nothing for Ctrl-C: a SIGINT arriving meanwhile is raised
+        when the step is done."""
         with CtrlCDeferred():
             self._step(inv_scale)
 
-    def _step(self, inv_scale: float) -> None:
+    def _step(self, inv_scale: float | None) -> None:
         self.check_usable()
         st = self.state
         if self.accumulating:
@@ -884,15 +903,22 @@ class OffloadRuntime:
         st.nonfinite |= st.device_nonfinite
         if self.shared:
             self._global_grad_stats(st)
-        norm, clip = opt.clip_coefficient(st.sumsq * inv_scale * inv_scale)
-        coef = clip * inv_scale  # (one multiplication of each gradient unscales and clips it)
-        skip = st.nonfinite and (opt.skip_nonfinite or inv_scale != 1.0)
-        if inv_scale != 1.0:
-            # speculative updates ran unscaled: every one would be redone
-            self.loss_scaled = True
+        scaled = inv_scale is not None
+        unscale = 1.0 if inv_scale is None else inv_scale
+        norm, clip = opt.clip_coefficient(st.sumsq * unscale * unscale)
+        coef = clip * unscale  # (one multiplication of each gradient unscales and clips it)
+        skip = st.nonfinite and (opt.skip_nonfinite or scaled)  # (GradScaler skips on inf or NaN)
+        self.loss_scaled = scaled  # (the next steps defer their updates while it holds)
         design = "speculative" if self._speculative() else "deferred"  # fixed for this step
         self.recent_clips.append(skip or clip != 1.0)
         try:
+            if scaled and (skip or coef != 1.0) and st.updated - st.speculative:
+                raise LohanError(
+                    "updates ran during backward without a roll-back copy before the loss scale was "
+                    "known; the step was rolled back where it could be. Call scaler.scale(loss) on a "
+                    "torch.amp.GradScaler before backward (lohan then keeps the copies), and load the "
+                    "last checkpoint"
+                )
             if skip:
                 self._rollback(set(st.speculative), restore_weights=True)
             else:
@@ -1012,6 +1038,9 @@ class OffloadRuntime:
             # reads it flat, in the parameter's order (host-tier memory, not the device's)
             host_grad = self._kept(tier.in_memory(host_grad))
         if key in st.grads:
+            # (what was counted of the first gradient is not the sum's)
+            st.counted.discard(key)
+            st.sumsq_of.pop(key, None)
             total = tier.in_memory(st.grads[key], where="host")  # (the sum stays: not staging)
             total.add_(tier.in_memory(host_grad))
             st.grads[key] = self._kept(total) if tier.is_on_ssd(st.grads[key]) else total
@@ -1089,7 +1118,8 @@ class OffloadRuntime:
 
     def _may_roll_back(self) -> bool:
         opt = self.opt
-        return opt.max_grad_norm is not None or opt.skip_nonfinite
+        # (a loss scale, known at step(), changes every update and skips on inf or NaN)
+        return opt.max_grad_norm is not None or opt.skip_nonfinite or self.loss_scaled or amp.scaling_seen()
 
     # ---- pieces ------------------------------------------------------------------------------
 
@@ -1110,7 +1140,7 @@ class OffloadRuntime:
             return mode == "speculative"
         if len(self.recent_clips) >= 3 and sum(self.recent_clips) > 0.3 * len(self.recent_clips):
             return False
-        if self.loss_scaled:
+        if self.loss_scaled or amp.scaling_seen():
             return False  # every speculative update would be redone with the loss scale
         if not self._may_roll_back():
             return True  # updates are final as they run: overlapping backward costs nothing extra

@@ -59,9 +59,9 @@ from ..plan.profile import HardwareProfile
 from ..plan.policies import recomputable_set
 from ..plan.problem import Action, Candidate, Decision, Transfer
 from ..plan.simulate import Timeline, simulate
+from ..plan.state import STATE_BYTES_PER_PARAM, STREAM_MIN_BYTES
 from ..units import format_bytes
 from .layout import Layout, Weight, layout
-from ..plan.state import STATE_BYTES_PER_PARAM, STREAM_MIN_BYTES
 from .placement import (
     ACTIVATION_STAGING_BYTES,
     HOST_RESERVE_FRACTION,

@@ -64,7 +64,8 @@ def place(layout: Layout, hw: HardwareProfile, *, grad_bytes: int = 2, weight_by
         placement.host_bytes = used
         on_any_ssd = placement.state_ssd | placement.grads_ssd | placement.weights_ssd
         if staging_rule == "parameter":
-            largest = max((w.params for w in layout.weights if w.group in on_any_ssd), default=0)
+            # (the runtime's reserve is sized by the largest parameter, wherever that one lives)
+            largest = max((w.params for w in layout.weights), default=0) if on_any_ssd else 0
             placement.staging_bytes = packed_budget(staging_blocks(largest, weight_bytes)) if largest else 0
         else:
             biggest = max((shard_params(layout.groups.get(group, 0), gpus) * (state_bytes + grad_bytes)

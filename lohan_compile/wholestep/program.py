@@ -17,8 +17,8 @@ from ..plan.profile import GiB, HardwareProfile
 from ..plan.program import program_for
 from ..plan.schedule import Inbound, Outbound, just_in_time, op_timeline, release_points
 from ..plan.simulate import Alloc, Compute, Free, Issue, Op, Wait
-from .layout import Layout
 from ..plan.state import STATE_BYTES_PER_PARAM, STREAM_MIN_BYTES
+from .layout import Layout
 from .placement import (
     ACTIVATION_STAGING_BYTES,
     HOST_RESERVE_FRACTION,
@@ -51,10 +51,6 @@ class Design:
     # a deferred update writes a weight on SSD there, and the forward's fetch reads it back
     # (lohan's runtime); False: the fetch takes it from the update's staging buffer
     weights_reread: bool = False
-    # gradients on SSD are read once more before the updates, for the global norm and the
-    # inf/NaN check (False: the device computed both as the gradients left, as lohan's runtime
-    # does on the CPU stand-in)
-    grad_norm_read: bool = False
 
     def grad_bytes_for(self, itemsize: int) -> int:
         return itemsize if self.grad_bytes is None else self.grad_bytes
@@ -337,9 +333,6 @@ def build_program(layout: Layout, decisions: dict[str, Decision], design: Design
         if w.group in placement.grads_ssd:
             after_ops.append(Issue(f"gwrite:{w.name}", "ssd_write", w.bytes / gpus * ssd_write_s_per_byte,
                                    nbytes=w.bytes // gpus))
-            if design.grad_norm_read:  # read back for the norm as soon as it is written
-                after_ops.append(Issue(f"gnorm:{w.name}", "ssd_read", w.bytes / gpus * ssd_read_s_per_byte,
-                                       after=(f"gwrite:{w.name}",), nbytes=w.bytes // gpus))
         at("release", release[name], *after_ops)
     # activations spilled to SSD: d2h into a staging buffer, then written; read back, then h2d
     spilled_order = sorted((c for c in swapped if c.key in spilled), key=lambda c: c.produced_at)

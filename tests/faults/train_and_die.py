@@ -42,11 +42,11 @@ def arm(phase: str, opt) -> None:
         original = OffloadRuntime.grad_ready
         calls = []
 
-        def grad_ready(self, *a):
+        def grad_ready(self, *a, **k):
             calls.append(1)
             if len(calls) == 3:
                 die()
-            return original(self, *a)
+            return original(self, *a, **k)
 
         OffloadRuntime.grad_ready = grad_ready
     elif phase == "deferred":
