@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +148,9 @@ def main() -> None:
     sens = [] if args.no_sensitivity else sensitivity(hw, args.seq)
     show(results, sens)
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hw.to_json(), "results": results, "sensitivity": sens},
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        Path(args.json).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "commit": commit,
+                                               "hardware": hw.to_json(), "results": results, "sensitivity": sens},
                                               indent=2, default=str))
     if args.png:
         plot(results, args.png)
