@@ -53,7 +53,9 @@ def test_measured_trace_of_a_step_with_gradient_offloading(tmp_path):
     assert "measured" in processes and any(p.startswith("predicted") for p in processes)
     measured = [e for e in events if e["ph"] == "X" and e["pid"] == 2]
     names = {e["name"].split()[0] for e in measured}
-    assert {"graph", "update", "stats"} <= names  # compute and the optimizer's work, side by side
+    # compute and the optimizer's work, side by side (each gradient's statistics are taken on the
+    # device as it leaves, in the graph)
+    assert {"graph", "update"} <= names
     assert lohan.last_report().optimizer_events
     # every chunk the copy engine moved, on its direction's track: as many bytes as the counters
     tracks = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name" and e["pid"] == 2}

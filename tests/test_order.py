@@ -15,7 +15,8 @@ from models import tiny_llama
 NAMES = {"swap_out": "lohan::swap_out", "swap_in": "lohan::swap_in", "wait_out": "lohan::wait_tensor",
          "wait_in": "lohan::wait_tensor"}
 # every op a rewritten graph calls (the optimizer's threads call none of them)
-GRAPH_OPS = {*NAMES.values(), "lohan::grad_ready", "lohan::grads_ready", "lohan::weight_ready", "lohan::weight_wait"}
+GRAPH_OPS = {*NAMES.values(), "lohan::grad_stats", "lohan::grad_ready", "lohan::grads_ready", "lohan::weight_ready",
+             "lohan::weight_wait"}
 
 EXECUTORS = ["fx", pytest.param("inductor", marks=pytest.mark.inductor)]
 
