@@ -406,7 +406,7 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         if inv_scale is not None:
             # loss-scaled: unscaled in the update, skipped on an inf or NaN (as GradScaler does)
             stats = _ops().grad_stats(grads, isa=self.isa, num_threads=self._threads())
-            self.last_grad_norm, clip = self.clip_coefficient(stats.sumsq * inv_scale * inv_scale)
+            self.last_grad_norm, clip = self.clip_coefficient(stats.sumsq, inv_scale)
             self.found_inf = stats.nonfinite
             if not stats.nonfinite:
                 self._update(params, grads, [None] * len(params), clip * inv_scale)
@@ -521,14 +521,17 @@ class CPUAdamW(Optimizer, OffloadOptimizer):
         sd.pop("lohan_shard", None)
         return sd
 
-    def clip_coefficient(self, sumsq: float) -> tuple[float, float]:
+    def clip_coefficient(self, sumsq: float, inv_scale: float | None = None) -> tuple[float, float]:
         """``(total_norm, coefficient)`` that ``clip_grad_norm_(max_norm=max_grad_norm)``
-        computes from the gradients' global squared norm.
+        computes from the gradients' global squared norm (``inv_scale``: of gradients that carry
+        a loss scale, unscaled first, as after ``GradScaler.unscale_``).
 
         The coefficient is computed on fp32 scalars with torch's own expression
         (``max_norm / (total_norm + 1e-6)``, clamped to 1), so it rounds as
         torch's does. Without ``max_grad_norm`` the coefficient is 1.
         """
+        if inv_scale is not None:
+            sumsq = sumsq * inv_scale * inv_scale
         total = torch.tensor(math.sqrt(sumsq), dtype=torch.float32)
         if self.max_grad_norm is None:
             return float(total), 1.0

@@ -622,8 +622,7 @@ class OffloadRuntime:
             self._global_grad_stats(st)
             self._broadcast_weights()
         opt = self.opt
-        unscale = 1.0 if inv_scale is None else inv_scale
-        opt.last_grad_norm = opt.clip_coefficient(st.sumsq * unscale * unscale)[0]
+        opt.last_grad_norm = opt.clip_coefficient(st.sumsq, inv_scale)[0]
         opt.found_inf = st.nonfinite
         TRACKER.optimizer_step_done()
 
@@ -904,9 +903,9 @@ class OffloadRuntime:
         if self.shared:
             self._global_grad_stats(st)
         scaled = inv_scale is not None
-        unscale = 1.0 if inv_scale is None else inv_scale
-        norm, clip = opt.clip_coefficient(st.sumsq * unscale * unscale)
-        coef = clip * unscale  # (one multiplication of each gradient unscales and clips it)
+        norm, clip = opt.clip_coefficient(st.sumsq, inv_scale)
+        # (one multiplication of each gradient unscales and clips it)
+        coef = clip * inv_scale if scaled else clip
         skip = st.nonfinite and (opt.skip_nonfinite or scaled)  # (GradScaler skips on inf or NaN)
         self.loss_scaled = scaled  # (the next steps defer their updates while it holds)
         design = "speculative" if self._speculative() else "deferred"  # fixed for this step
