@@ -186,22 +186,21 @@ def _row_chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, rows)) for start in range(0, rows, max(chunk, 1))]
 
 
-@torch.library.custom_op("lohan::chunked_ce_forward", mutates_args=())
-def chunked_ce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: int,
-                       compute_dtype: torch.dtype, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``nll_loss_forward(log_softmax(logits.to(compute_dtype)), target)`` chunk by chunk of
-    rows: (loss, total weight, each row's log-sum-exp in fp32, what backward needs)."""
-    rows = logits.shape[0]
-    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    count = torch.zeros((), dtype=torch.int64, device=logits.device)
+def _ce_forward_by_rows(rows: int, chunk_logits, target: torch.Tensor, ignore_index: int, reduction: int,
+                        compute_dtype: torch.dtype, chunk: int, device: torch.device):
+    """The cross-entropy of ``rows`` rows whose logits ``chunk_logits(start, end)`` gives a chunk
+    at a time: (loss, total weight, each row's log-sum-exp in fp32)."""
+    lse = torch.empty(rows, dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for start, end in _row_chunks(rows, chunk):
-        x = logits[start:end].to(torch.float32)
+        x = chunk_logits(start, end).to(torch.float32)
         row_lse = torch.logsumexp(x, dim=1)
         lse[start:end] = row_lse
         t = target[start:end]
         valid = t != ignore_index
         picked = x.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+        del x
         total += torch.where(valid, row_lse - picked, 0.0).sum()
         count += valid.sum()
     weight = count.to(compute_dtype)
@@ -209,10 +208,35 @@ def chunked_ce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index:
     return loss, weight, lse
 
 
+@torch.library.custom_op("lohan::chunked_ce_forward", mutates_args=())
+def chunked_ce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: int,
+                       compute_dtype: torch.dtype, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``nll_loss_forward(log_softmax(logits.to(compute_dtype)), target)`` chunk by chunk of
+    rows: (loss, total weight, each row's log-sum-exp in fp32, what backward needs)."""
+    return _ce_forward_by_rows(logits.shape[0], lambda start, end: logits[start:end], target, ignore_index,
+                               reduction, compute_dtype, chunk, logits.device)
+
+
 @chunked_ce_forward.register_fake
 def _chunked_ce_forward_fake(logits, target, ignore_index, reduction, compute_dtype, chunk):
     return (logits.new_empty((), dtype=compute_dtype), logits.new_empty((), dtype=compute_dtype),
             logits.new_empty((logits.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("lohan::chunked_linear_ce_forward", mutates_args=())
+def chunked_linear_ce_forward(hidden: torch.Tensor, weight_t: torch.Tensor, target: torch.Tensor,
+                              ignore_index: int, reduction: int, compute_dtype: torch.dtype,
+                              chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``chunked_ce_forward(hidden @ weight_t, ...)`` where nothing else reads the logits: each
+    chunk's logits are made from the hidden states and the weight, so all of them never exist."""
+    return _ce_forward_by_rows(hidden.shape[0], lambda start, end: torch.mm(hidden[start:end], weight_t), target,
+                               ignore_index, reduction, compute_dtype, chunk, hidden.device)
+
+
+@chunked_linear_ce_forward.register_fake
+def _chunked_linear_ce_forward_fake(hidden, weight_t, target, ignore_index, reduction, compute_dtype, chunk):
+    return (hidden.new_empty((), dtype=compute_dtype), hidden.new_empty((), dtype=compute_dtype),
+            hidden.new_empty((hidden.shape[0],), dtype=torch.float32))
 
 
 @torch.library.custom_op("lohan::chunked_linear_ce_backward", mutates_args=())
@@ -249,6 +273,7 @@ def chunked_linear_ce_backward(grad_loss: torch.Tensor, grad_logits: torch.Tenso
         g = g.to(hidden.dtype)
         grad_hidden[start:end] = torch.mm(g, weight_t.t())
         grad_weight.addmm_(g.t().to(torch.float32), h.to(torch.float32))
+        del g  # (before the next chunk's logits: ``pure_op_scratch`` counts one chunk's tensors)
     return grad_hidden, grad_weight.to(weight_t.dtype)
 
 
@@ -260,20 +285,48 @@ def _chunked_linear_ce_backward_fake(grad_loss, grad_logits, hidden, weight_t, t
 
 
 # lohan's ops that compute and do nothing else: measured and estimated like aten's
-PURE_OPS = frozenset({"chunked_ce_forward", "chunked_linear_ce_backward"})
+PURE_OPS = frozenset({"chunked_ce_forward", "chunked_linear_ce_forward", "chunked_linear_ce_backward"})
+
+# where each takes its rows (the tokens) and its rows per chunk, by argument position
+_ROWS_ARG = {"chunked_ce_forward": (0, 5), "chunked_linear_ce_forward": (0, 6), "chunked_linear_ce_backward": (2, 10)}
+CHUNK_KERNELS = 14  # kernels each of them runs per chunk: the cost of a chunk beyond its arithmetic
+
+
+def chunking(name: str, args: list) -> tuple[int, int]:
+    """(rows, rows per chunk) of a ``PURE_OPS`` call's arguments (fake values or tensors)."""
+    rows_at, chunk_at = _ROWS_ARG[name]
+    return hint_int(args[rows_at].shape[0]), int(args[chunk_at])
+
+
+def with_rows_per_chunk(name: str, args: tuple, rows_per_chunk: int) -> tuple:
+    """``args`` of a ``PURE_OPS`` call with another number of rows per chunk."""
+    chunk_at = _ROWS_ARG[name][1]
+    return (*args[:chunk_at], rows_per_chunk, *args[chunk_at + 1:])
+
+
+# how many times each of them does the LM head's matmul (rows x hidden by hidden x vocabulary):
+# the forward that makes its own logits once; the backward makes them again, then the gradients
+# of the hidden states and of the weight
+HEAD_MATMULS = {"chunked_linear_ce_forward": 1, "chunked_linear_ce_backward": 3}
 
 
 def pure_op_scratch(name: str, args: list) -> int:
     """The device bytes a ``PURE_OPS`` op holds beyond its inputs and outputs at its highest
-    point, from its arguments' (fake) values, as its kernel above allocates: a chunk's logits,
-    their fp32 copy, its shifted copy and its softmax (forward: no softmax); backward also the
-    weight gradient's fp32 accumulator where the weight is not fp32."""
+    point, from its arguments' (fake) values, as its kernel above allocates (measured on the
+    CPU, per element of a chunk's logits): forward, a chunk's fp32 copy where the logits are not
+    fp32 and the log-sum-exp's shifted copy (the forward that makes its own logits: the chunk's
+    logits and their fp32 copy, or the copy and the shifted copy, whichever is more); backward,
+    the chunk's logits, their shifted copy and its exponential, and the weight gradient's fp32
+    accumulator where the weight is not fp32."""
     if name == "chunked_ce_forward":
         logits, chunk = args[0], args[5]
         vocab, itemsize = hint_int(logits.shape[1]), logits.element_size()
-        return int(chunk * vocab * (8 + (4 if itemsize != 4 else 0)))
-    hidden, weight_t, chunk = args[2], args[3], args[10]
+        return int(chunk * vocab * (4 + (4 if itemsize != 4 else 0)))
+    if name == "chunked_linear_ce_forward":
+        weight_t, chunk = args[1], args[6]
+        vocab, itemsize = hint_int(weight_t.shape[1]), weight_t.element_size()
+        return int(chunk * vocab * max(itemsize + (4 if itemsize != 4 else 0), 8))
+    weight_t, chunk = args[3], args[10]
     vocab, itemsize = hint_int(weight_t.shape[1]), weight_t.element_size()
-    per_row = vocab * (itemsize + 8 + (4 if itemsize != 4 else 0))
     accumulator = hint_int(weight_t.shape[0]) * vocab * 4 if itemsize != 4 else 0
-    return int(chunk * per_row + accumulator)
+    return int(chunk * vocab * (itemsize + 8) + accumulator)

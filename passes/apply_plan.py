@@ -29,12 +29,26 @@ import torch.fx as fx
 from lohan_compile.graph.fxutil import is_view, storage_base, view_parent
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
+from lohan_compile.ops import with_rows_per_chunk
 from lohan_compile.plan.problem import Action, OpRef, Plan, Problem, Transfer
 from lohan_compile.plan.program import program_for
 from lohan_compile.graph.saved import SavedValues
 from lohan_compile.graph.shapes import expr_of
 
 NAME = "apply_plan"
+
+
+def _set_rows_per_chunk(fw: fx.GraphModule, bw: fx.GraphModule, chosen: dict[tuple[str, str], int]) -> None:
+    """The chunked loss's ops with the rows per chunk the plan chose (first: a recomputation
+    copies the op as it is)."""
+    for phase, gm in (("fw", fw), ("bw", bw)):
+        changed = False
+        for node in gm.graph.nodes:
+            if (phase, node.name) in chosen:
+                node.args = with_rows_per_chunk(node.target._opname, node.args, chosen[(phase, node.name)])
+                changed = True
+        if changed:
+            gm.recompile()
 
 
 def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
@@ -44,6 +58,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     plan: Plan = report["plan"]
     problem: Problem = report["problem"]
     fw, bw = graphs.fw, graphs.bw
+    _set_rows_per_chunk(fw, bw, report.get("loss_rows_per_chunk") or {})
     # resolve the plan's op indices to nodes before the graphs change
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     bw_nodes = {n.name: n for n in bw.graph.nodes}

@@ -15,8 +15,10 @@ own tangent added where they are also an output) → the two ``mm`` that make th
   when the logits are an output, is read a chunk at a time);
 - the nodes the two ops replace are erased; results equal the unchunked graph's up to the
   order of the loss's sum and of the weight gradient's (fp32) accumulation.
-The logits themselves stay where the model returns them (Hugging Face models do): an output
-must exist whole. Other shapes of the region (logits sliced before the loss, a bias, the loss
+Where nothing but the loss reads the logits (a model that returns only its loss), forward is
+``lohan::chunked_linear_ce_forward(hidden, weight_t, target, ...)`` instead: it makes each
+chunk's logits from the hidden states and the weight, so the logits never exist whole. Where the
+model returns them (Hugging Face models do), they stay: an output must exist whole. Other shapes of the region (logits sliced before the loss, a bias, the loss
 in another graph after a graph break) are left as they are, and the report says why.
 
 When: option ``loss_chunks`` (an int: that many chunks, 1 never) or ``"auto"``: under a
@@ -82,6 +84,7 @@ class _Region:
     tangent: fx.Node | None
     grad_hidden_mm: fx.Node
     grad_weight_mm: fx.Node
+    logits_private: bool  # nothing but the loss reads the logits: forward makes them a chunk at a time too
     rows: int
     vocab: int
     hidden_size: int
@@ -140,12 +143,20 @@ def _chunked_before(joint: fx.GraphModule) -> list[dict[str, Any]]:
     """The regions an earlier run of this pass chunked in ``joint``."""
     out = []
     for node in joint.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.lohan.chunked_ce_forward.default:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.lohan.chunked_ce_forward.default:
             logits = node.args[0].meta["val"]
-            rows, vocab, rows_per_chunk = hint_int(logits.shape[0]), hint_int(logits.shape[1]), node.args[5]
-            out.append({"loss": node.name, "rows": rows, "vocab": vocab,
-                        "chunks": math.ceil(rows / rows_per_chunk), "rows_per_chunk": rows_per_chunk,
-                        "logits_fp32_bytes": rows * vocab * 4})
+            rows, vocab, rows_per_chunk, whole = hint_int(logits.shape[0]), hint_int(logits.shape[1]), node.args[5], True
+        elif node.target is torch.ops.lohan.chunked_linear_ce_forward.default:
+            hidden, weight_t = node.args[0].meta["val"], node.args[1].meta["val"]
+            rows, vocab, rows_per_chunk, whole = hint_int(hidden.shape[0]), hint_int(weight_t.shape[1]), node.args[6], False
+        else:
+            continue
+        out.append({"loss": node.name, "rows": rows, "vocab": vocab,
+                    "chunks": math.ceil(rows / rows_per_chunk), "rows_per_chunk": rows_per_chunk,
+                    "logits_fp32_bytes": rows * vocab * 4,
+                    "logits": "made whole (read outside the loss)" if whole else "made a chunk at a time"})
     return out
 
 
@@ -205,9 +216,30 @@ def _match(loss: fx.Node) -> _Region | str:
                 grad_weight_mm = mm
     if grad_hidden_mm is None or grad_weight_mm is None or len(grad.users) != 2:
         return "the logits' gradient is read by more than the head's two gradient mm"
+    private = _only_read_by(logits, x, {loss, nll_bw[0], softmax_bw[0]}, log_probs)
     return _Region(loss, logits, hidden, weight_t, target, xval.dtype, nll_bw[0].args[0], tangent,
-                   grad_hidden_mm, grad_weight_mm, hint_int(lval.shape[0]), hint_int(lval.shape[1]),
+                   grad_hidden_mm, grad_weight_mm, private, hint_int(lval.shape[0]), hint_int(lval.shape[1]),
                    hint_int(hidden.meta["val"].shape[1]), lval.element_size())
+
+
+def _only_read_by(logits: fx.Node, x: fx.Node, loss_nodes: set[fx.Node], log_probs: fx.Node) -> bool:
+    """Whether the chain ``logits`` → (views, casts) → ``x`` → ``log_probs`` is read by nothing
+    but that chain and ``loss_nodes`` (the nodes the rewrite erases): no output, no other use."""
+    node = logits
+    while node is not x:
+        if len(node.users) != 1:
+            return False
+        (node,) = node.users
+    if set(x.users) != {log_probs}:
+        return False
+    readers = list(log_probs.users)
+    while readers:  # (backward reads the log-probabilities through ``detach`` or ``alias``)
+        reader = readers.pop()
+        if reader.target in (aten.detach.default, aten.alias.default):
+            readers.extend(reader.users)
+        elif reader not in loss_nodes:
+            return False
+    return True
 
 
 def _is_plain_cast(node: fx.Node) -> bool:
@@ -232,8 +264,13 @@ def _rewrite(joint: fx.GraphModule, r: _Region, rows_per_chunk: int) -> None:
     graph = joint.graph
     ignore_index, reduction = r.loss.args[4], r.loss.args[3]
     with graph.inserting_after(r.loss):
-        fwd = graph.call_function(torch.ops.lohan.chunked_ce_forward.default,
-                                  (r.logits, r.target, ignore_index, reduction, r.compute_dtype, rows_per_chunk))
+        if r.logits_private:
+            fwd = graph.call_function(torch.ops.lohan.chunked_linear_ce_forward.default,
+                                      (r.hidden, r.weight_t, r.target, ignore_index, reduction, r.compute_dtype,
+                                       rows_per_chunk))
+        else:
+            fwd = graph.call_function(torch.ops.lohan.chunked_ce_forward.default,
+                                      (r.logits, r.target, ignore_index, reduction, r.compute_dtype, rows_per_chunk))
     _set_meta(fwd, r.loss, Role.FORWARD)
     outs = []
     for k in range(3):

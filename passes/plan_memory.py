@@ -30,13 +30,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch.fx as fx
+
 from lohan_compile.errors import BudgetError
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.problem import profile
-from lohan_compile.ops import swap_ops_available
+from lohan_compile.ops import CHUNK_KERNELS, PURE_OPS, chunking, pure_op_scratch, swap_ops_available, with_rows_per_chunk
 from lohan_compile.passes.stream_params import streamable_params, streamed_elsewhere
 from lohan_compile.plan.policies import solve
-from lohan_compile.plan.problem import Problem, Rates, fetches_for
+from lohan_compile.plan.problem import Plan, Problem, Rates, fetches_for
+from lohan_compile.plan.program import predict
 from lohan_compile.plan.schedule import schedule_fetches
 
 NAME = "plan_memory"
@@ -74,6 +77,7 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         # the weights fit, but not beside what the step needs: stream them
         streamed.update(candidates)
         plan = _solve_streaming(policy, problem, rates, budget, streamed, resident, family)
+    problem, plan, loss_chunks = _fewer_loss_chunks(graphs, facts, problem, plan, rates, hw, budget)
     p = plan.prediction
     report = {
         "hardware": hw.name,
@@ -95,8 +99,51 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
         # streamed parameters (input index -> bytes) and where each fetch is issued (op name)
         "streamed": streamed,
         "fetch_at": {(f.input_index, f.phase): problem.ops[f.issue_at].name for f in problem.fetches},
+        # the chunked loss's ops made with fewer chunks than ``chunk_loss`` made them:
+        # (phase, op name) -> rows per chunk, which apply_plan writes into them
+        "loss_rows_per_chunk": loss_chunks,
     }
     return graphs, report
+
+
+FEWER_CHUNKS = (1, 2, 4, 8, 16)  # what "auto" tries before the count ``chunk_loss`` made
+
+
+def _fewer_loss_chunks(graphs: Graphs, facts: CompileFacts, problem: Problem, plan: Plan, rates: Rates,
+                       hw: Any, budget: int | None) -> tuple[Problem, Plan, dict[tuple[str, str], int]]:
+    """``loss_chunks="auto"``: ``chunk_loss`` chunks finely (so the smallest budget it leads
+    to is the smallest any count reaches); where the plan leaves room under the budget, the
+    fewest chunks whose larger scratch still fits, with the same decisions, each chunk costing
+    ``CHUNK_KERNELS`` kernels more. Returns the problem and plan with those ops' scratch and
+    time, and the rows per chunk by op; unchanged where no fewer chunks fit."""
+    if facts.options.loss_chunks != "auto" or budget is None or plan.prediction is None:
+        return problem, plan, {}
+    calls = {}  # (phase, name) -> (op name in PURE_OPS, argument values, rows, rows per chunk)
+    for phase, gm in (("fw", graphs.fw), ("bw", graphs.bw)):
+        for node in gm.graph.nodes:
+            target = node.target
+            if node.op == "call_function" and getattr(target, "namespace", None) == "lohan" \
+                    and target._opname in PURE_OPS:
+                args = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
+                calls[(phase, node.name)] = (target._opname, args, *chunking(target._opname, args))
+    if not calls:
+        return problem, plan, {}
+    current = max(-(-rows // per) for _, _, rows, per in calls.values())
+    for count in (c for c in FEWER_CHUNKS if c < current):
+        extra_bytes, extra_s, chosen = {}, {}, {}
+        for key, (name, args, rows, per) in calls.items():
+            wider = -(-rows // count)
+            extra_bytes[key] = (pure_op_scratch(name, list(with_rows_per_chunk(name, args, wider)))
+                                - pure_op_scratch(name, list(args)))
+            extra_s[key] = (-(-rows // wider) - -(-rows // per)) * CHUNK_KERNELS * hw.op_overhead_s
+            chosen[key] = wider
+        ops = [replace(op, seconds=max(op.seconds + extra_s.get((op.phase, op.name), 0.0), 0.0))
+               for op in problem.ops]
+        wider_problem = replace(problem, ops=ops).with_scratch(extra_bytes)
+        prediction = predict(wider_problem, plan.decisions, rates)
+        if prediction.peak_device_bytes <= budget:
+            return wider_problem, replace(plan, prediction=prediction), chosen
+    return problem, plan, {}
 
 
 def _solve_streaming(policy: str, problem: Problem, rates: Rates, budget: int | None,

@@ -50,6 +50,12 @@ def test_the_chunked_ops_equal_cross_entropy_and_its_gradients(dtype, reduction,
     torch.testing.assert_close(loss, want_loss, **tol)
     torch.testing.assert_close(grad_hidden, want_hidden, **tol)
     torch.testing.assert_close(grad_weight, want_weight, **tol)
+    # the forward that makes its own logits a chunk at a time: the same loss and log-sum-exp
+    own_loss, own_total, own_lse = torch.ops.lohan.chunked_linear_ce_forward(hidden, weight.t(), target, -100,
+                                                                            reduction, compute, 8)
+    assert own_total.item() == 34
+    torch.testing.assert_close(own_loss, want_loss, **tol)
+    torch.testing.assert_close(own_lse, lse, **tol)
     # no chunk of these rows' own: every row ignored makes the mean NaN, as cross_entropy's does
     none = torch.full_like(target, -100)
     assert torch.isnan(torch.ops.lohan.chunked_ce_forward(logits, none, -100, 1, compute, 8)[0])
@@ -61,6 +67,8 @@ def test_the_chunked_ops_pass_opcheck():
     target = torch.randint(0, 11, (9,), generator=g)
     logits = hidden @ weight.t()
     torch.library.opcheck(torch.ops.lohan.chunked_ce_forward.default, (logits, target, -100, 1, torch.float32, 4))
+    torch.library.opcheck(torch.ops.lohan.chunked_linear_ce_forward.default,
+                          (hidden, weight.t(), target, -100, 1, torch.float32, 4))
     loss, total, lse = torch.ops.lohan.chunked_ce_forward(logits, target, -100, 1, torch.float32, 4)
     torch.library.opcheck(torch.ops.lohan.chunked_linear_ce_backward.default,
                           (torch.tensor(1.0), None, hidden, weight.t(), target, lse, total, -100, 1, torch.float32, 4))
@@ -94,6 +102,62 @@ def test_a_hugging_face_loss_chunked_equals_eager(executor, tie):
     report = lohan.last_report().graphs[0].pass_report("chunk_loss")
     assert report["chunked"] == 1 and report["regions"][0]["chunks"] == 5
     assert report["regions"][0]["rows"] == 48 and report["regions"][0]["vocab"] == 300
+
+
+class LossOnly(torch.nn.Module):
+    """A head that returns only its loss: nothing outside the loss reads the logits."""
+
+    def __init__(self, hidden=16, vocab=300):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, h, y):
+        return F.cross_entropy(self.head(h).float().view(-1, self.head.out_features), y.view(-1))
+
+
+@pytest.mark.parametrize("executor", ["fx", "inductor"])
+def test_logits_only_the_loss_reads_never_exist_whole(executor):
+    torch.manual_seed(0)
+    model = LossOnly()
+    ref = copy.deepcopy(model)
+    h = torch.randn(2, 24, 16)
+    y = torch.randint(0, 300, (2, 24))
+    y[0, :5] = -100
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="lohan", options={"loss_chunks": 5, "executor": executor})
+    for _ in range(2):
+        got = [cm(hx := h.clone().requires_grad_(), y)]
+        got[0].backward()
+        want = ref(hr := h.clone().requires_grad_(), y)
+        want.backward()
+        torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hx.grad, hr.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.head.weight.grad, ref.head.weight.grad, rtol=1e-4, atol=1e-6)
+        model.zero_grad(), ref.zero_grad()
+    (region,) = lohan.last_report().graphs[0].pass_report("chunk_loss")["regions"]
+    assert region["chunks"] == 5 and region["logits"] == "made a chunk at a time"
+
+
+def test_a_step_whose_logits_only_the_loss_reads_peaks_below_the_logits_alone():
+    rows, vocab = 128, 4000
+    logits_bytes = rows * vocab * 4
+
+    def build():
+        torch.manual_seed(0)
+        model = LossOnly(16, vocab)
+        torch._dynamo.reset()
+        cm = torch.compile(model, backend="lohan", options={"loss_chunks": 16, "executor": "fx"})
+        return model, cm, torch.randn(rows, 16, requires_grad=True), torch.randint(0, vocab, (rows,))
+
+    def run(state):
+        model, cm, h, y = state
+        model.zero_grad(set_to_none=True)
+        h.grad = None
+        cm(h, y).backward()
+
+    # (the weight and its gradient take 0.5 MiB, the hidden states 16 KiB: a step that made the
+    # 1.95 MiB of fp32 logits whole, or their gradient, would peak above them)
+    assert measure_device_peak(build, run, steps=2).peak_bytes < logits_bytes
 
 
 def test_without_a_budget_auto_leaves_the_loss_whole_and_says_why():
@@ -175,6 +239,16 @@ def test_chunking_lowers_the_smallest_budget_and_the_step_keeps_it():
     report = lohan.last_report()
     assert report.graphs[0].pass_report("chunk_loss")["chunked"] == 1
     assert measured <= budget
+    assert report.summary()["predicted_peak_bytes"] == pytest.approx(measured, rel=0.02)
+    assert not report.graphs[0].pass_report("plan_memory")["loss_rows_per_chunk"]  # (no room for fewer)
+    # with room under the budget, fewer chunks (of more rows each) whose scratch still fits
+    # (the user keeps the logits, as the first plan of a graph assumes: predicted = measured)
+    roomy = int(whole * 1.5)
+    measured = _peak({"executor": "fx", "memory_budget": roomy, "tune_plans": False}, ids, keep_output=True)
+    report = lohan.last_report()
+    chosen = report.graphs[0].pass_report("plan_memory")["loss_rows_per_chunk"]
+    assert chosen and min(chosen.values()) > 4 * 128 // 32
+    assert measured <= roomy
     assert report.summary()["predicted_peak_bytes"] == pytest.approx(measured, rel=0.02)
 
 

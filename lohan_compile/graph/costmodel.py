@@ -3,7 +3,7 @@
 A node costs ``max(FLOPs / matmul rate, bytes / memory bandwidth)`` plus a
 fixed per-op overhead. FLOPs come from torch's own FLOP formulas
 (``torch.utils.flop_counter``: matmul, attention, convolution and their
-backward), with a formula added here for the CPU flash-attention kernel;
+backward), with formulas added here for the CPU flash-attention kernel and lohan's chunked loss;
 bytes are what the op reads and writes. View ops move nothing and cost
 nothing. Sizes may be symbolic: they are evaluated with their hints.
 
@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from .fxutil import is_view, output_tensors
+from ..ops import CHUNK_KERNELS, HEAD_MATMULS, PURE_OPS, chunking
 from ..hardware import HardwareProfile
 from .shapes import hint_int, nbytes_hint
 
@@ -48,6 +49,12 @@ def _attention_flops(q: torch.Size, k: torch.Size, v: torch.Size) -> int:
 def _attention_backward_flops(grad_out: torch.Size, q: torch.Size, k: torch.Size, v: torch.Size, *rest: Any) -> int:
     # grad_out, q, k, v, out, logsumexp...: recompute P, then dV, dP, dQ, dK: 2.5x forward
     return int(2.5 * _attention_flops(q, k, v))
+
+
+def _head_flops(name: str, args: tuple) -> int:
+    """lohan's chunked loss: its LM head matmuls, from the hidden states and the weight."""
+    hidden, weight_t = (args[0], args[1]) if name == "chunked_linear_ce_forward" else (args[2], args[3])
+    return HEAD_MATMULS[name] * 2 * hidden[0] * hidden[1] * weight_t[1]
 
 
 # FLOPs of ops torch's table lacks (the CPU kernels of attention), from their argument shapes
@@ -80,10 +87,13 @@ def node_flops(node: fx.Node) -> int:
     target = node.target
     extra = _EXTRA_FLOPS.get(target)
     formula = flop_registry.get(getattr(target, "overloadpacket", None))
-    if formula is None and extra is None:
+    head = getattr(target, "namespace", None) == "lohan" and target._opname in HEAD_MATMULS
+    if formula is None and extra is None and not head:
         return 0  # (before reading any size: most ops have no FLOP formula)
     args, kwargs = _arg_vals(node)
     shapes = tree_map(_to_shape, args)
+    if head:
+        return _head_flops(target._opname, shapes)
     if extra is not None:
         return extra(*shapes)
     try:
@@ -115,7 +125,14 @@ class CostModel:
             return 0.0
         flops = node_flops(node)
         nbytes = node_bytes(node)
-        return max(flops / self.hw.matmul_flops, nbytes / self.hw.memory_bandwidth) + self.hw.op_overhead_s
+        overhead = self.hw.op_overhead_s
+        target = node.target
+        if getattr(target, "namespace", None) == "lohan" and target._opname in PURE_OPS:
+            # (the chunked loss: each chunk runs its own kernels, so more chunks cost more)
+            rows, rows_per_chunk = chunking(target._opname, [a.meta.get("val") if isinstance(a, fx.Node) else a
+                                                             for a in node.args])
+            overhead *= CHUNK_KERNELS * -(-rows // max(rows_per_chunk, 1))
+        return max(flops / self.hw.matmul_flops, nbytes / self.hw.memory_bandwidth) + overhead
 
     def transfer_seconds(self, nbytes: int, queue: str) -> float:
         rate = {
