@@ -17,7 +17,8 @@ of torch at its lowest, lohan at torch's lowest peak, and (qwen32k) lohan chunke
 the unchunked plan's smallest budget.
 
 The loss region alone (qwen32k's shapes: 2048 tokens, hidden 128, vocabulary 32000): a module
-of the head and the loss, its hidden states requiring grad, measured chunked and not.
+of the head and the loss that returns only the loss, its hidden states requiring grad, measured
+in 32 chunks and whole.
 
     python bench/loss_chunks.py [--models qwen32k,gpt2] [--executor inductor] [--rounds 5]
                                 [--json bench/results/loss_chunks.json]
@@ -179,7 +180,7 @@ def free_grads(model) -> None:
 def head_region(executor: str) -> dict:
     tokens, hidden, vocab = 2048, 128, 32000
     out = {}
-    for label, chunks in (("whole", 1), ("chunked", "auto")):
+    for label, chunks in (("whole", 1), ("chunked", 32)):  # (32: "auto"'s count, which the budget here would coarsen)
         def build(chunks=chunks):
             torch.manual_seed(0)
             head = Head(hidden, vocab)
