@@ -298,6 +298,12 @@ def chunking(name: str, args: list) -> tuple[int, int]:
     return hint_int(args[rows_at].shape[0]), int(args[chunk_at])
 
 
+def vocabulary(name: str, args: list) -> int:
+    """The columns of the logits of a ``PURE_OPS`` call's arguments."""
+    return hint_int((args[0] if name == "chunked_ce_forward" else args[1] if name == "chunked_linear_ce_forward"
+                     else args[3]).shape[1])
+
+
 def with_rows_per_chunk(name: str, args: tuple, rows_per_chunk: int) -> tuple:
     """``args`` of a ``PURE_OPS`` call with another number of rows per chunk."""
     chunk_at = _ROWS_ARG[name][1]

@@ -35,7 +35,8 @@ import torch.fx as fx
 from lohan_compile.errors import BudgetError
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.problem import profile
-from lohan_compile.ops import CHUNK_KERNELS, PURE_OPS, chunking, pure_op_scratch, swap_ops_available, with_rows_per_chunk
+from lohan_compile.ops import (CHUNK_KERNELS, PURE_OPS, chunking, pure_op_scratch, swap_ops_available, vocabulary,
+                               with_rows_per_chunk)
 from lohan_compile.passes.stream_params import streamable_params, streamed_elsewhere
 from lohan_compile.plan.policies import solve
 from lohan_compile.plan.problem import Plan, Problem, Rates, fetches_for
@@ -107,15 +108,22 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
 
 
 FEWER_CHUNKS = (1, 2, 4, 8, 16)  # what "auto" tries before the count ``chunk_loss`` made
+# ... where a chunk's fp32 logits take at most this: on the CPU stand-in a larger temporary is
+# fresh memory from the system allocator at every chunk (glibc's largest mmap threshold),
+# whose first touch costs more than the kernels fewer chunks save (measured, 2048 tokens of a
+# 32000 vocabulary: the backward 0.54 s in chunks of 256 rows, 0.63 s of 64, 0.92-1.02 s of
+# 512 to 2048); not measured on a GPU
+CHUNK_LOGITS_MAX_BYTES = 32 << 20
 
 
 def _fewer_loss_chunks(graphs: Graphs, facts: CompileFacts, problem: Problem, plan: Plan, rates: Rates,
                        hw: Any, budget: int | None) -> tuple[Problem, Plan, dict[tuple[str, str], int]]:
     """``loss_chunks="auto"``: ``chunk_loss`` chunks finely (so the smallest budget it leads
     to is the smallest any count reaches); where the plan leaves room under the budget, the
-    fewest chunks whose larger scratch still fits, with the same decisions, each chunk costing
-    ``CHUNK_KERNELS`` kernels more. Returns the problem and plan with those ops' scratch and
-    time, and the rows per chunk by op; unchanged where no fewer chunks fit."""
+    fewest chunks whose larger scratch still fits with the same decisions, none of more than
+    ``CHUNK_LOGITS_MAX_BYTES`` of logits (each chunk costs ``CHUNK_KERNELS`` kernels). Returns
+    the problem and plan with those ops' scratch and time, and the rows per chunk by op;
+    unchanged where no fewer chunks fit."""
     if facts.options.loss_chunks != "auto" or budget is None or plan.prediction is None:
         return problem, plan, {}
     calls = {}  # (phase, name) -> (op name in PURE_OPS, argument values, rows, rows per chunk)
@@ -130,13 +138,15 @@ def _fewer_loss_chunks(graphs: Graphs, facts: CompileFacts, problem: Problem, pl
         return problem, plan, {}
     current = max(-(-rows // per) for _, _, rows, per in calls.values())
     for count in (c for c in FEWER_CHUNKS if c < current):
-        extra_bytes, extra_s, chosen = {}, {}, {}
+        chosen = {key: -(-rows // count) for key, (_, _, rows, _) in calls.items()}
+        if any(chosen[key] * vocabulary(name, list(args)) * 4 > CHUNK_LOGITS_MAX_BYTES
+               for key, (name, args, _, _) in calls.items()):
+            continue
+        extra_bytes, extra_s = {}, {}
         for key, (name, args, rows, per) in calls.items():
-            wider = -(-rows // count)
-            extra_bytes[key] = (pure_op_scratch(name, list(with_rows_per_chunk(name, args, wider)))
+            extra_bytes[key] = (pure_op_scratch(name, list(with_rows_per_chunk(name, args, chosen[key])))
                                 - pure_op_scratch(name, list(args)))
-            extra_s[key] = (-(-rows // wider) - -(-rows // per)) * CHUNK_KERNELS * hw.op_overhead_s
-            chosen[key] = wider
+            extra_s[key] = (-(-rows // chosen[key]) - -(-rows // per)) * CHUNK_KERNELS * hw.op_overhead_s
         ops = [replace(op, seconds=max(op.seconds + extra_s.get((op.phase, op.name), 0.0), 0.0))
                for op in problem.ops]
         wider_problem = replace(problem, ops=ops).with_scratch(extra_bytes)
