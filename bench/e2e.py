@@ -13,7 +13,12 @@ One small Hugging Face LLaMA (``tests/models.py``'s config), one batch, a traini
 - ``lohan budget``: lohan under a budget that makes it swap (``--budget``, a fraction of
   the peak of ``lohan``), its step time beside the simulator's prediction (from the cost
   model's estimates, and calibrated: simulated again with the compute times the executor
-  measured in the first steps).
+  measured in the first steps);
+- ``lohan lowest``: lohan at the smallest budget its planner names (the ``BudgetError`` of a
+  1 MiB budget; where the plan made then names a larger one, that one).
+
+The lowest reachable peak of each system, with its step time: eager; torch checkpointing;
+torch's min-cut at ``--torch-budget`` (0.1 by default); lohan lowest.
 
 Compile time is the first step's (each variant compiles in a fresh, empty Inductor cache, so
 none reuses another's kernels). Step times are medians of interleaved rounds, so drift on a
@@ -89,6 +94,7 @@ class Variant:
         self.report: dict | None = None
         self.loss: float | None = None
         self.failed: str | None = None
+        self.failed_bytes: int | None = None  # the smallest budget a BudgetError named
 
     def guarded(self, fn: Callable[[], Any]) -> None:
         """Run ``fn``; a BudgetError (a run-time re-plan that found no fit: every variant's
@@ -101,6 +107,7 @@ class Variant:
             if inner is None:
                 raise
             self.failed = str(inner)
+            self.failed_bytes = inner.smallest_feasible_bytes
 
     def step(self) -> float:
         self.model.zero_grad(set_to_none=True)
@@ -183,7 +190,37 @@ def build(args, cache_root: str) -> list[Variant]:
     v.first_step(cache_root)
     print(f"  {v.name}: first step (compile) {v.compile_s:.1f} s", flush=True)
     variants.append(v)
+    variants.append(lohan_lowest(make, batch, cache_root))
     return variants
+
+
+def lohan_lowest(make: Callable[[], torch.nn.Module], batch: torch.Tensor, cache_root: str,
+                 tries: int = 6) -> Variant:
+    """lohan at the smallest budget its planner names, above what the other variants hold."""
+    gc.collect()
+    held = device.allocated(DEVICE)
+    named = held + (1 << 20)
+    for _ in range(tries):
+        budget = int(named * 1.002) if named > held + (1 << 20) else named
+        v = Variant("lohan lowest", make, batch,
+                    lambda m, budget=budget: torch.compile(m, backend="lohan", options={
+                        "executor": "inductor", "memory_budget": budget}), lohan_report=True)
+        v.own_budget = budget - held
+        v.guarded(lambda: v.first_step(cache_root))
+        for _ in range(2):  # (the re-plans after the first steps may name a larger budget)
+            if v.failed is None:
+                v.guarded(v.step)
+        if v.failed is None:
+            print(f"  {v.name}: first step (compile) {v.compile_s:.1f} s, budget "
+                  f"{lohan.units.format_bytes(v.own_budget)} above the rest", flush=True)
+            return v
+        smallest = v.failed_bytes
+        if smallest is None or smallest <= named:
+            raise RuntimeError(f"lohan lowest: {v.failed}")
+        named = smallest
+        v = None  # (its model freed before the next try's is built)
+        gc.collect()
+    raise RuntimeError(f"lohan lowest: no budget held in {tries} tries")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     ap.add_argument("--budget", type=float, default=0.6, help="lohan's budget: a fraction of its unplanned peak")
-    ap.add_argument("--torch-budget", type=float, default=0.5, help="torch's activation_memory_budget")
+    ap.add_argument("--torch-budget", type=float, default=0.1, help="torch's activation_memory_budget")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="cuda when there is a GPU, else the CPU stand-in")
@@ -275,7 +312,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{budgeted.report['predicted_step_s'] * 1e3:.2f} ms"
               + (f" ({calibrated * 1e3:.2f} ms with the compute times measured in its first steps)" if calibrated else "")
               + f"; device peak {budgeted.peak / budgeted.own_budget:.3f} x its budget")
+    lowest = {label: base.get(name) for label, name in (
+        ("eager", "eager"), ("torch checkpointing", "torch checkpointing"),
+        (f"torch min-cut {args.torch_budget:g}", f"torch memory budget {args.torch_budget:g}"),
+        ("lohan", "lohan lowest"))}
+    lowest_rows = {label: {"device_peak_bytes": v.peak, "step_ms": statistics.median(v.times) * 1e3}
+                   for label, v in lowest.items() if v is not None}
+    print("\nlowest reachable device peak per system, with its step time:")
+    print(tabulate([[label, lohan.units.format_bytes(r["device_peak_bytes"]), f"{r['step_ms']:.2f}"]
+                    for label, r in lowest_rows.items()], headers=["system", "device peak", "step ms (median)"]))
     result = {
+        "lowest_reachable": lowest_rows,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "config": vars(args) | {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                 "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"},
