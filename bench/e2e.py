@@ -41,6 +41,7 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -323,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                     for label, r in lowest_rows.items()], headers=["system", "device peak", "step ms (median)"]))
     result = {
         "lowest_reachable": lowest_rows,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "bench/" + Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).resolve().parent).stdout.strip(),
         "config": vars(args) | {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                 "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"},
         "variants": out,
