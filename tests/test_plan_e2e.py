@@ -513,14 +513,19 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
     from lohan_compile.backend.replan import Replanning
     from lohan_compile.plan.policies import AUTO_FAMILIES
 
-    # every plan that fits is close enough; one warm-up step and one timed step each
+    # every plan that fits is close enough; one warm-up step and four timed steps each
     monkeypatch.setattr(Replanning, "TRIAL_MARGIN", 1e9)
     monkeypatch.setattr(Replanning, "TRIAL_WARMUP", 1)
-    monkeypatch.setattr(Replanning, "TRIAL_STEPS", 1)
+    monkeypatch.setattr(Replanning, "TRIAL_STEPS", 4)  # (each plan runs long enough to be timed)
+    # each plan is calibrated (its step simulated again with measured op times) once, however
+    # often the trial brings it back
+    calibrated = []
+    calibrate = Replanning._calibrate
+    monkeypatch.setattr(Replanning, "_calibrate", lambda self: (calibrated.append(id(self.record)), calibrate(self)))
     g = torch.Generator().manual_seed(5)
     # enough steps for a trial that starts again at the second step (planned again once the
-    # loop is seen dropping the logits): warm-up, compile and a timed step for each of 3 plans
-    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(10)]
+    # loop is seen dropping the logits): warm-up, compile and timed steps for each of 3 plans
+    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(22)]
     # plain SGD: no optimizer state appears after the first step, so nothing re-plans
     losses, models, plans_run, peaks = {}, {}, [], []
     for name in ("eager", "unplanned", "tuned", "untuned"):
@@ -561,6 +566,7 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
             kept = fastest if trials[fastest] < Replanning.TRIAL_SWITCH * trials[first] else first
             assert summary["plans"] == [kept] and plans_run[-1] == kept
             assert max(peaks) <= budget, (list(zip(plans_run, peaks)), budget)
+            assert calibrated and max(calibrated.count(record) for record in calibrated) == 1, calibrated
         if name == "untuned":
             assert summary["plan_trials"] == [{}] and graph.variants and not graph.trials
 

@@ -317,6 +317,10 @@ class Replanning:
         if measured:
             self.measured = measured
             self.record.calibrate(measured)
+        if self.trial is not None and self.record.variant in self.trial["compiled"]:
+            # (a trial swaps plans in and out with what went with them: this one is calibrated now,
+            # not again each time it comes back)
+            self.trial["compiled"][self.record.variant] = self._current()
 
     def _start_trial(self) -> None:
         """Queue auto's other plans whose predicted step is close to the chosen one's."""
@@ -439,9 +443,13 @@ class Replanning:
         no longer meets the budget (outputs the user began to hold). torch's min-cut partition
         is not searched again."""
         planned = self.record.pass_report("plan_memory")
-        if planned is None or planned["problem"].dropped_outputs == self.dropped:
+        if planned is None:
             return
+        # (compared as the problem keeps them: only positions of its own user outputs, so that
+        # a plan simulated again once is not simulated again at every step)
         problem = planned["problem"].without_outputs(self.dropped)
+        if problem.dropped_outputs == planned["problem"].dropped_outputs:
+            return
         plan, rates, budget = planned["plan"], planned["rates"], self.opts.memory_budget
         prediction = predict(problem, plan.decisions, rates)
         if budget is not None and prediction.peak_device_bytes > budget:
