@@ -11,7 +11,7 @@ With nothing to plan, this is torch's default partitioner, which saves what
 the joint graph computed rather than recomputing it: results are bitwise
 those of ``aot_eager``. With ``policy="torch-min-cut"`` it is torch's min-cut
 partitioner, its activation budget searched to fit ``memory_budget``
-(``partition_min_cut``, below). Under ``policy="auto"`` and a budget, with
+(``partition_min_cut``, below; its minimum cut found in C++: ``graph/maxflow.py``). Under ``policy="auto"`` and a budget, with
 the fx executor, where auto's plan of the default partition is predicted more
 than 2% slower than keeping everything, torch's min-cut partition at its own
 default (activation budget 1.0: it recomputes what it finds free to) is also
@@ -51,6 +51,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 
 from lohan_compile.graph.aot import placeholder_role
 from lohan_compile.graph.fxutil import lazy_graph_module
+from lohan_compile.graph.maxflow import minimum_cut_in_cpp
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.errors import BudgetError
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
@@ -130,7 +131,7 @@ class Partitions:
         """torch's min-cut partition under ``activation_memory_budget=fraction``."""
         def make() -> tuple[fx.GraphModule, fx.GraphModule]:
             joint = _copy(self.joint)  # the partitioner rewrites the graph it is given
-            with functorch_config.patch(activation_memory_budget=fraction):
+            with functorch_config.patch(activation_memory_budget=fraction), minimum_cut_in_cpp():
                 return min_cut_rematerialization_partition(
                     joint, self.facts.joint_inputs, "inductor", num_fwd_outputs=self.facts.num_fwd_outputs,
                     **self.facts.partition_kwargs)
