@@ -15,6 +15,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -160,16 +161,16 @@ std::tuple<double, at::Tensor> min_cut_sink_side(const at::Tensor& tails, const 
   TORCH_CHECK(0 <= source && source < nodes && 0 <= sink && sink < nodes && source != sink,
               "lohan::min_cut_sink_side: source and sink must be two nodes of the graph");
   const int64_t edges = tails.numel();
-  const int64_t* t = tails.const_data_ptr<int64_t>();
-  const int64_t* h = heads.const_data_ptr<int64_t>();
-  const double* c = capacity.const_data_ptr<double>();
+  const int64_t* tail = tails.const_data_ptr<int64_t>();
+  const int64_t* head = heads.const_data_ptr<int64_t>();
+  const double* cap = capacity.const_data_ptr<double>();
   for (int64_t e = 0; e < edges; ++e) {
-    TORCH_CHECK(0 <= t[e] && t[e] < nodes && 0 <= h[e] && h[e] < nodes,
+    TORCH_CHECK(0 <= tail[e] && tail[e] < nodes && 0 <= head[e] && head[e] < nodes,
                 "lohan::min_cut_sink_side: edge ", e, " names a node outside the graph");
-    TORCH_CHECK(c[e] >= 0.0, "lohan::min_cut_sink_side: edge ", e, " has a negative capacity");
+    TORCH_CHECK(cap[e] >= 0.0, "lohan::min_cut_sink_side: edge ", e, " has a negative capacity");
   }
   FlowGraph graph(nodes);
-  graph.build(t, h, c, edges);
+  graph.build(tail, head, cap, edges);
   const double value = graph.max_flow(source, sink);
   at::Tensor side = at::zeros({nodes}, tails.options().dtype(at::kBool));
   if (!std::isinf(value)) {

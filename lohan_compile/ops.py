@@ -331,6 +331,8 @@ def pure_op_scratch(name: str, args: list) -> int:
     if name == "chunked_linear_ce_forward":
         weight_t, chunk = args[1], args[6]
         vocab, itemsize = hint_int(weight_t.shape[1]), weight_t.element_size()
+        # (8 for every dtype of 4 bytes or fewer: the chunk's logits and their fp32 copy never
+        # outlast the copy and the shifted copy)
         return int(chunk * vocab * max(itemsize + (4 if itemsize != 4 else 0), 8))
     weight_t, chunk = args[3], args[10]
     vocab, itemsize = hint_int(weight_t.shape[1]), weight_t.element_size()

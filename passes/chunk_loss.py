@@ -24,8 +24,10 @@ in another graph after a graph break) are left as they are, and the report says 
 When: option ``loss_chunks`` (an int: that many chunks, 1 never) or ``"auto"``: under a
 memory budget, where the region's fp32 logits take at least ``AUTO_MIN_BYTES``, in
 ``AUTO_CHUNKS`` chunks; without a budget never (the graph stays the one torch would run).
-The count does not depend on the budget's size, so the smallest budget a ``BudgetError``
-names is one the same chunking fits.
+The count made here does not depend on the budget's size, so the smallest budget a
+``BudgetError`` names is one the same chunking fits; under ``"auto"``, ``plan_memory`` then
+gives the ops fewer chunks where the plan leaves room (its report's ``loss_rows_per_chunk``:
+the count the step runs; this pass's report keeps the count it made).
 """
 
 from __future__ import annotations

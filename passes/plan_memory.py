@@ -109,10 +109,8 @@ def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, 
 
 FEWER_CHUNKS = (1, 2, 4, 8, 16)  # what "auto" tries before the count ``chunk_loss`` made
 # ... where a chunk's fp32 logits take at most this: on the CPU stand-in a larger temporary is
-# fresh memory from the system allocator at every chunk (glibc's largest mmap threshold),
-# whose first touch costs more than the kernels fewer chunks save (measured, 2048 tokens of a
-# 32000 vocabulary: the backward 0.54 s in chunks of 256 rows, 0.63 s of 64, 0.92-1.02 s of
-# 512 to 2048); not measured on a GPU
+# fresh memory from the system allocator at every chunk (above glibc's largest mmap threshold),
+# measured slower than more, smaller chunks (README, "The LM head and its loss")
 CHUNK_LOGITS_MAX_BYTES = 32 << 20
 
 
@@ -136,6 +134,7 @@ def _fewer_loss_chunks(graphs: Graphs, facts: CompileFacts, problem: Problem, pl
                 calls[(phase, node.name)] = (target._opname, args, *chunking(target._opname, args))
     if not calls:
         return problem, plan, {}
+    scratch_of = {(op.phase, op.name): op.scratch_bytes for op in problem.ops if (op.phase, op.name) in calls}
     current = max(-(-rows // per) for _, _, rows, per in calls.values())
     for count in (c for c in FEWER_CHUNKS if c < current):
         chosen = {key: -(-rows // count) for key, (_, _, rows, _) in calls.items()}
@@ -144,12 +143,16 @@ def _fewer_loss_chunks(graphs: Graphs, facts: CompileFacts, problem: Problem, pl
             continue
         extra_bytes, extra_s = {}, {}
         for key, (name, args, rows, per) in calls.items():
-            extra_bytes[key] = (pure_op_scratch(name, list(with_rows_per_chunk(name, args, chosen[key])))
-                                - pure_op_scratch(name, list(args)))
+            now = pure_op_scratch(name, list(args))
+            wider = pure_op_scratch(name, list(with_rows_per_chunk(name, args, chosen[key])))
+            # (what the problem holds for the op may be measured, above the formula: scaled with it)
+            held = scratch_of.get(key, now)
+            extra_bytes[key] = max(wider - now, int(held * wider / max(now, 1)) - held)
             extra_s[key] = (-(-rows // chosen[key]) - -(-rows // per)) * CHUNK_KERNELS * hw.op_overhead_s
         ops = [replace(op, seconds=max(op.seconds + extra_s.get((op.phase, op.name), 0.0), 0.0))
                for op in problem.ops]
-        wider_problem = replace(problem, ops=ops).with_scratch(extra_bytes)
+        wider_problem = replace(problem, ops=ops, fw_seconds=sum(op.seconds for op in ops if op.phase == "fw"),
+                                bw_seconds=sum(op.seconds for op in ops if op.phase == "bw")).with_scratch(extra_bytes)
         prediction = predict(wider_problem, plan.decisions, rates)
         if prediction.peak_device_bytes <= budget:
             return wider_problem, replace(plan, prediction=prediction), chosen

@@ -138,6 +138,32 @@ def test_logits_only_the_loss_reads_never_exist_whole(executor):
     assert region["chunks"] == 5 and region["logits"] == "made a chunk at a time"
 
 
+def test_logits_read_beside_the_loss_are_not_made_a_chunk_at_a_time():
+    class WithAccuracy(LossOnly):
+        """The loss and the accuracy of the logits' argmax: not only the loss reads them, so
+        forward must make them whole (backward is chunked all the same)."""
+
+        def forward(self, h, y):
+            logits = self.head(h).float().view(-1, self.head.out_features)
+            return F.cross_entropy(logits, y.view(-1)), (logits.argmax(-1) == y.view(-1)).float().mean()
+
+    torch.manual_seed(0)
+    model = WithAccuracy()
+    ref = copy.deepcopy(model)
+    h, y = torch.randn(2, 24, 16), torch.randint(0, 300, (2, 24))
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="lohan", options={"loss_chunks": 5, "executor": "fx"})
+    got, got_accuracy = cm(hx := h.clone().requires_grad_(), y)
+    want, want_accuracy = ref(hr := h.clone().requires_grad_(), y)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_accuracy, want_accuracy)
+    torch.testing.assert_close(hx.grad, hr.grad, rtol=1e-4, atol=1e-6)
+    (region,) = lohan.last_report().graphs[0].pass_report("chunk_loss")["regions"]
+    assert region["logits"] == "made whole (read outside the loss)"
+
+
 def test_a_step_whose_logits_only_the_loss_reads_peaks_below_the_logits_alone():
     rows, vocab = 128, 4000
     logits_bytes = rows * vocab * 4

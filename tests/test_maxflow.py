@@ -30,9 +30,25 @@ def _random_graph(seed: int) -> nx.DiGraph:
     return g
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_the_cut_is_the_one_networkx_finds(seed):
+def _unbounded_graph(seed: int) -> nx.DiGraph:
+    """A random graph with integer capacities (as torch's partitioner gives) and a path of
+    several infinite edges from the source to the sink among finite detours."""
     g = _random_graph(seed)
+    for u, v, data in g.edges(data=True):
+        if "capacity" in data:
+            data["capacity"] = float(int(data["capacity"]))
+    hops = ["source", "hop0", "hop1", "hop2", "sink"]
+    for u, v in zip(hops, hops[1:]):
+        g.add_edge(u, v)
+    g.add_edge("hop1", 0, capacity=5.0)
+    g.add_edge(0, "hop2", capacity=7.0)
+    return g
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("make", [_random_graph, _unbounded_graph])
+def test_the_cut_is_the_one_networkx_finds(make, seed):
+    g = make(seed)
     try:
         want_value, (want_source_side, want_sink_side) = nx_maxflow.minimum_cut(g, "source", "sink")
     except nx.NetworkXUnbounded:

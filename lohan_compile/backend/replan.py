@@ -447,9 +447,10 @@ class Replanning:
             return
         # (compared as the problem keeps them: only positions of its own user outputs, so that
         # a plan simulated again once is not simulated again at every step)
-        problem = planned["problem"].without_outputs(self.dropped)
-        if problem.dropped_outputs == planned["problem"].dropped_outputs:
+        kept = planned["problem"]
+        if frozenset(self.dropped) & frozenset(kept.user_outputs) == kept.dropped_outputs:
             return
+        problem = kept.without_outputs(self.dropped)
         plan, rates, budget = planned["plan"], planned["rates"], self.opts.memory_budget
         prediction = predict(problem, plan.decisions, rates)
         if budget is not None and prediction.peak_device_bytes > budget:

@@ -13,6 +13,7 @@ an undirected graph), or a machine where the extension cannot load, goes to netw
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -43,8 +44,8 @@ def minimum_cut(graph: Any, source: Any, sink: Any, capacity: str = "capacity", 
     # (the partitioner runs under AOTAutograd's fake-tensor mode: these are real tensors)
     with _disable_current_modes():
         value, sink_side = ext.cpp_ops().min_cut_sink_side(
-            torch.tensor(tails, dtype=torch.int64), torch.tensor(heads, dtype=torch.int64),
-            torch.tensor(caps, dtype=torch.float64), len(nodes), index[source], index[sink])
+            torch.tensor(tails, dtype=torch.int64, device="cpu"), torch.tensor(heads, dtype=torch.int64, device="cpu"),
+            torch.tensor(caps, dtype=torch.float64, device="cpu"), len(nodes), index[source], index[sink])
         on_sink_side = sink_side.tolist()
     if math.isinf(value):
         raise nx.NetworkXUnbounded("Infinite capacity path, flow unbounded above.")
@@ -52,24 +53,36 @@ def minimum_cut(graph: Any, source: Any, sink: Any, capacity: str = "capacity", 
     return value, (set(nodes) - sink_nodes, sink_nodes)
 
 
+_lock = threading.Lock()
+_depth = 0  # how many ``minimum_cut_in_cpp`` are active (threads may partition at once)
+_networkx_minimum_cut: Any = None
+
+
 @contextmanager
 def minimum_cut_in_cpp() -> Iterator[None]:
     """While active, ``networkx.minimum_cut`` is ``minimum_cut`` above (where the extension
     loads). torch's partitioner imports networkx and calls ``nx.minimum_cut`` inside the
     function, so the module's attribute is what it finds."""
+    global _depth, _networkx_minimum_cut
     import networkx as nx
 
     try:
         ext.load()
+        usable = True
     except ExtensionBuildError:
+        usable = False
+    if not usable:
         yield
         return
-    if nx.minimum_cut is minimum_cut:  # (already active: a nested call)
-        yield
-        return
-    original = nx.minimum_cut
-    nx.minimum_cut = minimum_cut
+    with _lock:
+        if _depth == 0:
+            _networkx_minimum_cut = nx.minimum_cut
+            nx.minimum_cut = minimum_cut
+        _depth += 1
     try:
         yield
     finally:
-        nx.minimum_cut = original
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                nx.minimum_cut = _networkx_minimum_cut
