@@ -513,19 +513,14 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
     from lohan_compile.backend.replan import Replanning
     from lohan_compile.plan.policies import AUTO_FAMILIES
 
-    # every plan that fits is close enough; one warm-up step and four timed steps each
+    # every plan that fits is close enough; one warm-up step and one timed step each
     monkeypatch.setattr(Replanning, "TRIAL_MARGIN", 1e9)
     monkeypatch.setattr(Replanning, "TRIAL_WARMUP", 1)
-    monkeypatch.setattr(Replanning, "TRIAL_STEPS", 4)  # (each plan runs long enough to be timed)
-    # each plan is calibrated (its step simulated again with measured op times) once, however
-    # often the trial brings it back
-    calibrated = []
-    calibrate = Replanning._calibrate
-    monkeypatch.setattr(Replanning, "_calibrate", lambda self: (calibrated.append(self.record), calibrate(self)))
+    monkeypatch.setattr(Replanning, "TRIAL_STEPS", 1)
     g = torch.Generator().manual_seed(5)
     # enough steps for a trial that starts again at the second step (planned again once the
-    # loop is seen dropping the logits): warm-up, compile and timed steps for each of 3 plans
-    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(22)]
+    # loop is seen dropping the logits): warm-up, compile and a timed step for each of 3 plans
+    batches = [torch.randint(0, 128, (4, 96), generator=g) for _ in range(10)]
     # plain SGD: no optimizer state appears after the first step, so nothing re-plans
     losses, models, plans_run, peaks = {}, {}, [], []
     for name in ("eager", "unplanned", "tuned", "untuned"):
@@ -566,9 +561,39 @@ def test_auto_times_its_close_plans_keeps_the_fastest_and_stays_exact(monkeypatc
             kept = fastest if trials[fastest] < Replanning.TRIAL_SWITCH * trials[first] else first
             assert summary["plans"] == [kept] and plans_run[-1] == kept
             assert max(peaks) <= budget, (list(zip(plans_run, peaks)), budget)
-            assert calibrated and max(sum(r is record for r in calibrated) for record in calibrated) == 1
         if name == "untuned":
             assert summary["plan_trials"] == [{}] and graph.variants and not graph.trials
+
+
+def test_a_trial_calibrates_each_plan_once(monkeypatch):
+    """A trial swaps its plans in and out with what goes with each: a plan is simulated again
+    with its measured op times (calibrated) once, not at every step the trial brings it back."""
+    from lohan_compile.backend.replan import Replanning
+
+    monkeypatch.setattr(Replanning, "TRIAL_MARGIN", 1e9)
+    monkeypatch.setattr(Replanning, "TRIAL_WARMUP", 1)
+    monkeypatch.setattr(Replanning, "TRIAL_STEPS", 4)  # (each plan runs long enough to be timed)
+    calibrated = []
+    calibrate = Replanning._calibrate
+    monkeypatch.setattr(Replanning, "_calibrate", lambda self: (calibrated.append(self.record), calibrate(self)))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 128, (4, 96), generator=g)
+    budget = None
+    for options in (None, "tuned"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = make()
+        run = torch.compile(model, backend="lohan",
+                            options=None if options is None else {"memory_budget": budget, "tune_plans": True})
+        for _ in range(1 if options is None else 60):
+            lm_loss(run, ids).backward()
+            model.zero_grad(set_to_none=True)
+            if options is not None and lohan.last_report().summary()["plan_trials"] != [{}]:
+                break  # the trial is over
+        if options is None:
+            budget = int(lohan.last_report().summary()["measured_peak_bytes"] * 0.9)
+    assert lohan.last_report().summary()["plan_trials"] != [{}], "no trial ended in 60 steps"
+    assert calibrated and max(sum(r is record for r in calibrated) for record in calibrated) == 1
 
 
 def test_what_compiling_left_behind_holds_no_device_memory_into_later_steps():
