@@ -30,7 +30,7 @@ unused. A third kind only computes (``PURE_OPS``: the chunked LM head and loss o
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -290,6 +290,19 @@ PURE_OPS = frozenset({"chunked_ce_forward", "chunked_linear_ce_forward", "chunke
 # where each takes its rows (the tokens) and its rows per chunk, by argument position
 _ROWS_ARG = {"chunked_ce_forward": (0, 5), "chunked_linear_ce_forward": (0, 6), "chunked_linear_ce_backward": (2, 10)}
 CHUNK_KERNELS = 14  # kernels each of them runs per chunk: the cost of a chunk beyond its arithmetic
+
+
+def pure_op_name(node: Any) -> str | None:
+    """The ``PURE_OPS`` name an fx node calls (``torch.ops.lohan.<name>``), or None."""
+    target = getattr(node, "target", None)
+    if getattr(node, "op", None) != "call_function" or getattr(target, "namespace", None) != "lohan":
+        return None
+    return target._opname if target._opname in PURE_OPS else None
+
+
+def arg_values(node: Any) -> list:
+    """A node's arguments, nodes as their fake values."""
+    return [a.meta.get("val") if hasattr(a, "meta") else a for a in node.args]
 
 
 def chunking(name: str, args: list) -> tuple[int, int]:

@@ -43,6 +43,7 @@ import torch.fx as fx
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.shapes import hint_int
+from lohan_compile.ops import arg_values, chunking, pure_op_name, vocabulary
 
 NAME = "chunk_loss"
 
@@ -145,16 +146,12 @@ def _chunked_before(joint: fx.GraphModule) -> list[dict[str, Any]]:
     """The regions an earlier run of this pass chunked in ``joint``."""
     out = []
     for node in joint.graph.nodes:
-        if node.op != "call_function":
+        name = pure_op_name(node)
+        if name not in ("chunked_ce_forward", "chunked_linear_ce_forward"):
             continue
-        if node.target is torch.ops.lohan.chunked_ce_forward.default:
-            logits = node.args[0].meta["val"]
-            rows, vocab, rows_per_chunk, whole = hint_int(logits.shape[0]), hint_int(logits.shape[1]), node.args[5], True
-        elif node.target is torch.ops.lohan.chunked_linear_ce_forward.default:
-            hidden, weight_t = node.args[0].meta["val"], node.args[1].meta["val"]
-            rows, vocab, rows_per_chunk, whole = hint_int(hidden.shape[0]), hint_int(weight_t.shape[1]), node.args[6], False
-        else:
-            continue
+        args = arg_values(node)
+        (rows, rows_per_chunk), vocab = chunking(name, args), vocabulary(name, args)
+        whole = name == "chunked_ce_forward"
         out.append({"loss": node.name, "rows": rows, "vocab": vocab,
                     "chunks": math.ceil(rows / rows_per_chunk), "rows_per_chunk": rows_per_chunk,
                     "logits_fp32_bytes": rows * vocab * 4,

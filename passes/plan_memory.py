@@ -30,13 +30,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import torch.fx as fx
-
 from lohan_compile.errors import BudgetError
 from lohan_compile.graph.pipeline import CompileFacts, Graphs
 from lohan_compile.graph.problem import profile
-from lohan_compile.ops import (CHUNK_KERNELS, PURE_OPS, chunking, pure_op_scratch, swap_ops_available, vocabulary,
-                               with_rows_per_chunk)
+from lohan_compile.ops import (CHUNK_KERNELS, arg_values, chunking, pure_op_name, pure_op_scratch, swap_ops_available,
+                               vocabulary, with_rows_per_chunk)
 from lohan_compile.passes.stream_params import streamable_params, streamed_elsewhere
 from lohan_compile.plan.policies import solve
 from lohan_compile.plan.problem import Plan, Problem, Rates, fetches_for
@@ -127,11 +125,10 @@ def _fewer_loss_chunks(graphs: Graphs, facts: CompileFacts, problem: Problem, pl
     calls = {}  # (phase, name) -> (op name in PURE_OPS, argument values, rows, rows per chunk)
     for phase, gm in (("fw", graphs.fw), ("bw", graphs.bw)):
         for node in gm.graph.nodes:
-            target = node.target
-            if node.op == "call_function" and getattr(target, "namespace", None) == "lohan" \
-                    and target._opname in PURE_OPS:
-                args = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
-                calls[(phase, node.name)] = (target._opname, args, *chunking(target._opname, args))
+            name = pure_op_name(node)
+            if name is not None:
+                args = tuple(arg_values(node))
+                calls[(phase, node.name)] = (name, args, *chunking(name, args))
     if not calls:
         return problem, plan, {}
     scratch_of = {(op.phase, op.name): op.scratch_bytes for op in problem.ops if (op.phase, op.name) in calls}

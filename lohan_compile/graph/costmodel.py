@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from .fxutil import is_view, output_tensors
-from ..ops import CHUNK_KERNELS, HEAD_MATMULS, PURE_OPS, chunking
+from ..ops import CHUNK_KERNELS, HEAD_MATMULS, arg_values, chunking, pure_op_name
 from ..hardware import HardwareProfile
 from .shapes import hint_int, nbytes_hint
 
@@ -87,7 +87,7 @@ def node_flops(node: fx.Node) -> int:
     target = node.target
     extra = _EXTRA_FLOPS.get(target)
     formula = flop_registry.get(getattr(target, "overloadpacket", None))
-    head = getattr(target, "namespace", None) == "lohan" and target._opname in HEAD_MATMULS
+    head = pure_op_name(node) in HEAD_MATMULS
     if formula is None and extra is None and not head:
         return 0  # (before reading any size: most ops have no FLOP formula)
     args, kwargs = _arg_vals(node)
@@ -126,11 +126,10 @@ class CostModel:
         flops = node_flops(node)
         nbytes = node_bytes(node)
         overhead = self.hw.op_overhead_s
-        target = node.target
-        if getattr(target, "namespace", None) == "lohan" and target._opname in PURE_OPS:
+        name = pure_op_name(node)
+        if name is not None:
             # (the chunked loss: each chunk runs its own kernels, so more chunks cost more)
-            rows, rows_per_chunk = chunking(target._opname, [a.meta.get("val") if isinstance(a, fx.Node) else a
-                                                             for a in node.args])
+            rows, rows_per_chunk = chunking(name, arg_values(node))
             overhead *= CHUNK_KERNELS * -(-rows // max(rows_per_chunk, 1))
         return max(flops / self.hw.matmul_flops, nbytes / self.hw.memory_bandwidth) + overhead
 

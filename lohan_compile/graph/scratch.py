@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..ops import PURE_OPS, pure_op_scratch
+from ..ops import PURE_OPS, arg_values, pure_op_name, pure_op_scratch
 from .fxutil import is_view
 from .shapes import hint_int, nbytes_hint
 
@@ -133,9 +133,9 @@ def estimate_scratch(node: fx.Node) -> int:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return 0
-    if _pure_lohan(target):
-        return pure_op_scratch(target._opname, [a.meta.get("val") if isinstance(a, fx.Node) else a
-                                                for a in node.args])
+    name = pure_op_name(node)
+    if name is not None:
+        return pure_op_scratch(name, arg_values(node))
     if target._opname.lstrip("_") not in {n.lstrip("_") for n in _ESTIMATED}:
         return 0
     return 2 * max((nbytes_hint(v) for v in _tensor_vals(node) if isinstance(v, torch.Tensor)), default=0)
