@@ -13,8 +13,8 @@ eager; of ``torch.compile`` (Inductor) with torch's min-cut partitioner at
 ``activation_memory_budget`` 0.0, 0.05, 0.1 and 0.3 (its lowest is "torch's lowest"); of lohan
 at the smallest budget its planner names (``BudgetError.smallest_feasible_bytes``, times
 1.002), chunked (``loss_chunks="auto"``) and not (``loss_chunks=1``); and of lohan at the
-budget of torch's lowest peak. Step times: medians of interleaved rounds of unprofiled steps
-of torch at its lowest, lohan at torch's lowest peak, and (qwen32k) lohan chunked and not at
+budget of torch's lowest peak. Step times (after lohan's trial of its plans has ended): medians
+of interleaved rounds of unprofiled steps of torch at its lowest, lohan at torch's lowest peak, and (qwen32k) lohan chunked and not at
 the unchunked plan's smallest budget.
 
 The loss region alone (qwen32k's shapes: 2048 tokens, hidden 128, vocabulary 32000): a module
@@ -41,12 +41,15 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import lohan_compile as lohan
+from lohan_compile.backend.replan import Replanning
 from lohan_compile.errors import BudgetError
 from lohan_compile.measure import measure_device_peak
 from lohan_compile.runtime import device as device_memory
 
 MiB = 2**20
 TORCH_FRACTIONS = (0.0, 0.05, 0.1, 0.3)
+# steps a trial of auto's plans takes at most (backend/replan.py), and a step to spare
+TRIAL_STEPS = Replanning.TRIAL_PLANS * (Replanning.TRIAL_WARMUP + Replanning.TRIAL_STEPS) + 1
 
 
 def qwen32k():
@@ -162,7 +165,8 @@ def timed(name: str, variants: dict[str, dict], rounds: int, per_round: int = 3)
             how = {**how, "options": {**how["options"],
                                       "memory_budget": how["options"]["memory_budget"] + everything - own}}
         call = compiled(model, how, reset=not runners)
-        for _ in range(2):  # compile; a re-plan after the first step
+        # compile; a re-plan after the first step; lohan's trial of its close plans, to its end
+        for _ in range(2 + (TRIAL_STEPS if how["kind"] == "lohan" else 0)):
             step(model, call, ids)
             free_grads(model)
         runners[label] = (model, call, ids)

@@ -3,9 +3,10 @@
 Requires: the plan of ``plan_memory`` (its report), forward and backward
 graphs with roles and saved storages.
 Ensures:
-- RECOMPUTE: forward no longer saves the storage; backward recomputes its
-  producer from what backward already has (graph inputs and other saved
-  values, swapped ones included: then from the swapped-in storage, after its
+- RECOMPUTE: forward no longer saves the storage; backward runs again the
+  candidate's ``recompute_ops`` (its producer, and the cheap forward ops
+  between it and what backward already has: graph inputs and other saved
+  values, swapped ones included, then from the swapped-in storage, after its
   wait), just before the first backward use, and rebuilds any saved views
   of it from the recomputed value.
 - SWAP: forward copies the storage to the host tier right after it is
@@ -76,7 +77,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     # first, the value would no longer be saved, and the recomputation would find nothing.
     for c in problem.candidates:
         if plan.decisions[c.key].action is Action.RECOMPUTE:
-            _recompute(saved, fw_nodes[c.name], bases)
+            _recompute(saved, [fw_nodes[name] for name in c.recompute_ops or (c.name,)], bases)
             recomputed += 1
     for c in problem.candidates:
         decision = plan.decisions[c.key]
@@ -225,15 +226,20 @@ def _remove_slots(saved: SavedValues, placeholders: list[fx.Node]) -> None:
         saved.remove(k)
 
 
-def _recompute(saved: SavedValues, base: fx.Node, bases: dict[fx.Node, fx.Node]) -> None:
+def _recompute(saved: SavedValues, chain: list[fx.Node], bases: dict[fx.Node, fx.Node]) -> None:
+    """Backward runs ``chain`` (forward ops, the saved storage's producer last: the candidate's
+    ``recompute_ops``) again before the first use of what forward saved of the storage, on
+    what backward has (saved values, graph inputs), and reads the result instead."""
     bw = saved.bw
+    base = chain[-1]
     slots = _saved_with_storage(saved, base, bases)
     if not slots:
         raise NodeError(base, "planned for recomputation but not saved for backward")
-    # what backward has of the producer's inputs
     anchor = _first_user(bw, [p for _, _, p in slots])
     in_bw: dict[fx.Node, fx.Node] = {}
-    for a in base.all_input_nodes:
+
+    def have(a: fx.Node) -> fx.Node:
+        """What backward has of a forward value the chain reads from outside itself."""
         p = saved.in_backward(a)
         if p is None and not isinstance(a.meta.get("val"), torch.Tensor):
             raise NodeError(base, f"recomputation needs the size {a.name}, which forward does not save")
@@ -245,14 +251,19 @@ def _recompute(saved: SavedValues, base: fx.Node, bases: dict[fx.Node, fx.Node])
             root_in_bw = next((p for v, p in saved.tensor_pairs() if v is root), None)
             if root_in_bw is None:
                 root_in_bw = saved.add(root, f"{root.name}_for_recompute")
-            with bw.graph.inserting_before(anchor):
-                p = root_in_bw if a is root else _replay_view(bw, root_in_bw, a, root, saved)
-        in_bw[a] = p
+            p = root_in_bw if a is root else _replay_view(bw, root_in_bw, a, root, saved)
+        return p
+
     with bw.graph.inserting_before(anchor):
-        args, kwargs = fx.node.map_arg((base.args, base.kwargs), lambda a: in_bw[a])
-        value = bw.graph.call_function(base.target, args, kwargs)
-        _copy_meta(value, base)
-        _mark(value, Role.FORWARD, "recompute", base.name)
+        for node in chain:
+            for a in node.all_input_nodes:
+                if a not in in_bw:
+                    in_bw[a] = have(a)
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: in_bw[a])
+            value = bw.graph.call_function(node.target, args, kwargs)
+            _copy_meta(value, node)
+            _mark(value, Role.FORWARD, "recompute", node.name)
+            in_bw[node] = value
         replacements = [(p, value if v is base else _replay_view(bw, value, v, base, saved)) for _, v, p in slots]
     for p, new in replacements:
         p.replace_all_uses_with(new)

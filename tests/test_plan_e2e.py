@@ -108,7 +108,7 @@ def test_budget_is_met_under_inductor(unplanned):
     summary = report.summary()
     assert all(g.executor == "inductor" and g.segments for g in report.graphs)
     assert peak <= budget, (peak, budget, summary)
-    assert summary["plans"] == ["default/greedy"]
+    assert summary["plans"] in (["default/greedy"], ["default/greedy-recompute"])  # auto's own plan
     assert summary["swapped_bytes"] + summary["recomputed_bytes"] > 0
     assert summary["d2h_bytes"] == summary["h2d_bytes"] == summary["swapped_bytes"]
 
@@ -397,7 +397,7 @@ def test_recomputation_before_the_wait_of_what_it_reads_is_exact():
 
     compiled_step(policy="keep-all")
     keep = lohan.last_report().graphs[0].predicted_peak_bytes
-    lc, compiled = compiled_step(memory_budget=keep // 2)
+    lc, compiled = compiled_step(memory_budget=int(keep * 0.55))  # (where auto's plan does that: a preset's)
     moved = sum(g.pass_report("apply_plan")["recomputations_after_waits"] for g in lohan.last_report().graphs)
     assert moved, "no recomputation read a swapped value before its wait: this test needs another budget"
     eager = model()
@@ -406,6 +406,42 @@ def test_recomputation_before_the_wait_of_what_it_reads_is_exact():
     assert torch.equal(le.detach(), lc)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.equal(a.grad, b.grad), name
+
+
+def test_gelu_is_recomputed_whole_from_the_matmul_output_and_exactly():
+    """GPT-2's GELU (``gelu_new``: pow, mul, add, mul, tanh, add, mul) saves four results for
+    backward. Each is recomputed by a chain of its ops from the one value a matmul made, not
+    only where its single op reads saved values: all four go under recompute-all, none of
+    their recomputations reads another's, and gradients equal eager's bitwise."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def model():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=2, n_positions=64,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    compiled = model()
+    cm = torch.compile(compiled, backend="lohan", options={"policy": "recompute-all", "executor": "fx"})
+    lc = lm_loss(cm, ids)
+    lc.backward()
+    eager = model()
+    le = lm_loss(eager, ids)
+    le.backward()
+    assert torch.equal(le.detach(), lc.detach())
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    planned = lohan.last_report().graphs[0].pass_report("plan_memory")
+    plan, problem = planned["plan"], planned["problem"]
+    by_key = {c.key: c for c in problem.candidates}
+    recomputed = [c for c in problem.candidates if plan.decisions[c.key].action is Action.RECOMPUTE]
+    gelu = [c for c in recomputed if any(op.startswith("tanh") for op in c.recompute_ops)]
+    assert len(gelu) >= 3, [c.recompute_ops for c in recomputed]  # tanh, 1 + tanh, the product
+    assert max(len(c.recompute_ops) for c in gelu) >= 6
+    for c in gelu:
+        assert all(plan.decisions[n].action is not Action.RECOMPUTE for n in c.recompute_needs)
+        assert all(by_key[n].recompute_seconds is None or "mm" in by_key[n].name for n in c.recompute_needs)
 
 
 def test_recomputation_that_reads_a_swapped_value_is_exact(monkeypatch):

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lohan_compile.errors import BudgetError
 from lohan_compile.plan.problem import Action, Buffer, Candidate, OpInfo, Problem, Rates, Transfer
-from lohan_compile.plan.policies import auto, keep_all, minimal_memory_plan, recompute_all, solve, swap_all
+from lohan_compile.plan.policies import AUTO_FAMILIES, auto, keep_all, minimal_memory_plan, recompute_all, solve, swap_all
 from lohan_compile.plan.program import program_for
 from lohan_compile.plan.schedule import schedule_swaps
 from lohan_compile.plan.simulate import Issue, Sharing, Wait
@@ -126,10 +126,28 @@ def test_autos_swap_all_waits_earlier_for_the_copies_held_at_the_peak_to_fit():
     assert 0 < len(changed) < len(p.candidates)  # only those at the peak, not minimal-memory's all
 
 
+def test_auto_weighs_a_plan_that_recomputes_where_copies_would_only_hide():
+    """Where swapping hides behind compute, auto's greedy plan swaps; its second greedy plan
+    counts every copy's whole time and recomputes what is cheaper to redo (a cheap chain),
+    and each is among auto's plans, so a trial can measure which is faster on the machine."""
+    p = layered_problem(layers=4, act_bytes=100, op_s=1.0, recompute_s=0.05)
+    budget = keep_all(p, FAST, None).prediction.peak_device_bytes - 150
+    rates = Rates(d2h_seconds_per_byte=1e-3, h2d_seconds_per_byte=1e-3)  # 0.2 s a round trip: hidden
+    greedy = auto(p, rates, budget, family="greedy")
+    recompute_first = auto(p, rates, budget, family="greedy-recompute")
+    assert greedy.count(Action.SWAP) > 0 and greedy.count(Action.RECOMPUTE) == 0
+    # (each layer's activation is recomputed from the one before: those two cannot both be)
+    assert recompute_first.count(Action.RECOMPUTE) > 0
+    assert recompute_first.prediction.d2h_bytes < greedy.prediction.d2h_bytes
+    for plan in (greedy, recompute_first):
+        assert plan.prediction.peak_device_bytes <= budget
+    assert {"greedy", "greedy-recompute"} <= set(auto(p, rates, budget).alternatives)
+
+
 def test_a_plan_asked_for_that_misses_the_budget_raises():
     p = layered_problem()
     budget = keep_all(p, SLOW, None).prediction.peak_device_bytes - 150
-    missing = [f for f in ("greedy", "swap-all", "recompute-all", "minimal-memory")
+    missing = [f for f in AUTO_FAMILIES
                if f not in auto(p, SLOW, budget).alternatives]
     assert missing, "the problem should have a plan that misses this budget"
     with pytest.raises(BudgetError, match=missing[0]) as e:

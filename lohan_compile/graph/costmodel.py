@@ -133,6 +133,18 @@ class CostModel:
             overhead *= CHUNK_KERNELS * -(-rows // max(rows_per_chunk, 1))
         return max(flops / self.hw.matmul_flops, nbytes / self.hw.memory_bandwidth) + overhead
 
+    def memory_bound(self, node: fx.Node) -> bool:
+        """Whether the op's time is its memory traffic rather than its arithmetic (an elementwise
+        op, a norm, a reduction; not a matmul or attention)."""
+        return node_flops(node) / self.hw.matmul_flops <= node_bytes(node) / self.hw.memory_bandwidth
+
+    def fused_seconds(self, nodes: list[fx.Node], boundary_bytes: int, kernels: int) -> float:
+        """Ops run as ``kernels`` fused kernels that read and write ``boundary_bytes`` in all
+        (what Inductor makes of an elementwise chain), never estimated slower than run one by one."""
+        flops = sum(node_flops(n) for n in nodes)
+        fused = max(flops / self.hw.matmul_flops, boundary_bytes / self.hw.memory_bandwidth)
+        return min(fused + kernels * self.hw.op_overhead_s, sum(self.node_seconds(n) for n in nodes))
+
     def transfer_seconds(self, nbytes: int, queue: str) -> float:
         rate = {
             "d2h": self.hw.d2h_bandwidth,

@@ -7,6 +7,11 @@ times, every storage the step allocates with when it is allocated and freed, and
 produced and used and what recomputing them would cost. Everything after this (solver,
 simulator, report) works on the ``Problem`` alone and never looks at a graph.
 
+A candidate is recomputed by a chain of forward ops (``_recompute_chain``): its producer and the
+cheap ops between it and what backward has (graph inputs, saved values), so a value made by
+an elementwise chain from a matmul's output (GELU's ``tanh``) is recomputable from that output
+alone; the chain's time is the fused one under Inductor.
+
 See ``lohan_compile.plan.problem`` for the indices and the outputs the user drops.
 
 ``profile`` is the one place a graph's ``Problem`` is made for planning (``plan_memory``, and
@@ -42,6 +47,117 @@ def _recomputable(node: fx.Node) -> bool:
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False  # a random op recomputed would draw new numbers
     return not target._schema.is_mutable
+
+
+# a recomputation runs at most this many ops (views not counted)
+RECOMPUTE_CHAIN_MAX = 12
+
+
+@dataclass
+class _Chain:
+    """How backward rebuilds a saved value: the forward ``nodes`` it runs again (in forward
+    order, the value's own producer last), reading ``needs`` (keys of saved storages) and the
+    graph's inputs."""
+
+    nodes: list[fx.Node]
+    needs: list[str]
+
+    def seconds(self, cost: CostModel, fused: bool) -> float:
+        """One op by one (the fx executor); fused (Inductor): the chain reads what it needs and
+        writes its value once, and each op that is no elementwise one is a kernel of its own
+        whose result exists."""
+        if not fused or len(self.nodes) == 1:
+            return sum(cost.node_seconds(n) for n in self.nodes)
+        inside = set(self.nodes)
+        read = {a for n in self.nodes for a in n.all_input_nodes if a not in inside}
+        materialized = [n for n in self.nodes[:-1] if not _elementwise(n)]
+        boundary = (sum(nbytes_hint(v) for a in read if (v := tensor_val(a)) is not None)
+                    + sum(results_bytes(n) for n in materialized + self.nodes[-1:]))
+        return cost.fused_seconds(self.nodes, boundary, 1 + len(materialized))
+
+    def scratch_bytes(self, fused: bool) -> int:
+        """The most bytes the chain's intermediate results hold at once, each until its last
+        reader in the chain has run; fused (Inductor), elementwise results never exist."""
+        position = {n: i for i, n in enumerate(self.nodes)}
+        last_read = {n: max((position[u] for u in n.users if u in position), default=i)
+                     for n, i in position.items()}
+        held = {n: 0 if fused and _elementwise(n) else results_bytes(n) for n in self.nodes[:-1]}
+        # while op i runs: what it and later ops still read, and its own result (the last op's
+        # result is the recomputed value itself, which the plan holds apart)
+        return max((sum(b for n, b in held.items() if position[n] < i <= last_read[n]) + held.get(node, 0)
+                    for i, node in enumerate(self.nodes)), default=0)
+
+
+def _elementwise(node: fx.Node) -> bool:
+    target = node.target
+    return is_view(node) or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+
+
+def _chainable(node: fx.Node, cost: CostModel) -> bool:
+    """A forward op a recomputation may run again on the way to the value it rebuilds: cheap
+    (a view, or memory-bound: elementwise ops, norms, reductions) and deterministic; a
+    ``getitem`` of such an op's results."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and _chainable(source, cost)
+    return _recomputable(node) and (is_view(node) or cost.memory_bound(node))
+
+
+def _recompute_chain(base: fx.Node, key: str, key_of: dict[fx.Node, str | None], saved_nodes: set[fx.Node],
+                     saved_syms: set[fx.Node], cost: CostModel) -> _Chain | None:
+    """How backward can rebuild ``base`` (None: it cannot). Backward has the graph's inputs and
+    the values forward saves; from those it runs again the ops between them and ``base``,
+    where these are cheap (``_chainable``) and at most ``RECOMPUTE_CHAIN_MAX``. A saved cheap
+    value on the way is run again too where the chain can still reach what it needs, else read
+    as saved: the chain then reads none of the values a recomputation of its own could make
+    (GELU's ``tanh`` and the ``add`` after it both rebuilt from the matmul's output), so each
+    saved value is recomputed or not on its own."""
+    if not (_recomputable(base) or _chainable(base, cost)):
+        return None
+    nodes: list[fx.Node] = []
+    needs: list[str] = []
+    reached: set[fx.Node] = set()
+
+    def ops() -> int:
+        return sum(1 for n in nodes if not is_view(n) and n.target is not operator.getitem)
+
+    def need(value: fx.Node) -> bool:
+        if key_of[value] == key:
+            return False
+        needs.append(key_of[value])
+        return True
+
+    def reach(value: fx.Node) -> bool:
+        if value in reached:
+            return True
+        reached.add(value)
+        val = value.meta.get("val")
+        if not isinstance(val, (torch.Tensor, tuple, list)):
+            return value in saved_syms  # a size: backward has it only if forward saves it
+        if isinstance(val, torch.Tensor) and key_of.get(value) is None:
+            return True  # a graph input or a view of one
+        saved = value in saved_nodes
+        if saved and (is_view(value) or not _chainable(value, cost)):
+            return need(value)  # (a saved view: running it again would rebuild nothing)
+        if not _chainable(value, cost):
+            return False
+        before = len(nodes), len(needs), set(reached)
+        # (the chain's own value is one op more)
+        if all(reach(a) for a in value.all_input_nodes) and ops() + 1 < RECOMPUTE_CHAIN_MAX:
+            nodes.append(value)
+            return True
+        if not saved:
+            return False
+        del nodes[before[0]:], needs[before[1]:]
+        reached.clear()
+        reached.update(before[2])
+        return need(value)
+
+    if not all(reach(a) for a in base.all_input_nodes):
+        return None
+    return _Chain(nodes + [base], list(dict.fromkeys(needs)))
 
 
 _COLLECTIVES = (ALL_REDUCE, ALL_REDUCE_COALESCED)
@@ -214,24 +330,8 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
         if not uses_bw:
             continue
         produced = buffers[key].alloc
-        needs: list[str] = []
-        recompute: float | None = cost.node_seconds(base) if _recomputable(base) else None
-        if recompute is not None:
-            # recomputed in backward from what backward already has: graph inputs and
-            # values forward saves as they are (not views of them, not temporaries)
-            for a in base.all_input_nodes:
-                if not isinstance(a.meta.get("val"), torch.Tensor):
-                    if a not in saved_syms:
-                        recompute = None  # a size backward does not have
-                        break
-                    continue
-                if key_of.get(a) is None:
-                    continue  # a graph input or a view of one: backward can always have it
-                if a in saved_nodes and key_of[a] != key:
-                    needs.append(key_of[a])
-                else:
-                    recompute = None
-                    break
+        chain = _recompute_chain(base, key, key_of, saved_nodes, saved_syms, cost)
+        recompute = None if chain is None else chain.seconds(cost, fused is not None)
         candidates.append(
             Candidate(
                 key=key,
@@ -242,9 +342,11 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
                 first_bw_use=min(uses_bw),
                 last_bw_use=max(uses_bw),
                 recompute_seconds=recompute,
-                recompute_needs=tuple(needs) if recompute is not None else (),
+                recompute_needs=tuple(chain.needs) if chain is not None else (),
                 swappable=is_dense(tensor_val(base)),
                 bytes_expr=nbytes_expr(tensor_val(base)),
+                recompute_ops=tuple(n.name for n in chain.nodes) if chain is not None else (),
+                recompute_scratch_bytes=chain.scratch_bytes(fused is not None) if chain is not None else 0,
             )
         )
     input_uses, grad_at, input_bytes = _input_facts(fw, bw, index)

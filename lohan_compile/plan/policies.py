@@ -15,7 +15,9 @@ alive at the peak and frees the cheapest bytes first: swapping costs nothing
 while the transfers hide behind compute (a candidate is ranked by how long
 it would take to recompute, per byte: expensive ones are swapped), and
 beyond the link's capacity each candidate gets the cheaper of swapping or
-recomputing. Swap-ins are scheduled as late as the link allows (least
+recomputing. A second greedy plan counts every copy's whole time, so it
+recomputes whatever is cheaper to redo than to move (where copies slow
+compute, as on the CPU stand-in, the faster plan; a trial measures). Swap-ins are scheduled as late as the link allows (least
 memory), swap-out waits as early as the copy is expected to finish. The
 result is compared with every fixed policy and the fastest feasible plan is
 returned, so ``auto`` is never predicted slower than a fixed policy.
@@ -75,29 +77,24 @@ def recomputable_set(problem: Problem) -> set[str]:
     return chosen
 
 
-# the plans auto compares under a budget: its own greedy plan, and the fixed ones
-AUTO_FAMILIES = ("greedy", "swap-all", "recompute-all", "minimal-memory")
-
-
-def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None = None) -> Plan:
-    """Keep everything if that fits; else the fastest predicted of ``AUTO_FAMILIES`` that fits
-    (``family``: that one, if it fits; a trial of plans asks for each)."""
-    if family is not None and family not in AUTO_FAMILIES + ("keep-all",):
-        raise ValueError(f"unknown auto plan family {family!r}; families: keep-all, {', '.join(AUTO_FAMILIES)}")
-    best = keep_all(problem, rates, budget)
-    if budget is None or best.prediction.peak_device_bytes <= budget:
-        why = "no memory_budget" if budget is None else "everything kept fits the budget"
-        plan = _reasoned(replace(best, policy="auto", family="keep-all"), {"keep-all policy": f"kept: {why}"})
-        plan.alternatives = {"keep-all": plan.prediction.step_seconds}
-        return plan
-    decisions = dict(best.decisions)
-    cands = {c.key: c for c in problem.candidates}
-    pred = best.prediction
-    # how many bytes the links can move while compute runs, in each pass
-    hidden_capacity = min(
+def _hidden_capacity(problem: Problem, rates: Rates) -> float:
+    """How many bytes the links can move while compute runs, in each pass."""
+    return min(
         problem.fw_seconds / max(rates.d2h_seconds_per_byte, 1e-30),
         problem.bw_seconds / max(rates.h2d_seconds_per_byte, 1e-30),
     )
+
+
+def _greedy(problem: Problem, rates: Rates, budget: int, start: Plan, hidden_capacity: float) -> Plan:
+    """From ``start`` (everything kept), free the cheapest bytes alive at the predicted peak
+    until it fits: each candidate swapped or recomputed, whichever costs less, where a swap
+    costs nothing until ``hidden_capacity`` bytes are swapped (its transfers hide behind
+    compute) and its whole transfer time after. (With no capacity, recomputation wins wherever
+    it is cheaper than the copies: the plan for a machine whose copies slow its compute, such
+    as the CPU standing in for a GPU.)"""
+    decisions = dict(start.decisions)
+    cands = {c.key: c for c in problem.candidates}
+    pred = start.prediction
     swapped_bytes = 0
     for _ in range(2 * len(problem.candidates) + 2):
         if pred.peak_device_bytes <= budget:
@@ -147,8 +144,30 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
                 break
         decisions = schedule_swaps(problem, decisions, rates)
         pred = predict(problem, decisions, rates)
-    plans = [Plan("auto", decisions, pred, family="greedy")]
-    for fam, fixed in zip(AUTO_FAMILIES[1:], (swap_all, recompute_all, lambda p, r, b: minimal_memory_plan(p, r))):
+    return Plan("auto", decisions, pred)
+
+
+# the plans auto compares under a budget: its own greedy plans, and the fixed ones
+AUTO_FAMILIES = ("greedy", "greedy-recompute", "swap-all", "recompute-all", "minimal-memory")
+
+
+def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None = None) -> Plan:
+    """Keep everything if that fits; else the fastest predicted of ``AUTO_FAMILIES`` that fits
+    (``family``: that one, if it fits; a trial of plans asks for each)."""
+    if family is not None and family not in AUTO_FAMILIES + ("keep-all",):
+        raise ValueError(f"unknown auto plan family {family!r}; families: keep-all, {', '.join(AUTO_FAMILIES)}")
+    best = keep_all(problem, rates, budget)
+    if budget is None or best.prediction.peak_device_bytes <= budget:
+        why = "no memory_budget" if budget is None else "everything kept fits the budget"
+        plan = _reasoned(replace(best, policy="auto", family="keep-all"), {"keep-all policy": f"kept: {why}"})
+        plan.alternatives = {"keep-all": plan.prediction.step_seconds}
+        return plan
+    greedy = replace(_greedy(problem, rates, budget, best, _hidden_capacity(problem, rates)), family="greedy")
+    plans = [greedy]
+    recompute_first = _greedy(problem, rates, budget, best, 0.0)
+    if recompute_first.decisions != greedy.decisions:
+        plans.append(replace(recompute_first, family="greedy-recompute"))
+    for fam, fixed in zip(AUTO_FAMILIES[2:], (swap_all, recompute_all, lambda p, r, b: minimal_memory_plan(p, r))):
         plan = fixed(problem, rates, budget)
         if fam == "swap-all" and plan.prediction.peak_device_bytes > budget:
             plan = finish("swap-all", problem, _tightened(problem, plan.decisions, rates, budget, "one-ahead"), rates)
@@ -174,7 +193,7 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
             smallest_feasible_bytes=smallest,
         )
     best_plan = replace(min(feasible, key=lambda p: p.prediction.step_seconds), alternatives=alternatives)
-    if best_plan.family == "greedy":
+    if best_plan.family in ("greedy", "greedy-recompute"):
         return _reasoned(best_plan, {"keep-all policy": "kept: the budget holds without moving it"})
     chosen = (f"auto chose the {best_plan.policy} plan: "
               + ("the one asked for" if family is not None else "the fastest predicted step under the budget"))

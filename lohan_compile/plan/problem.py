@@ -71,6 +71,10 @@ class Candidate:
     recompute_needs: tuple[str, ...] = ()  # candidate keys its recomputation reads
     swappable: bool = True
     bytes_expr: sympy.Expr | None = None  # ``bytes`` as a possibly symbolic expression
+    # the forward ops its recomputation runs, in order, the candidate's own last (a chain:
+    # ``graph/problem.py``), and the most bytes their intermediate results hold at once
+    recompute_ops: tuple[str, ...] = ()
+    recompute_scratch_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def program_for(
             at("free", c.last_bw_use, Free(f"dev:{c.key}"))
         elif d.action is Action.RECOMPUTE:
             at("free", c.last_fw_use, Free(c.key))
-            scratch = problem.ops[c.produced_at].scratch_bytes
+            scratch = problem.ops[c.produced_at].scratch_bytes + c.recompute_scratch_bytes
             at("recompute", first_use[c.key], Alloc(f"re:{c.key}", c.bytes),
                *((Alloc(scratch_key(c.produced_at, True), scratch),) if scratch else ()),
                Compute(f"recompute:{c.name}", c.recompute_seconds or 0.0),
