@@ -135,6 +135,7 @@ def prepare(trainer: Any, *, overlap: str = "auto", skip_nonfinite: bool = True,
     # device memory by the plan (the tier of host_memory_budget / ssd_dir, made current first)
     use_host_tier(checked)
     runtime_of(opt)
+    _name_the_loss(trainer.model)
     compiled = torch.compile(trainer.model, backend="lohan", options={**options, "optimizer": opt})
     if trainer.accelerator.mixed_precision == "bf16":
         _autocast_like_accelerate(trainer.accelerator, compiled)
@@ -144,6 +145,21 @@ def prepare(trainer: Any, *, overlap: str = "auto", skip_nonfinite: bool = True,
     # lets accelerate prepare only the optimizer
     trainer.model_wrapped = compiled
     return trainer
+
+
+def _name_the_loss(model: torch.nn.Module) -> None:
+    """A transformers model with no ``loss_type`` (GPT-2, among others) warns from inside its
+    forward that it falls back to the causal LM loss, and dynamo breaks the graph at that
+    warning: the loss becomes a second graph of every step, planned apart from the first.
+    Naming the loss transformers falls back to keeps the step one graph computing the same
+    loss."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    for module in model.modules():  # (a PEFT model holds the transformers one inside)
+        if (isinstance(module, PreTrainedModel) and "_loss_function" not in vars(module)
+                and getattr(module, "loss_type", None) not in LOSS_MAPPING):
+            module.loss_type = "ForCausalLM"
 
 
 def _autocast_like_accelerate(accelerator: Any, compiled: torch.nn.Module) -> None:

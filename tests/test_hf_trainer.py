@@ -264,6 +264,24 @@ def test_the_optimizer_follows_the_training_arguments(tmp_path):
         hf.prepare(trainer)
 
 
+def test_a_model_without_a_loss_type_trains_in_one_graph(tmp_path):
+    """GPT-2 has no ``loss_type``: transformers warns from its forward that it falls back to
+    the causal LM loss, and dynamo would break the graph there (the loss a second graph of
+    the step). prepare names that loss: one graph, the same loss as the Trainer's own."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    assert gpt2().loss_type is None
+    eager_logs, _ = train(gpt2(), tmp_path / "eager", max_steps=2)
+    logs, _ = train(gpt2(), tmp_path / "lohan", lohan_options={}, max_steps=2)
+    assert len(lohan.last_report().graphs) == 1
+    assert_same_logs(eager_logs, logs)
+
+
 def test_a_cpu_adamw_given_to_the_trainer_is_used(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama(layers=1)
