@@ -8,6 +8,7 @@ the planner optimises against exactly the prediction the report shows.
 
 from __future__ import annotations
 
+from ..units import format_bytes
 from .problem import Action, Decision, OpRef, Plan, Prediction, Problem, Rates, Transfer, effective_first_use
 from .simulate import Alloc, Compute, Free, Issue, Op, Wait, simulate
 
@@ -151,8 +152,6 @@ def peak_op(problem: Problem, prediction: Prediction) -> int | None:
 
 def describe_peak(problem: Problem, prediction: Prediction) -> str:
     """Where a plan peaks, for a ``BudgetError``: the op, what it makes and what it allocates inside."""
-    from ..units import format_bytes
-
     i = peak_op(problem, prediction)
     if i is None:
         return ""
