@@ -138,12 +138,12 @@ class CostModel:
         op, a norm, a reduction; not a matmul or attention)."""
         return node_flops(node) / self.hw.matmul_flops <= node_bytes(node) / self.hw.memory_bandwidth
 
-    def fused_seconds(self, nodes: list[fx.Node], boundary_bytes: int, kernels: int) -> float:
-        """Ops run as ``kernels`` fused kernels that read and write ``boundary_bytes`` in all
-        (what Inductor makes of an elementwise chain), never estimated slower than run one by one."""
-        flops = sum(node_flops(n) for n in nodes)
+    def fused_seconds(self, flops: int, boundary_bytes: int, kernels: int, one_by_one: float) -> float:
+        """Ops of ``flops`` in all run as ``kernels`` fused kernels that read and write
+        ``boundary_bytes`` in all (what Inductor makes of an elementwise chain), never estimated
+        slower than the ``one_by_one`` seconds they take run one by one."""
         fused = max(flops / self.hw.matmul_flops, boundary_bytes / self.hw.memory_bandwidth)
-        return min(fused + kernels * self.hw.op_overhead_s, sum(self.node_seconds(n) for n in nodes))
+        return min(fused + kernels * self.hw.op_overhead_s, one_by_one)
 
     def transfer_seconds(self, nbytes: int, queue: str) -> float:
         rate = {

@@ -22,6 +22,7 @@ on the device when the graph starts.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -33,7 +34,7 @@ from ..plan.problem import Buffer, Candidate, Collective, OpInfo, Problem
 from ..hardware import resolve
 from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
-from .costmodel import CostModel
+from .costmodel import CostModel, node_flops
 from .fxutil import ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT, is_dense, is_view, results_bytes, storage_base, tensor_val
 from .meta import Kind, Role, get_info
 from .scratch import estimated, fused_away
@@ -62,18 +63,20 @@ class _Chain:
     nodes: list[fx.Node]
     needs: list[str]
 
-    def seconds(self, cost: CostModel, fused: bool) -> float:
-        """One op by one (the fx executor); fused (Inductor): the chain reads what it needs and
-        writes its value once, and each op that is no elementwise one is a kernel of its own
-        whose result exists."""
+    def seconds(self, cost: CostModel, seconds_of: Callable[[fx.Node], float], fused: bool) -> float:
+        """One op by one (the fx executor; ``seconds_of``: each op's); fused (Inductor): the
+        chain reads what it needs and writes its value once, and each op that is no elementwise
+        one is a kernel of its own whose result exists."""
+        one_by_one = sum(seconds_of(n) for n in self.nodes)
         if not fused or len(self.nodes) == 1:
-            return sum(cost.node_seconds(n) for n in self.nodes)
+            return one_by_one
         inside = set(self.nodes)
         read = {a for n in self.nodes for a in n.all_input_nodes if a not in inside}
         materialized = [n for n in self.nodes[:-1] if not _elementwise(n)]
         boundary = (sum(nbytes_hint(v) for a in read if (v := tensor_val(a)) is not None)
                     + sum(results_bytes(n) for n in materialized + self.nodes[-1:]))
-        return cost.fused_seconds(self.nodes, boundary, 1 + len(materialized))
+        flops = sum(node_flops(n) for n in self.nodes)
+        return cost.fused_seconds(flops, boundary, 1 + len(materialized), one_by_one)
 
     def scratch_bytes(self, fused: bool) -> int:
         """The most bytes the chain's intermediate results hold at once, each until its last
@@ -105,23 +108,29 @@ def _chainable(node: fx.Node, cost: CostModel) -> bool:
     return _recomputable(node) and (is_view(node) or cost.memory_bound(node))
 
 
+def _ops_in(node: fx.Node) -> int:
+    """What a node counts against ``RECOMPUTE_CHAIN_MAX``: views and ``getitem`` nothing."""
+    return 0 if is_view(node) or node.target is operator.getitem else 1
+
+
 def _recompute_chain(base: fx.Node, key: str, key_of: dict[fx.Node, str | None], saved_nodes: set[fx.Node],
-                     saved_syms: set[fx.Node], cost: CostModel) -> _Chain | None:
+                     saved_syms: set[fx.Node], chainable: Callable[[fx.Node], bool],
+                     recomputable: Callable[[fx.Node], bool]) -> _Chain | None:
     """How backward can rebuild ``base`` (None: it cannot). Backward has the graph's inputs and
     the values forward saves; from those it runs again the ops between them and ``base``,
-    where these are cheap (``_chainable``) and at most ``RECOMPUTE_CHAIN_MAX``. A saved cheap
-    value on the way is run again too where the chain can still reach what it needs, else read
-    as saved: the chain then reads none of the values a recomputation of its own could make
-    (GELU's ``tanh`` and the ``add`` after it both rebuilt from the matmul's output), so each
-    saved value is recomputed or not on its own."""
-    if not (_recomputable(base) or _chainable(base, cost)):
+    where these are cheap (``chainable``) and at most ``RECOMPUTE_CHAIN_MAX``. A saved cheap
+    value on the way is run again too where the chain can still reach what it needs within
+    that many ops, else read as saved: the chain then reads none of the values a
+    recomputation of its own could make (GELU's ``tanh`` and the ``add`` after it both rebuilt
+    from the matmul's output), so each saved value is recomputed or not on its own. The search
+    never holds more than that many ops, so it stays as small as the chain."""
+    if not (recomputable(base) or chainable(base)):
         return None
     nodes: list[fx.Node] = []
     needs: list[str] = []
     reached: set[fx.Node] = set()
-
-    def ops() -> int:
-        return sum(1 for n in nodes if not is_view(n) and n.target is not operator.getitem)
+    # ops in ``nodes``, and ops on the way down that will join them (the base's first)
+    count = {"ops": 0, "pending": _ops_in(base)}
 
     def need(value: fx.Node) -> bool:
         if key_of[value] == key:
@@ -139,20 +148,25 @@ def _recompute_chain(base: fx.Node, key: str, key_of: dict[fx.Node, str | None],
         if isinstance(val, torch.Tensor) and key_of.get(value) is None:
             return True  # a graph input or a view of one
         saved = value in saved_nodes
-        if saved and (is_view(value) or not _chainable(value, cost)):
+        if saved and (is_view(value) or not chainable(value)):
             return need(value)  # (a saved view: running it again would rebuild nothing)
-        if not _chainable(value, cost):
-            return False
-        before = len(nodes), len(needs), set(reached)
-        # (the chain's own value is one op more)
-        if all(reach(a) for a in value.all_input_nodes) and ops() + 1 < RECOMPUTE_CHAIN_MAX:
+        ops = _ops_in(value)
+        if not chainable(value) or count["ops"] + count["pending"] + ops > RECOMPUTE_CHAIN_MAX:
+            return saved and need(value)
+        before = len(nodes), len(needs), set(reached), count["ops"]
+        count["pending"] += ops
+        reached_inputs = all(reach(a) for a in value.all_input_nodes)
+        count["pending"] -= ops
+        if reached_inputs:
             nodes.append(value)
+            count["ops"] += ops
             return True
         if not saved:
             return False
         del nodes[before[0]:], needs[before[1]:]
         reached.clear()
         reached.update(before[2])
+        count["ops"] = before[3]
         return need(value)
 
     if not all(reach(a) for a in base.all_input_nodes):
@@ -317,6 +331,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
         if n.op in ("placeholder", "call_function") and key_of.get(n) is not None:
             bw_nodes_of.setdefault(key_of[n], []).append(n)
     candidates = []
+    chainable = functools.cache(lambda node: _chainable(node, cost))  # (asked for a node by many chains)
     for key, base in saved_keys.items():
         if key in survives or key not in buffers:
             continue
@@ -330,8 +345,8 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
         if not uses_bw:
             continue
         produced = buffers[key].alloc
-        chain = _recompute_chain(base, key, key_of, saved_nodes, saved_syms, cost)
-        recompute = None if chain is None else chain.seconds(cost, fused is not None)
+        chain = _recompute_chain(base, key, key_of, saved_nodes, saved_syms, chainable, _recomputable)
+        recompute = None if chain is None else chain.seconds(cost, lambda n: ops[index[n]].seconds, fused is not None)
         candidates.append(
             Candidate(
                 key=key,

@@ -62,18 +62,17 @@ def recompute_all(problem: Problem, rates: Rates, budget: int | None) -> Plan:
 def recomputable_set(problem: Problem) -> set[str]:
     """Candidates that can be recomputed together: none reads another recomputed one."""
     chosen: set[str] = set()
-    cands = {c.key: c for c in problem.candidates}
+    read_by_chosen: set[str] = set()
     # cheapest per byte first, so a chain keeps its expensive root saved
     order = sorted(
         (c for c in problem.candidates if c.recompute_seconds is not None),
         key=lambda c: c.recompute_seconds / max(c.bytes, 1),
     )
     for c in order:
-        if any(n in chosen for n in c.recompute_needs):
-            continue
-        if any(c.key in cands[k].recompute_needs for k in chosen):
+        if c.key in read_by_chosen or any(n in chosen for n in c.recompute_needs):
             continue
         chosen.add(c.key)
+        read_by_chosen.update(c.recompute_needs)
     return chosen
 
 
@@ -93,7 +92,7 @@ def _greedy(problem: Problem, rates: Rates, budget: int, start: Plan, hidden_cap
     it is cheaper than the copies: the plan for a machine whose copies slow its compute, such
     as the CPU standing in for a GPU.)"""
     decisions = dict(start.decisions)
-    cands = {c.key: c for c in problem.candidates}
+    needed_by = _needed_by(problem)
     pred = start.prediction
     swapped_bytes = 0
     for _ in range(2 * len(problem.candidates) + 2):
@@ -113,7 +112,7 @@ def _greedy(problem: Problem, rates: Rates, budget: int, start: Plan, hidden_cap
             if c.swappable:
                 over = max(0.0, swapped_bytes + c.bytes - hidden_capacity)
                 swap_cost = over * (rates.d2h_seconds_per_byte + rates.h2d_seconds_per_byte)
-            re_cost = c.recompute_seconds if _can_recompute(c, decisions, cands) else math.inf
+            re_cost = c.recompute_seconds if _can_recompute(c, decisions, needed_by) else math.inf
             if swap_cost == math.inf and re_cost == math.inf:
                 continue
             # free swaps rank by how costly recomputing would be (swap what is expensive to redo)
@@ -134,7 +133,7 @@ def _greedy(problem: Problem, rates: Rates, budget: int, start: Plan, hidden_cap
         options.sort(key=lambda o: o[0])
         freed = 0
         for _, c, decision in options:
-            if decision.action is Action.RECOMPUTE and not _can_recompute(c, decisions, cands):
+            if decision.action is Action.RECOMPUTE and not _can_recompute(c, decisions, needed_by):
                 continue  # an option taken earlier in this round conflicts with it
             if decision.action is Action.SWAP and decisions[c.key].action is not Action.SWAP:
                 swapped_bytes += c.bytes
@@ -245,15 +244,22 @@ def _reasoned(plan: Plan, reasons: dict[str, str]) -> Plan:
     return replace(plan, decisions=decisions)
 
 
-def _can_recompute(c: Candidate, decisions: dict[str, Decision], cands: dict[str, Candidate]) -> bool:
-    """Recomputable, and no chain: it reads nothing recomputed, and nothing recomputed reads it."""
+def _can_recompute(c: Candidate, decisions: dict[str, Decision], needed_by: dict[str, list[str]]) -> bool:
+    """Recomputable, and no chain: it reads nothing recomputed, and nothing recomputed reads it
+    (``needed_by``: the candidates whose recomputation reads each one, ``_needed_by``)."""
     if c.recompute_seconds is None:
         return False
     if any(decisions[n].action is Action.RECOMPUTE for n in c.recompute_needs):
         return False
-    return not any(
-        d.action is Action.RECOMPUTE and c.key in cands[k].recompute_needs for k, d in decisions.items()
-    )
+    return not any(decisions[k].action is Action.RECOMPUTE for k in needed_by.get(c.key, ()))
+
+
+def _needed_by(problem: Problem) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for c in problem.candidates:
+        for need in c.recompute_needs:
+            out.setdefault(need, []).append(c.key)
+    return out
 
 
 def _reason(action: Action, c: Candidate) -> str:
