@@ -267,8 +267,9 @@ def prefer_min_cut(
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """For ``policy="auto"`` under a budget that keeping everything misses: plan the default
     partition and torch's min-cut partition with auto, and return the min-cut one when its
-    predicted step is faster. Auto itself recomputes single ops from saved inputs; min-cut
-    recomputes chains of cheap ops. Where auto's plan of the default partition is predicted
+    predicted step is faster. Auto recomputes chains of cheap ops from the values the default
+    partition saves; min-cut saves other values (fewer, where it finds recomputing them free).
+    Where auto's plan of the default partition is predicted
     within ``MIN_CUT_ABOVE`` of keeping everything, no min-cut partition is made: none could
     gain more. The report's ``planned``: the returned partition's ``Profile`` and auto's plan.
 

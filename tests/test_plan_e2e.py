@@ -92,9 +92,9 @@ def test_budget_is_met_and_predicted(unplanned, fraction):
 
 
 def test_gradients_accumulated_on_the_device_are_planned_in_every_micro_batch(unplanned):
-    """With a torch optimizer, gradients stay on the device and micro-batches accumulate into
-    them: from the second micro-batch on, the step begins with a whole set of gradients held
-    and makes another beside it. Every micro-batch's measured peak stays within the budget
+    """Without a lohan optimizer, gradients stay on the device and micro-batches accumulate
+    into ``.grad``: from the second micro-batch on, the step begins with a whole set of
+    gradients held and makes another beside it. Every micro-batch's measured peak stays within the budget
     (the first included), and the accumulated gradients equal eager's."""
     budget = int(unplanned[0] * 0.86)
     torch._dynamo.reset()
@@ -421,7 +421,8 @@ def test_recomputation_before_the_wait_of_what_it_reads_is_exact():
 
     compiled_step(policy="keep-all")
     keep = lohan.last_report().graphs[0].predicted_peak_bytes
-    lc, compiled = compiled_step(memory_budget=int(keep * 0.55))  # (where auto's plan does that: a preset's)
+    # (a budget at which auto's plan, on a preset's speeds, recomputes from a swapped value)
+    lc, compiled = compiled_step(memory_budget=int(keep * 0.55))
     moved = sum(g.pass_report("apply_plan")["recomputations_after_waits"] for g in lohan.last_report().graphs)
     assert moved, "no recomputation read a swapped value before its wait: this test needs another budget"
     eager = model()
@@ -462,10 +463,16 @@ def test_gelu_is_recomputed_whole_from_the_matmul_output_and_exactly():
     recomputed = [c for c in problem.candidates if plan.decisions[c.key].action is Action.RECOMPUTE]
     gelu = [c for c in recomputed if any(op.startswith("tanh") for op in c.recompute_ops)]
     assert len(gelu) >= 3, [c.recompute_ops for c in recomputed]  # tanh, 1 + tanh, the product
+    # what the chains' intermediates hold while they run is planned (under fx, two of GELU's
+    # at once): the prediction is never below the measured peak, and close to it
+    summary = lohan.last_report().summary()
+    measured, predicted = summary["measured_peak_bytes"], summary["predicted_peak_bytes"]
+    assert measured <= predicted <= 1.12 * measured, (predicted, measured)
     assert max(len(c.recompute_ops) for c in gelu) >= 6
     for c in gelu:
         assert all(plan.decisions[n].action is not Action.RECOMPUTE for n in c.recompute_needs)
-        assert all(by_key[n].recompute_seconds is None or "mm" in by_key[n].name for n in c.recompute_needs)
+        assert all(n not in by_key or by_key[n].recompute_seconds is None or "mm" in by_key[n].name
+                   for n in c.recompute_needs)
 
 
 def test_recomputation_that_reads_a_swapped_value_is_exact(monkeypatch):

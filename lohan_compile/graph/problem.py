@@ -35,7 +35,8 @@ from ..hardware import resolve
 from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
 from .costmodel import CostModel, node_flops
-from .fxutil import ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT, is_dense, is_view, results_bytes, storage_base, tensor_val
+from .fxutil import (ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT, aliased_input, is_dense, is_view,
+                     results_bytes, storage_base, tensor_val)
 from .meta import Kind, Role, get_info
 from .scratch import estimated, fused_away
 from .shapes import nbytes_expr, nbytes_hint
@@ -56,9 +57,9 @@ RECOMPUTE_CHAIN_MAX = 12
 
 @dataclass
 class _Chain:
-    """How backward rebuilds a saved value: the forward ``nodes`` it runs again (in forward
-    order, the value's own producer last), reading ``needs`` (keys of saved storages) and the
-    graph's inputs."""
+    """How backward rebuilds a saved value: the forward ``nodes`` it runs again (each after
+    what it reads, the value's own producer last), reading ``needs`` (keys of saved storages)
+    and the graph's inputs."""
 
     nodes: list[fx.Node]
     needs: list[str]
@@ -74,21 +75,40 @@ class _Chain:
         read = {a for n in self.nodes for a in n.all_input_nodes if a not in inside}
         materialized = [n for n in self.nodes[:-1] if not _elementwise(n)]
         boundary = (sum(nbytes_hint(v) for a in read if (v := tensor_val(a)) is not None)
-                    + sum(results_bytes(n) for n in materialized + self.nodes[-1:]))
+                    + sum(_owned_bytes(n) for n in materialized + self.nodes[-1:]))
         flops = sum(node_flops(n) for n in self.nodes)
         return cost.fused_seconds(flops, boundary, 1 + len(materialized), one_by_one)
 
-    def scratch_bytes(self, fused: bool) -> int:
-        """The most bytes the chain's intermediate results hold at once, each until its last
-        reader in the chain has run; fused (Inductor), elementwise results never exist."""
+    def scratch_bytes(self, fused: bool, scratch_of: Callable[[fx.Node], int]) -> int:
+        """The most bytes the chain's intermediate results hold at once, each storage until the
+        last reader in the chain of it or of a view of it has run, with what an op allocates
+        inside itself (``scratch_of``) while it runs; fused (Inductor), elementwise results
+        never exist. (The last op's result and scratch are the recomputation's own, which the
+        plan holds apart.)"""
         position = {n: i for i, n in enumerate(self.nodes)}
-        last_read = {n: max((position[u] for u in n.users if u in position), default=i)
-                     for n, i in position.items()}
-        held = {n: 0 if fused and _elementwise(n) else results_bytes(n) for n in self.nodes[:-1]}
-        # while op i runs: what it and later ops still read, and its own result (the last op's
-        # result is the recomputed value itself, which the plan holds apart)
+        owner: dict[fx.Node, fx.Node | None] = {}  # the chain node whose storage each one is
+        for n in self.nodes:
+            parent = n.args[0] if n.target is operator.getitem else aliased_input(n)
+            owner[n] = owner.get(parent) if parent is not None else n
+        last_read = dict(position)
+        for n in self.nodes:
+            for u in n.users:
+                if u in position and owner[n] is not None:
+                    last_read[owner[n]] = max(last_read[owner[n]], position[u])
+        held = {n: 0 if fused and _elementwise(n) else _owned_bytes(n) for n in self.nodes[:-1]}
         return max((sum(b for n, b in held.items() if position[n] < i <= last_read[n]) + held.get(node, 0)
+                    + (scratch_of(node) if node is not self.nodes[-1] else 0)
                     for i, node in enumerate(self.nodes)), default=0)
+
+
+def _owned_bytes(node: fx.Node) -> int:
+    """The bytes of the storage a node makes: none for a view or a ``getitem`` (its op's)."""
+    if is_view(node) or node.target is operator.getitem:
+        return 0
+    if isinstance(node.meta.get("val"), (list, tuple)):
+        return results_bytes(node)
+    val = tensor_val(node)
+    return nbytes_hint(val) if val is not None else 0
 
 
 def _elementwise(node: fx.Node) -> bool:
@@ -105,6 +125,9 @@ def _chainable(node: fx.Node, cost: CostModel) -> bool:
     if node.target is operator.getitem:
         source = node.args[0]
         return isinstance(source, fx.Node) and _chainable(source, cost)
+    # (aten's own ops: a custom op's or a collective's cost the model does not know)
+    if not isinstance(node.target, torch._ops.OpOverload) or node.target.namespace not in ("aten", "prims"):
+        return False
     return _recomputable(node) and (is_view(node) or cost.memory_bound(node))
 
 
@@ -361,7 +384,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
                 swappable=is_dense(tensor_val(base)),
                 bytes_expr=nbytes_expr(tensor_val(base)),
                 recompute_ops=tuple(n.name for n in chain.nodes) if chain is not None else (),
-                recompute_scratch_bytes=chain.scratch_bytes(fused is not None) if chain is not None else 0,
+                recompute_scratch_bytes=chain.scratch_bytes(fused is not None, scratch or (lambda n: 0)) if chain is not None else 0,
             )
         )
     input_uses, grad_at, input_bytes = _input_facts(fw, bw, index)

@@ -249,7 +249,8 @@ def _can_recompute(c: Candidate, decisions: dict[str, Decision], needed_by: dict
     (``needed_by``: the candidates whose recomputation reads each one, ``_needed_by``)."""
     if c.recompute_seconds is None:
         return False
-    if any(decisions[n].action is Action.RECOMPUTE for n in c.recompute_needs):
+    # (a need that is no candidate, a saved value the user holds too, is never recomputed)
+    if any(n in decisions and decisions[n].action is Action.RECOMPUTE for n in c.recompute_needs):
         return False
     return not any(decisions[k].action is Action.RECOMPUTE for k in needed_by.get(c.key, ()))
 
