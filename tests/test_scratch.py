@@ -102,6 +102,58 @@ def test_an_ops_scratch_is_what_the_counter_sees_it_allocate_inside_and_is_measu
     assert estimate_scratch(node) >= direct
 
 
+def test_an_op_is_measured_only_where_its_measurement_fits_the_budget():
+    """A measurement runs inside a step (a graph compiles when first called): where the inputs
+    it makes and its results would take the device past the budget, the op is estimated, and
+    measured later, when there is room."""
+    g = torch.randn(8, 16, 40, 40)  # (a shape no other test measures)
+    x = torch.randn_like(g)
+    w, mean, invstd = torch.ones(16), torch.zeros(16), torch.ones(16)
+
+    def bn_backward(g, x, w, mean, invstd):
+        return torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, 1e-5,
+                                                         [True, True, True])
+
+    node = _node(_graph_of(bn_backward, g, x, w, mean, invstd), "native_batch_norm_backward")
+    known = len(scratch_mod._MEASURED)
+    level = device_memory.allocated()
+    device_memory.reset_peak()
+    tight = OpScratch(None, device_memory, budget=level + g.numel() * 4)  # room for one input only
+    assert tight(node) == estimate_scratch(node)
+    assert len(scratch_mod._MEASURED) == known  # not kept: measured once there is room
+    assert device_memory.peak() < level + g.numel() * 4  # nothing of the measurement was made
+    measured = OpScratch(None, device_memory, budget=level + 4 * g.numel() * 4)(node)
+    assert len(scratch_mod._MEASURED) == known + 1 and 0 < measured <= estimate_scratch(node)
+
+
+def test_a_segment_is_run_to_be_measured_only_where_it_fits_the_budget():
+    """An Inductor segment's measurement makes its inputs and runs it: where that could pass the
+    budget beside what the device holds now, it does not run, and the excess returned is what
+    the segment could hold with nothing fused (the plan holds that)."""
+    from lohan_compile.graph.segments import excess_over_plan, planned_peak
+
+    x = torch.randn(64, 1024)
+    sub = _graph_of(lambda x: (torch.sigmoid(x) * x + 1).sum(0), x)
+    vals = [n.meta["val"] for n in sub.graph.nodes if n.op == "placeholder"]
+    calls = []
+
+    def compiled(args):
+        calls.append(1)
+        a = args[0]
+        args.clear()
+        return [(torch.sigmoid(a) * a + 1).sum(0)]
+
+    level = device_memory.allocated()
+    excess, _, ran = excess_over_plan(sub, compiled, vals, device_memory, None, lambda n: 0, budget=level + 1024)
+    assert not ran and not calls
+    planned, _ = planned_peak(sub, lambda n: 0)
+    unfused, _ = planned_peak(sub, lambda n: 0, fusing=False)
+    assert unfused > planned and excess == unfused - planned  # sigmoid and the product may be fused
+    excess, _, ran = excess_over_plan(sub, compiled, vals, device_memory, None, lambda n: 0,
+                                      budget=level + 64 * x.numel() * 4)
+    assert ran and calls == [1] and excess >= 0
+
+
 def test_the_estimate_covers_the_cnns_measured_scratch():
     """``estimate_scratch`` (the plan on meta, before anything can run) is at least what each op
     of the CNN's step is measured to allocate inside itself on this machine."""
@@ -140,7 +192,7 @@ def test_a_multi_output_ops_results_are_held_while_it_runs():
     assert _results_bytes(split) == 0  # views of its input
 
 
-@pytest.mark.parametrize("executor,fraction", [("fx", 0.7), ("fx", 0.85), ("inductor", 0.6), ("inductor", 0.85)])
+@pytest.mark.parametrize("executor,fraction", [("fx", 0.7), ("fx", 0.85), ("inductor", 0.55), ("inductor", 0.85)])
 def test_the_cnn_stays_within_its_budget_as_predicted(unplanned, executor, fraction):
     """Every step within the budget, the prediction within 5% of what ran: under fx the ops
     the plan models run whole; under Inductor elementwise results are fused into their
@@ -156,7 +208,9 @@ def test_the_cnn_stays_within_its_budget_as_predicted(unplanned, executor, fract
     # against the profiler, which sees what was allocated while it ran: not what earlier tests
     # of this process left on the device, which the plan holds (``resident_outside_bytes``)
     mine = predicted - report.graphs[0].resident_outside_bytes
-    assert abs(mine - peaks[-1]) <= 0.05 * peaks[-1], (mine / 2**20, peaks[-1] / 2**20)
+    assert abs(mine - peaks[-1]) <= 0.05 * peaks[-1], (
+        mine / 2**20, peaks[-1] / 2**20, report.graphs[0].resident_outside_bytes / 2**20,
+        summary["measured_peak_bytes"] / 2**20, summary["plans"], summary.get("plan_trials"))
 
 
 def test_below_one_ops_working_set_the_budget_error_names_the_op(unplanned):

@@ -66,6 +66,25 @@ def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
     return max(0, device_memory.allocated(dev) - sum(seen.values()))
 
 
+def uncounted_bytes(example_inputs: Sequence[Any]) -> int:
+    """Bytes of the inputs' storages the device counter does not see (CPU stand-in: made
+    before it started counting, such as a model built before its first compile; host-tier
+    memory is no device memory)."""
+    from ..runtime.hosttier import current_if_set
+
+    if planned_on_meta(example_inputs):
+        return 0
+    tier = current_if_set()
+    seen: dict[int, int] = {}
+    for t in example_inputs:
+        if (isinstance(t, torch.Tensor) and t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor)
+                and t.numel() and not device_memory.counted(t)
+                and (tier is None or tier.location(t) == "device")):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def planned_on_meta(example_inputs: Sequence[Any]) -> bool:
     """The graph is traced on the meta device: planned (``lohan.explain``), never run for real."""
     return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in example_inputs)
@@ -285,6 +304,10 @@ class GraphCompiler:
         self.on_meta = planned_on_meta(real_inputs)
         self.resident_outside = resident_outside_bytes(real_inputs)
         self.record.resident_outside_bytes = self.resident_outside
+        # what a measurement run while compiling may take the device counter up to: the budget,
+        # less the inputs the counter cannot see (made before it started counting), alive now
+        self.measure_budget = (None if opts.memory_budget is None
+                               else opts.memory_budget - uncounted_bytes(real_inputs))
         self.record.device = next(
             (t.device for t in real_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None
         )
@@ -363,7 +386,8 @@ class GraphCompiler:
             executor_excess_bytes=self.executor_excess,
             outside_bytes=self.outside,
             segment_scratch=self.segment_scratch,
-            op_scratch=op_scratch(self.record.device, self.on_meta, self.opts.executor, self._real_value),
+            op_scratch=op_scratch(self.record.device, self.on_meta, self.opts.executor, self._real_value,
+                                  self.measure_budget),
             materialized=self.materialized,
             fused=self.fused,
             assume_fused=self.assume_fused,
@@ -584,16 +608,19 @@ class GraphCompiler:
         try:
             with unset_fake_temporarily():
                 real = None if _mutates(sub) else [self._real_value(n) for n in seg.inputs]
-            excess, position = excess_over_plan(sub, compiled, vals, device_memory, self.record.device,
-                                                op_scratch(self.record.device, False, "inductor", self._real_value),
-                                                [storage_group(n) for n in seg.inputs],
-                                                [held_by_caller(n) for n in seg.inputs],
-                                                real)
+            excess, position, ran = excess_over_plan(
+                sub, compiled, vals, device_memory, self.record.device,
+                op_scratch(self.record.device, False, "inductor", self._real_value, self.measure_budget),
+                [storage_group(n) for n in seg.inputs], [held_by_caller(n) for n in seg.inputs], real,
+                self.measure_budget)
         except Exception as e:  # noqa: BLE001 - a segment that cannot run is not measured
             log.warning("lohan %s: a segment's peak could not be measured when compiled (%s: %s); the "
                         "budget then rests on the runtime's measurement of the first steps",
                         self.record.name, type(e).__name__, e)
             return
+        if not ran:
+            log.debug("lohan %s: a segment of %s was not run to be measured (no room under the budget "
+                      "now); the plan holds what it could hold with nothing fused", self.record.name, phase)
         where = "fw" if phase == "forward" else "bw"
         for n in seg.outputs:
             if isinstance(n.meta.get("val"), torch.Tensor):
@@ -688,14 +715,16 @@ def held_by_caller(node: fx.Node) -> bool:
 
 
 def op_scratch(device: torch.device | None, on_meta: bool, executor: str | None,
-               real_value: Callable[[fx.Node], torch.Tensor | None] | None = None) -> Callable[[fx.Node], int]:
+               real_value: Callable[[fx.Node], torch.Tensor | None] | None = None,
+               budget: int | None = None) -> Callable[[fx.Node], int]:
     """How the plan learns each op's scratch (``graph/scratch.py``): measured on the graph's
     device (None: the CPU stand-in), or estimated where nothing can run there (a graph planned on
-    meta; on CUDA while a step is in progress, whose peak statistics a measurement would reset).
+    meta; on CUDA while a step is in progress, whose peak statistics a measurement would reset;
+    an op whose measurement would not fit ``budget`` beside what the device holds now).
     ``real_value``: the step's own tensor for an argument, where it has one."""
     if on_meta or (device is not None and device.type == "cuda" and TRACKER.step_open()):
         return estimated(executor)
-    return OpScratch(device, device_memory, inductor=executor == "inductor", real_value=real_value)
+    return OpScratch(device, device_memory, inductor=executor == "inductor", real_value=real_value, budget=budget)
 
 
 def _no_donated_buffers(executor: str):

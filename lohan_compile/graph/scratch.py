@@ -183,13 +183,17 @@ class OpScratch:
     ``inductor``, none for the ops Inductor generates code for."""
 
     def __init__(self, device: torch.device | None, counter: Any, *, inductor: bool = False,
-                 real_value: Callable[[fx.Node], torch.Tensor | None] | None = None):
+                 real_value: Callable[[fx.Node], torch.Tensor | None] | None = None,
+                 budget: int | None = None):
         self.device = device
         self.counter = counter
         self.inductor = inductor
         # the step's own tensor for an argument (a parameter, the batch), where it has one: an
         # op that writes into none of its arguments runs on it rather than on a copy beside it
         self.real_value = real_value
+        # the device bytes the process may hold: a measurement runs inside a step (a graph is
+        # compiled when it is first called), so what it allocates counts against the budget
+        self.budget = budget
 
     def __call__(self, node: fx.Node) -> int:
         if not _measurable(node) or (self.inductor and inductor_generates(node)):
@@ -199,11 +203,29 @@ class OpScratch:
             key = (str(self.device), torch.get_num_threads(), signature(node))
             if key not in _MEASURED:
                 _MEASURED[key] = self._measure(node)
+        except NoRoom as e:
+            log.debug("lohan: scratch of %s not measured (%s); estimated", node.format_node(), e)
+            return estimate_scratch(node)  # (not kept: measured once there is room)
         except Exception as e:  # noqa: BLE001 - an op that cannot run on zeros is estimated
             log.debug("lohan: scratch of %s not measured (%s: %s); estimated", node.format_node(),
                       type(e).__name__, e)
             return estimate_scratch(node)
         return _MEASURED[key]
+
+    def _check_room(self, node: fx.Node, reads_only: bool) -> None:
+        """Raise ``NoRoom`` where the inputs made for ``node`` and its results would not fit the
+        budget beside what the device holds now. (What it allocates inside is what is being
+        measured: the step holds it too, with the same inputs and results, beside what is alive
+        throughout the step, which is all the device holds when a plan is made.)"""
+        if self.budget is None:
+            return
+        made = {a: nbytes_hint(a.meta["val"]) for a in node.all_input_nodes
+                if isinstance(a.meta.get("val"), torch.Tensor)
+                and not (reads_only and self.real_value(a) is not None)}
+        need = sum(made.values()) + sum(nbytes_hint(v) for v in _results(node))
+        room = self.budget - self.counter.allocated(self.device)
+        if need > room:
+            raise NoRoom(f"its inputs and results take {need} bytes, {max(room, 0)} are left under the budget")
 
     def _measure(self, node: fx.Node) -> int:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -215,6 +237,7 @@ class OpScratch:
             made: dict[fx.Node, Any] = {}
 
             reads_only = self.real_value is not None and not writes_arguments(node.target)
+            self._check_room(node, reads_only)
 
             def real(a: Any) -> Any:
                 if isinstance(a, fx.Node):
@@ -266,6 +289,15 @@ def _zeros_like(v: Any) -> Any:
     if isinstance(v, (torch.SymFloat, torch.SymBool)):
         return v.node.hint
     return v
+
+
+class NoRoom(Exception):
+    """A measurement that could take the device past its budget, not run."""
+
+
+def _results(node: fx.Node) -> list:
+    val = node.meta.get("val")
+    return [v for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, torch.Tensor)]
 
 
 def _new_storage_bytes(out: Any, inputs: set[int]) -> int:

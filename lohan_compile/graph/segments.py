@@ -531,6 +531,16 @@ def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None,
     return out
 
 
+def _made_bytes(vals: Sequence[Any], groups: Sequence[Any] | None,
+                real: Sequence[torch.Tensor | None] | None) -> int:
+    """The bytes ``_probe_inputs`` allocates for these inputs: one storage per group, none for
+    an input given as a real tensor."""
+    storages = _input_groups(vals, groups)
+    keys = {_group_of(i, v, groups, storages) for i, v in enumerate(vals)
+            if isinstance(v, torch.Tensor) and (real is None or real[i] is None)}
+    return sum(max(numel, 1) * dtype.itemsize for dtype, numel in (storages[k] for k in keys))
+
+
 def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: Any, before: int) -> int:
     """Device bytes a boxed ``fn`` holds at its highest point above the level it was called at
     (its inputs included, which it may free as it goes). The counter's peak is put back to
@@ -546,7 +556,8 @@ def _transient(fn: Callable[[list], Any], inputs: list, counter: Any, device: An
 
 
 def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
-                 groups: Sequence[Any] | None = None, held: Sequence[bool] | None = None) -> tuple[int, fx.Node | None]:
+                 groups: Sequence[Any] | None = None, held: Sequence[bool] | None = None,
+                 fusing: bool = True) -> tuple[int, fx.Node | None]:
     """The device bytes the plan's model holds at its highest point while the segment ``sub``
     runs, above the level it was called at (as ``_transient`` measures): its nodes one at a
     time, each value freed after its last use (inputs too: they are handed over boxed), each
@@ -555,7 +566,8 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
     while it runs (``graph/problem.build_problem``'s model of every op under Inductor, once
     its fusion was seen); and the node it is reached at (None: before any runs). Inputs of one of
     ``groups`` share one storage, freed after the last use of any of them; inputs ``held``
-    elsewhere (parameters, the batch) are never freed."""
+    elsewhere (parameters, the batch) are never freed. ``fusing=False``: every result held, as
+    if nothing were fused (what a segment is assumed to hold at most before it is measured)."""
     from .fxutil import results_bytes, storage_base
     from .scratch import fused_away
     from .shapes import nbytes_hint
@@ -594,7 +606,7 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
             continue
         held = 0
         if storage_base(n) is n and isinstance(n.meta.get("val"), torch.Tensor):
-            size[n] = 0 if fused_away(n) else nbytes_hint(n.meta["val"])
+            size[n] = 0 if fusing and fused_away(n) else nbytes_hint(n.meta["val"])
             held = size[n]
         held += results_bytes(n)  # a multi-output op's results, then their getitems
         if live + held + scratch(n) > peak:
@@ -609,7 +621,8 @@ def planned_peak(sub: fx.GraphModule, scratch: Callable[[fx.Node], int],
 def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals: Sequence[Any], counter: Any,
                      device: Any, scratch: Callable[[fx.Node], int], groups: Sequence[Any] | None = None,
                      held: Sequence[bool] | None = None,
-                     real: Sequence[torch.Tensor | None] | None = None) -> tuple[int, int | None]:
+                     real: Sequence[torch.Tensor | None] | None = None,
+                     budget: int | None = None) -> tuple[int, int | None, bool]:
     """How many device bytes the compiled segment holds at its highest point beyond what the
     plan's model of its nodes holds (``planned_peak``): a fused kernel keeps its inputs while it
     writes its outputs, so a segment can peak higher than the plan predicted for its nodes.
@@ -620,19 +633,32 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     ``groups``, and the ``held`` ones (parameters, the batch: the caller keeps them) alive
     throughout: the step's own tensors where ``real`` gives them (a segment that writes into
     none of its inputs), else views of one storage per dtype (the step's own are alive beside
-    them: the measurement must not hold a second copy of every weight). Returns the excess
-    and the position in the segment of the node the plan's model peaks at (held there, the
-    plan's peak over the segment is the segment's)."""
+    them: the measurement must not hold a second copy of every weight). Returns the excess,
+    the position in the segment of the node the plan's model peaks at (held there, the plan's
+    peak over the segment is the segment's), and whether it ran.
+
+    The measurement runs inside a step (a graph compiles when it is first called: backward's
+    with forward's saved values alive), so it runs only where its inputs and everything the
+    segment could hold with nothing fused fit ``budget`` beside what the device holds now;
+    where they do not, the excess returned is that unfused bound's (a conservative figure:
+    the plan then holds what the segment could)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    planned, at = planned_peak(sub, scratch, groups, held)
+    position = None if at is None else int(at.name[1:])  # (segment_module names nodes n0, n1, ...)
+    # held inputs without a real tensor: stand-ins sharing one storage per dtype (the step's
+    # own are alive now), so the measurement adds only the largest of them
+    storages = [("held", v.dtype) if h and isinstance(v, torch.Tensor) else g
+                for v, g, h in zip(vals, groups or [None] * len(vals), held or [False] * len(vals))]
+    if budget is not None:
+        unfused, _ = planned_peak(sub, scratch, groups, held, fusing=False)
+        need = _made_bytes(vals, storages, real) + unfused
+        if counter.allocated(device) + need > budget:
+            return max(0, unfused - planned), position, False
     on_cuda = device is not None and device.type == "cuda"
     before = counter.peak(device)  # (before the inputs too: a step in progress keeps its own)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[device] if on_cuda else []):
         # (random ops, dropout, draw from a generator of their own: training draws the same)
-        # held inputs without a real tensor: stand-ins sharing one storage per dtype (the step's
-        # own are alive now), so the measurement adds only the largest of them
-        storages = [("held", v.dtype) if h and isinstance(v, torch.Tensor) else g
-                    for v, g, h in zip(vals, groups or [None] * len(vals), held or [False] * len(vals))]
         if on_cuda:
             compiled(_probe_inputs(vals, storages, real))  # its first call tunes kernels, with memory of its own
         inputs = _probe_inputs(vals, storages, real)
@@ -640,9 +666,7 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
         measured = _transient(compiled, inputs, counter, device, before)
         del kept
         restore_peak(counter, before, device)  # (the kept inputs are gone too)
-    planned, at = planned_peak(sub, scratch, groups, held)
-    position = None if at is None else int(at.name[1:])  # (segment_module names nodes n0, n1, ...)
-    return max(0, measured - planned), position
+    return max(0, measured - planned), position, True
 
 
 def compile_segments(
