@@ -22,7 +22,8 @@ Forward and backward still agree on the saved values (``SavedValues``).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -68,7 +69,7 @@ def apply_plan(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, A
     ]
     recomputed = swapped = moved = 0
     transfers: dict[tuple[str, str], fx.Node] = {}
-    bases: dict[fx.Node, fx.Node] = {}  # storage_base of forward values
+    bases = functools.partial(_forward_base, {})  # storage_base of forward values, remembered
     host_vals: dict[tuple, torch.Tensor] = {}  # fake values of host copies, by shape and dtype
     saved = SavedValues(fw, bw)  # edited in place by every rewrite below
     # Recomputations first: one reads saved values (``recompute_needs``) through their
@@ -173,16 +174,20 @@ def _mark(node: fx.Node, role: Role, action: str, storage: str | None = None) ->
     set_info(node, NodeInfo(role=role, made_by=NAME, action=action, storage_of=storage))
 
 
-def _saved_with_storage(saved: SavedValues, base: fx.Node, bases: dict[fx.Node, fx.Node]) -> list[tuple[int, fx.Node, fx.Node]]:
+def _saved_with_storage(saved: SavedValues, base: fx.Node, bases: Callable[[fx.Node], fx.Node | None]) -> list[tuple[int, fx.Node, fx.Node]]:
     """(slot, forward value, backward placeholder) of every saved tensor sharing ``base``'s storage.
     ``bases`` remembers ``storage_base`` of forward values for the whole pass (asked again for every
     candidate, the view chains of all saved values would be walked once per candidate)."""
-    def base_of(v: fx.Node) -> fx.Node:
-        if v not in bases:
-            bases[v] = storage_base(v)
-        return bases[v]
+    return saved.grouped_by(bases, base)
 
-    return [(k, v, p) for k, (v, p) in enumerate(saved.tensor_pairs()) if v.op != "placeholder" and base_of(v) is base]
+
+def _forward_base(bases: dict[fx.Node, fx.Node], v: fx.Node) -> fx.Node | None:
+    """The storage a forward value is a view of (None for a graph input's: never planned)."""
+    if v.op == "placeholder":
+        return None
+    if v not in bases:
+        bases[v] = storage_base(v)
+    return bases[v]
 
 
 def _first_user(bw: fx.GraphModule, placeholders: list[fx.Node]) -> fx.Node:
@@ -226,7 +231,7 @@ def _remove_slots(saved: SavedValues, placeholders: list[fx.Node]) -> None:
         saved.remove(k)
 
 
-def _recompute(saved: SavedValues, chain: list[fx.Node], bases: dict[fx.Node, fx.Node]) -> None:
+def _recompute(saved: SavedValues, chain: list[fx.Node], bases: Callable[[fx.Node], fx.Node | None]) -> None:
     """Backward runs ``chain`` (forward ops, the saved storage's producer last: the candidate's
     ``recompute_ops``) again before the first use of what forward saved of the storage, on
     what backward has (saved values, graph inputs), and reads the result instead."""
@@ -271,7 +276,7 @@ def _recompute(saved: SavedValues, chain: list[fx.Node], bases: dict[fx.Node, fx
 
 
 def _swap(saved: SavedValues, base: fx.Node, release: fx.Node, prefetch: fx.Node | None,
-          bases: dict[fx.Node, fx.Node], host_vals: dict[tuple, torch.Tensor]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
+          bases: Callable[[fx.Node], fx.Node | None], host_vals: dict[tuple, torch.Tensor]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     ops = torch.ops.lohan
     fw, bw = saved.fw, saved.bw
     slots = _saved_with_storage(saved, base, bases)

@@ -13,6 +13,8 @@ descriptors consistent, so a rewrite never has to count positions itself.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.fx as fx
 from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
@@ -33,6 +35,10 @@ class SavedValues:
     def __init__(self, fw: fx.GraphModule, bw: fx.GraphModule):
         self.fw, self.bw = fw, bw
         self._read()
+        # (``grouped_by``: backward placeholders by a key of their forward value, kept by the edits)
+        self._key: Any = None
+        self._groups: dict[Any, list[fx.Node]] = {}
+        self._key_of: dict[fx.Node, Any] = {}
 
     def _read(self) -> None:
         out = self.fw.graph.output_node()
@@ -66,6 +72,29 @@ class SavedValues:
         values = self.fw.graph.output_node().args[0]
         return [(values[i], p) for i, p in zip(self.fw_sym_slots, self.bw_syms)]
 
+    def grouped_by(self, key: Callable[[fx.Node], Any], value: Any) -> list[tuple[int, fx.Node, fx.Node]]:
+        """(slot, forward value, backward placeholder) of the saved tensors whose forward value
+        has ``key(v) == value``, in slot order. The groups are made once for ``key`` (asked
+        for every value of a rewrite, a scan of all saved values each time would make it
+        quadratic) and kept by the edits below."""
+        if self._key is not key:
+            self._key, self._groups, self._key_of = key, {}, {}
+            for v, p in self.tensor_pairs():
+                self._group(v, p)
+        values = self.fw.graph.output_node().args[0]
+        slots = sorted(self.bw_tensors.index(p) for p in self._groups.get(value, ()))
+        return [(k, values[self.fw_tensor_slots[k]], self.bw_tensors[k]) for k in slots]
+
+    def _group(self, v: fx.Node, p: fx.Node) -> None:
+        if self._key is not None:
+            k = self._key(v)
+            self._key_of[p] = k
+            self._groups.setdefault(k, []).append(p)
+
+    def _ungroup(self, p: fx.Node) -> None:
+        if self._key is not None and p in self._key_of:
+            self._groups[self._key_of.pop(p)].remove(p)
+
     def in_backward(self, fw_value: fx.Node) -> fx.Node | None:
         """The backward placeholder that receives ``fw_value``, if forward saves it."""
         for v, p in self.tensor_pairs() + self.sym_pairs():
@@ -89,6 +118,8 @@ class SavedValues:
         values = list(self.fw.graph.output_node().args[0])
         values[self.fw_tensor_slots[k]] = node
         self._set_outputs(values)
+        self._ungroup(self.bw_tensors[k])
+        self._group(node, self.bw_tensors[k])
 
     def remove(self, k: int) -> None:
         """Stop saving the k-th tensor; its backward placeholder must have no users left."""
@@ -100,6 +131,7 @@ class SavedValues:
         del values[at]
         self._set_outputs(values)
         self.bw.graph.erase_node(p)
+        self._ungroup(p)
         del self.bw_tensors[k]
         self.fw_tensor_slots = [i - (i > at) for i in self.fw_tensor_slots if i != at]
         self.fw_sym_slots = [i - (i > at) for i in self.fw_sym_slots]
@@ -125,6 +157,7 @@ class SavedValues:
         self.fw_sym_slots = [i + (i >= at) for i in self.fw_sym_slots]
         self.fw_tensor_slots.append(at)
         self.bw_tensors.append(p)
+        self._group(fw_value, p)
         return p
 
 
