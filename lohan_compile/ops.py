@@ -16,7 +16,8 @@ Kinds of op:
   output, so the order is a data edge.
 
 - ops defined here, whose kernels the runtime supplies (``implement``): gradient offload
-  (``grad_ready``, ``grads_ready``, ``weight_ready``, ``weight_wait``: runtime/offload.py) and
+  (``grad_ready``, ``grads_ready``, ``weight_ready``, ``weight_wait``: runtime/offload.py),
+  gradients added into ``.grad`` in backward (``accumulate_grad``: runtime/grads.py) and
   parameter streaming (``fetch_param``, ``param_wait``, ``release_param``: runtime/stream.py).
   Defined here, below the passes, so that a pass can insert them without importing the
   runtime. On the meta device (``lohan.explain`` plans on meta) they do nothing.
@@ -59,6 +60,8 @@ _RUNTIME_OPS: dict[str, tuple[str, Callable]] = {
     "grads_ready": ("grads_ready(Tensor host_bucket, int[] keys, Tensor? stats=None) -> ()",
                     lambda host_bucket, keys, stats=None: None),
     "weight_ready": ("weight_ready(int key) -> ()", lambda key: None),
+    # a gradient added into its parameter's ``.grad`` where backward makes it (runtime/grads.py)
+    "accumulate_grad": ("accumulate_grad(Tensor grad, int key) -> ()", lambda grad, key: None),
     "weight_wait": ("weight_wait(Tensor(a) weight, int key) -> Tensor(a)", _alias),
     "fetch_param": ("fetch_param(int key) -> ()", lambda key: None),
     "param_wait": ("param_wait(Tensor(a) t, int key) -> Tensor(a)", _alias),

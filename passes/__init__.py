@@ -7,6 +7,7 @@ passes in the order the backend runs them.
 from __future__ import annotations
 
 from lohan_compile.graph.pipeline import Pass, Pipeline
+from lohan_compile.passes.accumulate_grads import accumulate_grads
 from lohan_compile.passes.apply_plan import apply_plan
 from lohan_compile.passes.chunk_loss import chunk_loss
 from lohan_compile.passes.classify_roles import classify_roles
@@ -26,6 +27,7 @@ def default_passes() -> list[Pass]:
         Pass("classify_saved", classify_saved, requires=("classify_roles",)),
         Pass("reduce_grads", reduce_grads, required=True, requires=("classify_roles",)),
         Pass("offload_grads", offload_grads, requires=("classify_roles",)),
+        Pass("accumulate_grads", accumulate_grads, requires=("classify_roles",)),
         Pass("plan_memory", plan_memory, requires=("classify_saved",)),
         Pass("apply_plan", apply_plan, requires=("plan_memory",)),
         Pass("stream_params", stream_params, inference=True, requires=("classify_roles",)),
@@ -40,6 +42,7 @@ PASS_NAMES = tuple(p.name for p in default_passes())
 
 __all__ = [
     "PASS_NAMES",
+    "accumulate_grads",
     "apply_plan",
     "chunk_loss",
     "classify_roles",

@@ -46,9 +46,10 @@ NAME = "plan_memory"
 
 def plan_memory(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
     # auto's plan of this partition, where partition_graph made one to choose it and no pass
-    # has changed the graphs since (offload_grads rewrites backward's gradients)
+    # has changed the graphs since (offload_grads and accumulate_grads rewrite backward's gradients)
     planned = facts.pass_reports.get("partition_graph", {}).get("planned")
-    if facts.pass_reports.get("offload_grads", {}).get("offloaded", 0):
+    if (facts.pass_reports.get("offload_grads", {}).get("offloaded", 0)
+            or facts.pass_reports.get("accumulate_grads", {}).get("accumulated", 0)):
         planned = None
     profiled = planned[0] if planned is not None else profile(graphs.fw, graphs.bw, facts)
     problem, rates, hw = profiled.problem, profiled.rates, profiled.hardware

@@ -25,8 +25,8 @@ def compile_with_passes(model, passes, x, **options):
 
 def test_default_pipeline_order():
     assert list(PASS_NAMES) == [
-        "classify_roles", "chunk_loss", "partition_graph", "classify_saved", "reduce_grads", "offload_grads", "plan_memory",
-        "apply_plan",
+        "classify_roles", "chunk_loss", "partition_graph", "classify_saved", "reduce_grads", "offload_grads",
+        "accumulate_grads", "plan_memory", "apply_plan",
         "stream_params",
     ]
 
@@ -39,7 +39,7 @@ def test_disable_pass_by_name_to_bisect():
     names = {r.name: r.skipped for r in graph.passes}
     assert names == {
         "classify_roles": False, "chunk_loss": False, "partition_graph": False, "classify_saved": True, "reduce_grads": False,
-        "offload_grads": False,
+        "offload_grads": False, "accumulate_grads": False,
         "plan_memory": True, "apply_plan": True, "stream_params": False,
     }
     assert lohan.last_report().summary()["kept_bytes"] is None  # not computed, not invented

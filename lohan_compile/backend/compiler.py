@@ -35,7 +35,7 @@ from ..passes.chunk_loss import chunk_loss_may_apply
 from ..plan.problem import Action
 from ..report import GraphRecord
 from ..runtime import device as device_memory
-from ..runtime import hosttier, keys, modules, offload, stream
+from ..runtime import grads, hosttier, keys, modules, offload, stream
 from ..runtime.observed import Observed
 from ..runtime.step import TRACKER
 from ..errors import BudgetError
@@ -128,6 +128,8 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], optimizer
                 kept_resident=stream.kept_resident(ex),
                 grad_offloaded=offload.key_of(ex) is not None,
                 optimizer_owns=optimizer is not None and optimizer.owns(ex),
+                grad_held=(ex.grad is not None and ex.grad.layout is torch.strided and ex.requires_grad
+                           and not grads.has_grad_hooks(ex)),
             )
         facts.append(fact)
     return tuple(facts)

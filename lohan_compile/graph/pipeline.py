@@ -65,6 +65,9 @@ class InputFact:
     kept_resident: bool = False
     grad_offloaded: bool = False
     optimizer_owns: bool = False
+    # its ``.grad`` held gradients of earlier micro-batches (strided, no hook reading gradients
+    # on their way in): backward adds into it (``passes/accumulate_grads.py``)
+    grad_held: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class CompileFacts:
     # partitions of this joint graph an earlier compile made (a re-plan, a trial's plan reuses
     # them), by "default" or ("min-cut", activation budget): untouched (forward, backward) pairs
     partitions: Mapping[Any, tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=dict)
+    # policy "auto", planned again: the partition the plan before chose (a key of ``partitions``),
+    # planned alone where auto's plan of it fits the budget
+    partition_choice: Any = None
     # a trial of a "min-cut" variant: the activation budget of the min-cut partition auto weighed
     # when it chose (the partition that variant's prediction was made on)
     min_cut_fraction: float | None = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -36,7 +36,7 @@ from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
 from .costmodel import CostModel, node_flops
 from .fxutil import (ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT, aliased_input, is_dense, is_view,
-                     results_bytes, storage_base, tensor_val)
+                     results_bytes, storage_base, tensor_val, view_parent)
 from .meta import Kind, Role, get_info
 from .scratch import estimated, fused_away
 from .shapes import nbytes_expr, nbytes_hint
@@ -134,6 +134,24 @@ def _chainable(node: fx.Node, cost: CostModel) -> bool:
 def _ops_in(node: fx.Node) -> int:
     """What a node counts against ``RECOMPUTE_CHAIN_MAX``: views and ``getitem`` nothing."""
     return 0 if is_view(node) or node.target is operator.getitem else 1
+
+
+def _views_replayable(base: fx.Node, nodes: Iterable[fx.Node], saved_nodes: set[fx.Node],
+                      saved_syms: set[fx.Node]) -> bool:
+    """Whether every saved view of ``base``'s storage can be made again in backward on top of
+    the storage: each view on the way reads nothing but its parent and what forward saves."""
+    for v in nodes:
+        if v is base or v not in saved_nodes:
+            continue
+        node = v
+        while node is not base and node is not None:
+            parent = view_parent(node)
+            if any(a is not parent and a not in saved_nodes and a not in saved_syms for a in node.all_input_nodes):
+                return False
+            node = parent
+        if node is None:
+            return False
+    return True
 
 
 def _recompute_chain(base: fx.Node, key: str, key_of: dict[fx.Node, str | None], saved_nodes: set[fx.Node],
@@ -368,7 +386,11 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
         if not uses_bw:
             continue
         produced = buffers[key].alloc
-        chain = _recompute_chain(base, key, key_of, saved_nodes, saved_syms, chainable, _recomputable)
+        # moved or recomputed, the storage's saved views are made again in backward from what
+        # forward saves (apply_plan): a view of sizes forward does not save can only be kept
+        movable = _views_replayable(base, fw_nodes_of.get(key, ()), saved_nodes, saved_syms)
+        chain = (_recompute_chain(base, key, key_of, saved_nodes, saved_syms, chainable, _recomputable)
+                 if movable else None)
         recompute = None if chain is None else chain.seconds(cost, lambda n: ops[index[n]].seconds, fused is not None)
         candidates.append(
             Candidate(
@@ -381,7 +403,7 @@ def build_problem(fw: fx.GraphModule, bw: fx.GraphModule, cost: CostModel,
                 last_bw_use=max(uses_bw),
                 recompute_seconds=recompute,
                 recompute_needs=tuple(chain.needs) if chain is not None else (),
-                swappable=is_dense(tensor_val(base)),
+                swappable=movable and is_dense(tensor_val(base)),
                 bytes_expr=nbytes_expr(tensor_val(base)),
                 recompute_ops=tuple(n.name for n in chain.nodes) if chain is not None else (),
                 recompute_scratch_bytes=chain.scratch_bytes(fused is not None, scratch or (lambda n: 0)) if chain is not None else 0,

@@ -41,6 +41,13 @@ def existing_key(param: torch.Tensor) -> int | None:
         return key if key is not None and _param_of[key]() is param else None
 
 
+def param_of(key: int) -> torch.Tensor | None:
+    """The parameter of ``key``, while it lives."""
+    with _lock:
+        ref = _param_of.get(key)
+        return ref() if ref is not None else None
+
+
 def _forget(ident: int, key: int):
     def drop(_ref) -> None:
         with _lock:

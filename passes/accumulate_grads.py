@@ -1,0 +1,55 @@
+"""accumulate_grads: a gradient added into its parameter's ``.grad`` where backward makes it.
+
+Requires: a backward graph whose outputs are the gradients of the forward's inputs
+(descriptors: ``graph.aot.grad_input_index``), and ``facts.inputs``: for each parameter,
+whether its ``.grad`` held gradients of earlier micro-batches when the graph was compiled
+(``InputFact.grad_held``: defined, strided, no hook reading gradients on their way).
+Ensures, for every such parameter whose gradient backward still returns (one offloaded by
+``offload_grads`` or reduced for another rank by ``reduce_grads`` returns none):
+- right after the gradient is final, ``lohan::accumulate_grad(grad, key)``: the runtime
+  (``runtime/grads.py``) adds it into ``param.grad`` in place, or makes it the ``.grad`` where
+  there is none by then, as autograd would;
+- the backward graph returns no gradient for it (autograd adds nothing more).
+So a step that accumulates micro-batches holds the earlier gradients and one new gradient at a
+time, not the earlier ones and all the new ones until backward returns; the planner sees each
+gradient freed after its addition (its last use), and the earlier ``.grad`` as resident.
+A graph compiled with no ``.grad`` held (a first micro-batch) is unchanged: its gradients
+become the ``.grad`` then, held to the end of the step either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lohan_compile.graph.aot import grad_input_index, output_descs
+from lohan_compile.graph.meta import NodeInfo, Role, set_info
+from lohan_compile.graph.pipeline import CompileFacts, Graphs
+
+NAME = "accumulate_grads"
+
+
+def accumulate_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[str, Any]]:
+    bw = graphs.bw
+    out = bw.graph.output_node()
+    values = list(out.args[0])
+    added = []
+    for j, (value, desc) in enumerate(zip(values, output_descs(bw))):
+        idx = grad_input_index(desc)
+        if idx is None or not isinstance(value, fx.Node) or not facts.inputs[idx].grad_held:
+            continue
+        val = value.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.layout is not torch.strided:
+            continue
+        with bw.graph.inserting_after(value):
+            node = bw.graph.call_function(torch.ops.lohan.accumulate_grad.default, (value, facts.inputs[idx].key))
+        node.meta["val"] = None
+        set_info(node, NodeInfo(role=Role.BACKWARD, made_by=NAME, action="accumulate_grad"))
+        values[j] = None
+        added.append(idx)
+    if added:
+        out.args = (tuple(values),)
+        bw.recompile()
+    return graphs, {"accumulated": len(added), "accumulated_inputs": added}

@@ -1,0 +1,85 @@
+"""Gradients of micro-batches added into ``.grad`` inside backward (passes/accumulate_grads.py).
+
+Without a lohan optimizer, autograd adds each gradient into ``.grad`` once backward returns:
+a micro-batch after the first holds the earlier gradients and all its new ones at once. A
+graph compiled (or planned again) while ``.grad`` holds gradients adds each new one where
+backward makes it, and the plan frees it there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lohan_compile as lohan
+from lohan_compile.errors import BudgetError, LohanError
+
+
+def make() -> torch.nn.Module:
+    """Weights much larger than the activations, as when fine-tuning with small micro-batches."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+
+
+MICRO = [torch.randn(4, 256, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+WEIGHT_BYTES = 4 * (256 * 256 + 256) * 4
+
+
+def accumulate(model: torch.nn.Module, options: dict | None = None) -> list[dict]:
+    cm = torch.compile(model, backend="lohan", options=options) if options is not None else model
+    reports = []
+    for x in MICRO:
+        cm(x).square().mean().backward()
+        if options is not None:
+            report = lohan.last_report()
+            added = report.graphs[0].pass_report("accumulate_grads")
+            reports.append({**report.summary(), "accumulated": added["accumulated"] if added else None})
+    return reports
+
+
+def test_micro_batches_hold_one_set_of_gradients_beside_the_weights():
+    """Under 2.4x the weights' bytes, three micro-batches accumulate within the budget: from the
+    second on, each new gradient is added where it is made (a plan holding the earlier and all
+    the new gradients at once needs 3x); the gradients equal eager's bitwise."""
+    budget = int(2.4 * WEIGHT_BYTES)
+    torch._dynamo.reset()
+    model = make()
+    reports = accumulate(model, {"memory_budget": budget})
+    assert [r["accumulated"] for r in reports] == [0, 8, 8]  # (the first: no .grad to add into yet)
+    assert max(r["measured_peak_bytes"] for r in reports) <= budget, [r["measured_peak_bytes"] for r in reports]
+    got = [p.grad.clone() for p in model.parameters()]
+    del model
+    torch._dynamo.reset()
+    eager = make()
+    accumulate(eager)
+    for a, p in zip(got, eager.parameters()):
+        assert torch.equal(a, p.grad)
+
+
+def test_without_it_no_plan_holds_the_second_micro_batch():
+    torch._dynamo.reset()
+    with pytest.raises(BudgetError) as info:
+        accumulate(make(), {"memory_budget": int(2.4 * WEIGHT_BYTES), "disable_passes": ["accumulate_grads"]})
+    assert info.value.smallest_feasible_bytes >= 3 * WEIGHT_BYTES  # weights, earlier gradients, new ones
+
+
+def test_what_autograd_would_do_otherwise_is_done_as_autograd_does_or_refused():
+    """``backward(inputs=...)`` leaves the other parameters' ``.grad`` alone, as autograd does;
+    ``torch.autograd.grad`` asking for a parameter's gradient, and a hook registered after the
+    compile, are refused with what to do (backward returns no gradient to give them)."""
+    torch._dynamo.reset()
+    model, eager = make(), make()
+    x = MICRO[0]
+    model(x).sum().backward()  # .grad held when compiled
+    eager(x).sum().backward()
+    cm = torch.compile(model, backend="lohan", options={})
+    cm(x).sum().backward(inputs=[model[3].weight])
+    eager(x).sum().backward(inputs=[eager[3].weight])
+    assert lohan.last_report().graphs[0].pass_report("accumulate_grads")["accumulated"] == 8
+    for a, b in zip(model.parameters(), eager.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    with pytest.raises(LohanError, match="autograd.grad"):
+        torch.autograd.grad(cm(x).sum(), [model[0].weight])
+    model[0].weight.register_hook(lambda g: g * 2)
+    with pytest.raises(LohanError, match="hook"):
+        cm(x).sum().backward()
