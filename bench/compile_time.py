@@ -92,6 +92,7 @@ def replan(layers: int, fraction: float) -> dict:
 
     def step(compiled, tokens: int) -> float:
         ids = torch.randint(0, 256, (2, tokens), generator=gen)
+        m.zero_grad(set_to_none=True)  # (as a training loop does: no step adds to an earlier one's .grad)
         start = time.perf_counter()
         compiled(input_ids=ids, labels=ids).loss.backward()
         return time.perf_counter() - start

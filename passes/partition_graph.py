@@ -76,6 +76,7 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
     trial = facts.variant[0] if facts.variant is not None and facts.options.policy == "auto" else None
     if facts.options.policy == "torch-min-cut":
         fw, bw, report = partition_min_cut(partitions, facts)
+        report["partition"] = ("min-cut", report["activation_memory_budget"])
     else:
         fw, bw = partitions.default()
         report = {"partitioner": "default"}
@@ -94,9 +95,12 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                 # the default partition only.
                 report["min_cut"] = "not considered under the Inductor executor"
             else:
-                chosen = prefer_min_cut(partitions, fw, bw, facts)
+                chosen = (_as_before(partitions, fw, bw, facts) if facts.partition_choice is not None else None) \
+                    or prefer_min_cut(partitions, fw, bw, facts)
                 if chosen is not None:
                     fw, bw, report = chosen
+        report.setdefault("partition", ("min-cut", report["activation_memory_budget"])
+                          if "activation_memory_budget" in report else "default")
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes),
                   partitions_reused=partitions.reused, partitions_made=len(partitions.made) - len(facts.partitions))
     return Graphs(joint=graphs.joint, fw=fw, bw=bw, partitions=partitions.made), report
@@ -314,9 +318,44 @@ def prefer_min_cut(
     info.update(auto_min_cut_partition_step_s=min_cut_s, min_cut_activation_memory_budget=fraction,
                 min_cut_step_s_by_budget=tried)
     if min_cut_s < 0.99 * default_s:
-        return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan), **info}
+        return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan),
+                          "partition": ("min-cut", fraction), **info}
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default), **info}
+
+
+def _as_before(
+    partitions: Partitions,
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    facts: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
+    """Planned again (a size grew, the device holds more, an excess was measured): the
+    partition the plan before chose (``facts.partition_choice``), planned alone by auto, where
+    its plan fits the budget; else None (``prefer_min_cut`` weighs them all again). Weighing
+    every partition costs a re-plan as much again as planning one (a min-cut partition made,
+    and each profiled and planned: 48 layers, 10 of 15 s); which one wins rarely changes with
+    the sizes, and a trial still times the plans close to the one chosen (``variants``)."""
+    choice = facts.partition_choice
+    if choice == "default":
+        cfw, cbw = fw, bw
+    elif isinstance(choice, tuple) and choice[0] == "min-cut":
+        cfw, cbw = partitions.min_cut(choice[1])
+    else:
+        return None
+    profiled = _profile(partitions.joint, cfw, cbw, facts)
+    plan = _auto_plan(profiled.problem, profiled.rates, facts.options.memory_budget)
+    if plan is None:
+        if choice != "default":
+            classify_saved(Graphs(joint=partitions.joint, fw=fw, bw=bw), facts)  # (the default's, again)
+        return None
+    what = "default" if choice == "default" else "torch min-cut"
+    info = {"partitioner": f"{what} (auto: the partition the plan before chose)", "planned": (profiled, plan),
+            "partition": choice, "variants": {(choice if choice == "default" else "min-cut", f): s
+                                              for f, s in plan.alternatives.items()}}
+    if choice != "default":
+        info.update(activation_memory_budget=choice[1], min_cut_activation_memory_budget=choice[1])
+    return cfw, cbw, info
 
 
 # auto weighs torch's min-cut partition only when its plan of the default partition is predicted

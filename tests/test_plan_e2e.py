@@ -351,6 +351,9 @@ def test_a_size_growth_is_planned_again_without_tracing_again(fits, monkeypatch)
     if fits:
         assert traced[2] == traced[1], "the re-plan traced the graph again"
         assert graphs[2].pass_report("partition_graph")["partitions_reused"] >= 1
+        # the partition the plan before chose, planned alone (it fits), not all weighed again
+        before, again = graphs[1].pass_report("partition_graph"), graphs[2].pass_report("partition_graph")
+        assert again["partition"] == before["partition"] and "the plan before chose" in again["partitioner"], again
     else:
         assert traced[2] > traced[1]
     assert max(peaks) <= budget, (peaks, budget)

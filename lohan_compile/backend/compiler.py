@@ -219,6 +219,7 @@ class Reuse:
     num_fwd_outputs: int
     partition_kwargs: dict[str, Any]
     partitions: dict[Any, tuple[fx.GraphModule, fx.GraphModule]]
+    chosen: Any  # the partition the latest plan runs ("default", ("min-cut", budget)): a re-plan's first guess
     interface: tuple  # ``aot.saved_interface`` of the first plan: another must match it
     planned: tuple[fx.GraphModule, fx.GraphModule]  # the first plan's forward and backward, as the pipeline left them
     planned_nodes: tuple[int, int]  # ... and their node counts then (AOTAutograd may edit them in place)
@@ -406,10 +407,16 @@ class GraphCompiler:
         interface = aot.saved_interface(graphs.fw, graphs.bw, num_fwd_outputs)
         if self.opts.executor == "fx" and not self.on_meta and interface is not None and not aot.compiled_autograd_enabled():
             self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                     partition_kwargs=kwargs, partitions=graphs.partitions, interface=interface,
+                                     partition_kwargs=kwargs, partitions=graphs.partitions,
+                                     chosen=self._chosen_partition(), interface=interface,
                                      planned=(graphs.fw, graphs.bw),
                                      planned_nodes=(len(graphs.fw.graph.nodes), len(graphs.bw.graph.nodes)))
         return graphs.fw, graphs.bw
+
+    def _chosen_partition(self) -> Any:
+        """The partition ``partition_graph`` chose for this plan (None: it did not say)."""
+        report = self.record.pass_report("partition_graph")
+        return report.get("partition") if report else None
 
     def _compile_again(self, reuse: Reuse) -> Callable[..., Any]:
         """Plan the joint graph traced before again, reusing its partitions, and run the new
@@ -418,7 +425,8 @@ class GraphCompiler:
         the runtime is bound to it already, as the plan traced again will bind it)."""
         self._joint = reuse.joint
         facts = self._facts(num_fwd_outputs=reuse.num_fwd_outputs, joint_inputs=reuse.joint_inputs,
-                            partition_kwargs=reuse.partition_kwargs, partitions=reuse.partitions)
+                            partition_kwargs=reuse.partition_kwargs, partitions=reuse.partitions,
+                            partition_choice=None if self.variant is not None else reuse.chosen)
         self.record.training = True
         graphs = self._run_pipeline(Graphs(joint=reuse.joint), facts)
         reuse.partitions.update(graphs.partitions)
@@ -426,6 +434,8 @@ class GraphCompiler:
             raise NotReusable("the new plan saves other kinds of values for backward than the first")
         forward = self._executable(graphs.fw, self.real_inputs, phase="forward")
         backward = self._executable(graphs.bw, self.real_inputs, phase="backward")
+        if self.variant is None:
+            reuse.chosen = self._chosen_partition()
         # (between steps: the wrapper reads it when a forward saves its values)
         aot.retarget_saved_metadata(reuse.fw_metadata, graphs.fw, reuse.num_fwd_outputs)
         reuse.install((forward, backward))
