@@ -99,8 +99,7 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                     or prefer_min_cut(partitions, fw, bw, facts)
                 if chosen is not None:
                     fw, bw, report = chosen
-        report.setdefault("partition", ("min-cut", report["activation_memory_budget"])
-                          if "activation_memory_budget" in report else "default")
+
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes),
                   partitions_reused=partitions.reused, partitions_made=len(partitions.made) - len(facts.partitions))
     return Graphs(joint=graphs.joint, fw=fw, bw=bw, partitions=partitions.made), report
@@ -321,7 +320,8 @@ def prefer_min_cut(
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan),
                           "partition": ("min-cut", fraction), **info}
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)  # the default partition's saved values, classified again
-    return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default), **info}
+    return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default),
+                    "partition": "default", **info}
 
 
 def _as_before(
@@ -331,11 +331,12 @@ def _as_before(
     facts: Any,
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """Planned again (a size grew, the device holds more, an excess was measured): the
-    partition the plan before chose (``facts.partition_choice``), planned alone by auto, where
-    its plan fits the budget; else None (``prefer_min_cut`` weighs them all again). Weighing
-    every partition costs a re-plan as much again as planning one (a min-cut partition made,
-    and each profiled and planned: 48 layers, 10 of 15 s); which one wins rarely changes with
-    the sizes, and a trial still times the plans close to the one chosen (``variants``)."""
+    partition the plan before chose over the other (``facts.partition_choice``: set only where
+    ``prefer_min_cut`` planned both), planned alone by auto, where its plan fits the budget;
+    else None (``prefer_min_cut`` weighs them all again). Weighing every partition costs a
+    re-plan as much again as planning one (a min-cut partition made, and each profiled and
+    planned: 48 layers, 10 of 15 s); which one wins rarely changes with the sizes. A trial
+    after it times only that partition's plans (``variants``)."""
     choice = facts.partition_choice
     if choice == "default":
         cfw, cbw = fw, bw
