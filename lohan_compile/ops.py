@@ -61,7 +61,8 @@ _RUNTIME_OPS: dict[str, tuple[str, Callable]] = {
                     lambda host_bucket, keys, stats=None: None),
     "weight_ready": ("weight_ready(int key) -> ()", lambda key: None),
     # a gradient added into its parameter's ``.grad`` where backward makes it (runtime/grads.py)
-    "accumulate_grad": ("accumulate_grad(Tensor grad, int key) -> ()", lambda grad, key: None),
+    # (``own``: nothing else holds the gradient's storage, so it may itself become ``.grad``)
+    "accumulate_grad": ("accumulate_grad(Tensor grad, int key, bool own) -> ()", lambda grad, key, own: None),
     "weight_wait": ("weight_wait(Tensor(a) weight, int key) -> Tensor(a)", _alias),
     "fetch_param": ("fetch_param(int key) -> ()", lambda key: None),
     "param_wait": ("param_wait(Tensor(a) t, int key) -> Tensor(a)", _alias),

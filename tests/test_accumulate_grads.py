@@ -83,3 +83,39 @@ def test_what_autograd_would_do_otherwise_is_done_as_autograd_does_or_refused():
     model[0].weight.register_hook(lambda g: g * 2)
     with pytest.raises(LohanError, match="hook"):
         cm(x).sum().backward()
+
+
+class SharedGradient(torch.nn.Module):
+    """``x + a + b``: backward returns one tensor as the gradient of both ``a`` and ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Parameter(torch.randn(8, 64)), torch.nn.Parameter(torch.randn(8, 64))
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.lin(x + self.a + self.b).square().mean()
+
+
+def test_accumulation_cycles_equal_eager_when_gradients_share_a_tensor():
+    """Compiled while ``.grad`` holds gradients, then cycles of two micro-batches with
+    ``zero_grad(set_to_none=True)`` between: where ``.grad`` is None the gradient becomes it,
+    a copy where another parameter's gradient is the same tensor (else each addition would
+    land in both)."""
+    torch._dynamo.reset()
+    model, eager = SharedGradient(), SharedGradient()
+    xs = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model(xs[0]).backward()
+    eager(xs[0]).backward()
+    cm = torch.compile(model, backend="lohan", options={})
+    for cycle in range(2):
+        for x in xs[1:]:
+            cm(x).backward()
+            eager(x).backward()
+        assert lohan.last_report().graphs[0].pass_report("accumulate_grads")["accumulated"] == 4
+        assert model.a.grad.untyped_storage().data_ptr() != model.b.grad.untyped_storage().data_ptr()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert torch.equal(p.grad, q.grad), (cycle, name)
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)

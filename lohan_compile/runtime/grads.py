@@ -7,8 +7,8 @@ after the gradient is made, and backward returns no gradient for it:
 
 - ``.grad`` defined: added in place (``grad`` is then freed where the plan frees it);
 - ``.grad`` None (a first micro-batch after ``zero_grad(set_to_none=True)``): ``grad``
-  becomes ``.grad``, as autograd makes it (the tensor itself where its strides are the
-  parameter's and it is its storage's whole, else a copy laid out as the parameter);
+  becomes ``.grad``, as autograd makes it (the tensor itself where nothing else holds its
+  storage and it is laid out as the parameter, else a copy laid out as the parameter);
 - a backward that does not accumulate into this parameter (``backward(inputs=[...])``
   without it): nothing, as autograd does nothing.
 
@@ -52,14 +52,21 @@ def _will_accumulate(param: torch.Tensor) -> bool:
         ) from None
 
 
-def _can_become_grad(grad: torch.Tensor, param: torch.Tensor) -> bool:
-    """``grad`` itself can be the ``.grad``: laid out as the parameter (autograd's layout
-    contract) and the whole of its storage (a view of a larger buffer would hold all of it)."""
+def _as_grad(grad: torch.Tensor, param: torch.Tensor, own: bool) -> torch.Tensor:
+    """What becomes ``param.grad`` where it is None, as autograd makes it: the gradient itself
+    where nothing else holds its storage (``own``, known when the graph was rewritten), it is
+    the whole of it, and it is laid out as the parameter; else a copy laid out as the parameter
+    (its strides where it is dense, else contiguous)."""
+    dense = ops.is_dense(param)
     whole = grad.storage_offset() == 0 and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
-    return whole and (grad.stride() == param.stride() or not param.is_non_overlapping_and_dense())
+    if own and whole and (grad.stride() == param.stride() or not dense):
+        return grad
+    if dense:
+        return torch.empty_strided(param.shape, param.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+    return grad.clone(memory_format=torch.contiguous_format)
 
 
-def _accumulate_grad_impl(grad: torch.Tensor, key: int) -> None:
+def _accumulate_grad_impl(grad: torch.Tensor, key: int, own: bool) -> None:
     param = keys.param_of(key)
     if param is None:
         raise LohanError("a parameter of this compiled model no longer exists; compile the model again")
@@ -73,11 +80,7 @@ def _accumulate_grad_impl(grad: torch.Tensor, key: int) -> None:
         return
     with torch.no_grad():
         if param.grad is None:
-            if _can_become_grad(grad, param):
-                param.grad = grad
-            else:
-                param.grad = torch.empty_strided(param.shape, param.stride(), dtype=grad.dtype,
-                                                 device=grad.device).copy_(grad)
+            param.grad = _as_grad(grad, param, own)
         else:
             param.grad.add_(grad)
 
