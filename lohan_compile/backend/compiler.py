@@ -70,11 +70,9 @@ def uncounted_bytes(example_inputs: Sequence[Any]) -> int:
     """Bytes of the inputs' storages the device counter does not see (CPU stand-in: made
     before it started counting, such as a model built before its first compile; host-tier
     memory is no device memory)."""
-    from ..runtime.hosttier import current_if_set
-
     if planned_on_meta(example_inputs):
         return 0
-    tier = current_if_set()
+    tier = hosttier.current_if_set()
     seen: dict[int, int] = {}
     for t in example_inputs:
         if (isinstance(t, torch.Tensor) and t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor)
