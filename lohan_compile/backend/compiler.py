@@ -46,6 +46,23 @@ log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
 
 
+def _input_storages(example_inputs: Sequence[Any], counted: bool) -> int:
+    """Bytes of the real inputs' storages on the device tier that the device counter sees
+    (``counted``) or does not see (CPU stand-in: made before it started counting; host-tier
+    memory is no device memory), each storage once."""
+    tier = hosttier.current_if_set()
+    seen: dict[int, int] = {}
+    for t in example_inputs:
+        if not isinstance(t, torch.Tensor) or t.device.type not in ("cpu", "cuda") \
+                or isinstance(t, torch._subclasses.FakeTensor) or device_memory.counted(t) != counted:
+            continue
+        if not counted and (not t.numel() or (tier is not None and tier.location(t) != "device")):
+            continue
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
     """Device bytes held now by anything but this graph's inputs: tensors other graphs of
     the step keep for backward, optimizer state, the user's own tensors. The budget covers
@@ -54,33 +71,15 @@ def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
     if planned_on_meta(example_inputs):
         return 0
     gc.collect()  # unreachable cycles (an earlier compiled model, say) hold no lasting memory
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
+    dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
     device_memory.install()
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t.device.type in ("cpu", "cuda") and not isinstance(t, torch._subclasses.FakeTensor):
-            storage = t.untyped_storage()
-            if device_memory.counted(t):
-                seen[storage.data_ptr()] = storage.nbytes()
-    return max(0, device_memory.allocated(dev) - sum(seen.values()))
+    return max(0, device_memory.allocated(dev) - _input_storages(example_inputs, counted=True))
 
 
 def uncounted_bytes(example_inputs: Sequence[Any]) -> int:
     """Bytes of the inputs' storages the device counter does not see (CPU stand-in: made
-    before it started counting, such as a model built before its first compile; host-tier
-    memory is no device memory)."""
-    if planned_on_meta(example_inputs):
-        return 0
-    tier = hosttier.current_if_set()
-    seen: dict[int, int] = {}
-    for t in example_inputs:
-        if (isinstance(t, torch.Tensor) and t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor)
-                and t.numel() and not device_memory.counted(t)
-                and (tier is None or tier.location(t) == "device")):
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+    before it started counting, such as a model built before its first compile)."""
+    return 0 if planned_on_meta(example_inputs) else _input_storages(example_inputs, counted=False)
 
 
 def planned_on_meta(example_inputs: Sequence[Any]) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..ops import PURE_OPS, arg_values, pure_op_name, pure_op_scratch
-from .fxutil import is_view
+from .fxutil import is_view, output_tensors
 from .shapes import hint_int, nbytes_hint
 
 log = logging.getLogger("lohan_compile")
@@ -222,7 +222,7 @@ class OpScratch:
         made = {a: nbytes_hint(a.meta["val"]) for a in node.all_input_nodes
                 if isinstance(a.meta.get("val"), torch.Tensor)
                 and not (reads_only and self.real_value(a) is not None)}
-        need = sum(made.values()) + sum(nbytes_hint(v) for v in _results(node))
+        need = sum(made.values()) + sum(nbytes_hint(v) for v in output_tensors(node))
         room = self.budget - self.counter.allocated(self.device)
         if need > room:
             raise NoRoom(f"its inputs and results take {need} bytes, {max(room, 0)} are left under the budget")
@@ -293,11 +293,6 @@ def _zeros_like(v: Any) -> Any:
 
 class NoRoom(Exception):
     """A measurement that could take the device past its budget, not run."""
-
-
-def _results(node: fx.Node) -> list:
-    val = node.meta.get("val")
-    return [v for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, torch.Tensor)]
 
 
 def _new_storage_bytes(out: Any, inputs: set[int]) -> int:
