@@ -2,7 +2,7 @@
 
 Autograd adds a parameter's gradient into ``.grad`` when the backward graph returns, so a
 step that accumulates micro-batches holds the earlier ``.grad`` and every new gradient at
-once. ``lohan::accumulate_grad(grad, key)`` does autograd's addition inside backward, right
+once. ``lohan::accumulate_grad(grad, key, own)`` does autograd's addition inside backward, right
 after the gradient is made, and backward returns no gradient for it:
 
 - ``.grad`` defined: added in place (``grad`` is then freed where the plan frees it);
@@ -24,6 +24,7 @@ import torch
 from .. import ops
 from ..errors import LohanError
 from . import keys
+
 
 def has_grad_hooks(param: torch.Tensor) -> bool:
     """Hooks that see a gradient on its way into ``.grad`` or once it is there."""
