@@ -559,6 +559,47 @@ def test_a_graph_breaking_model_predicts_its_step_peak_within_the_budget():
     assert abs(summary["predicted_peak_bytes"] - summary["measured_peak_bytes"]) <= 0.10 * summary["measured_peak_bytes"]
 
 
+def test_a_graph_breaking_model_holds_the_smallest_budget_its_error_names():
+    """A budget no plan fits names the smallest that does, for a step of two graphs too (GPT-2's
+    loss is the second, compiled during the first step beside what the first graph saved): the
+    step run at the named budget stays within it. A retry may name a larger budget once the
+    second graph is known; it must then hold (a first plan that filled the room the second graph
+    needed once made every retry name a larger budget again)."""
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+
+    def run(budget):
+        def build():
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = tiny_gpt2(layers=2)
+            return model, torch.compile(model, backend="lohan", options={"memory_budget": budget})
+
+        def step(state):
+            model, cm = state
+            model.zero_grad(set_to_none=True)
+            lm_loss(cm, ids).backward()
+
+        return measure_device_peak(build, step, steps=3).peak_bytes, lohan.last_report().summary()
+
+    named, names = 1 << 20, []
+    for _ in range(3):
+        budget = int(named * 1.002)
+        try:
+            peak, summary = run(budget)
+            break
+        except Exception as e:  # noqa: BLE001 - the BudgetError, wrapped by torch at compile time
+            err = lohan.BudgetError.within(e)
+            assert err is not None and err.smallest_feasible_bytes, e
+            assert err.smallest_feasible_bytes > named, "a larger budget named a smaller one"
+            named = err.smallest_feasible_bytes
+            names.append(named)
+    else:
+        pytest.fail(f"every budget named failed: {names}")
+    assert summary["graphs"] == 2
+    assert peak <= budget, (peak, budget, names)
+    assert summary["predicted_peak_bytes"] <= budget
+
+
 def test_a_trial_keeps_the_simulators_choice_unless_another_plan_wins_round_by_round():
     from lohan_compile.backend.replan import _trial_winner
 
