@@ -35,15 +35,18 @@ log = logging.getLogger("lohan_compile")
 # (op, inputs' description) -> scratch bytes, measured in this process
 _MEASURED: dict[tuple, int] = {}
 
-# ops known to allocate inside themselves where they cannot be measured: the estimate is
-# twice the bytes of their largest tensor argument or result (at least what this machine's
-# kernels take for a CNN's convolutions, pooling and batch norm: tests/test_scratch.py)
+# ops known to allocate inside themselves where they cannot be measured: the estimate is this
+# many times the bytes of their largest tensor argument or result (at least what the kernels
+# of these machines take for a CNN's convolutions, pooling and batch norm, tests/test_scratch.py:
+# oneDNN's convolution backward with AVX-512 takes 2.08 times its largest tensor)
 _ESTIMATED = {
-    "convolution", "convolution_backward", "_convolution", "cudnn_convolution",
-    "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward",
-    "native_batch_norm_backward", "_native_batch_norm_legit_functional", "native_batch_norm",
-    "_adaptive_avg_pool2d_backward", "avg_pool2d_backward", "native_group_norm_backward",
-    "native_layer_norm_backward", "upsample_bilinear2d_backward", "grid_sampler_2d_backward",
+    **dict.fromkeys(("convolution", "convolution_backward", "cudnn_convolution"), 3),
+    **dict.fromkeys((
+        "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward",
+        "native_batch_norm_backward", "native_batch_norm_legit_functional", "native_batch_norm",
+        "adaptive_avg_pool2d_backward", "avg_pool2d_backward", "native_group_norm_backward",
+        "native_layer_norm_backward", "upsample_bilinear2d_backward", "grid_sampler_2d_backward",
+    ), 2),
 }
 
 
@@ -136,9 +139,8 @@ def estimate_scratch(node: fx.Node) -> int:
     name = pure_op_name(node)
     if name is not None:
         return pure_op_scratch(name, arg_values(node))
-    if target._opname.lstrip("_") not in {n.lstrip("_") for n in _ESTIMATED}:
-        return 0
-    return 2 * max((nbytes_hint(v) for v in _tensor_vals(node) if isinstance(v, torch.Tensor)), default=0)
+    times = _ESTIMATED.get(target._opname.lstrip("_"), 0)
+    return times * max((nbytes_hint(v) for v in _tensor_vals(node) if isinstance(v, torch.Tensor)), default=0)
 
 
 def fused_away(node: fx.Node) -> bool:
