@@ -78,6 +78,10 @@ class GraphRecord:
     # peak beyond the plan's model of its nodes, when it was compiled, by (phase, node name) of
     # the node the model peaks at
     segment_scratch: dict[tuple[str, str], int] = field(default_factory=dict)
+    # ... of those, the ones that are a bound, not a measurement (a segment not run: no room
+    # under the budget then), and the nodes of every segment that was run and measured
+    segment_bounds: set[tuple[str, str]] = field(default_factory=set)
+    segment_measured: set[tuple[str, str]] = field(default_factory=set)
     # ... and the bytes of every segment's outputs, which exist in memory, by (phase, node name)
     segment_outputs: dict[tuple[str, str], int] = field(default_factory=dict)
     # ... and the results Inductor may fuse found inside a segment, not among its outputs (a

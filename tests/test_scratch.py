@@ -154,6 +154,29 @@ def test_a_segment_is_run_to_be_measured_only_where_it_fits_the_budget():
     assert ran and calls == [1] and excess >= 0
 
 
+def test_a_bound_gives_way_to_a_measurement_and_measurements_only_grow():
+    """What the plans learn of their segments: a segment not run to be measured is held at its
+    bound until a later plan's segment there is measured (then at that, or at nothing); a
+    measured excess stays, and grows where a later plan's segment holds more."""
+    from lohan_compile.backend.replan import SegmentsLearnt
+
+    a, b, c = ("bw", "mm_1"), ("bw", "mul_3"), ("fw", "add")
+    learnt = SegmentsLearnt()
+    # plan 1: a not measured (its bound), c measured
+    assert learnt.learn_scratch({a: 100, c: 8}, {a}, {c}) == {a: 100, c: 8}
+    assert learnt.bounds == {a}
+    # plan 2: nothing measured at a, b holds a bound too: a's bound stays, nothing changes there
+    assert learnt.learn_scratch({b: 50}, {b}, {c}) == {b: 50}
+    assert learnt.scratch[a] == 100 and learnt.bounds == {a, b}
+    # plan 3: a's segment measured, holding 30 at a; b's, holding nothing above the plan; c holds
+    # less than before
+    assert learnt.learn_scratch({a: 30, c: 2}, set(), {a, b, c}) == {a: -70, b: -50}
+    assert learnt.scratch == {a: 30, b: 0, c: 8} and not learnt.bounds
+    # plan 4: more measured at a, a larger bound at c: both held
+    assert learnt.learn_scratch({a: 40, c: 20}, {c}, {a}) == {a: 10, c: 12}
+    assert learnt.bounds == {c}
+
+
 def test_the_estimate_covers_the_cnns_measured_scratch():
     """``estimate_scratch`` (the plan on meta, before anything can run) is at least what each op
     of the CNN's step is measured to allocate inside itself on this machine."""

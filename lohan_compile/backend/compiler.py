@@ -631,6 +631,8 @@ class GraphCompiler:
             log.debug("lohan %s: a segment of %s was not run to be measured (no room under the budget "
                       "now); the plan holds what it could hold with nothing fused", self.record.name, phase)
         where = "fw" if phase == "forward" else "bw"
+        if ran:
+            self.record.segment_measured |= {(where, n.name) for n in seg.nodes if n.op == "call_function"}
         for n in seg.outputs:
             if isinstance(n.meta.get("val"), torch.Tensor):
                 self.record.segment_outputs[(where, n.name)] = nbytes_hint(n.meta["val"])
@@ -642,6 +644,8 @@ class GraphCompiler:
             for n in nodes:
                 if n.op == "call_function":
                     self.record.segment_scratch[(where, n.name)] = excess
+                    if not ran:
+                        self.record.segment_bounds.add((where, n.name))
 
 
     def _real_value(self, node: fx.Node) -> torch.Tensor | None:

@@ -46,12 +46,38 @@ class SegmentsLearnt:
     # device bytes a segment held above the plan's model of its nodes, at the node the model
     # peaks at: every later plan holds them there
     scratch: dict[tuple[str, str], int] = field(default_factory=dict)
+    # ... of those, the ones that are bounds of a segment not run to be measured (no room under
+    # the budget then): a later plan whose segment there is measured replaces them
+    bounds: set[tuple[str, str]] = field(default_factory=set)
     # results the plan had fused into their readers that a segment holds after all (an output)
     materialized: set[tuple[str, str]] = field(default_factory=set)
     # results Inductor may fuse found inside a segment (not one of its outputs): later plans
     # hold them as fused (until seen, a plan holds them in memory; the plan running when they
     # are seen is simulated again with them fused, not made again)
     fused: set[tuple[str, str]] = field(default_factory=set)
+
+    def learn_scratch(self, found: dict[tuple[str, str], int], bounds: set[tuple[str, str]],
+                      measured: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Learn what one plan's segments held above its model (``found``, by node; ``bounds``:
+        those of them that are a bound; ``measured``: every node of a segment that was run and
+        measured). A measurement adds where it is more than what was learnt (a plan's segments
+        may fuse differently from the last's: what any held is held); a bound held before gives
+        way to a measurement of a segment there, lower or none. Returns the change at each node,
+        for the plan that was made holding what was learnt before."""
+        change: dict[tuple[str, str], int] = {}
+        for key in self.bounds & measured:
+            now = found.get(key, 0)
+            if now < self.scratch[key]:
+                change[key] = now - self.scratch[key]
+                self.scratch[key] = now
+        self.bounds -= measured
+        for key, nbytes in found.items():
+            if nbytes > self.scratch.get(key, 0):
+                change[key] = change.get(key, 0) + nbytes - self.scratch.get(key, 0)
+                self.scratch[key] = nbytes
+                if key in bounds:
+                    self.bounds.add(key)
+        return {key: delta for key, delta in change.items() if delta}
 
 
 class Replanning:
@@ -211,12 +237,12 @@ class Replanning:
         """Inductor's segments, measured when compiled, hold more than the plan's model of their
         nodes (``rec.segment_scratch``), hold results the plan had fused into their readers
         (segment outputs), or fuse results the plan held (not yet seen fused): learn all three,
-        and simulate the plan again with them. True when that passes the budget: then plan
+        and simulate the plan again with them (and with less where a segment the plan held a bound
+        for was measured now). True when that passes the budget: then plan
         again with them (before any step runs: the budget holds from the first step)."""
         if not rec.training:
             return False
-        scratch = learnt.scratch
-        more = {k: v - scratch.get(k, 0) for k, v in rec.segment_scratch.items() if v > scratch.get(k, 0)}
+        change = learnt.learn_scratch(rec.segment_scratch, rec.segment_bounds, rec.segment_measured)
         planned = rec.pass_report("plan_memory")
         held, freed = {}, {}
         if planned is not None:
@@ -226,19 +252,18 @@ class Replanning:
             freed = {f"{phase}:{name}": 0 for phase, name in rec.segment_fused
                      if f"{phase}:{name}" in buffers and buffers[f"{phase}:{name}"].bytes > 0}
         learnt.fused |= rec.segment_fused
-        if not more and not held and not freed:
+        if not change and not held and not freed:
             return False
-        scratch.update({k: scratch.get(k, 0) + v for k, v in more.items()})
         learnt.materialized |= {tuple(k.split(":", 1)) for k in held}
         if planned is None:
             return False
-        problem = planned["problem"].with_scratch(more).with_bytes({**held, **freed})
+        problem = planned["problem"].with_scratch(change).with_bytes({**held, **freed})
         prediction = predict(problem, planned["plan"].decisions, planned["rates"])
         budget = self.opts.memory_budget
         if budget is not None and prediction.peak_device_bytes > budget:
             log.info("lohan %s: Inductor's segments hold up to %s above what the plan predicted for their "
                      "nodes, and %d results it had fused away (%s); planned again holding them", rec.name,
-                     format_bytes(max(more.values(), default=0)), len(held), format_bytes(sum(held.values())))
+                     format_bytes(max(change.values(), default=0)), len(held), format_bytes(sum(held.values())))
             return True
         rec.repredict(problem, prediction)
         return False

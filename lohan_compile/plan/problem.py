@@ -159,10 +159,11 @@ class Problem:
 
     def with_scratch(self, extra: Mapping[tuple[str, str], int]) -> "Problem":
         """This problem with ``extra`` bytes more held while each op runs, by (phase, op name)
-        (what the executor was measured to hold there beyond the plan). ``self`` is unchanged."""
+        (what the executor was measured to hold there beyond the plan; less, where a bound it
+        held gives way to a measurement, never below none). ``self`` is unchanged."""
         if not extra:
             return self
-        ops = [replace(op, scratch_bytes=op.scratch_bytes + extra.get((op.phase, op.name), 0)) for op in self.ops]
+        ops = [replace(op, scratch_bytes=max(0, op.scratch_bytes + extra.get((op.phase, op.name), 0))) for op in self.ops]
         return replace(self, ops=ops)
 
     def with_bytes(self, sizes: Mapping[str, int]) -> "Problem":
