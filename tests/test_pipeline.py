@@ -161,3 +161,35 @@ def test_forward_ops_replayed_in_backward_for_nothing_are_removed():
     assert {used.name, own.name, writes.name} <= left and not {dead.name, dead_item.name, item.name} & left
     x = torch.randn(3, 3)
     assert torch.equal(gm(x.clone())[0], x * x)
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+def test_the_passes_run_with_what_the_process_held_out_of_the_collectors_scans(frozen_before):
+    """While the passes run, the cycle collector scans only what they make (what the process held
+    is frozen), and afterwards the collector is as it was: a process that froze objects itself
+    (a server before it forks) keeps its freeze, and collection is paused instead."""
+    import gc
+
+    seen = []
+
+    def look(graphs, facts):
+        seen.append((gc.isenabled(), gc.get_freeze_count()))
+        return graphs, {}
+
+    if frozen_before:
+        gc.freeze()
+    try:
+        before = (gc.isenabled(), gc.get_freeze_count())
+        torch._dynamo.reset()
+        compile_with_passes(MLP(), default_passes() + [Pass("look", look)], torch.randn(4, 32)).sum().backward()
+        after = (gc.isenabled(), gc.get_freeze_count())
+    finally:
+        if frozen_before:
+            gc.unfreeze()
+    assert seen and after[0] == before[0]
+    if frozen_before:  # (frozen objects the step let go of leave the count)
+        assert 0 < after[1] <= before[1]
+        assert all(not enabled and 0 < count <= before[1] for enabled, count in seen)
+    else:
+        assert after[1] == 0
+        assert all(enabled and count > 0 for enabled, count in seen)

@@ -10,6 +10,8 @@ the user's source line.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -215,6 +217,10 @@ class Pipeline:
         disabled: Iterable[str] = (),
     ) -> Graphs:
         disabled = self.validate_disabled(disabled)
+        with collector_spares_the_process():
+            return self._run(graphs, facts, debug, disabled)
+
+    def _run(self, graphs: Graphs, facts: CompileFacts, debug: bool, disabled: frozenset[str]) -> Graphs:
         inference = graphs.inference
         ran: list[str] = []
         if debug:
@@ -238,6 +244,32 @@ class Pipeline:
             if debug:
                 check_graphs(graphs, after=p.name, ran=ran, known_passes=self.names)
         return graphs
+
+
+@contextlib.contextmanager
+def collector_spares_the_process():
+    """Python's cycle collector, while the passes run, scans only what they make. The passes
+    allocate millions of small objects; each full collection that triggers would otherwise walk
+    every object the process holds (dynamo's and AOTAutograd's traces, fake tensors: 0.15 s
+    for 760,000 objects with a 24-layer model's graphs), and a deep model's planning triggers
+    many. What the process held before is moved out of the collector's generations for the
+    passes (``gc.freeze``) and back after; where the process froze objects itself, its freeze is
+    left alone and collection pauses instead."""
+    if not gc.isenabled():
+        yield
+        return
+    if gc.get_freeze_count():
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class NodeError(Exception):
