@@ -17,7 +17,8 @@ Kinds of op:
 
 - ops defined here, whose kernels the runtime supplies (``implement``): gradient offload
   (``grad_ready``, ``grads_ready``, ``weight_ready``, ``weight_wait``: runtime/offload.py),
-  gradients added into ``.grad`` in backward (``accumulate_grad``: runtime/grads.py) and
+  gradients added into ``.grad`` in backward (``accumulate_check``, ``accumulate_grad``:
+  runtime/grads.py) and
   parameter streaming (``fetch_param``, ``param_wait``, ``release_param``: runtime/stream.py).
   Defined here, below the passes, so that a pass can insert them without importing the
   runtime. On the meta device (``lohan.explain`` plans on meta) they do nothing.
@@ -63,6 +64,9 @@ _RUNTIME_OPS: dict[str, tuple[str, Callable]] = {
     # a gradient added into its parameter's ``.grad`` where backward makes it (runtime/grads.py)
     # (``own``: nothing else holds the gradient's storage, so it may itself become ``.grad``)
     "accumulate_grad": ("accumulate_grad(Tensor grad, int key, bool own) -> ()", lambda grad, key, own: None),
+    # first in a backward that adds into ``.grad``: what autograd would do otherwise for those
+    # parameters is refused before any is added into (runtime/grads.py)
+    "accumulate_check": ("accumulate_check(int[] keys) -> ()", lambda keys: None),
     "weight_wait": ("weight_wait(Tensor(a) weight, int key) -> Tensor(a)", _alias),
     "fetch_param": ("fetch_param(int key) -> ()", lambda key: None),
     "param_wait": ("param_wait(Tensor(a) t, int key) -> Tensor(a)", _alias),

@@ -10,7 +10,10 @@ Ensures, for every such parameter whose gradient backward still returns (one off
   (``runtime/grads.py``) adds it into ``param.grad`` in place, or makes it the ``.grad`` where
   there is none by then, as autograd would (the tensor itself only where ``own``: no other
   output shares its storage and it is no graph input's, such as a tangent; else a copy);
-- the backward graph returns no gradient for it (autograd adds nothing more).
+- the backward graph returns no gradient for it (autograd adds nothing more);
+- first in the backward graph (after its inputs), ``lohan::accumulate_check(keys)`` of all of
+  them: what autograd would do otherwise (a hook registered since, ``torch.autograd.grad``) is
+  refused before any ``.grad`` is added into.
 So a step that accumulates micro-batches holds the earlier gradients and one new gradient at a
 time, not the earlier ones and all the new ones until backward returns; the planner sees each
 gradient freed after its addition (its last use), and the earlier ``.grad`` as resident.
@@ -60,5 +63,11 @@ def accumulate_grads(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[
         added.append(idx)
     if added:
         out.args = (tuple(values),)
+        first = next(n for n in bw.graph.nodes if n.op != "placeholder")
+        with bw.graph.inserting_before(first):
+            check = bw.graph.call_function(torch.ops.lohan.accumulate_check.default,
+                                           ([facts.inputs[idx].key for idx in added],))
+        check.meta["val"] = None
+        set_info(check, NodeInfo(role=Role.BACKWARD, made_by=NAME, action="accumulate_check"))
         bw.recompile()
     return graphs, {"accumulated": len(added), "accumulated_inputs": added}

@@ -77,7 +77,8 @@ def test_micro_batches_hold_one_set_of_gradients_beside_the_weights():
 def test_what_autograd_would_do_otherwise_is_done_as_autograd_does_or_refused():
     """``backward(inputs=...)`` leaves the other parameters' ``.grad`` alone, as autograd does;
     ``torch.autograd.grad`` asking for a parameter's gradient, and a hook registered after the
-    compile, are refused with what to do (backward returns no gradient to give them)."""
+    compile, are refused with what to do (backward returns no gradient to give them), before
+    any ``.grad`` is added into."""
     torch._dynamo.reset()
     model, eager = make(), make()
     x = MICRO[0]
@@ -89,11 +90,14 @@ def test_what_autograd_would_do_otherwise_is_done_as_autograd_does_or_refused():
     assert lohan.last_report().graphs[0].pass_report("accumulate_grads")["accumulated"] == 8
     for a, b in zip(model.parameters(), eager.parameters()):
         assert torch.equal(a.grad, b.grad)
+    held = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(LohanError, match="autograd.grad"):
         torch.autograd.grad(cm(x).sum(), [model[0].weight])
-    model[0].weight.register_hook(lambda g: g * 2)
+    model[0].weight.register_hook(lambda g: g * 2)  # (the first layer's: backward reaches it last)
     with pytest.raises(LohanError, match="hook"):
         cm(x).sum().backward()
+    # refused before any gradient was added: no .grad is half a step ahead of the others
+    assert all(torch.equal(p.grad, h) for p, h in zip(model.parameters(), held))
 
 
 class SharedGradient(torch.nn.Module):

@@ -14,7 +14,8 @@ after the gradient is made, and backward returns no gradient for it:
 
 What autograd would do differently is refused rather than computed otherwise: a hook
 registered on the parameter after it was compiled (it would not see the gradient), and
-``torch.autograd.grad`` asking for it (backward returns none to give it).
+``torch.autograd.grad`` asking for it (backward returns none to give it). The refusal comes
+from ``lohan::accumulate_check(keys)``, first in backward, so no ``.grad`` is half added into.
 """
 
 from __future__ import annotations
@@ -67,16 +68,27 @@ def _as_grad(grad: torch.Tensor, param: torch.Tensor, own: bool) -> torch.Tensor
     return grad.clone(memory_format=torch.contiguous_format)
 
 
-def _accumulate_grad_impl(grad: torch.Tensor, key: int, own: bool) -> None:
+def _param(key: int) -> torch.Tensor:
     param = keys.param_of(key)
     if param is None:
         raise LohanError("a parameter of this compiled model no longer exists; compile the model again")
-    if has_grad_hooks(param):
-        raise LohanError(
-            "a hook was registered on a parameter after the model was compiled, which adds that "
-            "parameter's gradient into .grad inside backward (the hook would not see it); register "
-            "hooks before compiling, or call torch._dynamo.reset() after registering them"
-        )
+    return param
+
+
+def _accumulate_check_impl(param_keys: list[int]) -> None:
+    for key in param_keys:
+        param = _param(key)
+        if has_grad_hooks(param):
+            raise LohanError(
+                "a hook was registered on a parameter after the model was compiled, which adds that "
+                "parameter's gradient into .grad inside backward (the hook would not see it); register "
+                "hooks before compiling, or call torch._dynamo.reset() after registering them"
+            )
+        _will_accumulate(param)  # (raises where torch.autograd.grad asks for it)
+
+
+def _accumulate_grad_impl(grad: torch.Tensor, key: int, own: bool) -> None:
+    param = _param(key)
     if not _will_accumulate(param):
         return
     with torch.no_grad():
@@ -86,4 +98,5 @@ def _accumulate_grad_impl(grad: torch.Tensor, key: int, own: bool) -> None:
             param.grad.add_(grad)
 
 
+ops.implement("accumulate_check", _accumulate_check_impl)
 ops.implement("accumulate_grad", _accumulate_grad_impl)
