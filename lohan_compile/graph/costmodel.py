@@ -107,6 +107,9 @@ def node_bytes(node: fx.Node) -> int:
     """Bytes an op reads and writes (inputs and outputs), views excluded."""
     if node.op != "call_function" or node.target in _FREE_OPS or is_view(node):
         return 0
+    if node.target is torch.ops.lohan.accumulate_grad.default:
+        # (it reads the gradient and ``.grad``, which is no input of the graph, and writes ``.grad``)
+        return 3 * sum(nbytes_hint(t) for t in output_tensors(node.args[0]))
     total = sum(nbytes_hint(t) for t in output_tensors(node))
     for a in node.all_input_nodes:
         total += sum(nbytes_hint(t) for t in output_tensors(a))
