@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from lohan_compile.graph.fxutil import is_view, storage_base, view_parent
+from lohan_compile.graph.fxutil import is_view, storage_base, view_chain, view_parent
 from lohan_compile.graph.meta import NodeInfo, Role, get_info, set_info
 from lohan_compile.graph.pipeline import CompileFacts, Graphs, NodeError
 from lohan_compile.ops import with_rows_per_chunk
@@ -198,15 +198,11 @@ def _first_user(bw: fx.GraphModule, placeholders: list[fx.Node]) -> fx.Node:
 def _replay_view(bw: fx.GraphModule, base_value: fx.Node, view: fx.Node, base: fx.Node, saved: SavedValues) -> fx.Node:
     """Rebuild the forward view chain base -> ... -> view on top of ``base_value`` in backward.
     Other arguments of the views (symbolic sizes) are taken from what forward saves."""
-    chain = []
-    node = view
-    while node is not base:
-        chain.append(node)
-        node = view_parent(node)
-        if node is None:
-            raise NodeError(view, "saved view does not lead back to its storage")
+    chain = view_chain(view, base)
+    if chain is None:
+        raise NodeError(view, "saved view does not lead back to its storage")
     current = base_value
-    for v in reversed(chain):
+    for v in chain:
         src = view_parent(v)
 
         def in_bw(a: fx.Node, src=src, cur=current) -> fx.Node:

@@ -67,6 +67,19 @@ def view_parent(node: fx.Node) -> fx.Node | None:
     return aliased_input(node)
 
 
+def view_chain(view: fx.Node, base: fx.Node) -> list[fx.Node] | None:
+    """The views from ``base`` to ``view``, in the order they are taken (``base`` not among them;
+    empty where ``view`` is ``base``); None where ``view`` does not lead back to ``base``."""
+    chain = []
+    node: fx.Node | None = view
+    while node is not base:
+        if node is None:
+            return None
+        chain.append(node)
+        node = view_parent(node)
+    return chain[::-1]
+
+
 def storage_base(node: fx.Node) -> fx.Node:
     """Follow view ops back to the node that owns the storage."""
     while True:

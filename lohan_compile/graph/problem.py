@@ -36,7 +36,7 @@ from ..plan.problem import Rates
 from ..plan.profile import HardwareProfile
 from .costmodel import CostModel, node_flops
 from .fxutil import (ALL_REDUCE, ALL_REDUCE_COALESCED, COLLECTIVE_WAIT, aliased_input, is_dense, is_view,
-                     results_bytes, storage_base, tensor_val, view_parent)
+                     results_bytes, storage_base, tensor_val, view_chain, view_parent)
 from .meta import Kind, Role, get_info
 from .scratch import estimated, fused_away
 from .shapes import nbytes_expr, nbytes_hint
@@ -143,14 +143,13 @@ def _views_replayable(base: fx.Node, nodes: Iterable[fx.Node], saved_nodes: set[
     for v in nodes:
         if v is base or v not in saved_nodes:
             continue
-        node = v
-        while node is not base and node is not None:
+        chain = view_chain(v, base)
+        if chain is None:
+            return False
+        for node in chain:
             parent = view_parent(node)
             if any(a is not parent and a not in saved_nodes and a not in saved_syms for a in node.all_input_nodes):
                 return False
-            node = parent
-        if node is None:
-            return False
     return True
 
 
