@@ -175,6 +175,10 @@ def test_a_bound_gives_way_to_a_measurement_and_measurements_only_grow():
     # plan 4: more measured at a, a larger bound at c: both held
     assert learnt.learn_scratch({a: 40, c: 20}, {c}, {a}) == {a: 10, c: 12}
     assert learnt.bounds == {c}
+    # plan 5: c's segment measured, holding nothing there now: c's bound gives way to the most
+    # measured there before (8), not to nothing
+    assert learnt.learn_scratch({}, set(), {c}) == {c: -12}
+    assert learnt.scratch[c] == 8 and not learnt.bounds
 
 
 def test_the_estimate_covers_the_cnns_measured_scratch():

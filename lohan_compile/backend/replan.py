@@ -49,6 +49,8 @@ class SegmentsLearnt:
     # ... of those, the ones that are bounds of a segment not run to be measured (no room under
     # the budget then): a later plan whose segment there is measured replaces them
     bounds: set[tuple[str, str]] = field(default_factory=set)
+    # ... and the most any plan's segment was measured to hold there (what a bound gives way to)
+    measured: dict[tuple[str, str], int] = field(default_factory=dict)
     # results the plan had fused into their readers that a segment holds after all (an output)
     materialized: set[tuple[str, str]] = field(default_factory=set)
     # results Inductor may fuse found inside a segment (not one of its outputs): later plans
@@ -62,11 +64,15 @@ class SegmentsLearnt:
         those of them that are a bound; ``measured``: every node of a segment that was run and
         measured). A measurement adds where it is more than what was learnt (a plan's segments
         may fuse differently from the last's: what any held is held); a bound held before gives
-        way to a measurement of a segment there, lower or none. Returns the change at each node,
+        way to a measurement of a segment there (the most any was measured to hold there, or
+        none). Returns the change at each node,
         for the plan that was made holding what was learnt before."""
         change: dict[tuple[str, str], int] = {}
+        for key, nbytes in found.items():
+            if key not in bounds:
+                self.measured[key] = max(self.measured.get(key, 0), nbytes)
         for key in self.bounds & measured:
-            now = found.get(key, 0)
+            now = self.measured.get(key, 0)
             if now < self.scratch[key]:
                 change[key] = now - self.scratch[key]
                 self.scratch[key] = now
@@ -263,7 +269,7 @@ class Replanning:
         if budget is not None and prediction.peak_device_bytes > budget:
             log.info("lohan %s: Inductor's segments hold up to %s above what the plan predicted for their "
                      "nodes, and %d results it had fused away (%s); planned again holding them", rec.name,
-                     format_bytes(max(change.values(), default=0)), len(held), format_bytes(sum(held.values())))
+                     format_bytes(max((v for v in change.values() if v > 0), default=0)), len(held), format_bytes(sum(held.values())))
             return True
         rec.repredict(problem, prediction)
         return False
