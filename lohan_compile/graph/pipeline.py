@@ -253,17 +253,11 @@ def collector_spares_the_process():
     every object the process holds (dynamo's and AOTAutograd's traces, fake tensors: 0.15 s
     for 760,000 objects with a 24-layer model's graphs), and a deep model's planning triggers
     many. What the process held before is moved out of the collector's generations for the
-    passes (``gc.freeze``) and back after; where the process froze objects itself, its freeze is
-    left alone and collection pauses instead."""
-    if not gc.isenabled():
+    passes (``gc.freeze``) and back after. A process that froze objects itself (a server
+    before it forks), or turned the collector off, is left as it is: unfreezing would undo its
+    freeze. (Another thread's ``gc.freeze`` during the passes is undone with theirs.)"""
+    if not gc.isenabled() or gc.get_freeze_count():
         yield
-        return
-    if gc.get_freeze_count():
-        gc.disable()
-        try:
-            yield
-        finally:
-            gc.enable()
         return
     gc.freeze()
     try:
