@@ -108,7 +108,8 @@ def node_bytes(node: fx.Node) -> int:
     if node.op != "call_function" or node.target in _FREE_OPS or is_view(node):
         return 0
     if node.target is torch.ops.lohan.accumulate_grad.default:
-        # (it reads the gradient and ``.grad``, which is no input of the graph, and writes ``.grad``)
+        # (at most: it reads the gradient and ``.grad``, which is no input of the graph, and
+        # writes ``.grad``; where ``.grad`` is None it copies the gradient, or takes it as it is)
         return 3 * sum(nbytes_hint(t) for t in output_tensors(node.args[0]))
     total = sum(nbytes_hint(t) for t in output_tensors(node))
     for a in node.all_input_nodes:

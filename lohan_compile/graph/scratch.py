@@ -40,9 +40,9 @@ _MEASURED: dict[tuple, int] = {}
 # of these machines take for a CNN's convolutions, pooling and batch norm, tests/test_scratch.py:
 # oneDNN's convolution backward with AVX-512 takes 2.08 times its largest tensor)
 _ESTIMATED = {
-    **dict.fromkeys(("convolution", "convolution_backward", "cudnn_convolution"), 3),
+    "convolution_backward": 3,
     **dict.fromkeys((
-        "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward",
+        "convolution", "cudnn_convolution", "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward",
         "native_batch_norm_backward", "native_batch_norm_legit_functional", "native_batch_norm",
         "adaptive_avg_pool2d_backward", "avg_pool2d_backward", "native_group_norm_backward",
         "native_layer_norm_backward", "upsample_bilinear2d_backward", "grid_sampler_2d_backward",
