@@ -75,7 +75,13 @@ def _param(key: int) -> torch.Tensor:
     return param
 
 
+# whether the backward running now adds into each parameter's .grad, found by its
+# accumulate_check for its accumulate_grad ops (each reads its own once: nothing outlives them)
+_WILL: dict[int, bool] = {}
+
+
 def _accumulate_check_impl(param_keys: list[int]) -> None:
+    will = {}
     for key in param_keys:
         param = _param(key)
         if has_grad_hooks(param):
@@ -84,12 +90,14 @@ def _accumulate_check_impl(param_keys: list[int]) -> None:
                 "parameter's gradient into .grad inside backward (the hook would not see it); register "
                 "hooks before compiling, or call torch._dynamo.reset() after registering them"
             )
-        _will_accumulate(param)  # (raises where torch.autograd.grad asks for it)
+        will[key] = _will_accumulate(param)  # (raises where torch.autograd.grad asks for it)
+    _WILL.update(will)
 
 
 def _accumulate_grad_impl(grad: torch.Tensor, key: int, own: bool) -> None:
     param = _param(key)
-    if not _will_accumulate(param):
+    will = _WILL.pop(key, None)
+    if not (_will_accumulate(param) if will is None else will):
         return
     with torch.no_grad():
         if param.grad is None:
