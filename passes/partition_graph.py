@@ -26,6 +26,8 @@ Partitions are reused: ``facts.partitions`` holds those an earlier compile of th
 graph made (a re-plan, a trial's plan), by ``"default"`` or ``("min-cut", activation budget)``,
 and ``graphs.partitions`` holds them with any this pass made, untouched by the passes after it
 (copies: a joint graph with symbolic sizes partitions the same whatever sizes it is planned for).
+A re-plan under ``"auto"`` plans the partition the plan before ran alone, and weighs the others
+again only where that one's plan no longer fits (``_as_before``).
 
 torch's min-cut partitioner under a budget in bytes: ``min_cut_rematerialization_partition``
 decides what forward saves and what backward recomputes, bounded by
@@ -99,6 +101,8 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                     or prefer_min_cut(partitions, fw, bw, facts)
                 if chosen is not None:
                     fw, bw, report = chosen
+                else:
+                    report["partition"] = "default"  # (everything fits kept: a re-plan starts from it)
 
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes),
                   partitions_reused=partitions.reused, partitions_made=len(partitions.made) - len(facts.partitions))
@@ -298,7 +302,7 @@ def prefer_min_cut(
         # (no plan of any partition is predicted faster than keeping everything: each adds
         # transfers or recomputation to the same compute)
         return fw, bw, {"partitioner": f"default (auto: within {MIN_CUT_ABOVE - 1:.0%} of keeping everything)",
-                        "planned": (profiled, default), **info}
+                        "planned": (profiled, default), "partition": "default", **info}
     mfw, mbw = partitions.min_cut(AUTO_MIN_CUT_FRACTION)
     mprofiled = _profile(joint, mfw, mbw, facts)
     fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(mprofiled.problem, mprofiled.rates, budget)
@@ -331,12 +335,15 @@ def _as_before(
     facts: Any,
 ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, Any]] | None:
     """Planned again (a size grew, the device holds more, an excess was measured): the
-    partition the plan before chose over the other (``facts.partition_choice``: set only where
-    ``prefer_min_cut`` planned both), planned alone by auto, where its plan fits the budget;
-    else None (``prefer_min_cut`` weighs them all again). Weighing every partition costs a
-    re-plan as much again as planning one (a min-cut partition made, and each profiled and
-    planned: 48 layers, 10 of 15 s); which one wins rarely changes with the sizes. A trial
-    after it times only that partition's plans (``variants``)."""
+    partition the plan before ran (``facts.partition_choice``: the one ``prefer_min_cut``
+    chose, or the default partition where nothing was weighed: everything fit kept, or auto's
+    plan of it was within ``MIN_CUT_ABOVE`` of keeping everything), planned alone by auto,
+    where its plan fits the budget; else None (``prefer_min_cut`` weighs them all again).
+    Weighing costs a re-plan more than the rest of it: each min-cut partition is a max-flow
+    and two graph extractions over the whole joint graph (48 layers: about 8 s each, where
+    profiling and planning one partition take 3 s), and the search can make eight. The price:
+    a re-plan does not look for a min-cut partition the new sizes would favour (a trial after
+    it times only that partition's plans, ``variants``); a fresh compile does."""
     choice = facts.partition_choice
     if choice == "default":
         cfw, cbw = fw, bw

@@ -63,14 +63,21 @@ def _input_storages(example_inputs: Sequence[Any], counted: bool) -> int:
     return sum(seen.values())
 
 
-def resident_outside_bytes(example_inputs: Sequence[Any]) -> int:
+def resident_outside_bytes(example_inputs: Sequence[Any], *, collect: bool = True) -> int:
     """Device bytes held now by anything but this graph's inputs: tensors other graphs of
     the step keep for backward, optimizer state, the user's own tensors. The budget covers
     them too (DESIGN.md). Nothing, for a graph on the meta device (``lohan.explain``): the plan
-    is for the model it was given, and what the process holds elsewhere is not on that device."""
+    is for the model it was given, and what the process holds elsewhere is not on that device.
+
+    ``collect``: first run Python's full collection, so that unreachable cycles (an earlier
+    compiled model, dynamo's trace of this graph) count for nothing. Without it (a re-plan of a
+    graph that has run: its compiled callable collected after its first step) garbage counts
+    as held, which only makes the plan hold less than it could; a full collection in a process
+    holding a deep model's graphs takes about a second."""
     if planned_on_meta(example_inputs):
         return 0
-    gc.collect()  # unreachable cycles (an earlier compiled model, say) hold no lasting memory
+    if collect:
+        gc.collect()
     dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
     device_memory.install()
     return max(0, device_memory.allocated(dev) - _input_storages(example_inputs, counted=True))
@@ -302,7 +309,7 @@ class GraphCompiler:
         self.record.dump_dir = self.dump_dir
         self.observed = Observed()  # what the runtime sees of this plan (the re-planner reads it)
         self.on_meta = planned_on_meta(real_inputs)
-        self.resident_outside = resident_outside_bytes(real_inputs)
+        self.resident_outside = resident_outside_bytes(real_inputs, collect=reuse is None)
         self.record.resident_outside_bytes = self.resident_outside
         # what a measurement run while compiling may take the device counter up to: the budget,
         # less the inputs the counter cannot see (made before it started counting), alive now
