@@ -33,6 +33,7 @@ process, interleaved by depth:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -63,6 +64,7 @@ def first_step(layers: int, backend: str, options: dict | None = None) -> dict:
     torch._dynamo.reset()
     counters.clear()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lohan-bench-cache-")
+    gc.collect()  # (an earlier case's garbage freed during the step would lower the peak over ``level``)
     level = device_memory.allocated()  # (the peak counts the model and the batch, as a plan does)
     device_memory.reset_peak()
     m = model(layers)
@@ -98,6 +100,7 @@ def replan(layers: int, fraction: float) -> dict:
         compiled(input_ids=ids, labels=ids).loss.backward()
         return time.perf_counter() - start
 
+    gc.collect()  # (as in ``first_step``)
     level = device_memory.allocated()
     device_memory.reset_peak()
     step(torch.compile(m, backend="aot_eager"), 256)
