@@ -101,8 +101,8 @@ def partition_graph(graphs: Graphs, facts: CompileFacts) -> tuple[Graphs, dict[s
                     or prefer_min_cut(partitions, fw, bw, facts)
                 if chosen is not None:
                     fw, bw, report = chosen
-                else:
-                    report["partition"] = "default"  # (everything fits kept: a re-plan starts from it)
+                else:  # (everything fits kept: a re-plan starts from it)
+                    report.update(partition="default", weighed=False)
 
     report.update(counts, fw_nodes=len(fw.graph.nodes), bw_nodes=len(bw.graph.nodes),
                   partitions_reused=partitions.reused, partitions_made=len(partitions.made) - len(facts.partitions))
@@ -302,7 +302,7 @@ def prefer_min_cut(
         # (no plan of any partition is predicted faster than keeping everything: each adds
         # transfers or recomputation to the same compute)
         return fw, bw, {"partitioner": f"default (auto: within {MIN_CUT_ABOVE - 1:.0%} of keeping everything)",
-                        "planned": (profiled, default), "partition": "default", **info}
+                        "planned": (profiled, default), "partition": "default", "weighed": False, **info}
     mfw, mbw = partitions.min_cut(AUTO_MIN_CUT_FRACTION)
     mprofiled = _profile(joint, mfw, mbw, facts)
     fraction, plan = AUTO_MIN_CUT_FRACTION, _auto_plan(mprofiled.problem, mprofiled.rates, budget)
@@ -322,10 +322,10 @@ def prefer_min_cut(
                 min_cut_step_s_by_budget=tried)
     if min_cut_s < 0.99 * default_s:
         return mfw, mbw, {"partitioner": "torch min-cut (auto: faster predicted step)", "planned": (mprofiled, plan),
-                          "partition": ("min-cut", fraction), **info}
+                          "partition": ("min-cut", fraction), "weighed": True, **info}
     classify_saved(Graphs(joint=joint, fw=fw, bw=bw), facts)  # the default partition's saved values, classified again
     return fw, bw, {"partitioner": "default (auto: faster predicted step than min-cut)", "planned": (profiled, default),
-                    "partition": "default", **info}
+                    "partition": "default", "weighed": True, **info}
 
 
 def _as_before(
@@ -343,7 +343,10 @@ def _as_before(
     and two graph extractions over the whole joint graph (48 layers: about 8 s each, where
     profiling and planning one partition take 3 s), and the search can make eight. The price:
     a re-plan does not look for a min-cut partition the new sizes would favour (a trial after
-    it times only that partition's plans, ``variants``); a fresh compile does."""
+    it times only that partition's plans, ``variants``) until the replanner asks: where the plan
+    before weighed nothing (``facts.partition_weighed`` False), the report's ``gain_bound_s``
+    is the most weighing could gain per step, and the replanner plans again with the
+    partitions weighed once the steps run since could have lost as much as weighing costs."""
     choice = facts.partition_choice
     if choice == "default":
         cfw, cbw = fw, bw
@@ -359,8 +362,14 @@ def _as_before(
         return None
     what = "default" if choice == "default" else "torch min-cut"
     info = {"partitioner": f"{what} (auto: the partition the plan before chose)", "planned": (profiled, plan),
-            "partition": choice, "variants": {(choice if choice == "default" else "min-cut", f): s
-                                              for f, s in plan.alternatives.items()}}
+            "partition": choice, "weighed": facts.partition_weighed,
+            "variants": {(choice if choice == "default" else "min-cut", f): s for f, s in plan.alternatives.items()}}
+    if not facts.partition_weighed:
+        # what weighing the partitions could gain at most per step: no plan of any partition
+        # is predicted faster than its compute alone (the replanner weighs them once the steps
+        # run have lost that much in all as weighing would cost)
+        ideal = profiled.problem.fw_seconds + profiled.problem.bw_seconds
+        info["gain_bound_s"] = max(0.0, _step_s(plan) - ideal)
     if choice != "default":
         info.update(activation_memory_budget=choice[1], min_cut_activation_memory_budget=choice[1])
     return cfw, cbw, info

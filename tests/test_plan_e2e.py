@@ -366,6 +366,58 @@ def test_a_size_growth_is_planned_again_without_tracing_again(fits, monkeypatch)
     assert_same_state(eager, model, exact=False, atol=1e-5)
 
 
+def test_a_replan_weighs_the_partitions_once_the_steps_could_have_lost_what_weighing_costs(monkeypatch):
+    """A re-plan keeps the partition the plan before ran (weighed against none: everything fit
+    kept) and reports the most weighing could gain per step; once the steps run since could
+    have lost what weighing costs, the graph is planned again with every partition weighed.
+    (Here weighing is taken to cost one step's gain.) Results equal eager's, the budget kept."""
+    import copy
+
+    from lohan_compile.backend import replan
+
+    defer = replan.Replanning._defer_weighing
+
+    def cheap(self):
+        self.weigh_cost_s = 0.0  # (max(1, ...): one step)
+        defer(self)
+
+    monkeypatch.setattr(replan.Replanning, "_defer_weighing", cheap)
+    g = torch.Generator().manual_seed(12)
+    batches = [torch.randint(0, 128, (4, t), generator=g) for t in (32, 48, 128, 128, 128, 128)]
+    train_side_by_side(make, [batches[3]], lm_loss, lr=1e-3)
+    budget = int(lohan.last_report().summary()["measured_peak_bytes"] * 0.7)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = make()
+    model = copy.deepcopy(eager)
+    cm = torch.compile(model, backend="lohan", options={"memory_budget": budget, "executor": "fx"})
+    opt_e, opt_c = torch.optim.SGD(eager.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=1e-2)
+    reports, peaks = [], []
+    for ids in batches:
+        expected = lm_loss(eager, ids)
+        expected.backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+        loss = lm_loss(cm, ids)
+        loss.backward()
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        report = lohan.last_report()
+        reports.append(report.graphs[0].pass_report("partition_graph"))
+        peaks.append(report.summary()["measured_peak_bytes"])
+    first, kept, weighed = reports[1], reports[2], reports[4]
+    assert first["weighed"] is False, first["partitioner"]  # (everything fit kept at 48 tokens)
+    assert "the plan before chose" in kept["partitioner"] and kept["weighed"] is False, kept["partitioner"]
+    assert kept["gain_bound_s"] > 0 and kept["weigh_after_steps"] == 1, kept
+    assert reports[3] is kept  # (its one step)
+    assert weighed is not kept and "the plan before chose" not in weighed["partitioner"], weighed["partitioner"]
+    assert "keep_all_step_s" in weighed, weighed  # (prefer_min_cut weighed it)
+    assert reports[5] is weighed or "the plan before chose" in reports[5]["partitioner"]
+    assert max(peaks) <= budget, (peaks, budget)
+    assert_same_state(eager, model, exact=False, atol=1e-5)
+
+
 def test_torch_min_cut_baseline_meets_the_budget_and_equals_eager(unplanned):
     """The "torch-min-cut" policy: torch's partitioner with its activation budget searched to
     fit ours; gradients equal eager's, the peak within the budget; too small a budget raises."""

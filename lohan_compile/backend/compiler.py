@@ -224,6 +224,7 @@ class Reuse:
     partition_kwargs: dict[str, Any]
     partitions: dict[Any, tuple[fx.GraphModule, fx.GraphModule]]
     chosen: Any  # the partition the latest plan runs ("default", ("min-cut", budget)): a re-plan's first guess
+    weighed: bool  # ... whether that plan weighed it against the others (``CompileFacts.partition_weighed``)
     interface: tuple  # ``aot.saved_interface`` of the first plan: another must match it
     planned: tuple[fx.GraphModule, fx.GraphModule]  # the first plan's forward and backward, as the pipeline left them
     planned_nodes: tuple[int, int]  # ... and their node counts then (AOTAutograd may edit them in place)
@@ -412,7 +413,8 @@ class GraphCompiler:
         if self.opts.executor == "fx" and not self.on_meta and interface is not None and not aot.compiled_autograd_enabled():
             self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                      partition_kwargs=kwargs, partitions=graphs.partitions,
-                                     chosen=self._chosen_partition(), interface=interface,
+                                     chosen=self._chosen_partition(), weighed=self._partition_weighed(),
+                                     interface=interface,
                                      planned=(graphs.fw, graphs.bw),
                                      planned_nodes=(len(graphs.fw.graph.nodes), len(graphs.bw.graph.nodes)))
         return graphs.fw, graphs.bw
@@ -422,6 +424,11 @@ class GraphCompiler:
         report = self.record.pass_report("partition_graph")
         return report.get("partition") if report else None
 
+    def _partition_weighed(self) -> bool:
+        """Whether this plan's partition was weighed against the others (it was, unless said)."""
+        report = self.record.pass_report("partition_graph")
+        return report.get("weighed", True) if report else True
+
     def _compile_again(self, reuse: Reuse) -> Callable[..., Any]:
         """Plan the joint graph traced before again, reusing its partitions, and run the new
         plan's forward and backward inside the callable AOTAutograd made then. Raises
@@ -430,7 +437,8 @@ class GraphCompiler:
         self._joint = reuse.joint
         facts = self._facts(num_fwd_outputs=reuse.num_fwd_outputs, joint_inputs=reuse.joint_inputs,
                             partition_kwargs=reuse.partition_kwargs, partitions=reuse.partitions,
-                            partition_choice=None if self.variant is not None else reuse.chosen)
+                            partition_choice=None if self.variant is not None else reuse.chosen,
+                            partition_weighed=reuse.weighed)
         self.record.training = True
         graphs = self._run_pipeline(Graphs(joint=reuse.joint), facts)
         reuse.partitions.update(graphs.partitions)
@@ -439,7 +447,7 @@ class GraphCompiler:
         forward = self._executable(graphs.fw, self.real_inputs, phase="forward")
         backward = self._executable(graphs.bw, self.real_inputs, phase="backward")
         if self.variant is None:
-            reuse.chosen = self._chosen_partition()
+            reuse.chosen, reuse.weighed = self._chosen_partition(), self._partition_weighed()
         # (between steps: the wrapper reads it when a forward saves its values)
         aot.retarget_saved_metadata(reuse.fw_metadata, graphs.fw, reuse.num_fwd_outputs)
         reuse.install((forward, backward))

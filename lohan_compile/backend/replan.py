@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import statistics
 import weakref
 from dataclasses import dataclass, field, replace
@@ -155,7 +156,14 @@ class Replanning:
         # measured to hold and to fuse, which every later plan of that variant is made with
         self.segments_learnt: dict[Any, SegmentsLearnt] = {}
         self.reuse: Reuse | None = None  # what a later plan reuses of the compile that traced the graph
+        # a re-plan that kept a partition nothing was weighed against: the training steps it may
+        # run before the partitions are weighed (None: nothing to weigh), and those it ran
+        self.weigh_after: int | None = None
+        self.unweighed_steps = 0
+        self.weigh_cost_s = 0.0  # (set below: what weighing is taken to cost)
         self._compile(example_inputs, example_inputs, None)
+        # a weighing remakes torch's min-cut partitions, most of a first compile's passes
+        self.weigh_cost_s = sum(p.seconds for p in self.record.passes)
         self._start_trial()
 
     def _compile(self, aot_inputs: Sequence[Any], real_inputs: Sequence[Any], sizes: dict | None,
@@ -234,10 +242,26 @@ class Replanning:
         # or with forward where segments are measured)
         self.calibrated = False
         self.collected = False
+        if variant is None:
+            self._defer_weighing()
         # the device level the plan was made at (a plan on the meta device has none: nothing the
         # process holds is on that device, so nothing it allocates moves the plan)
         level = None if compiler.on_meta else device_memory.allocated(self.record.device)
         self.planned_level = self.record.planned_level = level
+
+    def _defer_weighing(self) -> None:
+        """After a plan that kept the partition of the plan before, weighed against nothing
+        (``partition_graph``'s ``gain_bound_s``: the most weighing could gain per step), weigh
+        the partitions once the steps run since could have lost as much as weighing costs
+        (a first compile's passes): a re-plan is fast, and a long run still gets the partition
+        its sizes favour, for at most twice what knowing it at once would have cost."""
+        report = self.record.pass_report("partition_graph") or {}
+        gain = report.get("gain_bound_s")
+        self.unweighed_steps = 0
+        self.weigh_after = (max(1, math.ceil(self.weigh_cost_s / gain))
+                            if gain and gain > 0 and self.reuse is not None else None)
+        if self.weigh_after is not None:
+            report["weigh_after_steps"] = self.weigh_after
 
     def _segments_overrun(self, rec, learnt: "SegmentsLearnt") -> bool:
         """Inductor's segments, measured when compiled, hold more than the plan's model of their
@@ -456,6 +480,14 @@ class Replanning:
                        f"model); planned again holding {format_bytes(self.excess)} more")
                 log.warning("lohan %s: %s", self.record.name, why)
                 self._replan(args, None, why)
+            elif self.weigh_after is not None and self.trial is None:
+                self.unweighed_steps += 1
+                if self.unweighed_steps > self.weigh_after:
+                    why = (f"{self.weigh_after} steps ran on a partition weighed against no other since the "
+                           "sizes changed: planned again with the partitions weighed")
+                    # (once: the re-plan sets them again, or, at MAX_REPLANS, does not plan)
+                    self.weigh_after, self.reuse.chosen = None, None  # (it weighs every partition)
+                    self._replan(args, None, why)
         if self.trial is not None and torch.is_grad_enabled():
             self._trial_step(args)
         if not self.calibrated and self._timed():

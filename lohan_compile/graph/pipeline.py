@@ -124,6 +124,9 @@ class CompileFacts:
     # policy "auto", planned again: the partition the plan before chose (a key of ``partitions``),
     # planned alone where auto's plan of it fits the budget
     partition_choice: Any = None
+    # ... and whether that plan weighed it against torch's min-cut partition (False: it took
+    # the default partition without, everything fitting kept or nearly)
+    partition_weighed: bool = True
     # a trial of a "min-cut" variant: the activation budget of the min-cut partition auto weighed
     # when it chose (the partition that variant's prediction was made on)
     min_cut_fraction: float | None = None
