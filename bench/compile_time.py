@@ -23,7 +23,7 @@ process, interleaved by depth:
   lohan plans the symbolic graph again, ``replan_step_s``), then 256 again (``plain_step_s``).
   The re-plan costs ``replan_step_s - plain_step_s``; ``traced_again``: whether AOTAutograd
   traced the graph again for it, ``replan_passes_s`` and ``replan_partition``: lohan's passes in
-  it and what its partitioning weighed (``weigh_after_steps``: the steps after which the
+  it and what its partitioning weighed (``weighed_after_steps``: the steps after which the
   partitions are weighed, where the re-plan weighed none). Its budget is ``--fraction`` of what the 256-token step
   allocated under ``aot_eager`` above the model (weights not included).
 
@@ -125,7 +125,7 @@ def replan(layers: int, fraction: float) -> dict:
     out["replan_partition"] = {k: partitioned.get(k) for k in ("partitioner", "partitions_reused", "partitions_made",
                                                               "keep_all_step_s", "auto_default_partition_step_s",
                                                               "auto_min_cut_partition_step_s", "weighed", "gain_bound_s",
-                                                              "weigh_after_steps")}
+                                                              "weighed_after_steps")}
     out["plain_step_s"] = round(step(compiled, 256), 2)
     out["replan_s"] = round(out["replan_step_s"] - out["plain_step_s"], 2)
     out["replan_over_first"] = round(out["replan_s"] / out["dynamic_first_s"], 3)

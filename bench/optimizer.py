@@ -233,8 +233,7 @@ def main(argv=None) -> int:
         "other_processes_cores_busy": other_cores,
         "cores": os.cpu_count(),
         "command": " ".join(["python", "bench/" + Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).resolve().parent).stdout.strip(),
+        "commit": _commit(),
     }
 
     print(f"{n / 1e6:.1f}M parameters in {len(shapes)} tensors, {args.threads} threads, "
@@ -247,7 +246,7 @@ def main(argv=None) -> int:
     print(f"other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy during the rounds"
           + (" (figures are noisy)" if other_cores > 0.1 else ""))
     best_bf16 = min(best["torch_bf16_foreach_copy"], best["torch_bf16_loop_copy"])
-    print(f"best rounds (least disturbed): fp32 {best['torch_fused_fp32'] / best['lohan_fp32']:.2f}x, "
+    print(f"best rounds (least disturbed): fp32 {best[fp32_rival] / best['lohan_fp32']:.2f}x, "
           f"bf16 {best_bf16 / best['lohan_bf16']:.2f}x")
     print(f"fp32: lohan {speed_fp32:.2f}x the faster of the others ({fp32_rival}) (gate {FP32_GATE}x: "
           f"{'pass' if speed_fp32 >= FP32_GATE else 'FAIL'})")
@@ -281,6 +280,15 @@ def _plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def _commit() -> str:
+    """The checkout's commit, or "unknown" where git or the checkout is not there."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _machine_busy_s() -> float:

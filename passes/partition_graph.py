@@ -27,7 +27,7 @@ graph made (a re-plan, a trial's plan), by ``"default"`` or ``("min-cut", activa
 and ``graphs.partitions`` holds them with any this pass made, untouched by the passes after it
 (copies: a joint graph with symbolic sizes partitions the same whatever sizes it is planned for).
 A re-plan under ``"auto"`` plans the partition the plan before ran alone, and weighs the others
-again only where that one's plan no longer fits (``_as_before``).
+again where that one's plan no longer fits, or where the replanner asks (``_as_before``).
 
 torch's min-cut partitioner under a budget in bytes: ``min_cut_rematerialization_partition``
 decides what forward saves and what backward recomputes, bounded by
@@ -340,8 +340,8 @@ def _as_before(
     plan of it was within ``MIN_CUT_ABOVE`` of keeping everything), planned alone by auto,
     where its plan fits the budget; else None (``prefer_min_cut`` weighs them all again).
     Weighing costs a re-plan more than the rest of it: each min-cut partition is a max-flow
-    and two graph extractions over the whole joint graph (48 layers: about 8 s each, where
-    profiling and planning one partition take 3 s), and the search can make eight. The price:
+    and two graph extractions over the whole joint graph, several times the profiling and
+    planning of one partition, and the search can make eight. The price:
     a re-plan does not look for a min-cut partition the new sizes would favour (a trial after
     it times only that partition's plans, ``variants``) until the replanner asks: where the plan
     before weighed nothing (``facts.partition_weighed`` False), the report's ``gain_bound_s``
@@ -365,11 +365,12 @@ def _as_before(
             "partition": choice, "weighed": facts.partition_weighed,
             "variants": {(choice if choice == "default" else "min-cut", f): s for f, s in plan.alternatives.items()}}
     if not facts.partition_weighed:
-        # what weighing the partitions could gain at most per step: no plan of any partition
-        # is predicted faster than its compute alone (the replanner weighs them once the steps
-        # run have lost that much in all as weighing would cost)
-        ideal = profiled.problem.fw_seconds + profiled.problem.bw_seconds
-        info["gain_bound_s"] = max(0.0, _step_s(plan) - ideal)
+        # what weighing the partitions could gain at most per step: no plan of any partition is
+        # predicted faster than keeping everything (the replanner weighs them once the steps run
+        # could have lost as much as weighing costs); none where ``prefer_min_cut`` would weigh
+        # nothing either
+        ideal = keep_all(profiled.problem, profiled.rates, None).prediction.step_seconds
+        info["gain_bound_s"] = (_step_s(plan) - ideal) if _step_s(plan) > MIN_CUT_ABOVE * ideal else 0.0
     if choice != "default":
         info.update(activation_memory_budget=choice[1], min_cut_activation_memory_budget=choice[1])
     return cfw, cbw, info

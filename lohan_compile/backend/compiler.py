@@ -269,6 +269,7 @@ class GraphCompiler:
         assume_outputs_dropped: bool = False,
         reuse: Reuse | None = None,
         data_parallel: DataParallel | None = None,
+        collect_garbage: bool = True,
     ):
         real_inputs = example_inputs if real_inputs is None else real_inputs
         self.real_inputs = list(real_inputs)
@@ -310,7 +311,7 @@ class GraphCompiler:
         self.record.dump_dir = self.dump_dir
         self.observed = Observed()  # what the runtime sees of this plan (the re-planner reads it)
         self.on_meta = planned_on_meta(real_inputs)
-        self.resident_outside = resident_outside_bytes(real_inputs, collect=reuse is None)
+        self.resident_outside = resident_outside_bytes(real_inputs, collect=collect_garbage)
         self.record.resident_outside_bytes = self.resident_outside
         # what a measurement run while compiling may take the device counter up to: the budget,
         # less the inputs the counter cannot see (made before it started counting), alive now

@@ -100,6 +100,9 @@ class Replanning:
     - a graph with symbolic sizes (dynamo recompiled it for a second shape) runs with a
       size larger than the plan was made for: it is planned again for 1.5x the new size,
       so that a slowly growing size does not re-plan at every step.
+    A re-plan keeps the partition the plan before ran (``partition_graph``); where that one was
+    weighed against none, the partitions are weighed in a later re-plan, once the steps since
+    could have lost what weighing costs (``_defer_weighing``).
     Re-planning (and a trial's plan) runs the passes again on the joint graph AOTAutograd
     traced the first time, reusing its partitions, and the new plan's forward and backward run
     inside the callable AOTAutograd made then (``compiler.Reuse``; fx executor). Where that
@@ -157,10 +160,11 @@ class Replanning:
         # measured to hold and to fuse, which every later plan of that variant is made with
         self.segments_learnt: dict[Any, SegmentsLearnt] = {}
         self.reuse: Reuse | None = None  # what a later plan reuses of the compile that traced the graph
-        # a re-plan that kept a partition nothing was weighed against: the training steps it may
-        # run before the partitions are weighed (None: nothing to weigh), and those it ran
-        self.weigh_after: int | None = None
-        self.unweighed_steps = 0
+        # a re-plan that kept a partition nothing was weighed against: the most weighing could
+        # gain per step of its plan (None: nothing to weigh), and the seconds the steps run on such
+        # plans since the partitions were last weighed could have lost in all
+        self.weigh_gain_s: float | None = None
+        self.unweighed_lost_s = 0.0
         self.weigh_cost_s = 0.0  # (set below: what weighing is taken to cost)
         start = time.perf_counter()
         self._compile(example_inputs, example_inputs, None)
@@ -190,14 +194,19 @@ class Replanning:
             with torch._guards.tracing(self.tracing):
                 self._compile(aot_inputs, real_inputs, sizes, variant, min_cut_fraction)
             return
+        # a plan made again on the graph traced before counts garbage as held (a full collection
+        # in a process holding a deep model's graphs takes a second): only where no plan fits so
+        # is it collected first
+        collect = reuse is None
         while True:
+            collect = collect or reuse is None
             compiler = GraphCompiler(
                 self.gm, aot_inputs, opts, real_inputs=real_inputs, planning_sizes=sizes, measured=self.measured,
                 variant=variant, min_cut_fraction=min_cut_fraction, dropped_outputs=self.dropped or frozenset(), executor_excess=self.excess,
                 outside=self.outside, segment_scratch=dict(learnt.scratch), materialized=frozenset(learnt.materialized),
                 fused=frozenset(learnt.fused), assume_fused=assume_fused, reuse=reuse,
                 assume_outputs_dropped=assume_dropped,
-                data_parallel=self.data_parallel,
+                data_parallel=self.data_parallel, collect_garbage=collect,
             )
             try:
                 self.fn = compiler.compile()
@@ -206,6 +215,9 @@ class Replanning:
                 reuse = None
                 continue
             except BudgetError as e:
+                if not collect:
+                    collect = True
+                    continue
                 # holding results Inductor may fuse that no segment was yet seen fusing, no plan
                 # fits: plan them fused (the first steps may then pass the budget by what
                 # Inductor keeps after all, until its segments are measured)
@@ -245,7 +257,8 @@ class Replanning:
         self.drivers = compiler.drivers  # filled as AOTAutograd compiles (backward: at its first run,
         # or with forward where segments are measured)
         self.calibrated = False
-        self.collected = False
+        # (a plan made on the joint graph traced before traces nothing: no garbage of dynamo's)
+        self.collected = reuse is not None
         if variant is None:
             self._defer_weighing()
         # the device level the plan was made at (a plan on the meta device has none: nothing the
@@ -256,16 +269,18 @@ class Replanning:
     def _defer_weighing(self) -> None:
         """After a plan that kept the partition of the plan before, weighed against nothing
         (``partition_graph``'s ``gain_bound_s``: the most weighing could gain per step), weigh
-        the partitions once the steps run since could have lost as much as weighing costs
-        (taken as the first compile's time): a re-plan is fast, and a long run still gets the
-        partition its sizes favour, for about twice what knowing it at once would have cost."""
+        the partitions once the steps run on such plans could have lost as much as weighing
+        costs (taken as the first compile's time): a re-plan is fast, and a long run still gets
+        the partition its sizes favour, for about twice what knowing it at once would have cost.
+        A plan that weighed the partitions (or had nothing to weigh) starts the count again."""
         report = self.record.pass_report("partition_graph") or {}
         gain = report.get("gain_bound_s")
-        self.unweighed_steps = 0
-        self.weigh_after = (max(1, math.ceil(self.weigh_cost_s / gain))
-                            if gain and gain > 0 and self.reuse is not None else None)
-        if self.weigh_after is not None:
-            report["weigh_after_steps"] = self.weigh_after
+        if not gain or gain <= 0 or self.reuse is None:
+            self.weigh_gain_s, self.unweighed_lost_s = None, 0.0
+            return
+        self.weigh_gain_s = gain
+        left = max(0.0, self.weigh_cost_s - self.unweighed_lost_s)
+        report["weighed_after_steps"] = max(1, math.ceil(left / gain))  # (what the report shows)
 
     def _segments_overrun(self, rec, learnt: "SegmentsLearnt") -> bool:
         """Inductor's segments, measured when compiled, hold more than the plan's model of their
@@ -484,14 +499,11 @@ class Replanning:
                        f"model); planned again holding {format_bytes(self.excess)} more")
                 log.warning("lohan %s: %s", self.record.name, why)
                 self._replan(args, None, why)
-            elif self.weigh_after is not None and self.trial is None:
-                self.unweighed_steps += 1
-                if self.unweighed_steps > self.weigh_after:
-                    why = (f"{self.weigh_after} steps ran on a partition weighed against no other since the "
-                           "sizes changed: planned again with the partitions weighed")
-                    # (once: the re-plan sets them again, or, at MAX_REPLANS, does not plan)
-                    self.weigh_after, self.reuse.chosen = None, None  # (it weighs every partition)
-                    self._replan(args, None, why)
+            elif self.weigh_gain_s is not None and self.trial is None and self.reuse is not None:
+                if self.unweighed_lost_s >= self.weigh_cost_s:
+                    self._weigh(args)
+                else:
+                    self.unweighed_lost_s += self.weigh_gain_s
         if self.trial is not None and torch.is_grad_enabled():
             self._trial_step(args)
         if not self.calibrated and self._timed():
@@ -535,15 +547,31 @@ class Replanning:
         if self.calibrated and self.measured:
             self.record.calibrate(self.measured)
 
-    def _replan(self, args: Sequence[Any], sizes: dict | None, why: str) -> None:
-        if self.replans >= self.MAX_REPLANS:
+    def _weigh(self, args: Sequence[Any]) -> None:
+        """Plan again with every partition weighed (``_defer_weighing``). Not one of the
+        ``MAX_REPLANS`` kept for the budget; where no plan fits now (what the device holds grew
+        since), the plan running stays and the budget's own checks take it from there."""
+        why = (f"steps on partitions weighed against no other could have lost "
+               f"{self.unweighed_lost_s:.1f} s, what weighing them is taken to cost: planned again with them weighed")
+        chosen = self.reuse.chosen
+        self.weigh_gain_s, self.unweighed_lost_s = None, 0.0  # (once: the new plan sets them again)
+        self.reuse.chosen = None  # (``partition_graph`` weighs every partition)
+        try:
+            self._replan(args, None, why, counted=False)
+        except BudgetError as e:
+            self.reuse.chosen = chosen
+            log.info("lohan %s: weighing the partitions found no plan that fits (%s); the plan stays",
+                     self.record.name, e)
+
+    def _replan(self, args: Sequence[Any], sizes: dict | None, why: str, counted: bool = True) -> None:
+        if counted and self.replans >= self.MAX_REPLANS:
             log.warning("lohan %s: %s, but it was re-planned %d times already; the step may pass "
                         "memory_budget", self.record.name, why, self.replans)
             self.planned_level = device_memory.allocated(self.record.device)  # warn once per growth
             if sizes:
                 self.planned_sizes = sizes
             return
-        self.replans += 1
+        self.replans += counted
         self.trial = None  # the plans it was timing were made for less: a new trial below
         old = self.record.name
         if self.size_slots:
