@@ -369,7 +369,7 @@ def _as_before(
         # predicted faster than keeping everything (the replanner weighs them once the steps run
         # could have lost as much as weighing costs); none where ``prefer_min_cut`` would weigh
         # nothing either
-        ideal = keep_all(profiled.problem, profiled.rates, None).prediction.step_seconds
+        ideal = plan.keep_all_step_s
         info["gain_bound_s"] = (_step_s(plan) - ideal) if _step_s(plan) > MIN_CUT_ABOVE * ideal else 0.0
     if choice != "default":
         info.update(activation_memory_budget=choice[1], min_cut_activation_memory_budget=choice[1])

@@ -160,6 +160,7 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
         why = "no memory_budget" if budget is None else "everything kept fits the budget"
         plan = _reasoned(replace(best, policy="auto", family="keep-all"), {"keep-all policy": f"kept: {why}"})
         plan.alternatives = {"keep-all": plan.prediction.step_seconds}
+        plan.keep_all_step_s = plan.prediction.step_seconds
         return plan
     greedy = replace(_greedy(problem, rates, budget, best, _hidden_capacity(problem, rates)), family="greedy")
     plans = [greedy]
@@ -191,7 +192,8 @@ def auto(problem: Problem, rates: Rates, budget: int | None, family: str | None 
             "raise the budget to at least that",
             smallest_feasible_bytes=smallest,
         )
-    best_plan = replace(min(feasible, key=lambda p: p.prediction.step_seconds), alternatives=alternatives)
+    best_plan = replace(min(feasible, key=lambda p: p.prediction.step_seconds), alternatives=alternatives,
+                        keep_all_step_s=best.prediction.step_seconds)
     if best_plan.family in ("greedy", "greedy-recompute"):
         return _reasoned(best_plan, {"keep-all policy": "kept: the budget holds without moving it"})
     chosen = (f"auto chose the {best_plan.policy} plan: "

@@ -232,6 +232,8 @@ class Plan:
     # them that fits the budget (the trials in backend.py time the close ones)
     family: str | None = None
     alternatives: dict[str, float] = field(default_factory=dict)
+    # auto: the predicted step with everything kept, which no plan of the step beats
+    keep_all_step_s: float | None = None
 
     def count(self, action: Action) -> int:
         return sum(1 for d in self.decisions.values() if d.action is action)
