@@ -36,6 +36,23 @@ def measured_peak(options, steps=2):
     return report.summary()["measured_peak_bytes"], report
 
 
+def sgd_side_by_side(eager, model, compiled, batches):
+    """Train ``eager`` and ``model`` (through ``compiled``) side by side with SGD, one batch a
+    step, each step's loss equal; yields lohan's report of each step."""
+    opt_e, opt_c = torch.optim.SGD(eager.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=1e-2)
+    for ids in batches:
+        expected = lm_loss(eager, ids)
+        expected.backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+        loss = lm_loss(compiled, ids)
+        loss.backward()
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        yield lohan.last_report()
+
+
 def test_counter_and_profiler_agree():
     """The step report's measured peak (device counter) and DESIGN.md's profiler method see
     the same allocations: the rise of each over the level at the start of the step is equal."""
@@ -330,20 +347,9 @@ def test_a_size_growth_is_planned_again_without_tracing_again(fits, monkeypatch)
     eager = make()
     model = copy.deepcopy(eager)
     cm = torch.compile(model, backend="lohan", options={"memory_budget": budget, "executor": "fx"})
-    opt_e, opt_c = torch.optim.SGD(eager.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=1e-2)
     traced, graphs, peaks = [], [], []
-    for ids in batches:
-        expected = lm_loss(eager, ids)
-        expected.backward()
-        opt_e.step()
-        opt_e.zero_grad(set_to_none=True)
-        loss = lm_loss(cm, ids)
-        loss.backward()
-        opt_c.step()
-        opt_c.zero_grad(set_to_none=True)
-        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for report in sgd_side_by_side(eager, model, cm, batches):
         traced.append(counters["aot_autograd"]["total"])
-        report = lohan.last_report()
         graphs.append(report.graphs[0])
         peaks.append(report.summary()["measured_peak_bytes"])
     # the second length compiles the graph with symbolic sizes; the third re-plans it (for 1.5x
@@ -381,10 +387,11 @@ def test_a_replan_weighs_the_partitions_once_the_steps_could_have_lost_what_weig
     from lohan_compile.errors import BudgetError
 
     defer = replan.Replanning._defer_weighing
+    reports, peaks = [], []
     if refused:
         module = sys.modules["lohan_compile.passes.partition_graph"]
         as_before, prefer = module._as_before, module.prefer_min_cut
-        armed, step = [], [None]
+        armed = []
 
         def kept_alone(*args, **kwargs):
             armed.append(True)  # (the weighing comes after the re-plan that kept its partition)
@@ -392,7 +399,7 @@ def test_a_replan_weighs_the_partitions_once_the_steps_could_have_lost_what_weig
 
         def refuse(*args, **kwargs):
             if armed:
-                armed.append(step[0])  # (the step it was refused at)
+                armed.append(len(reports))  # (the step it was refused at)
                 raise BudgetError("no plan fits (the test says)", smallest_feasible_bytes=None)
             return prefer(*args, **kwargs)
 
@@ -419,21 +426,7 @@ def test_a_replan_weighs_the_partitions_once_the_steps_could_have_lost_what_weig
     model = copy.deepcopy(eager)
     cm = torch.compile(model, backend="lohan", options={"memory_budget": budget, "executor": "fx",
                                                       "hardware": "rtx4090"})  # (predictions not this machine's)
-    opt_e, opt_c = torch.optim.SGD(eager.parameters(), lr=1e-2), torch.optim.SGD(model.parameters(), lr=1e-2)
-    reports, peaks = [], []
-    for k, ids in enumerate(batches):
-        if refused:
-            step[0] = k
-        expected = lm_loss(eager, ids)
-        expected.backward()
-        opt_e.step()
-        opt_e.zero_grad(set_to_none=True)
-        loss = lm_loss(cm, ids)
-        loss.backward()
-        opt_c.step()
-        opt_c.zero_grad(set_to_none=True)
-        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
-        report = lohan.last_report()
+    for report in sgd_side_by_side(eager, model, cm, batches):
         reports.append(report.graphs[0].pass_report("partition_graph"))
         peaks.append(report.summary()["measured_peak_bytes"])
     first, kept, weighed = reports[1], reports[2], reports[4]
