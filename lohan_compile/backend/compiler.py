@@ -412,23 +412,19 @@ class GraphCompiler:
         graphs = self._run_pipeline(Graphs(joint=joint), facts)
         interface = aot.saved_interface(graphs.fw, graphs.bw, num_fwd_outputs)
         if self.opts.executor == "fx" and not self.on_meta and interface is not None and not aot.compiled_autograd_enabled():
+            chosen, weighed = self._chosen_partition()
             self._partitioned = dict(joint=joint, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                      partition_kwargs=kwargs, partitions=graphs.partitions,
-                                     chosen=self._chosen_partition(), weighed=self._partition_weighed(),
-                                     interface=interface,
+                                     chosen=chosen, weighed=weighed, interface=interface,
                                      planned=(graphs.fw, graphs.bw),
                                      planned_nodes=(len(graphs.fw.graph.nodes), len(graphs.bw.graph.nodes)))
         return graphs.fw, graphs.bw
 
-    def _chosen_partition(self) -> Any:
-        """The partition ``partition_graph`` chose for this plan (None: it did not say)."""
-        report = self.record.pass_report("partition_graph")
-        return report.get("partition") if report else None
-
-    def _partition_weighed(self) -> bool:
-        """Whether this plan's partition was weighed against the others (it was, unless said)."""
-        report = self.record.pass_report("partition_graph")
-        return report.get("weighed", True) if report else True
+    def _chosen_partition(self) -> tuple[Any, bool]:
+        """The partition ``partition_graph`` chose for this plan (None: it did not say), and
+        whether it weighed that one against the others (it did, unless it says not)."""
+        report = self.record.pass_report("partition_graph") or {}
+        return report.get("partition"), report.get("weighed", True)
 
     def _compile_again(self, reuse: Reuse) -> Callable[..., Any]:
         """Plan the joint graph traced before again, reusing its partitions, and run the new
@@ -448,7 +444,7 @@ class GraphCompiler:
         forward = self._executable(graphs.fw, self.real_inputs, phase="forward")
         backward = self._executable(graphs.bw, self.real_inputs, phase="backward")
         if self.variant is None:
-            reuse.chosen, reuse.weighed = self._chosen_partition(), self._partition_weighed()
+            reuse.chosen, reuse.weighed = self._chosen_partition()
         # (between steps: the wrapper reads it when a forward saves its values)
         aot.retarget_saved_metadata(reuse.fw_metadata, graphs.fw, reuse.num_fwd_outputs)
         reuse.install((forward, backward))

@@ -197,7 +197,7 @@ class Replanning:
         # a plan made again on the graph traced before counts garbage as held (a full collection
         # in a process holding a deep model's graphs takes a second): only where no plan fits so
         # is it collected first
-        collect = reuse is None
+        collect = False
         while True:
             collect = collect or reuse is None
             compiler = GraphCompiler(
