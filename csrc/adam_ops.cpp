@@ -4,7 +4,8 @@
 // call: the elements of every tensor are cut into fixed chunks, the chunks
 // are shared among the calling thread and the pool's workers (adam_pool.h),
 // and each chunk's gradient statistics are kept apart and added up in chunk
-// order, so the result does not depend on the thread count. The Python
+// order, so the result does not depend on the thread count (nor on which
+// threads run it: see run_tasks). The Python
 // binding of torch.ops releases the GIL around the call, so a Python thread
 // that runs the optimizer does not stop the others (tests/test_cpu_adamw.py
 // measures it).
@@ -19,8 +20,12 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -33,10 +38,13 @@ namespace {
 using adam::DType;
 using adam::Isa;
 
-// Elements per task. Small enough that two threads share even a 1M-element
-// bucket evenly, large enough (about 0.5 MiB of traffic) that the per-task
-// overhead is noise. A multiple of 64, so tasks never share a cache line.
-constexpr int64_t kChunk = 1 << 14;
+// Elements per task: 16 tasks in a 1M-element bucket, so two threads still
+// share one evenly, and about 1.8 MiB of traffic each (fp32). Tasks of 1 << 14
+// ran the bench's 40M-element step about 6% slower on two threads
+// (bench/optimizer.py; the README has the figures): each task starts seven
+// new memory streams, and the hardware prefetchers ramp up again for each.
+// A multiple of 64, so tasks never share a cache line.
+constexpr int64_t kChunk = 1 << 16;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -74,6 +82,39 @@ void check_dense_cpu(const at::Tensor& t, const char* op, const char* what, size
                     "read it into host memory first");
 }
 
+// Runs fn(0) ... fn(n - 1) on `threads` threads. On a thread that runs torch's
+// own ops (the user's, in CPUAdamW.step), torch's OpenMP team does it: after
+// any parallel torch op its threads spin for a while before they sleep, and
+// the pool's workers would compete with them for the cores (the bench lost
+// about 5% to that right after torch's step). On the background update thread
+// the pool does it: an OpenMP region there would start a second team beside
+// the one backward is using. The extension is built with -fopenmp where torch
+// itself uses OpenMP and links no OpenMP runtime of its own: the GOMP symbols
+// resolve to the one libtorch_cpu loads, so the team is torch's.
+//
+// A forked child never uses the team: libgomp's threads do not survive a fork,
+// and a parallel region in the child of a parent that had one waits forever.
+// (torch's DataLoader workers set one thread for the same reason.)
+std::atomic<bool> g_forked{false};
+
+void note_fork() { g_forked.store(true); }
+// Registered when the extension loads: a fork before the first call counts too
+// (torch's own ops may have started the team by then).
+[[maybe_unused]] const bool g_fork_noted = pthread_atfork(nullptr, nullptr, &note_fork) == 0;
+
+void run_tasks(int64_t n, int threads, bool torch_team, const std::function<void(int64_t)>& fn) {
+#ifdef _OPENMP
+  if (torch_team && threads > 1 && n > 1 && !g_forked.load()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t k = 0; k < n; ++k) fn(k);
+    return;
+  }
+#else
+  (void)torch_team;
+#endif
+  TaskPool::instance().run(n, threads, fn);
+}
+
 struct Chunk {
   size_t tensor;
   int64_t begin, end;
@@ -108,7 +149,7 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
                            at::TensorList weight_out, at::ArrayRef<double> step, double lr,
                            double beta1, double beta2, double eps, double weight_decay,
                            bool decoupled_weight_decay, double grad_scale,
-                           c10::string_view isa_name, int64_t num_threads) {
+                           c10::string_view isa_name, int64_t num_threads, bool torch_threads) {
   const size_t n = master.size();
   TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && grad.size() == n &&
                   step.size() == n,
@@ -190,8 +231,8 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
 
   const std::vector<Chunk> chunks = cut(numels);
   std::vector<adam::Stats> stats(chunks.size());
-  TaskPool::instance().run(
-      static_cast<int64_t>(chunks.size()), resolve_threads(num_threads), [&](int64_t k) {
+  run_tasks(
+      static_cast<int64_t>(chunks.size()), resolve_threads(num_threads), torch_threads, [&](int64_t k) {
         const Chunk& ch = chunks[k];
         stats[k] = adam::adam_range(isa, consts[ch.tensor], args[ch.tensor], ch.begin, ch.end);
       });
@@ -199,7 +240,7 @@ at::Tensor adam_update_cpu(at::TensorList master, at::TensorList exp_avg,
 }
 
 at::Tensor grad_stats_cpu(at::TensorList grad, double grad_scale, c10::string_view isa_name,
-                          int64_t num_threads) {
+                          int64_t num_threads, bool torch_threads) {
   const Isa isa = parse_isa_or_throw(std::string(isa_name));
   std::vector<int64_t> numels(grad.size());
   for (size_t i = 0; i < grad.size(); ++i) {
@@ -211,8 +252,8 @@ at::Tensor grad_stats_cpu(at::TensorList grad, double grad_scale, c10::string_vi
   const std::vector<Chunk> chunks = cut(numels);
   std::vector<adam::Stats> stats(chunks.size());
   const float scale = static_cast<float>(grad_scale);
-  TaskPool::instance().run(
-      static_cast<int64_t>(chunks.size()), resolve_threads(num_threads), [&](int64_t k) {
+  run_tasks(
+      static_cast<int64_t>(chunks.size()), resolve_threads(num_threads), torch_threads, [&](int64_t k) {
         const Chunk& ch = chunks[k];
         const at::Tensor& g = grad[ch.tensor];
         stats[k] = adam::grad_stats_range(isa, g.const_data_ptr(), dtype_of(g), scale, ch.begin,
@@ -240,8 +281,9 @@ TORCH_LIBRARY_FRAGMENT(lohan, m) {
       "adam_update(Tensor(a!)[] master, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
       "Tensor[] grad, Tensor(d!)[] weight_out, float[] step, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay=True, "
-      "float grad_scale=1.0, str isa=\"auto\", int num_threads=0) -> Tensor");
-  m.def("grad_stats(Tensor[] grad, float grad_scale=1.0, str isa=\"auto\", int num_threads=0) -> Tensor");
+      "float grad_scale=1.0, str isa=\"auto\", int num_threads=0, bool torch_threads=False) -> Tensor");
+  m.def("grad_stats(Tensor[] grad, float grad_scale=1.0, str isa=\"auto\", int num_threads=0, "
+        "bool torch_threads=False) -> Tensor");
   m.def("adam_isa(str isa=\"auto\") -> str", &adam_isa);
   m.def("adam_supported_isas() -> str[]", &adam_supported_isas);
 }

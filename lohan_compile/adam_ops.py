@@ -5,14 +5,14 @@ Importing this module builds/loads the extension; the ops' fake kernels (in
 
 ``torch.ops.lohan.adam_update(master, exp_avg, exp_avg_sq, grad, weight_out,
 step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay=True,
-grad_scale=1.0, isa="auto", num_threads=0) -> Tensor``
+grad_scale=1.0, isa="auto", num_threads=0, torch_threads=False) -> Tensor``
     One fused pass of Adam/AdamW over a bucket of tensors (lists of equal
     length; ``weight_out`` empty or one per tensor). Mutates master and
     moments, writes ``weight_out``, and returns float64 ``[sumsq, nonfinite]``
     of the scaled gradients. ``step`` holds each tensor's step count after
     this update.
 
-``torch.ops.lohan.grad_stats(grad, grad_scale=1.0, isa="auto", num_threads=0) -> Tensor``
+``torch.ops.lohan.grad_stats(grad, grad_scale=1.0, isa="auto", num_threads=0, torch_threads=False) -> Tensor``
     The same ``[sumsq, nonfinite]`` without an update (the first pass of
     gradient clipping).
 
@@ -20,12 +20,16 @@ grad_scale=1.0, isa="auto", num_threads=0) -> Tensor``
     Which instruction set a request resolves to; which ones this CPU runs.
 
 ``num_threads=0`` means ``torch.get_num_threads()``. ``isa`` forces a code path
-(tests compare them all); an unsupported one raises.
+(tests compare them all); an unsupported one raises. ``torch_threads`` runs the
+work on the calling thread's torch OpenMP team instead of lohan's own pool
+(csrc/adam_ops.cpp, ``run_tasks``): the Python wrappers below choose it on
+every thread but lohan's background update threads (:func:`background_thread`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple, Sequence
 
 import torch
@@ -35,6 +39,23 @@ from .ops import load
 load()  # the extension, and the fake kernels of its ops (lohan_compile.ops)
 
 ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
+
+_thread = threading.local()
+
+
+def background_thread() -> None:
+    """Marks the calling thread as a lohan background thread for the rest of its life.
+
+    The optimizer's kernels called from it run on lohan's own pool: an OpenMP
+    region there would start a second team of threads beside the team of the
+    thread running backward. On every other thread they run on torch's team,
+    whose threads are awake right after torch's own ops.
+    """
+    _thread.background = True
+
+
+def _torch_threads() -> bool:
+    return not getattr(_thread, "background", False)
 
 
 class GradStats(NamedTuple):
@@ -84,7 +105,7 @@ def adam_update(
         list(master), list(exp_avg), list(exp_avg_sq), list(grad), list(weight_out),
         [float(s) for s in step], float(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), bool(decoupled_weight_decay), float(grad_scale), isa,
-        int(num_threads),
+        int(num_threads), _torch_threads(),
     )
     return _stats(out)
 
@@ -95,7 +116,7 @@ def grad_stats(grads: Sequence[torch.Tensor], grad_scale: float = 1.0, *, isa: s
     if len(grads) == 0:
         return NO_GRADS
     return _stats(torch.ops.lohan.grad_stats(list(grads), float(grad_scale), isa,
-                                             int(num_threads)))
+                                             int(num_threads), _torch_threads()))
 
 
 def supported_isas() -> list[str]:

@@ -28,6 +28,10 @@ NAME = "lohan_compile_ext"
 # -ffp-contract=off: the CPU optimizer promises the same fp32 roundings on every
 # instruction-set path (csrc/adam_body.h); no multiply-add may be fused behind its back.
 CFLAGS = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-ffp-contract=off", "-pthread"]
+# The CPU optimizer runs on torch's OpenMP team where torch has one
+# (csrc/adam_ops.cpp, run_tasks). Only the compile step gets -fopenmp: with no
+# OpenMP library linked, its symbols resolve to the runtime libtorch_cpu loads.
+OPENMP_CFLAGS = ["-fopenmp"]
 # dlopen (the CUDA runtime, found at run time for pinned memory) lives in libdl
 # on glibc < 2.34; the copy engine and SSD tier start threads.
 LDFLAGS = ["-ldl", "-pthread"]
@@ -81,10 +85,12 @@ def load() -> None:
         from torch.utils import cpp_extension
 
         cflags, ldflags, name = CFLAGS, LDFLAGS, NAME
+        if torch.backends.openmp.is_available():
+            cflags = [*cflags, *OPENMP_CFLAGS]
         sanitize = settings.EXT_SANITIZE.get()
         if sanitize:
             # a separate build: never mixed up with the normal one
-            cflags = [*CFLAGS, f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+            cflags = [*cflags, f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
             ldflags = [*LDFLAGS, f"-fsanitize={sanitize}"]
             name = f"{NAME}_{sanitize.replace(',', '_')}"
         try:

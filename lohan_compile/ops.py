@@ -125,11 +125,11 @@ def _swap_in_fake(host: torch.Tensor, device: torch.device | None = None) -> tor
 
 def _adam_update_fake(master, exp_avg, exp_avg_sq, grad, weight_out, step, lr, beta1, beta2,
                       eps, weight_decay, decoupled_weight_decay=True, grad_scale=1.0,
-                      isa="auto", num_threads=0):
+                      isa="auto", num_threads=0, torch_threads=False):
     return torch.empty(2, dtype=torch.float64)
 
 
-def _grad_stats_fake(grad, grad_scale=1.0, isa="auto", num_threads=0):
+def _grad_stats_fake(grad, grad_scale=1.0, isa="auto", num_threads=0, torch_threads=False):
     return torch.empty(2, dtype=torch.float64)
 
 

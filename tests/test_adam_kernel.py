@@ -13,8 +13,8 @@ ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
 VECTOR_ISAS = [i for i in SUPPORTED if i != "scalar"]
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OUT_DTYPES = [None, torch.float32, torch.bfloat16, torch.float16]
-# Sizes with and without SIMD tails, and across the 16384-element task boundary.
-SIZES = [1, 7, 16, 33, 16384 + 37, 3 * 16384]
+# Sizes with and without SIMD tails, and across the 65536-element task boundary.
+SIZES = [1, 7, 16, 33, 65536 + 37, 3 * 65536]
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
@@ -101,7 +101,7 @@ def test_every_path_is_bitwise_equal_to_scalar(grad_dtype, out_dtype, decoupled)
 @pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
 def test_update_matches_float64_reference(isa, decoupled, grad_dtype):
-    n = 16384 + 101
+    n = 65536 + 101
     case = make_case(n, grad_dtype, None, seed=1, step=5.0)
     want_p, want_m, want_v = reference(case, **HYPER, decoupled=decoupled, grad_scale=0.25)
     run(case, isa=isa, decoupled_weight_decay=decoupled, grad_scale=0.25)
@@ -154,7 +154,7 @@ def test_weight_copy_rounds_like_torch(isa, out_dtype):
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
 def test_grads_convert_exactly(isa, grad_dtype):
     """bf16/fp16 gradients are widened exactly: same result as passing their fp32 value."""
-    n = 16384 + 5
+    n = 65536 + 5
     a = make_case(n, grad_dtype, None, seed=4)
     b = clone_case(a)
     b[3][0] = a[3][0].float()
@@ -167,7 +167,7 @@ def test_grads_convert_exactly(isa, grad_dtype):
 @pytest.mark.parametrize("isa", SUPPORTED)
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
 def test_stats_norm_and_nonfinite(isa, grad_dtype):
-    n = 2 * 16384 + 9
+    n = 2 * 65536 + 9
     case = make_case(n, grad_dtype, None, seed=5)
     grad = case[3][0]
     want = (grad.double() * 0.5).square().sum().item()
@@ -176,7 +176,7 @@ def test_stats_norm_and_nonfinite(isa, grad_dtype):
     assert not stats.nonfinite
     only = adam_ops.grad_stats([grad], 0.5, isa=isa)
     assert only.sumsq == pytest.approx(want, rel=1e-5) and not only.nonfinite
-    for pos in (0, 16384 + 3, n - 1):  # vector body, second task, scalar tail
+    for pos in (0, 65536 + 3, n - 1):  # vector body, second task, scalar tail
         for bad in (float("inf"), float("-inf"), float("nan")):
             g = grad.clone()
             g[pos] = bad
@@ -193,15 +193,34 @@ def test_huge_finite_grad_is_not_nonfinite():
     assert not stats.nonfinite
 
 
+def on_background_thread(fn):
+    """fn() on a thread marked as lohan's background thread (the kernel runs on lohan's pool)."""
+    out = []
+
+    def body():
+        adam_ops.background_thread()
+        out.append(fn())
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    return out[0]
+
+
 @pytest.mark.parametrize("isa", SUPPORTED)
 def test_results_do_not_depend_on_thread_count(isa):
-    base = [make_case(n, torch.bfloat16, torch.bfloat16, seed=n) for n in (5 * 16384 + 3, 100, 16384)]
+    base = [make_case(n, torch.bfloat16, torch.bfloat16, seed=n) for n in (5 * 65536 + 3, 100, 65536)]
     merged = tuple(sum((list(c[k]) for c in base), []) for k in range(6))
     results = []
     for threads in (1, 2, 3, 7):
-        c = clone_case(merged)
-        stats = run(c, isa=isa, num_threads=threads)
-        results.append((c, stats))
+        # on this thread torch's OpenMP team runs the tasks; on a background thread, lohan's pool
+        for background in (False, True):
+            c = clone_case(merged)
+            if background:
+                stats = on_background_thread(lambda: run(c, isa=isa, num_threads=threads))
+            else:
+                stats = run(c, isa=isa, num_threads=threads)
+            results.append((c, stats))
     c0, s0 = results[0]
     for c, s in results[1:]:
         assert s == s0  # stats added in task order, whatever thread ran a task
@@ -210,8 +229,31 @@ def test_results_do_not_depend_on_thread_count(isa):
                 assert torch.equal(a, b)
 
 
+def test_background_mark_belongs_to_its_thread():
+    assert adam_ops._torch_threads()
+    assert on_background_thread(adam_ops._torch_threads) is False
+    assert adam_ops._torch_threads()  # this thread is not marked by another's mark
+
+
+def test_the_offload_worker_runs_updates_on_lohans_pool():
+    """The update thread of gradient offloading marks itself: its kernels never start an OpenMP team."""
+    import queue
+    import weakref
+
+    from lohan_compile.runtime import offload
+
+    seen = []
+    tasks = queue.Queue()
+    tasks.put((lambda: seen.append(adam_ops._torch_threads()), ()))
+    tasks.put((None, ()))
+    t = threading.Thread(target=offload._work, args=(tasks, weakref.ref(offload)))
+    t.start()
+    t.join(timeout=60)
+    assert seen == [False]
+
+
 def test_bucket_equals_per_tensor_calls():
-    cases = [make_case(n, torch.float16, None, seed=n, step=float(n % 7 + 1)) for n in (3, 16384 + 1, 999)]
+    cases = [make_case(n, torch.float16, None, seed=n, step=float(n % 7 + 1)) for n in (3, 65536 + 1, 999)]
     per_tensor = [clone_case(c) for c in cases]
     for c in per_tensor:
         run(c)
@@ -307,7 +349,7 @@ def test_gil_is_released_during_the_update():
 
 def test_pool_serves_concurrent_callers():
     """Two Python threads call the threaded kernel at once; both finish with exact results."""
-    cases = [make_case(4 * 16384, torch.float32, torch.bfloat16, seed=s) for s in (10, 11)]
+    cases = [make_case(4 * 65536, torch.float32, torch.bfloat16, seed=s) for s in (10, 11)]
     want = [clone_case(c) for c in cases]
     for w in want:
         for s in range(1, 4):
@@ -337,7 +379,7 @@ def _update_in_child(queue):
     # torch's own OpenMP pool does not survive a fork (libgomp): keep torch's
     # ops on this thread so that only lohan's pool is under test here.
     torch.set_num_threads(1)
-    case = make_case(4 * 16384, torch.float32, None)
+    case = make_case(4 * 65536, torch.float32, None)
     want = clone_case(case)
     run(want, num_threads=1)
     run(case, num_threads=2)  # the pool the parent started is gone: the child starts its own
@@ -347,7 +389,7 @@ def _update_in_child(queue):
 def test_pool_works_in_a_forked_child():
     import multiprocessing as mp
 
-    run(make_case(4 * 16384, torch.float32, None), num_threads=2)  # parent's workers exist
+    run(make_case(4 * 65536, torch.float32, None), num_threads=2)  # parent's workers exist
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_update_in_child, args=(queue,))
