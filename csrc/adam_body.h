@@ -54,21 +54,19 @@ inline void store_as(void* base, int64_t i, typename W::F x) {
 template <class W>
 struct Bcast {
   typename W::F grad_scale, decay, weight_decay, lerp_coeff, beta2, one_minus_beta2, eps,
-      neg_step_size, inv_bias_correction2_sqrt, zero;
-  typename W::Sel lerp_from_end;  // 1 - beta1 >= 0.5: ATen's lerp starts from the gradient
+      neg_step_size, inv_bias_correction2_sqrt;
   explicit Bcast(const Consts& c)
       : grad_scale(W::set1(c.grad_scale)),
         decay(W::set1(c.has_weight_decay ? c.decay : 1.0f)),
         weight_decay(W::set1(c.weight_decay)),
-        // ATen's lerp: weight < 0.5 starts from the old value, else from the end.
+        // ATen's lerp: weight < 0.5 starts from the old value, else from the end
+        // (adam_loop_lerp picks the start).
         lerp_coeff(W::set1(std::fabs(c.lerp_weight) < 0.5f ? c.lerp_weight : c.lerp_weight - 1.0f)),
         beta2(W::set1(c.beta2)),
         one_minus_beta2(W::set1(c.one_minus_beta2)),
         eps(W::set1(c.eps)),
         neg_step_size(W::set1(c.neg_step_size)),
-        inv_bias_correction2_sqrt(W::set1(c.inv_bias_correction2_sqrt)),
-        zero(W::zero()),
-        lerp_from_end(W::sel(!(std::fabs(c.lerp_weight) < 0.5f))) {}
+        inv_bias_correction2_sqrt(W::set1(c.inv_bias_correction2_sqrt)) {}
 };
 
 // How weight decay enters, fixed per loop (a template argument, not a flag
@@ -76,21 +74,28 @@ struct Bcast {
 // factor of exactly 1, which leaves every weight as it is.
 enum class Decay { kDecoupled, kL2 };
 
-template <class W, DType GD, DType OD, Decay WD>
+// Where ATen's lerp starts, fixed per loop: from the old moment (1 - beta1 < 0.5,
+// the usual case) or from the gradient.
+enum class Lerp { kFromStart, kFromEnd };
+
+// The gradient's sum of squares is accumulated here; whether it held an inf or
+// NaN is not tested per element: any such element makes the sum inf or NaN, and
+// only then does adam_loop look at the elements themselves (a finite gradient
+// whose square overflows makes the sum inf too, and is not non-finite).
+template <class W, DType GD, DType OD, Decay WD, Lerp LF>
 __attribute__((always_inline)) inline void adam_elems(
     const Bcast<W>& k, float* __restrict master, float* __restrict exp_avg,
     float* __restrict exp_avg_sq, const void* __restrict grad, void* __restrict out, int64_t i,
-    typename W::F& sumsq, typename W::F& nonfinite) {
+    typename W::F& sumsq) {
   using F = typename W::F;
   F g = W::mul(load_as<W, GD>(grad, i), k.grad_scale);
   sumsq = W::fmadd(g, g, sumsq);
-  nonfinite = W::fmadd(g, k.zero, nonfinite);  // inf*0 and NaN*0 are NaN; finite*0 adds 0
   F p = W::load(master + i);
   if constexpr (WD == Decay::kDecoupled) p = W::mul(p, k.decay);
   if constexpr (WD == Decay::kL2) g = W::fmadd(p, k.weight_decay, g);
   F m = W::load(exp_avg + i);
   const F diff = W::sub(g, m);
-  m = W::fmadd(k.lerp_coeff, diff, W::select(k.lerp_from_end, m, g));
+  m = W::fmadd(k.lerp_coeff, diff, LF == Lerp::kFromEnd ? g : m);
   F v = W::mul(W::load(exp_avg_sq + i), k.beta2);
   v = W::fmadd(W::mul(k.one_minus_beta2, g), g, v);
   const F denom = W::fmadd(W::sqrt(v), k.inv_bias_correction2_sqrt, k.eps);
@@ -120,7 +125,17 @@ inline double reduce_lanes(const typename V::F (&acc)[kPer]) {
   return total;
 }
 
-template <DType GD, DType OD, Decay WD>
+// Whether grad[begin, end) * scale holds an inf or NaN (the rare path: the sum
+// of squares of those elements was not finite).
+template <DType GD>
+bool any_nonfinite(const void* grad, float scale, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    if (!std::isfinite(load_as<S, GD>(grad, i) * scale)) return true;
+  }
+  return false;
+}
+
+template <DType GD, DType OD, Decay WD, Lerp LF>
 Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
   const Bcast<V> kv(c);
   float* const master = t.master;
@@ -129,9 +144,9 @@ Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end
   const void* const grad = t.grad;
   void* const out = t.out;
   Stats s;
-  typename V::F nonfinite = V::zero();
   int64_t i = begin;
   while (i + kLanes <= end) {
+    const int64_t block_begin = i;
     const int64_t block_end = std::min(end, i + kFlush * kLanes);
     typename V::F sumsq[kPer];
     for (auto& a : sumsq) a = V::zero();
@@ -140,29 +155,41 @@ Stats adam_loop(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end
 #pragma GCC unroll 8
     for (; i + kLanes <= block_end; i += kLanes) {
       for (int j = 0; j < kPer; ++j) {
-        adam_elems<V, GD, OD, WD>(kv, master, exp_avg, exp_avg_sq, grad, out, i + j * V::kWidth,
-                                  sumsq[j], nonfinite);
+        adam_elems<V, GD, OD, WD, LF>(kv, master, exp_avg, exp_avg_sq, grad, out,
+                                      i + j * V::kWidth, sumsq[j]);
       }
     }
-    s.sumsq += reduce_lanes(sumsq);
+    const double block = reduce_lanes(sumsq);
+    s.sumsq += block;
+    if (!std::isfinite(block) && !s.nonfinite) {
+      s.nonfinite = any_nonfinite<GD>(grad, c.grad_scale, block_begin, i);
+    }
   }
-  s.nonfinite = V::any_nan(nonfinite);
   if (i < end) {
     const Bcast<S> ks(c);
-    float ss = 0.0f, nf = 0.0f;
+    const int64_t tail_begin = i;
+    float ss = 0.0f;
     for (; i < end; ++i) {
-      adam_elems<S, GD, OD, WD>(ks, master, exp_avg, exp_avg_sq, grad, out, i, ss, nf);
+      adam_elems<S, GD, OD, WD, LF>(ks, master, exp_avg, exp_avg_sq, grad, out, i, ss);
     }
     s.sumsq += ss;
-    s.nonfinite = s.nonfinite || nf != nf;
+    if (!std::isfinite(ss) && !s.nonfinite) {
+      s.nonfinite = any_nonfinite<GD>(grad, c.grad_scale, tail_begin, end);
+    }
   }
   return s;
 }
 
+template <DType GD, DType OD, Decay WD>
+Stats adam_loop_lerp(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
+  if (std::fabs(c.lerp_weight) < 0.5f) return adam_loop<GD, OD, WD, Lerp::kFromStart>(c, t, begin, end);
+  return adam_loop<GD, OD, WD, Lerp::kFromEnd>(c, t, begin, end);
+}
+
 template <DType GD, DType OD>
 Stats adam_loop_mode(const Consts& c, const TensorArgs& t, int64_t begin, int64_t end) {
-  if (c.has_weight_decay && !c.decoupled) return adam_loop<GD, OD, Decay::kL2>(c, t, begin, end);
-  return adam_loop<GD, OD, Decay::kDecoupled>(c, t, begin, end);
+  if (c.has_weight_decay && !c.decoupled) return adam_loop_lerp<GD, OD, Decay::kL2>(c, t, begin, end);
+  return adam_loop_lerp<GD, OD, Decay::kDecoupled>(c, t, begin, end);
 }
 
 template <DType GD>
