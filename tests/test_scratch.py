@@ -384,6 +384,59 @@ def test_an_op_runs_on_the_steps_own_weight_when_it_cannot_write_into_it(monkeyp
     assert len(made) == 4  # all zeros: the running statistics are never the step's own
 
 
+def test_only_the_inputs_a_segment_may_write_are_copied_to_measure_it():
+    """Batch norm writes its running statistics: those inputs get stand-ins, the rest of the
+    segment's inputs (the batch, the weights) may be the step's own."""
+    from lohan_compile.backend.compiler import written_inputs
+
+    gm = _graph_of(lambda x, w, m, v: torch.ops.aten.native_batch_norm(x, w, None, m, v, True, 0.1, 1e-5)[0].relu(),
+                   torch.randn(4, 8, 6, 6), torch.ones(8), torch.zeros(8), torch.ones(8))
+    assert written_inputs(gm) == [True, True, True, True]  # one op reads and writes them all
+    gm = _graph_of(lambda x, w, m: (torch.ops.aten.copy_(m, x.mean(0)), x @ w)[1],
+                   torch.randn(16, 8), torch.randn(8, 8), torch.zeros(8))
+    assert written_inputs(gm) == [False, False, True]
+    gm = _graph_of(lambda x, m: (torch.ops.aten.copy_(m.view(2, 4), x.sum(0).view(2, 2).repeat(1, 2)), x.sum())[1],
+                   torch.randn(4, 4), torch.zeros(8))
+    assert written_inputs(gm) == [False, True]  # written through a view
+    # any argument of such an op counts, a view of one too (which it writes is not known)
+    gm = _graph_of(lambda x, m: (torch.ops.aten.copy_(m.view(2, 4), x[:2]), x.sum())[1],
+                   torch.randn(4, 4), torch.zeros(8))
+    assert written_inputs(gm) == [True, True]
+
+
+def test_a_segment_that_writes_a_buffer_is_measured_on_the_steps_own_batch(monkeypatch):
+    """A residual CNN under Inductor at 90% of its unplanned peak (issue 29's zoo): its forward
+    segment writes batch norm's running statistics, so every input was made as zeros to
+    measure it, and the stand-in storage of the held inputs was as large as the batch (they
+    share one): the compiling step and the re-planning one ran 0.13 MiB past the budget."""
+    from lohan_compile.graph import segments
+
+    class CNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.MaxPool2d(2))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            return self.head(self.stem(x))
+
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    made = []
+    made_bytes = segments._made_bytes
+    monkeypatch.setattr(segments, "_made_bytes",
+                        lambda vals, groups, real: made.append(made_bytes(vals, groups, real)) or made[-1])
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CNN()
+    compiled = torch.compile(model, backend="lohan", options={"executor": "inductor", "memory_budget": 64 << 20})
+    compiled(x).square().mean().backward()
+    assert len(made) >= 2  # the segments were measured: forward's (one segment) first
+    # forward's measurement ran on the step's own batch: no storage made there was as large
+    # (backward's makes its saved values, which only autograd holds)
+    assert made[0] < x.numel() * x.element_size(), made
+
+
 def test_a_plan_holds_what_inductor_may_fuse_until_a_segment_is_seen_fusing_it():
     """A mixture of experts under Inductor at 90% of its unplanned peak: planned with every
     elementwise result fused into its readers, the step that measured the segments ran 1.1x

@@ -628,7 +628,8 @@ class GraphCompiler:
         outputs exist in memory (``segment_outputs``)."""
         try:
             with unset_fake_temporarily():
-                real = None if _mutates(sub) else [self._real_value(n) for n in seg.inputs]
+                real = [None if written else self._real_value(n)
+                        for written, n in zip(written_inputs(sub), seg.inputs)]
             excess, position, ran = excess_over_plan(
                 sub, compiled, vals, device_memory, self.record.device,
                 op_scratch(self.record.device, False, "inductor", self._real_value, self.measure_budget),
@@ -709,11 +710,17 @@ def _as_planned(gm: fx.GraphModule, planned: fx.GraphModule, nodes: int) -> bool
     return gm is planned or all(a.op == b.op and a.target == b.target for a, b in zip(gm.graph.nodes, planned.graph.nodes))
 
 
-def _mutates(gm: fx.GraphModule) -> bool:
-    """Whether an op of ``gm`` may write into one of its arguments (``scratch.writes_arguments``):
-    its inputs can be the step's own tensors only where none does."""
-    return any(n.op == "call_function" and n.target is not operator.getitem and writes_arguments(n.target)
-               for n in gm.graph.nodes)
+def written_inputs(gm: fx.GraphModule) -> list[bool]:
+    """For each placeholder of ``gm``, whether an op of ``gm`` may write into its storage: it
+    (or a view of it) is an argument of an op that may write into its arguments
+    (``scratch.writes_arguments``). A measurement runs a segment on the step's own tensors
+    only where it cannot write into them (batch norm's running statistics are written; the
+    batch and the weights it reads are not, and a copy of them would be measured too)."""
+    written: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is not operator.getitem and writes_arguments(n.target):
+            written |= {storage_base(a) for a in n.all_input_nodes}
+    return [n in written for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 def storage_group(node: fx.Node) -> Any:

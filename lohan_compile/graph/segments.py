@@ -501,6 +501,12 @@ def _group_of(i: int, v: torch.Tensor, groups: Sequence[Any] | None, storages: d
     return key if key in storages and storages[key][0] == v.dtype else ("own", i)
 
 
+def _made_here(vals: Sequence[Any], real: Sequence[torch.Tensor | None] | None) -> list:
+    """``vals`` less those given as real tensors (None in their place): a storage made for a
+    group is as large as its members made here need, not as the step's own members are."""
+    return [v if real is None or real[i] is None else None for i, v in enumerate(vals)]
+
+
 def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None,
                   real: Sequence[torch.Tensor | None] | None = None) -> list:
     """Real inputs like ``vals`` (fake tensors, symbolic sizes at their hints): ``real[i]``
@@ -508,7 +514,7 @@ def _probe_inputs(vals: Sequence[Any], groups: Sequence[Any] | None = None,
     one group (``groups[i]``: views of one storage where the segment runs, such as saved
     values of one forward tensor) are views of one storage here too: it is freed when the
     last of them is, as it is in the step."""
-    storages = _input_groups(vals, groups)
+    storages = _input_groups(_made_here(vals, real), groups)
     bases: dict[Any, torch.Tensor] = {}
     out = []
     for i, v in enumerate(vals):
@@ -535,7 +541,7 @@ def _made_bytes(vals: Sequence[Any], groups: Sequence[Any] | None,
                 real: Sequence[torch.Tensor | None] | None) -> int:
     """The bytes ``_probe_inputs`` allocates for these inputs: one storage per group, none for
     an input given as a real tensor."""
-    storages = _input_groups(vals, groups)
+    storages = _input_groups(_made_here(vals, real), groups)
     keys = {_group_of(i, v, groups, storages) for i, v in enumerate(vals)
             if isinstance(v, torch.Tensor) and (real is None or real[i] is None)}
     return sum(max(numel, 1) * dtype.itemsize for dtype, numel in (storages[k] for k in keys))
