@@ -91,7 +91,6 @@ inline uint16_t float_to_bf16(float f) {
 // The width-one "vector": the scalar path, and the tail of every other path.
 struct S {
   using F = float;
-  using Sel = bool;  // a choice made once per call, between whole vectors
   static constexpr int kWidth = 1;
   static F zero() { return 0.0f; }
   static F set1(float x) { return x; }
@@ -107,8 +106,6 @@ struct S {
   static F div(F a, F b) { return a / b; }
   static F sqrt(F a) { return std::sqrt(a); }
   static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }  // a*b + c, one rounding
-  static Sel sel(bool b) { return b; }
-  static F select(Sel s, F a, F b) { return s ? b : a; }  // b where s, else a
   static void storeu(float* p, F x) { *p = x; }
   static bool any_nan(F a) { return a != a; }
 };
@@ -131,7 +128,6 @@ namespace avx2 {
 
 struct V {
   using F = __m256;
-  using Sel = __m256;
   static constexpr int kWidth = 8;
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float x) { return _mm256_set1_ps(x); }
@@ -166,8 +162,6 @@ struct V {
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static Sel sel(bool b) { return _mm256_castsi256_ps(_mm256_set1_epi32(b ? -1 : 0)); }
-  static F select(Sel s, F a, F b) { return _mm256_blendv_ps(a, b, s); }
   static void storeu(float* p, F x) { _mm256_storeu_ps(p, x); }
   static bool any_nan(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
 };
@@ -192,7 +186,6 @@ namespace avx512 {
 
 struct V {
   using F = __m512;
-  using Sel = __mmask16;
   static constexpr int kWidth = 16;
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float x) { return _mm512_set1_ps(x); }
@@ -224,8 +217,6 @@ struct V {
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static Sel sel(bool b) { return b ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0); }
-  static F select(Sel s, F a, F b) { return _mm512_mask_blend_ps(s, a, b); }
   static void storeu(float* p, F x) { _mm512_storeu_ps(p, x); }
   static bool any_nan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
 };

@@ -21,6 +21,9 @@
 #include <torch/library.h>
 
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -104,10 +107,15 @@ void note_fork() { g_forked.store(true); }
 // (torch's own ops may have started the team by then).
 [[maybe_unused]] const bool g_fork_noted = pthread_atfork(nullptr, nullptr, &note_fork) == 0;
 
+//
+// fn must not throw (an exception cannot leave an OpenMP region): the callers'
+// argument checks all run before it. Inside a parallel region already (a nested
+// one would run on one thread) the pool does the work too.
 void run_tasks(int64_t n, int threads, bool torch_team, const std::function<void(int64_t)>& fn) {
 #ifdef _OPENMP
-  if (torch_team && threads > 1 && n > 1 && !g_forked.load()) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+  if (torch_team && threads > 1 && n > 1 && !g_forked.load() && !omp_in_parallel()) {
+    const int team = static_cast<int>(std::min<int64_t>(threads, n));  // (no thread woken for nothing)
+#pragma omp parallel for schedule(static) num_threads(team)
     for (int64_t k = 0; k < n; ++k) fn(k);
     return;
   }

@@ -29,33 +29,19 @@ every thread but lohan's background update threads (:func:`background_thread`).
 from __future__ import annotations
 
 import math
-import threading
 from typing import NamedTuple, Sequence
 
 import torch
 
-from .ops import load
+from .ops import background_thread, load, on_background_thread  # noqa: F401 (background_thread: re-exported)
 
 load()  # the extension, and the fake kernels of its ops (lohan_compile.ops)
 
 ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
 
-_thread = threading.local()
-
-
-def background_thread() -> None:
-    """Marks the calling thread as a lohan background thread for the rest of its life.
-
-    The optimizer's kernels called from it run on lohan's own pool: an OpenMP
-    region there would start a second team of threads beside the team of the
-    thread running backward. On every other thread they run on torch's team,
-    whose threads are awake right after torch's own ops.
-    """
-    _thread.background = True
-
 
 def _torch_threads() -> bool:
-    return not getattr(_thread, "background", False)
+    return not on_background_thread()
 
 
 class GradStats(NamedTuple):

@@ -142,6 +142,22 @@ _CPP_FAKES: dict[str, Callable] = {
     "grad_stats": _grad_stats_fake,
 }
 _SWAP_OPS = ("swap_out", "swap_in", "wait_tensor")
+
+_thread = threading.local()
+
+
+def background_thread() -> None:
+    """Marks the calling thread as a lohan background thread for the rest of its life.
+
+    The CPU optimizer's kernels called from it run on lohan's own pool: an OpenMP region
+    there would start a second team of threads beside the team of the thread running
+    backward. On every other thread they run on torch's team, whose threads are awake right
+    after torch's own ops (csrc/adam_ops.cpp, ``run_tasks``)."""
+    _thread.background = True
+
+
+def on_background_thread() -> bool:
+    return getattr(_thread, "background", False)
 _fakes_lock = threading.Lock()
 _fakes_registered = False
 

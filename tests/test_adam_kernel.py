@@ -176,7 +176,9 @@ def test_stats_norm_and_nonfinite(isa, grad_dtype):
     assert not stats.nonfinite
     only = adam_ops.grad_stats([grad], 0.5, isa=isa)
     assert only.sumsq == pytest.approx(want, rel=1e-5) and not only.nonfinite
-    for pos in (0, 65536 + 3, n - 1):  # vector body, second task, scalar tail
+    # vector body, a later block of 4096 in the first task (the update rescans one block),
+    # second task, scalar tail
+    for pos in (0, 3 * 4096 + 5, 65536 + 3, 65536 + 2 * 4096 + 1, n - 1):
         for bad in (float("inf"), float("-inf"), float("nan")):
             g = grad.clone()
             g[pos] = bad
@@ -186,11 +188,37 @@ def test_stats_norm_and_nonfinite(isa, grad_dtype):
             assert adam_ops.grad_stats([g], isa=isa).nonfinite, (pos, bad)
 
 
-def test_huge_finite_grad_is_not_nonfinite():
-    """Overflowing the squared norm (3e38^2) is not a non-finite gradient."""
+@pytest.mark.parametrize("isa", SUPPORTED)
+def test_huge_finite_grad_is_not_nonfinite(isa):
+    """Overflowing the squared norm (3e38^2) is not a non-finite gradient, in the update too
+    (which finds non-finite elements by rescanning a block whose sum is not finite); a NaN
+    in a later block after such a block still is."""
     g = torch.full((64,), 3e38)
-    stats = adam_ops.grad_stats([g])
-    assert not stats.nonfinite
+    assert not adam_ops.grad_stats([g], isa=isa).nonfinite
+    n = 3 * 4096 + 21  # three blocks of 4096 and a scalar tail
+    for huge in (5, n - 2):  # the first block, the tail
+        case = make_case(n, torch.float32, None, seed=9)
+        case[3][0][huge] = 3e38
+        stats = run(case, isa=isa)
+        assert stats.sumsq == float("inf") and not stats.nonfinite, huge
+    case = make_case(n, torch.float32, None, seed=9)
+    case[3][0][5] = 3e38
+    case[3][0][2 * 4096 + 7] = float("nan")
+    assert run(case, isa=isa).nonfinite
+
+
+def test_every_path_is_bitwise_equal_to_scalar_when_lerp_starts_from_the_gradient():
+    """beta1 < 0.5: ATen's lerp starts from the gradient (the other instantiation of the loop)."""
+    assert VECTOR_ISAS
+    for n in (33, 65536 + 37):
+        base = make_case(n, torch.bfloat16, torch.bfloat16, seed=n)
+        want = clone_case(base)
+        want_stats = run(want, isa="scalar", beta1=0.3)
+        for isa in VECTOR_ISAS:
+            got = clone_case(base)
+            assert run(got, isa=isa, beta1=0.3) == want_stats
+            for k in (0, 1, 2, 4):
+                assert torch.equal(got[k][0], want[k][0]), (isa, n, k)
 
 
 def on_background_thread(fn):
@@ -358,6 +386,7 @@ def test_pool_serves_concurrent_callers():
     errors = []
 
     def worker(c):
+        adam_ops.background_thread()  # (lohan's pool: on unmarked threads torch's team runs it)
         try:
             for s in range(1, 4):
                 run(c[:5] + ([float(s)],), num_threads=2)
@@ -389,7 +418,9 @@ def _update_in_child(queue):
 def test_pool_works_in_a_forked_child():
     import multiprocessing as mp
 
-    run(make_case(4 * 65536, torch.float32, None), num_threads=2)  # parent's workers exist
+    # the parent ran both: torch's OpenMP team on this thread, lohan's pool on a background one
+    run(make_case(4 * 65536, torch.float32, None), num_threads=2)
+    on_background_thread(lambda: run(make_case(4 * 65536, torch.float32, None), num_threads=2))
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_update_in_child, args=(queue,))

@@ -713,12 +713,16 @@ def _as_planned(gm: fx.GraphModule, planned: fx.GraphModule, nodes: int) -> bool
 def written_inputs(gm: fx.GraphModule) -> list[bool]:
     """For each placeholder of ``gm``, whether an op of ``gm`` may write into its storage: it
     (or a view of it) is an argument of an op that may write into its arguments
-    (``scratch.writes_arguments``). A measurement runs a segment on the step's own tensors
-    only where it cannot write into them (batch norm's running statistics are written; the
-    batch and the weights it reads are not, and a copy of them would be measured too)."""
+    (``scratch.writes_arguments``; a node that is no plain function call counts as one). A
+    measurement runs a segment on the step's own tensors only where it cannot write into
+    them: in AOTAutograd's functional graphs batch norm's running statistics are written
+    by a ``copy_``, the batch and the weights are not, and a copy of them would be measured
+    too."""
     written: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is not operator.getitem and writes_arguments(n.target):
+        if n.op in ("placeholder", "output", "get_attr") or n.target is operator.getitem:
+            continue
+        if n.op != "call_function" or writes_arguments(n.target):
             written |= {storage_base(a) for a in n.all_input_nodes}
     return [n in written for n in gm.graph.nodes if n.op == "placeholder"]
 

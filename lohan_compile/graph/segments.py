@@ -637,8 +637,8 @@ def excess_over_plan(sub: fx.GraphModule, compiled: Callable[[list], Any], vals:
     hold the same values, so a step peaks at most this above its prediction while it runs.
     Inputs are made as they are where the step runs: zeros, views of one storage per
     ``groups``, and the ``held`` ones (parameters, the batch: the caller keeps them) alive
-    throughout: the step's own tensors where ``real`` gives them (a segment that writes into
-    none of its inputs), else views of one storage per dtype (the step's own are alive beside
+    throughout: the step's own tensors where ``real`` gives them (inputs the segment cannot
+    write into), else views of one storage per dtype (the step's own are alive beside
     them: the measurement must not hold a second copy of every weight). Returns the excess,
     the position in the segment of the node the plan's model peaks at (held there, the plan's
     peak over the segment is the segment's), and whether it ran.

@@ -136,9 +136,7 @@ def _stop_workers() -> None:
 
 
 def _work(tasks: queue.Queue, runtime_ref: weakref.ref) -> None:
-    from .. import adam_ops  # as in _count: importing it loads the extension
-
-    adam_ops.background_thread()  # its updates run beside backward: on lohan's pool, not torch's team
+    ops.background_thread()  # its updates run beside backward: on lohan's pool, not torch's team
     while True:
         fn, args = tasks.get()
         try:
