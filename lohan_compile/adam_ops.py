@@ -40,10 +40,6 @@ load()  # the extension, and the fake kernels of its ops (lohan_compile.ops)
 ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
 
 
-def _torch_threads() -> bool:
-    return not on_background_thread()
-
-
 class GradStats(NamedTuple):
     """Squared L2 norm of a set of (scaled) gradients, and whether any element was inf/NaN."""
 
@@ -91,7 +87,7 @@ def adam_update(
         list(master), list(exp_avg), list(exp_avg_sq), list(grad), list(weight_out),
         [float(s) for s in step], float(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), bool(decoupled_weight_decay), float(grad_scale), isa,
-        int(num_threads), _torch_threads(),
+        int(num_threads), not on_background_thread(),
     )
     return _stats(out)
 
@@ -102,7 +98,7 @@ def grad_stats(grads: Sequence[torch.Tensor], grad_scale: float = 1.0, *, isa: s
     if len(grads) == 0:
         return NO_GRADS
     return _stats(torch.ops.lohan.grad_stats(list(grads), float(grad_scale), isa,
-                                             int(num_threads), _torch_threads()))
+                                             int(num_threads), not on_background_thread()))
 
 
 def supported_isas() -> list[str]:

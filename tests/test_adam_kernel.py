@@ -258,9 +258,9 @@ def test_results_do_not_depend_on_thread_count(isa):
 
 
 def test_background_mark_belongs_to_its_thread():
-    assert adam_ops._torch_threads()
-    assert on_background_thread(adam_ops._torch_threads) is False
-    assert adam_ops._torch_threads()  # this thread is not marked by another's mark
+    assert adam_ops.on_background_thread() is False
+    assert on_background_thread(adam_ops.on_background_thread) is True
+    assert adam_ops.on_background_thread() is False  # this thread is not marked by another's mark
 
 
 def test_the_offload_worker_runs_updates_on_lohans_pool():
@@ -272,12 +272,12 @@ def test_the_offload_worker_runs_updates_on_lohans_pool():
 
     seen = []
     tasks = queue.Queue()
-    tasks.put((lambda: seen.append(adam_ops._torch_threads()), ()))
+    tasks.put((lambda: seen.append(adam_ops.on_background_thread()), ()))
     tasks.put((None, ()))
     t = threading.Thread(target=offload._work, args=(tasks, weakref.ref(offload)))
     t.start()
     t.join(timeout=60)
-    assert seen == [False]
+    assert seen == [True]
 
 
 def test_bucket_equals_per_tensor_calls():

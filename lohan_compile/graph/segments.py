@@ -541,9 +541,9 @@ def _made_bytes(vals: Sequence[Any], groups: Sequence[Any] | None,
                 real: Sequence[torch.Tensor | None] | None) -> int:
     """The bytes ``_probe_inputs`` allocates for these inputs: one storage per group, none for
     an input given as a real tensor."""
-    storages = _input_groups(_made_here(vals, real), groups)
-    keys = {_group_of(i, v, groups, storages) for i, v in enumerate(vals)
-            if isinstance(v, torch.Tensor) and (real is None or real[i] is None)}
+    made = _made_here(vals, real)
+    storages = _input_groups(made, groups)
+    keys = {_group_of(i, v, groups, storages) for i, v in enumerate(made) if isinstance(v, torch.Tensor)}
     return sum(max(numel, 1) * dtype.itemsize for dtype, numel in (storages[k] for k in keys))
 
 
